@@ -1,0 +1,61 @@
+# Semi-supervised medical image segmentation benchmark. `make help` lists the targets.
+# Every target sets up its own environment (.venv) on first use; nothing needs installing by hand.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+# Variables of one run (the same as the options of `python -m benchmark run`).
+METHOD ?= supervised
+DATASET ?= synthetic_acdc
+DATA_ROOT ?=
+RATIO ?= 0.2
+LABELED ?=
+PROFILE ?= cpu
+SEED ?= 0
+DEVICES ?= 1
+OUT ?= runs
+LEADERBOARD_DIR ?= leaderboards
+WANDB ?= disabled
+OVERRIDES ?=
+PYTEST_ARGS ?=
+
+RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
+	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
+	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),--ratio $(RATIO)) \
+	$(foreach o,$(OVERRIDES),--set $(o))
+
+.DEFAULT_GOAL := help
+.PHONY: help setup bench show-config test test-fast list clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES OUT LEADERBOARD_DIR WANDB OVERRIDES"
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the suite with its dependencies
+
+bench: $(STAMP) ## train and test one run, e.g. make bench METHOD=supervised RATIO=0.2 (synthetic data by default)
+	$(PY) -m benchmark run $(RUN_ARGS)
+
+show-config: $(STAMP) ## print the resolved config of the run `make bench` would do
+	$(PY) -m benchmark run $(RUN_ARGS) --show-config
+
+list: $(STAMP) ## list methods, datasets and profiles
+	@for what in methods datasets profiles; do echo "$$what:"; $(PY) -m benchmark list $$what | sed 's/^/  /'; done
+
+test: $(STAMP) ## run the whole test suite (uses ../shared/datasets when present)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the tests not marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean: ## remove runs/ and caches (keeps .venv and leaderboards)
+	rm -rf runs .pytest_cache

@@ -1,0 +1,151 @@
+"""Resolved run configuration: presets per dataset, method and profile, then command-line overrides.
+
+Layers, later wins: ``configs/base.yaml`` -> ``configs/datasets/<family>.yaml`` -> ``configs/datasets/<name>.yaml``
+-> the method's declared defaults (``Method.defaults``, under ``method:``) -> ``configs/methods/<method>.yaml``
+-> the ``profiles: {<profile>: ...}`` sections of those three files, in the same order -> overrides
+(``section.key=value``). The `paper` profile is the published protocol, so it usually overrides nothing.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from typing import Any, Iterable
+
+import yaml
+
+from benchmark.errors import UserError, unknown_name
+
+PROFILES = ("paper", "cpu", "smoke")
+PROFILE_HELP = {
+    "paper": "the published protocol (iterations, batch, patch, schedule): for GPUs",
+    "cpu": "a reduced protocol calibrated to finish on a 2-core CPU (README has the figures)",
+    "smoke": "seconds: tiny patches, networks and budgets, for tests",
+}
+# Keys that do not change what is computed: left out of the config hash.
+NON_SEMANTIC_KEYS = (
+    # The resolved labeled count (data.labeled) is hashed; RATIO is only how it was asked for.
+    ("data", "root"), ("data", "num_workers"), ("data", "ratio"),
+    ("trainer", "devices"), ("trainer", "accelerator"), ("trainer", "log_every"),
+    ("eval", "window_batch"),
+    ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "progress"),
+)
+
+
+def _load_yaml(*parts: str) -> dict[str, Any]:
+    path = resources.files("benchmark").joinpath("configs", *parts)
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; lists and scalars in ``update`` replace those in ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form section.key=value", fix="e.g. trainer.max_steps=500")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise UserError(f"override key '{key}' must name a section and a key", fix="e.g. optim.lr=0.005 or method.ema_decay=0.999")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise UserError(f"cannot parse the value of override '{text}' ({error})") from error
+    return path, value
+
+
+def _checked_value(key: str, old: Any, new: Any) -> Any:
+    """The override's value if its type fits the existing one (int for int, number for float, ...)."""
+    if old is None or new is None:
+        return new
+    expected = None
+    if isinstance(old, bool):
+        expected = "true or false" if not isinstance(new, bool) else None
+    elif isinstance(old, int):
+        if isinstance(new, float) and new.is_integer():
+            new = int(new)
+        expected = "a whole number" if isinstance(new, bool) or not isinstance(new, int) else None
+    elif isinstance(old, float):
+        expected = "a number" if isinstance(new, bool) or not isinstance(new, (int, float)) else None
+        new = float(new) if expected is None else new
+    elif isinstance(old, str):
+        expected = "a string" if not isinstance(new, str) else None
+    elif isinstance(old, list):
+        expected = "a list like [64, 64]" if not isinstance(new, list) else None
+    if expected:
+        raise UserError(f"override {key}={new!r} has the wrong type: expected {expected} (current value {old!r})")
+    return new
+
+
+def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
+    config = copy.deepcopy(config)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = config
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise _unknown_key(path, config)
+            node = node[part]
+        leaf = path[-1]
+        if leaf not in node:
+            raise _unknown_key(path, config)
+        node[leaf] = _checked_value(".".join(path), node[leaf], value)
+    return config
+
+
+def _unknown_key(path: list[str], config: dict) -> UserError:
+    section = config.get(path[0])
+    known = sorted(section) if isinstance(section, dict) else sorted(config)
+    where = f"keys of '{path[0]}': {', '.join(known)}" if isinstance(section, dict) else f"sections: {', '.join(known)}"
+    return UserError(f"unknown config key '{'.'.join(path)}'", where=where, fix="`python -m benchmark run --show-config ...` prints every key")
+
+
+def resolve_config(
+    dataset: str,
+    method: str,
+    profile: str = "cpu",
+    overrides: Iterable[str] = (),
+    method_defaults: dict[str, Any] | None = None,
+    family: str | None = None,
+) -> dict[str, Any]:
+    """The full configuration of one run (plain dicts/lists/scalars, JSON-serialisable)."""
+    if profile not in PROFILES:
+        raise unknown_name("profile", profile, PROFILES)
+    family = family or dataset
+    layers = [_load_yaml("datasets", f"{family}.yaml")]
+    if dataset != family:
+        layers.append(_load_yaml("datasets", f"{dataset}.yaml"))
+    layers.append({"method": dict(method_defaults or {})})
+    method_file = _load_yaml("methods", f"{method}.yaml")
+    layers.append(method_file)
+    config = _load_yaml("base.yaml")
+    for layer in layers:
+        config = merge(config, {k: v for k, v in layer.items() if k not in ("profiles", "datasets")})
+    # Method presets per dataset family (e.g. LA iterations of MC-Net+) come before the profiles.
+    config = merge(config, method_file.get("datasets", {}).get(family, {}))
+    for layer in layers:
+        config = merge(config, layer.get("profiles", {}).get(profile, {}))
+    config["dataset"], config["method_name"], config["profile"] = dataset, method, profile
+    config = apply_overrides(config, overrides)
+    return config
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Identifies what a run computes (everything but the seed, paths, devices and logging): rows with the
+    same hash and different seeds are repeats of one experiment."""
+    semantic = copy.deepcopy(config)
+    for section, key in NON_SEMANTIC_KEYS:
+        semantic.get(section, {}).pop(key, None)
+    blob = json.dumps(semantic, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,41 @@
+"""User-facing errors: one clear message (what, where, how to fix) and a non-zero exit.
+
+Every problem a user can cause by the data, the command line or the environment is raised as a
+:class:`UserError`. The CLI prints it without a traceback and exits with :data:`EXIT_USER_ERROR`;
+anything else is a bug in the suite and keeps its traceback.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix. ``what`` happened, ``where`` (a path or a value), ``fix`` says how."""
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None):
+        self.what, self.where, self.fix = what, where, fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        lines = [self.what]
+        if self.where:
+            lines.append(f"  where: {self.where}")
+        if self.fix:
+            lines.append(f"  fix:   {self.fix}")
+        return "\n".join(lines)
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
+    """An unknown method/dataset/profile name, with the closest known names suggested."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UserError(
+        f"unknown {kind} '{name}'",
+        where=f"known {kind}s: {', '.join(known)}",
+        fix=f"{hint}`python -m benchmark list {kind}s` prints them all",
+    )

@@ -1,0 +1,114 @@
+"""Leaderboard CSVs: one row per finished (or failed) run and checkpoint kind, appended atomically.
+
+Every append takes an exclusive lock on a sidecar ``.lock`` file, reads the current table, writes the new table
+to a temporary file in the same folder, fsyncs it and renames it over the old one. A reader or a run killed at
+any point therefore sees either the old or the new table, never a half row; concurrent writers serialise.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pandas as pd
+
+from benchmark.errors import UserError
+
+# The interface columns (issue-level contract) come first, in this order; per-class Dice and provenance follow.
+CORE_COLUMNS = [
+    "dataset", "method", "profile", "labeled_cases", "seed", "checkpoint",
+    "dice", "jaccard", "hd95", "asd", "status", "config_hash",
+]
+EXTRA_COLUMNS = [
+    "labeled_unit", "ratio", "step", "n_cases", "empty_policy", "lcc", "units",
+    "steps", "wall_time_s", "peak_rss_mb", "peak_gpu_mb", "devices", "global_batch",
+    "git_rev", "torch", "lightning", "host", "run_dir", "finished_at", "error",
+]
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_leaderboard(path: Path) -> pd.DataFrame:
+    """The table, or an empty frame if there is none yet; a damaged file is a UserError (never overwritten)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=CORE_COLUMNS)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"leaderboard CSV is damaged ({error})", where=str(path), fix="restore it from git or move it aside") from error
+    missing = [c for c in CORE_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"leaderboard CSV lacks columns {missing}", where=str(path), fix="restore it from git or move it aside")
+    return table
+
+
+def _ordered_columns(existing: list[str], rows: list[dict]) -> list[str]:
+    columns = list(existing) or list(CORE_COLUMNS)
+    for name in CORE_COLUMNS + [k for row in rows for k in row if k.startswith("dice_")] + EXTRA_COLUMNS:
+        if name not in columns:
+            columns.append(name)
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    return columns
+
+
+def append_rows(path: Path, rows: Iterable[dict]) -> None:
+    rows = list(rows)
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        table = read_leaderboard(path)
+        columns = _ordered_columns(list(table.columns), rows)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="raise", lineterminator="\n")
+        writer.writeheader()
+        for record in table.to_dict("records"):
+            writer.writerow({c: record.get(c, "") for c in columns})
+        for row in rows:
+            writer.writerow({c: _cell(row.get(c, "")) for c in columns})
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(buffer.getvalue())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.6e}"
+    return str(value)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not after hours of it, when results could not be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to {folder} ({error.strerror})", where=str(folder), fix="choose a writable folder (OUT=... / LEADERBOARD_DIR=...)") from error

@@ -1,0 +1,246 @@
+"""Score a folder of predicted label maps against a folder of ground-truth label maps.
+
+Files are NIfTI (``.nii``, ``.nii.gz``; spacing from the header zooms) or HDF5 (``.h5``; the label map in the
+``label`` dataset, predictions may use ``prediction`` instead; spacing from a ``spacing`` attribute of the file or
+of the dataset, or a ``spacing`` dataset, else none). A prediction and a ground truth belong to the same case when
+their names are equal once the extension is stripped. Hidden files, sub-folders and other extensions are ignored.
+
+Rules:
+- every ground-truth case needs a prediction (otherwise an error naming the missing cases);
+- predictions without a ground truth are ignored with a warning naming them (a folder holding predictions for
+  more cases than the ground-truth folder, e.g. train and test, is still scored on the ground truth's cases);
+- classes are ``1 .. num_classes - 1``; by default ``num_classes`` is the largest label in the ground-truth folder
+  plus one (at least 2); labels ``>= num_classes`` are not scored and trigger a warning;
+- distances are in voxels unless ``use_spacing``; then the ground truth's spacing is used (1 where the file has
+  none), with a warning for cases whose prediction declares a different spacing or whose ground truth declares none;
+- metrics and the empty-mask rule are those of :mod:`benchmark.metrics`.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from benchmark.errors import UserError
+from benchmark.metrics import METRIC_NAMES, check_empty_policy, mean_over_cases, multiclass_metrics
+
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".h5")
+GROUND_TRUTH_DATASETS = ("label",)
+PREDICTION_DATASETS = ("prediction", "label")
+MEAN_ROW = "mean"
+ALL_CLASSES = "all"
+COLUMNS = ("case", "class", *METRIC_NAMES)
+MAX_NAMES_LISTED = 10
+
+
+@dataclass(frozen=True)
+class LabelVolume:
+    labels: np.ndarray
+    spacing: tuple[float, ...] | None  # None when the file declares no spacing
+
+
+def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num_classes: int | None = None,
+                  empty_policy: str = "penalty") -> pd.DataFrame:
+    """One row per (case, class) with dice, jaccard, hd95 and asd, then one ``mean`` row per class (mean over
+    cases) and a ``mean`` row of class ``all`` (mean over the class means). Written to ``out_csv`` if given."""
+    check_empty_policy(empty_policy)
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    gt_files = _label_files(gt_dir, "ground-truth")
+    pred_files = _label_files(pred_dir, "prediction")
+    if pred_dir.resolve() == gt_dir.resolve():
+        raise UserError("the prediction and ground-truth folders are the same folder", where=str(gt_dir),
+                        fix="pass the folder your model wrote its predictions to")
+
+    missing = sorted(gt_files.keys() - pred_files.keys())
+    if missing:
+        raise UserError(
+            f"{len(missing)} ground-truth case(s) have no prediction: {_name_list(missing)}",
+            where=f"predictions: {pred_dir}, ground truth: {gt_dir}",
+            fix="predict every case; a prediction is matched by the ground truth's file name without extension",
+        )
+    unmatched = sorted(pred_files.keys() - gt_files.keys())
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} prediction(s) without a ground truth are not scored: {_name_list(unmatched)}",
+                      stacklevel=2)
+
+    if num_classes is None:
+        num_classes = max(2, 1 + max(_max_label(_read_label_volume(path, GROUND_TRUTH_DATASETS))
+                                     for path in gt_files.values()))
+    elif num_classes < 2:
+        raise UserError(f"num_classes must be at least 2 (background and one class), got {num_classes}",
+                        fix="count the background: a binary task has num_classes=2")
+
+    rows = []
+    cases_with_extra_labels, cases_with_other_spacing, cases_without_spacing = [], [], []
+    for case in sorted(gt_files):
+        gt = _read_label_volume(gt_files[case], GROUND_TRUTH_DATASETS)
+        pred = _read_label_volume(pred_files[case], PREDICTION_DATASETS)
+        if pred.labels.shape != gt.labels.shape:
+            raise UserError(
+                f"case '{case}': prediction shape {pred.labels.shape} != ground-truth shape {gt.labels.shape}",
+                where=f"{pred_files[case]} vs {gt_files[case]}",
+                fix="save predictions at the ground truth's resolution and axis order (undo crop, padding, resampling)",
+            )
+        if max(_max_label(pred), _max_label(gt)) >= num_classes:
+            cases_with_extra_labels.append(case)
+        spacing = None
+        if use_spacing:
+            if gt.spacing is None:
+                cases_without_spacing.append(case)
+            elif pred.spacing is not None and not np.allclose(pred.spacing, gt.spacing, rtol=1e-4):
+                cases_with_other_spacing.append(case)
+            spacing = _checked_spacing(gt, gt_files[case])
+        per_class = multiclass_metrics(pred.labels, gt.labels, num_classes, spacing, empty_policy)
+        rows += [{"case": case, "class": c, **class_metrics} for c, class_metrics in per_class.items()]
+
+    if cases_with_extra_labels:
+        warnings.warn(f"labels >= num_classes={num_classes} are not scored, in: {_name_list(cases_with_extra_labels)}",
+                      stacklevel=2)
+    if cases_without_spacing:
+        warnings.warn(f"no spacing in the ground truth, distances use 1 per axis: {_name_list(cases_without_spacing)}",
+                      stacklevel=2)
+    if cases_with_other_spacing:
+        warnings.warn("the prediction's spacing differs from the ground truth's, the ground truth's is used: "
+                      f"{_name_list(cases_with_other_spacing)}", stacklevel=2)
+
+    scores = pd.DataFrame(rows + _mean_rows(rows, num_classes), columns=COLUMNS)
+    scores.attrs["distance_unit"] = "spacing units (usually mm)" if use_spacing else "voxels"
+    scores.attrs["empty_policy"] = empty_policy
+    if out_csv is not None:
+        _write_csv(scores, Path(out_csv))
+    return scores
+
+
+def print_scores(scores: pd.DataFrame) -> None:
+    """Prints the per-case rows, then the means, as two aligned tables."""
+    is_mean = scores["case"] == MEAN_ROW
+    float_format = "{:.4f}".format
+    print(scores[~is_mean].to_string(index=False, float_format=float_format))
+    unit = scores.attrs.get("distance_unit")
+    header = f"mean over {scores.loc[~is_mean, 'case'].nunique()} cases"
+    if unit:
+        header += f" (hd95/asd in {unit}, empty-mask policy '{scores.attrs['empty_policy']}')"
+    print(f"\n{header}:")
+    print(scores[is_mean].drop(columns="case").to_string(index=False, float_format=float_format))
+
+
+def _case_name(path: Path) -> str | None:
+    """The file name without its label-file extension, or None if it is not a label file."""
+    for suffix in LABEL_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _label_files(folder: Path, role: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise UserError(f"the {role} folder does not exist", where=str(folder),
+                        fix=f"pass the folder that holds the {role} .nii/.nii.gz/.h5 files")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = _case_name(path)
+        if name is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if name in files:
+            raise UserError(f"two {role} files for case '{name}'", where=f"{files[name]} and {path}",
+                            fix="keep one file per case")
+        files[name] = path
+    if not files:
+        raise UserError(f"the {role} folder has no .nii, .nii.gz or .h5 files", where=str(folder),
+                        fix=f"pass the folder that holds the {role} files (sub-folders are not searched)")
+    return files
+
+
+def _read_label_volume(path: Path, dataset_names: tuple[str, ...]) -> LabelVolume:
+    reader = _read_h5 if path.name.endswith(".h5") else _read_nifti
+    try:
+        labels, spacing = reader(path, dataset_names)
+    except UserError:
+        raise
+    except Exception as error:  # nibabel and h5py raise many exception types for truncated or corrupt files
+        raise UserError(f"cannot read label file: {type(error).__name__}: {error}", where=str(path),
+                        fix="re-export the file; check it opens with nibabel/h5py") from error
+    return LabelVolume(_checked_labels(labels, path), spacing)
+
+
+def _read_nifti(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, tuple[float, ...]]:
+    image = nib.load(path)
+    labels = np.asanyarray(image.dataobj)
+    return labels, tuple(float(z) for z in image.header.get_zooms()[: labels.ndim])
+
+
+def _read_h5(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    with h5py.File(path, "r") as file:
+        name = next((name for name in dataset_names if isinstance(file.get(name), h5py.Dataset)), None)
+        if name is None:
+            raise UserError(f"no '{' or '.join(dataset_names)}' dataset in the HDF5 file (it has {sorted(file)})",
+                            where=str(path), fix=f"store the label map as '{dataset_names[0]}'")
+        dataset = file[name]
+        labels = dataset[()]
+        spacing = file.attrs.get("spacing", dataset.attrs.get("spacing"))
+        if spacing is None and isinstance(file.get("spacing"), h5py.Dataset):
+            spacing = file["spacing"][()]
+    if spacing is None:
+        return labels, None
+    spacing = tuple(float(s) for s in np.atleast_1d(spacing))
+    if len(spacing) != labels.ndim:
+        raise UserError(f"'spacing' has {len(spacing)} values for a {labels.ndim}-D label map", where=str(path),
+                        fix="store one spacing value per axis, in the array's axis order")
+    return labels, spacing
+
+
+def _checked_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    """The label map itself if it holds non-negative integers (floats with integer values are accepted)."""
+    if labels.size == 0:
+        raise UserError(f"the label map is empty (shape {labels.shape})", where=str(path))
+    if labels.dtype.kind not in "biuf":
+        raise UserError(f"the label map has dtype {labels.dtype}, not numbers", where=str(path),
+                        fix="store integer labels 0, 1, 2, ...")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise UserError("the label map has non-integer values (probabilities?)", where=str(path),
+                        fix="save the argmax label map, not probabilities or logits")
+    if labels.min() < 0:
+        raise UserError(f"the label map has negative labels (min {labels.min()})", where=str(path),
+                        fix="labels are 0 (background), 1, 2, ...")
+    return labels
+
+
+def _checked_spacing(volume: LabelVolume, path: Path) -> tuple[float, ...]:
+    if volume.spacing is None:
+        return (1.0,) * volume.labels.ndim
+    if not all(np.isfinite(s) and s > 0 for s in volume.spacing):
+        raise UserError(f"invalid voxel spacing {volume.spacing}", where=str(path),
+                        fix="fix the header's spacing (zooms) or score without use_spacing")
+    return volume.spacing
+
+
+def _max_label(volume: LabelVolume) -> int:
+    return int(volume.labels.max())
+
+
+def _mean_rows(rows: list[dict], num_classes: int) -> list[dict]:
+    class_means = []
+    for c in range(1, num_classes):
+        mean = mean_over_cases([{name: row[name] for name in METRIC_NAMES} for row in rows if row["class"] == c])
+        class_means.append({"case": MEAN_ROW, "class": c, **mean})
+    overall = mean_over_cases([{name: row[name] for name in METRIC_NAMES} for row in class_means])
+    return class_means + [{"case": MEAN_ROW, "class": ALL_CLASSES, **overall}]
+
+
+def _write_csv(scores: pd.DataFrame, out_csv: Path) -> None:
+    try:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(out_csv, index=False)
+    except OSError as error:
+        raise UserError(f"cannot write the scores: {error}", where=str(out_csv),
+                        fix="choose a writable output path") from error
+
+
+def _name_list(names: list[str]) -> str:
+    listed = ", ".join(names[:MAX_NAMES_LISTED])
+    return listed + (f" and {len(names) - MAX_NAMES_LISTED} more" if len(names) > MAX_NAMES_LISTED else "")

@@ -1,0 +1,70 @@
+"""ACDC in the SSL4MIS h5 form: 2D training on slices, evaluation of whole volumes slice by slice.
+
+Layout (datasets.md 2.2)::
+
+    root/train_slices.list  train.list  val.list  test.list
+    root/data/slices/<patientNNN_frameFF_slice_S>.h5   'image' float32 (H, W), 'label' uint8 (H, W)
+    root/data/<patientNNN_frameFF>.h5                  'image' float32 (Z, H, W), 'label' uint8 (Z, H, W)
+
+Labeled units are patients: the first N patients of train_slices.list (the list is grouped by patient), which
+is SSL4MIS's "first k slices" with k = patients_to_slices(N), computed from the list rather than hard-coded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist, read_h5, read_list
+from datamodules.spec import DatasetSpec
+from datamodules.transforms import acdc_train_transform
+
+ACDC_SPEC = DatasetSpec(
+    name="acdc",
+    spatial_dims=2,
+    in_channels=1,
+    class_names=("background", "RV", "Myo", "LV"),
+    patch_size=(256, 256),
+    eval_mode="slicewise",
+    # The 3/7/14 patient convention of SSL4MIS, MC-Net, SS-Net and BCP ("5/10/20 %" of 70).
+    labeled_counts={0.05: 3, 0.1: 7, 0.2: 14, 1.0: 70},
+    labeled_unit="patient",
+    dice_include_background=True,
+)
+
+
+def patient_of(slice_name: str) -> str:
+    return slice_name.split("_")[0]
+
+
+class ACDCDataModule(SemiSupervisedDataModule):
+    def read_split(self):
+        slices_list = self.root / "train_slices.list"
+        slice_names = read_list(slices_list, "training slices")
+        val_cases = read_list(self.root / "val.list", "validation")
+        test_cases = read_list(self.root / "test.list", "test")
+        check_files_exist([self.slice_path(n) for n in slice_names], slices_list)
+        check_files_exist([self.volume_path(c) for c in val_cases], self.root / "val.list")
+        check_files_exist([self.volume_path(c) for c in test_cases], self.root / "test.list")
+        patients: dict[str, list[str]] = {}
+        for name in slice_names:  # dicts keep first-appearance order = the list's patient order
+            patients.setdefault(patient_of(name), []).append(name)
+        return ListedData(list(patients.items()), val_cases, test_cases, listed_units=len(patients))
+
+    def slice_path(self, name: str) -> Path:
+        return self.root / "data" / "slices" / f"{name}.h5"
+
+    def volume_path(self, case: str) -> Path:
+        return self.root / "data" / f"{case}.h5"
+
+    def load_item(self, item, with_label):
+        arrays = read_h5(self.slice_path(item), ["image", "label"] if with_label else ["image"])
+        return arrays["image"], arrays.get("label")
+
+    def train_transform(self, rng: np.random.Generator, image, label):
+        return acdc_train_transform(rng, image, label, self.patch_size)
+
+    def load_case(self, case_id):
+        arrays = read_h5(self.volume_path(case_id), ["image", "label"])
+        # No spacing is stored in the SSL4MIS h5 files; the literature's metrics are in pixels (datasets.md 8.1).
+        return {"case": case_id, "image": arrays["image"], "label": arrays["label"], "spacing": None}

@@ -1,0 +1,301 @@
+"""The semi-supervised DataModule every dataset family shares.
+
+A family (ACDC, LA, ...) only says how to read its lists (``read_split``) and how to turn an item into a
+training sample or a whole evaluation case. Everything else lives here once: the labeled-count convention, the
+deterministic split written into the run folder, the step-indexed per-rank samplers (see samplers.py), the
+global-batch-to-per-device division and the loaders for whole validation/test cases.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+from benchmark.errors import UserError
+from datamodules.samplers import StepSampler
+from datamodules.spec import DatasetSpec
+
+
+@dataclass
+class ListedData:
+    """What a family reads from its list files: ordered training units and the evaluation cases."""
+
+    units: list[tuple[str, list[str]]]  # (unit id, its training items), in the list's order
+    val: list[str]
+    test: list[str]
+    listed_units: int  # training units in the list before any validation hold-out
+
+
+@dataclass
+class Split:
+    """Which items train with labels, which without, and which whole cases validate and test."""
+
+    labeled_units: list[str]
+    labeled: list[str]
+    unlabeled: list[str]
+    val: list[str]
+    test: list[str]
+    total_units: int
+    unit: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labeled_count(self) -> int:
+        return len(self.labeled_units)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+
+def resolve_labeled_count(
+    spec: DatasetSpec, total_units: int, ratio: float | None, labeled: int | None, listed_units: int | None = None
+) -> int:
+    """Number of labeled units from LABELED=N or RATIO=r, following the dataset's published convention.
+
+    RATIO maps to the conventional count (ACDC 0.1 -> 7 patients, LA 0.2 -> 16 scans) when the training list has
+    its published length (``listed_units``, counted before any validation hold-out); otherwise (other ratios,
+    fixtures, synthetic data) to round(r * units). RATIO=1.0 is every available unit (full supervision).
+    """
+    if labeled is not None:
+        if isinstance(labeled, bool) or not isinstance(labeled, int):
+            raise UserError(f"LABELED must be a whole number, got {labeled!r}", fix="e.g. LABELED=7")
+        if not 1 <= labeled <= total_units:
+            raise UserError(
+                f"LABELED={labeled} is impossible for {spec.name}: it has {total_units} training {spec.labeled_unit}s",
+                fix=f"choose 1 <= LABELED <= {total_units}",
+            )
+        return labeled
+    if ratio is None:
+        raise UserError("neither RATIO nor LABELED was given", fix="e.g. RATIO=0.1 or LABELED=7")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise UserError(f"RATIO must be a number in (0, 1], got {ratio!r}", fix="e.g. RATIO=0.1; 1.0 is full supervision")
+    ratio = float(ratio)
+    if ratio == 1.0:
+        return total_units
+    published_total = spec.labeled_counts.get(1.0)
+    listed = total_units if listed_units is None else listed_units
+    if listed == published_total and ratio in spec.labeled_counts:
+        return min(spec.labeled_counts[ratio], total_units)
+    return max(1, round(ratio * total_units))
+
+
+def read_list(path: Path, what: str) -> list[str]:
+    """Lines of a list file: CRLF tolerated, blank lines dropped, names checked to stay inside the data root."""
+    if not path.is_file():
+        raise UserError(f"missing {what} list file", where=str(path), fix="check DATA_ROOT points at the dataset's top folder")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    for name in names:
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(
+                f"list entry '{name}' is not a plain case name (paths are not allowed in list files)",
+                where=str(path),
+                fix="list files hold case names only, e.g. patient001_frame01",
+            )
+    if not names:
+        raise UserError(f"the {what} list is empty", where=str(path), fix="restore the list file from the dataset")
+    return names
+
+
+def check_files_exist(paths: Sequence[Path], list_file: Path) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = "\n    ".join(str(p) for p in missing[:5])
+        more = f"\n    ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(
+            f"{len(missing)} file(s) named in {list_file.name} are missing:\n    {shown}{more}",
+            where=str(list_file),
+            fix="complete the data copy (or fix the list); the layout is described in the README",
+        )
+
+
+def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Read datasets from an h5 file; a corrupt file or a missing key is a UserError naming the file."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise UserError(
+                    f"h5 file lacks dataset(s) {missing} (has {sorted(f.keys())})",
+                    where=str(path),
+                    fix="re-create the file in the dataset's published format",
+                )
+            return {k: f[k][()] for k in keys}
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(f"cannot read h5 file ({error})", where=str(path), fix="the file is corrupt or truncated: copy it again") from error
+
+
+class TrainItems(Dataset):
+    """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG."""
+
+    def __init__(self, items: list[str], load, transform, with_label: bool):
+        self.items, self.load, self.transform, self.with_label = items, load, transform, with_label
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        # The generator is seeded from torch's per-worker stream, which Lightning seeds per (seed, worker, rank).
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+        image, label = self.load(self.items[index], self.with_label)
+        image, label = self.transform(rng, image, label)
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).unsqueeze(0)}
+        if self.with_label:
+            sample["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+        return sample
+
+
+class Cases(Dataset):
+    """Whole cases for validation and test: {"case", "image", "label", "spacing"} as numpy arrays."""
+
+    def __init__(self, case_ids: list[str], load_case):
+        self.case_ids, self.load_case = case_ids, load_case
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.load_case(self.case_ids[index])
+
+
+def _as_is(sample):
+    return sample
+
+
+class SemiSupervisedDataModule(pl.LightningDataModule):
+    """Labeled and unlabeled training streams plus whole validation/test cases, for one dataset root.
+
+    Subclasses implement ``read_split`` (lists -> units, val and test case ids, with file checks),
+    ``load_item`` (one training item as arrays), ``train_transform`` and ``load_case``.
+    """
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        root: Path,
+        *,
+        patch_size: Sequence[int],
+        labeled_batch_size: int,
+        unlabeled_batch_size: int,
+        max_steps: int,
+        seed: int,
+        ratio: float | None = None,
+        labeled: int | None = None,
+        use_unlabeled: bool = True,
+        num_workers: int = 2,
+        val_holdout: int = 0,
+        max_eval_cases: int | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.root = Path(root)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != spec.spatial_dims:
+            raise UserError(
+                f"patch size {list(self.patch_size)} has {len(self.patch_size)} axes but {spec.name} is {spec.spatial_dims}D",
+                fix=f"give data.patch_size with {spec.spatial_dims} values",
+            )
+        self.labeled_batch_size = labeled_batch_size
+        self.unlabeled_batch_size = unlabeled_batch_size
+        self.max_steps = max_steps
+        self.seed = seed
+        self.num_workers = num_workers
+        self.val_holdout = val_holdout
+        self.max_eval_cases = max_eval_cases
+        if not self.root.is_dir():
+            raise UserError(
+                f"data root for {spec.name} does not exist or is not a folder",
+                where=str(self.root),
+                fix="set DATA_ROOT to the dataset's top folder (see the README for the expected layout)",
+            )
+        listed = self.read_split()
+        units, val_cases, test_cases = listed.units, listed.val, listed.test
+        count = resolve_labeled_count(spec, len(units), ratio, labeled, listed.listed_units)
+        labeled_units = units[:count]
+        unlabeled_units = units[count:] if use_unlabeled else []
+        self.split = Split(
+            labeled_units=[unit for unit, _ in labeled_units],
+            labeled=[item for _, items in labeled_units for item in items],
+            unlabeled=[item for _, items in unlabeled_units for item in items],
+            val=val_cases,
+            test=test_cases,
+            total_units=len(units),
+            unit=spec.labeled_unit,
+        )
+
+    # ---- what a family provides -------------------------------------------------------------------
+    def read_split(self) -> ListedData:
+        """Read and check the list files: ordered training units, validation and test case ids."""
+        raise NotImplementedError
+
+    def load_item(self, item: str, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def train_transform(self, rng: np.random.Generator, image, label):
+        raise NotImplementedError
+
+    def load_case(self, case_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ---- shared machinery -------------------------------------------------------------------------
+    @property
+    def has_unlabeled(self) -> bool:
+        return bool(self.split.unlabeled)
+
+    def _world(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1, 0
+        return trainer.global_rank, trainer.world_size, trainer.global_step
+
+    def per_rank_batch(self, global_batch: int, world_size: int) -> int:
+        if global_batch % world_size:
+            raise UserError(
+                f"global batch {global_batch} cannot be split evenly over {world_size} devices",
+                fix="choose DEVICES dividing the labeled and unlabeled batch sizes",
+            )
+        return global_batch // world_size
+
+    def _stream(self, items: list[str], with_label: bool, global_batch: int) -> DataLoader:
+        rank, world_size, start_step = self._world()
+        batch = self.per_rank_batch(global_batch, world_size)
+        sampler = StepSampler(len(items), batch, self.max_steps, self.seed + (0 if with_label else 7919), rank, world_size, start_step)
+        dataset = TrainItems(items, self.load_item, self.train_transform, with_label)
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self):
+        streams = {"labeled": self._stream(self.split.labeled, True, self.labeled_batch_size)}
+        if self.has_unlabeled:
+            streams["unlabeled"] = self._stream(self.split.unlabeled, False, self.unlabeled_batch_size)
+        return CombinedLoader(streams, mode="min_size")
+
+    def cases(self, stage: str) -> Cases:
+        ids = {"val": self.split.val, "test": self.split.test}[stage]
+        if self.max_eval_cases:
+            ids = ids[: self.max_eval_cases]
+        return Cases(ids, self.load_case)
+
+    def _case_loader(self, stage: str) -> DataLoader:
+        return DataLoader(self.cases(stage), batch_size=None, collate_fn=_as_is, num_workers=min(self.num_workers, 1))
+
+    def val_dataloader(self):
+        return self._case_loader("val")
+
+    def test_dataloader(self):
+        return self._case_loader("test")

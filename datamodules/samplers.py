@@ -1,0 +1,68 @@
+"""Step-indexed samplers for the labeled and unlabeled training streams.
+
+Why not Lightning's defaults: under DDP Lightning replaces a RandomSampler by a DistributedSampler that pads
+small labeled sets with duplicates, re-iterates a short loader without `set_epoch` (every rank replays the same
+order), and ties the epoch length to the world size (ecosystem.md B1). Here the training budget is a number of
+optimizer steps, and the sample drawn at (step, position in the global batch) is a pure function of the seed:
+
+    global stream = concat(permutation_0, permutation_1, ...) of the dataset indices,
+    global batch s = stream[s * B_global : (s + 1) * B_global],
+    rank r takes the slice [r * B_local : (r + 1) * B_local] of it.
+
+So N ranks see exactly the batches one device would see with the same global batch, every sample is used once
+per pass before any repeats, and resuming at step k continues the very same stream (no replay, no skip).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class StepSampler(Sampler[int]):
+    """Yields the dataset indices of this rank's share of global batches ``start_step .. total_steps - 1``."""
+
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size_per_rank: int,
+        total_steps: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ):
+        if dataset_size <= 0:
+            raise ValueError("StepSampler needs a non-empty dataset")
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size_per_rank
+        self.total_steps = total_steps
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = start_step
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, pass_index: int) -> torch.Tensor:
+        if pass_index not in self._permutations:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
+            # A global batch can straddle two passes; keep the two most recent permutations only.
+            recent = max(self._permutations, default=None)
+            kept = {recent: self._permutations[recent]} if recent is not None else {}
+            self._permutations = {**kept, pass_index: torch.randperm(self.dataset_size, generator=generator)}
+        return self._permutations[pass_index]
+
+    def index_at(self, step: int, position: int) -> int:
+        """Dataset index at ``position`` of this rank's part of global batch ``step``."""
+        global_position = (step * self.world_size + self.rank) * self.batch_size + position
+        pass_index, offset = divmod(global_position, self.dataset_size)
+        return int(self._permutation(pass_index)[offset])
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start_step, self.total_steps):
+            for position in range(self.batch_size):
+                yield self.index_at(step, position)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.batch_size

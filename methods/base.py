@@ -1,0 +1,106 @@
+"""The LightningModule every method derives from.
+
+It owns what all methods share: networks built from the dataset spec (2D U-Net or 3D V-Net), the supervised
+loss, the optimizer and its per-step schedule, ramp-ups, logging names and validation on whole cases through
+the suite's one evaluator. A method file adds only its own idea: its networks/heads in ``build``, its losses and
+its ``training_step``, and (if not the first network) which network predicts at test time.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from benchmark.evaluation import Evaluator
+from datamodules.spec import DatasetSpec
+from methods.components.ramps import sigmoid_rampup
+from methods.losses import SupervisedSegmentationLoss
+from methods.networks import SegmentationNetwork, build_network
+
+
+class SemiSupervisedMethod(pl.LightningModule):
+    name: ClassVar[str] = ""
+    # Hyperparameters of the method with their defaults (the `paper` values); presets per profile live in
+    # benchmark/configs/methods/<name>.yaml. Unknown keys in a config are rejected.
+    defaults: ClassVar[dict[str, Any]] = {}
+    # False for methods that train on the labeled stream only (no unlabeled loader is built).
+    uses_unlabeled: ClassVar[bool] = True
+
+    def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.hp = dict(config["method"])
+        unknown = set(self.hp) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
+        self.save_hyperparameters({"config": config, "spec": asdict(spec)})
+        self.evaluator = Evaluator.from_config(spec, config)
+        self.supervised_criterion = SupervisedSegmentationLoss(include_background=spec.dice_include_background)
+        self._val_scores: list[list[float]] = []
+        self.build()
+
+    # ---- what a method provides ------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the networks and heads (as attributes, so Lightning moves and saves them)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of the network that is evaluated (default: ``self.net``)."""
+        return self.net(images)
+
+    # ---- shared pieces ----------------------------------------------------------------------------
+    def build_network(self, **overrides: Any) -> SegmentationNetwork:
+        model = self.config["model"]
+        options = dict(name=model["name"], base_features=model["base_features"], dropout=model["dropout"])
+        options.update(overrides)
+        return build_network(self.spec.spatial_dims, self.spec.in_channels, self.spec.num_classes, **options)
+
+    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.supervised_criterion(logits, labels)
+
+    def rampup(self, length: float, divisor: int = 150) -> float:
+        """Sigmoid ramp-up on ``global_step // divisor`` (SSL4MIS passes iteration // 150)."""
+        return sigmoid_rampup(self.global_step // divisor, length)
+
+    def log_losses(self, batch_size: int, **values: torch.Tensor | float) -> None:
+        self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=batch_size, prog_bar=False)
+
+    def configure_optimizers(self):
+        optim = self.config["optim"]
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+        max_steps = self.config["trainer"]["max_steps"]
+        schedule = optim["schedule"]
+        if schedule == "poly":
+            factor = lambda step: max(0.0, 1.0 - step / max_steps) ** optim["poly_power"]  # noqa: E731
+        elif schedule == "step":
+            factor = lambda step: optim["step_gamma"] ** (step // optim["step_every"])  # noqa: E731
+        elif schedule == "constant":
+            factor = lambda step: 1.0  # noqa: E731
+        else:
+            raise ValueError(f"unknown optim.schedule '{schedule}' (poly, step, constant)")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- validation on whole cases ----------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_scores = []
+
+    def validation_step(self, case: dict[str, Any], batch_idx: int) -> None:
+        prediction = self.evaluator.predict(self.predict_logits, np.asarray(case["image"]), device=self.device)
+        self._val_scores.append(self.evaluator.dice_per_class(prediction, np.asarray(case["label"])))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_scores:
+            return
+        scores = np.asarray(self._val_scores)  # (cases, foreground classes)
+        self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1)
+        for index, class_name in enumerate(self.spec.class_names[1:]):
+            self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1)
