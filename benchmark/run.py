@@ -69,7 +69,8 @@ def prepare(config: dict[str, Any]):
 
 
 def make_run_dir(config: dict[str, Any], digest: str) -> Path:
-    if os.environ.get(RUN_DIR_ENV):
+    """A new folder per run; DDP ranks other than 0 (re-launched copies of this command) reuse rank 0's."""
+    if _global_rank() != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"L{config['data']['labeled']}_s{config['run']['seed']}_{digest}_{stamp}_{os.getpid()}"

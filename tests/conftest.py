@@ -1,0 +1,53 @@
+"""Shared fixtures: format-exact data sets in tmp folders, the real ACDC copy, and a quiet, offline environment."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
+REAL_ACDC = SHARED_DATASETS / "ACDC"
+
+# Small fixtures in the real layouts (H, W differ from every crop size so the zoom path runs).
+TINY_ACDC = dict(n_train_patients=6, n_val_patients=2, n_test_patients=2, slices=(3, 4), shape=(40, 36), seed=0)
+TINY_LA = dict(n_train=6, n_test=2, shape=(40, 36, 24), seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _offline_environment(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path_factory.getbasetemp()))
+    # One synthetic cache for the whole session, never the user's home.
+    monkeypatch.setenv("SSL_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "synthetic-cache"))
+
+
+def require_real_acdc() -> Path:
+    """The real ACDC copy. Outside CI a missing copy skips with the path; in CI it fails, since CI has it."""
+    if not (REAL_ACDC / "train_slices.list").is_file():
+        message = f"real ACDC copy missing: {REAL_ACDC} (see ../shared/datasets/README.md)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return REAL_ACDC
+
+
+@pytest.fixture
+def real_acdc() -> Path:
+    return require_real_acdc()
+
+
+@pytest.fixture(scope="session")
+def acdc_root(tmp_path_factory) -> Path:
+    from datamodules.synthetic import write_acdc_layout
+
+    return write_acdc_layout(tmp_path_factory.mktemp("acdc"), **TINY_ACDC)
+
+
+@pytest.fixture(scope="session")
+def la_root(tmp_path_factory) -> Path:
+    """LA with CRLF lists at the root (FBA-Net's copies), the data folder name with its space."""
+    from datamodules.synthetic import write_la_layout
+
+    return write_la_layout(tmp_path_factory.mktemp("la"), crlf=True, **TINY_LA)

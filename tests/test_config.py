@@ -1,0 +1,53 @@
+"""Preset layering, overrides and the config hash."""
+from __future__ import annotations
+
+import pytest
+
+from benchmark.config import config_hash, resolve_config
+from benchmark.errors import UserError
+
+
+def test_layers_dataset_then_profile_then_overrides():
+    paper = resolve_config("acdc", "supervised", "paper")
+    assert paper["data"]["labeled_batch_size"] == 12 and paper["trainer"]["max_steps"] == 30000
+    cpu = resolve_config("acdc", "supervised", "cpu")
+    assert cpu["data"]["patch_size"] == [128, 128] and cpu["trainer"]["max_steps"] < 30000
+    smoke = resolve_config("synthetic_acdc", "supervised", "smoke", ["trainer.max_steps=7"], family="acdc")
+    assert smoke["trainer"]["max_steps"] == 7 and smoke["data"]["patch_size"] == [32, 32]
+    la = resolve_config("la", "supervised", "paper")
+    assert la["data"]["val_holdout"] == 8 and la["optim"]["schedule"] == "step" and la["trainer"]["max_steps"] == 6000
+
+
+def test_method_defaults_are_overridable_and_checked():
+    config = resolve_config("acdc", "supervised", "cpu", ["method.alpha=0.5"], method_defaults={"alpha": 0.1})
+    assert config["method"]["alpha"] == 0.5
+    with pytest.raises(UserError, match="unknown config key 'method.beta'"):
+        resolve_config("acdc", "supervised", "cpu", ["method.beta=1"], method_defaults={"alpha": 0.1})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=abc", "expected a whole number"),
+    ("optim.lr=fast", "expected a number"),
+    ("eval.lcc=maybe", "expected true or false"),
+    ("data.patch_size=64", "expected a list"),
+    ("trainer.nonsense=1", "unknown config key 'trainer.nonsense'"),
+    ("nosection.x=1", "unknown config key"),
+    ("max_steps=3", "must name a section and a key"),
+    ("trainer.max_steps", "not of the form section.key=value"),
+])
+def test_bad_overrides_are_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config("acdc", "supervised", "cpu", [override])
+
+
+def test_unknown_profile():
+    with pytest.raises(UserError, match="unknown profile 'gpu'"):
+        resolve_config("acdc", "supervised", "gpu")
+
+
+def test_hash_ignores_seed_paths_and_devices_but_not_hyperparameters():
+    base = resolve_config("acdc", "supervised", "cpu")
+    same = resolve_config("acdc", "supervised", "cpu", ["run.seed=3", "run.out=/x", "data.root=/y", "trainer.devices=2"])
+    other = resolve_config("acdc", "supervised", "cpu", ["optim.lr=0.02"])
+    assert config_hash(base) == config_hash(same) != config_hash(other)
+    assert config_hash(base) != config_hash(resolve_config("acdc", "supervised", "smoke"))

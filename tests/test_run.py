@@ -1,0 +1,131 @@
+"""End to end: the CLI and one run (fit, test of last and best checkpoints, run folder, leaderboard rows)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark.cli import main
+from benchmark.config import resolve_config
+from datamodules import get_dataset
+from methods.registry import get_method, method_names
+from tests.conftest import PROJECT_ROOT, require_real_acdc
+
+
+def run_cli(tmp_path: Path, *args: str) -> int:
+    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
+
+
+def check_finished_run(tmp_path: Path, dataset: str) -> pd.DataFrame:
+    table = pd.read_csv(tmp_path / "lb" / f"{dataset}.csv")
+    assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()
+    run_dir = Path(table["run_dir"][0])
+    for name in ("config.yaml", "split.json", "result.json", "test_per_case_last.csv", "test_per_case_best.csv",
+                 "checkpoints/last.ckpt", "logs/metrics.csv"):
+        assert (run_dir / name).is_file(), name
+    per_case = pd.read_csv(run_dir / "test_per_case_last.csv")
+    assert per_case["dice"].between(0, 1).all() and not per_case.isna().any().any()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["config_hash"] == table["config_hash"][0]
+    return table
+
+
+def test_smoke_fit_2d_writes_a_row(tmp_path, capsys):
+    assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--seed", "1") == 0
+    table = check_finished_run(tmp_path, "synthetic_acdc")
+    assert table["labeled_cases"][0] == 4 and table["seed"][0] == 1 and table["steps"][0] == 4
+    assert {"dice_RV", "dice_Myo", "dice_LV"} <= set(table.columns)
+    out = capsys.readouterr().out
+    assert "run folder:" in out and "supervised on synthetic_acdc (smoke profile), 4 labeled patients" in out
+
+
+def test_smoke_fit_3d_writes_a_row(tmp_path):
+    assert run_cli(tmp_path, "--dataset", "synthetic_la", "--labeled", "2") == 0
+    table = check_finished_run(tmp_path, "synthetic_la")
+    assert table["labeled_cases"][0] == 2 and "dice_LA" in table.columns
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "mean_teachr"], "unknown method 'mean_teachr'"),
+    (["--dataset", "acdcc"], "unknown dataset 'acdcc'"),
+    (["--profile", "gpu"], "unknown profile 'gpu'"),
+    (["--ratio", "1.5"], "RATIO must be a number in (0, 1]"),
+    (["--ratio", "0"], "RATIO must be a number in (0, 1]"),
+    (["--labeled", "500"], "LABELED=500 is impossible"),
+    (["--dataset", "acdc"], "needs DATA_ROOT"),
+    (["--dataset", "acdc", "--data-root", "/nonexistent/ACDC"], "/nonexistent/ACDC"),
+    (["--set", "trainer.max_steps=many"], "expected a whole number"),
+    (["--set", "trainer.max_stepz=3"], "unknown config key"),
+])
+def test_bad_input_gives_one_message_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
+    assert run_cli(tmp_path, *(["--ratio", "0.2"] if "--ratio" not in args and "--labeled" not in args else []), *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "lb").exists() or not list((tmp_path / "lb").glob("*.csv"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+def test_list_commands(capsys):
+    for what, expected in (("methods", "supervised"), ("datasets", "synthetic_acdc"), ("profiles", "smoke")):
+        assert main(["list", what]) == 0
+        assert expected in capsys.readouterr().out.split("\n")
+
+
+def test_show_config(capsys):
+    assert main(["run", "--dataset", "synthetic_la", "--profile", "cpu", "--ratio", "0.2", "--show-config"]) == 0
+    assert "patch_size:" in capsys.readouterr().out
+
+
+def test_every_loss_of_supervised_reaches_every_parameter():
+    entry = get_dataset("synthetic_acdc")
+    config = resolve_config("synthetic_acdc", "supervised", "smoke", family="acdc")
+    config["data"]["patch_size"] = [32, 32]
+    model = get_method("supervised")(entry.spec, config)
+    batch = {"labeled": {"image": torch.randn(2, 1, 32, 32), "label": torch.randint(0, 4, (2, 32, 32))}}
+    model.log = lambda *a, **k: None
+    model.log_dict = lambda *a, **k: None
+    model.training_step(batch, 0).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, no_grad
+    assert "supervised" in method_names()
+
+
+def test_python_m_benchmark_help():
+    result = subprocess.run([sys.executable, "-m", "benchmark", "--help"], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0 and "run" in result.stdout and "score" in result.stdout
+
+
+@pytest.mark.real_data
+def test_short_real_acdc_run_writes_a_row(tmp_path):
+    root = require_real_acdc()
+    assert run_cli(tmp_path, "--dataset", "acdc", "--data-root", str(root), "--ratio", "0.1") == 0
+    table = check_finished_run(tmp_path, "acdc")
+    assert table["labeled_cases"][0] == 7 and table["n_cases"][0] == 2
+
+
+@pytest.mark.slow
+def test_make_bench_end_to_end(tmp_path):
+    env = {**os.environ, "SSL_BENCH_CACHE": os.environ["SSL_BENCH_CACHE"]}
+    result = subprocess.run(
+        ["make", "bench", "PROFILE=smoke", "RATIO=0.2", f"OUT={tmp_path / 'runs'}", f"LEADERBOARD_DIR={tmp_path / 'lb'}"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "run folder:" in result.stdout
+    check_finished_run(tmp_path, "synthetic_acdc")
+
+
+@pytest.mark.slow
+def test_make_bench_bad_input_exit_code(tmp_path):
+    result = subprocess.run(
+        ["make", "bench", "METHOD=nope", f"OUT={tmp_path / 'runs'}", f"LEADERBOARD_DIR={tmp_path / 'lb'}"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "unknown method 'nope'" in result.stderr
