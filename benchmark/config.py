@@ -2,7 +2,8 @@
 
 Layers, later wins: ``configs/base.yaml`` -> ``configs/datasets/<family>.yaml`` -> ``configs/datasets/<name>.yaml``
 -> the method's declared defaults (``Method.defaults``, under ``method:``) -> ``configs/methods/<method>.yaml``
--> the ``profiles: {<profile>: ...}`` sections of those three files, in the same order -> overrides
+-> the method file's ``datasets: {<family>: ...}`` section -> the ``profiles: {<profile>: ...}`` sections of all
+of these, in the same order -> overrides
 (``section.key=value``). The `paper` profile is the published protocol, so it usually overrides nothing.
 """
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _load_yaml(*parts: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return yaml.safe_load(path.read_text()) or {}
+
+
+def _load_method_yaml(method: str) -> dict[str, Any]:
+    """A method's presets; ``extends: <method>`` starts from another method's file (UA-MT from Mean Teacher)."""
+    presets = _load_yaml("methods", f"{method}.yaml")
+    parent = presets.pop("extends", None)
+    return merge(_load_method_yaml(parent), presets) if parent else presets
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -127,14 +135,16 @@ def resolve_config(
     if dataset != family:
         layers.append(_load_yaml("datasets", f"{dataset}.yaml"))
     layers.append({"method": dict(method_defaults or {})})
-    method_file = _load_yaml("methods", f"{method}.yaml")
+    method_file = _load_method_yaml(method)
     layers.append(method_file)
     config = _load_yaml("base.yaml")
     for layer in layers:
         config = merge(config, {k: v for k, v in layer.items() if k not in ("profiles", "datasets")})
-    # Method presets per dataset family (e.g. LA iterations of MC-Net+) come before the profiles.
-    config = merge(config, method_file.get("datasets", {}).get(family, {}))
-    for layer in layers:
+    # Method presets per dataset family (e.g. LA iterations of MC-Net+) come before the profiles, and may carry
+    # their own `profiles:` (a cpu ramp-up length depends on the dataset's cpu budget).
+    method_on_family = method_file.get("datasets", {}).get(family, {})
+    config = merge(config, {k: v for k, v in method_on_family.items() if k != "profiles"})
+    for layer in [*layers, method_on_family]:
         config = merge(config, layer.get("profiles", {}).get(profile, {}))
     config["dataset"], config["method_name"], config["profile"] = dataset, method, profile
     config = apply_overrides(config, overrides)

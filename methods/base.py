@@ -69,6 +69,13 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Sigmoid ramp-up on ``global_step // divisor`` (SSL4MIS passes iteration // 150)."""
         return sigmoid_rampup(self.global_step // divisor, length)
 
+    def step_generator(self) -> torch.Generator:
+        """Randomness for this training step (noise, mixing boxes): seeded by (seed, rank, step), so every DDP
+        rank draws differently (one global seed would give every rank the same noise, ecosystem.md B4) and a
+        resumed run draws what the uninterrupted one did."""
+        seed = (self.config["run"]["seed"] * 1_000_003 + self.global_rank * 10_007 + self.global_step) % 2**63
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def log_losses(self, batch_size: int, **values: torch.Tensor | float) -> None:
         self.log_dict({f"train/{k}": v for k, v in values.items()}, batch_size=batch_size, prog_bar=False)
 
@@ -101,6 +108,7 @@ class SemiSupervisedMethod(pl.LightningModule):
         if not self._val_scores:
             return
         scores = np.asarray(self._val_scores)  # (cases, foreground classes)
-        self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1)
+        # Every rank scores all validation cases (identical values); sync_dist only keeps Lightning from warning.
+        self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1, sync_dist=True)
         for index, class_name in enumerate(self.spec.class_names[1:]):
-            self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1)
+            self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1, sync_dist=True)

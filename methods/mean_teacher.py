@@ -1,0 +1,64 @@
+"""Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) as SSL4MIS trains it for segmentation.
+
+The student sees one batch of labeled + unlabeled images (one forward, so BatchNorm sees the mixed batch); the EMA
+teacher sees the unlabeled images with clamped Gaussian noise. Consistency is the MSE between the two softmax maps,
+weighted by ``consistency * sigmoid_rampup(step // 150, consistency_rampup)`` and switched on at
+``consistency_start_step`` (SSL4MIS's 2D scripts: ``if iter_num < 1000: consistency_loss = 0``).
+"""
+from __future__ import annotations
+
+import torch
+
+from methods.base import SemiSupervisedMethod
+from methods.components.ema import make_ema_teacher
+from methods.registry import register
+
+
+@register("mean_teacher")
+class MeanTeacher(SemiSupervisedMethod):
+    defaults = {
+        "ema_decay": 0.99,
+        "consistency": 0.1,
+        "consistency_rampup": 200.0,  # in units of 150 iterations (SSL4MIS passes iteration // 150)
+        "consistency_start_step": 1000,
+        "noise_std": 0.1,
+        "noise_clamp": 0.2,
+    }
+
+    def build(self) -> None:
+        self.net = self.build_network()
+        self.teacher = make_ema_teacher(self.net, self.hp["ema_decay"])
+
+    def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(images.shape, generator=self.step_generator(), device=images.device) * self.hp["noise_std"]
+        return images + noise.clamp(-self.hp["noise_clamp"], self.hp["noise_clamp"])
+
+    def consistency_weight(self) -> float:
+        if self.global_step < self.hp["consistency_start_step"]:
+            return 0.0
+        return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"])
+
+    def consistency_loss(self, student_logits: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_probabilities = torch.softmax(self.teacher(self.teacher_input(unlabeled)), dim=1)
+        return torch.mean((torch.softmax(student_logits, dim=1) - teacher_probabilities) ** 2)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+        n_labeled = images.shape[0]
+        if "unlabeled" not in batch:  # RATIO=1.0: nothing to be consistent on
+            loss = self.supervised_loss(self.net(images), labels)
+            self.log_losses(n_labeled, loss=loss, supervised=loss)
+            return loss
+        unlabeled = batch["unlabeled"]["image"]
+        logits = self.net(torch.cat([images, unlabeled]))
+        supervised = self.supervised_loss(logits[:n_labeled], labels)
+        consistency = self.consistency_loss(logits[n_labeled:], unlabeled)
+        weight = self.consistency_weight()
+        loss = supervised + weight * consistency
+        self.log_losses(n_labeled, loss=loss, supervised=supervised, consistency=consistency, consistency_weight=weight)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the optimizer step: the teacher follows the updated student.
+        self.teacher.update_parameters(self.net)

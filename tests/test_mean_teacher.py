@@ -1,0 +1,150 @@
+"""Mean Teacher and UA-MT: the EMA rule, each loss term by hand, gradient routing, DDP teacher agreement."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmark.config import resolve_config
+from datamodules import get_dataset
+from methods.components.ema import make_ema_teacher, ssl4mis_ema
+from methods.registry import get_method
+from tests.conftest import PROJECT_ROOT
+
+
+def make_method(name: str, dataset="synthetic_acdc", overrides=(), patch=(32, 32)):
+    entry = get_dataset(dataset)
+    config = resolve_config(dataset, name, "smoke", list(overrides), get_method(name).defaults, family=entry.family)
+    config["data"]["patch_size"] = list(patch)
+    model = get_method(name)(entry.spec, config)
+    model.log = model.log_dict = lambda *a, **k: None
+    return model
+
+
+def test_ema_follows_ssl4mis_alpha():
+    student = torch.nn.Linear(1, 1, bias=False)
+    teacher = make_ema_teacher(student, decay=0.99)
+    values = [2.0, 4.0, 8.0, 16.0]
+    expected = None
+    for n, value in enumerate(values):
+        student.weight.data.fill_(value)
+        teacher.update_parameters(student)
+        alpha = min(1 - 1 / (n + 1), 0.99)  # SSL4MIS update_ema_variables at iter_num = n
+        expected = value if expected is None else alpha * expected + (1 - alpha) * value
+        assert teacher.module.weight.item() == pytest.approx(expected)
+    assert ssl4mis_ema(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(1000), 0.99).item() == pytest.approx(0.99)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_mean_teacher_consistency_by_hand():
+    model = make_method("mean_teacher", overrides=["method.noise_std=0.0"])
+    model.train()
+    unlabeled = torch.rand(2, 1, 32, 32)
+    student_logits = torch.randn(2, 4, 32, 32)
+    torch.manual_seed(0)
+    got = model.consistency_loss(student_logits, unlabeled)
+    torch.manual_seed(0)  # the same dropout draw for the teacher pass
+    with torch.no_grad():
+        teacher = torch.softmax(model.teacher(unlabeled), 1)
+    expected = ((torch.softmax(student_logits, 1) - teacher) ** 2).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_teacher_noise_is_clamped_and_differs_per_rank_and_step():
+    model = make_method("mean_teacher", overrides=["method.noise_std=10.0"])
+    images = torch.zeros(1, 1, 8, 8)
+    noisy = model.teacher_input(images)
+    assert noisy.abs().max().item() == pytest.approx(0.2)
+    assert torch.equal(noisy, model.teacher_input(images))  # same (seed, rank, step)
+    model.config["run"]["seed"] = 1
+    assert not torch.equal(noisy, model.teacher_input(images))
+
+
+@pytest.mark.parametrize("name", ["mean_teacher", "ua_mt"])
+def test_consistency_term_trains_the_student_not_the_teacher(name):
+    # UA-MT: a threshold above ln 4 so that an untrained teacher's uncertain pixels still count.
+    extra = ["method.threshold_start=10.0", "method.threshold_end=10.0"] if name == "ua_mt" else []
+    model = make_method(name, overrides=["method.consistency_start_step=0", *extra])
+    model.train()
+    unlabeled = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():  # make the teacher differ from the student so the consistency is non-zero
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss = model.consistency_loss(model.net(unlabeled), unlabeled)
+    assert loss.item() > 0
+    loss.backward()
+    reached = [n for n, p in model.net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(n.startswith("encoder") for n in reached) and any(n.startswith("decoders.0") for n in reached)
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_teacher_is_updated_after_each_step():
+    model = make_method("mean_teacher")
+    before = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    model.on_train_batch_end(None, None, 0)  # the first update copies the student
+    after = list(model.teacher.parameters())
+    assert all(torch.allclose(a, s) for a, s in zip(after, model.net.parameters()))
+    assert not all(torch.allclose(a, b) for a, b in zip(after, before))
+
+
+def test_consistency_weight_schedule():
+    model = make_method("mean_teacher", overrides=["method.consistency_start_step=10", "method.consistency_rampup=40.0"])
+    assert model.consistency_weight() == 0.0  # step 0 < start
+    model.hp["consistency_start_step"] = 0
+    assert model.consistency_weight() == pytest.approx(0.1 * math.exp(-5))
+
+
+def test_ua_mt_threshold_uses_ln_classes_or_the_faithful_ln2():
+    model = make_method("ua_mt")
+    assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(4))
+    model.hp["entropy_of_two_classes"] = True
+    assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
+
+
+def test_ua_mt_masked_consistency_by_hand(monkeypatch):
+    model = make_method("ua_mt", overrides=["method.noise_std=0.0"])
+    model.eval()  # deterministic teacher
+    unlabeled = torch.rand(1, 1, 32, 32)
+    uncertainty = torch.full((1, 1, 32, 32), 10.0)
+    uncertainty[..., :16] = 0.0  # certain on the left half only
+    monkeypatch.setattr(model, "teacher_uncertainty", lambda x: uncertainty)
+    student_logits = torch.randn(1, 4, 32, 32)
+    got = model.consistency_loss(student_logits, unlabeled)
+    with torch.no_grad():
+        teacher = torch.softmax(model.teacher(unlabeled), 1)
+    distance = (torch.softmax(student_logits, 1) - teacher) ** 2
+    expected = distance[..., :16].sum() / (2 * 32 * 16)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ua_mt_uncertainty_is_the_entropy_of_the_mean_of_t_passes(monkeypatch):
+    model = make_method("ua_mt")
+    outputs = iter([torch.log(torch.tensor([0.9, 0.1])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1),
+                    torch.log(torch.tensor([0.5, 0.5])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1)])
+    monkeypatch.setattr(model.teacher, "forward", lambda x: next(outputs))
+    model.hp["uncertainty_passes"] = 4
+    entropy = model.teacher_uncertainty(torch.zeros(1, 1, 1, 1))
+    mean = torch.tensor([0.7, 0.3])
+    assert entropy.item() == pytest.approx(-(mean * torch.log(mean + 1e-6)).sum().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_teacher_is_identical_on_every_rank(tmp_path):
+    env = {**os.environ, "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "scripts" / "ddp_teacher_check.py"), str(tmp_path)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = json.loads((tmp_path / "checksums.json").read_text())
+    assert checksums["world_size"] == 2
+    assert checksums["teacher"][0] == checksums["teacher"][1]
+    rows = (tmp_path / "lb" / "synthetic_acdc.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + last + best, written by rank 0 only
+    assert len(list((tmp_path / "runs").rglob("config.yaml"))) == 1
