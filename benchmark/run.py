@@ -209,6 +209,14 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
+    for logger in trainer.loggers:
+        for kind, summary in results.items():
+            logger.log_metrics({f"test_{kind}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        logger.finalize("success")
+    if config["run"]["wandb"] != "disabled":
+        import wandb
+
+        wandb.finish()  # several runs in one process (sweeps) must not log into one W&B run
     (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": rows, "test": results}, indent=1, default=str))
     append_rows(leaderboard, rows)
     return rows

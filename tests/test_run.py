@@ -129,3 +129,10 @@ def test_make_bench_bad_input_exit_code(tmp_path):
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0 and "unknown method 'nope'" in result.stderr
+
+
+def test_wandb_offline_writes_the_run_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--wandb", "offline") == 0
+    run_dir = Path(pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")["run_dir"][0])
+    assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))

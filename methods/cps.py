@@ -1,0 +1,107 @@
+"""Cross pseudo supervision (CPS; Chen et al., CVPR 2021) as in SSL4MIS.
+
+Upstream: HiLab-git/SSL4MIS ``code/train_cross_pseudo_supervision_2D.py`` (ACDC) and ``..._3D.py`` (BraTS).
+
+* Two networks of the same architecture; network 1 re-initialised Kaiming-normal, network 2 Xavier-normal
+  (``init_weights``, which mirrors upstream's ``kaiming_normal_init_weight`` / ``xavier_normal_init_weight``).
+* Each network makes ONE forward pass over the concatenated batch (labeled first, then unlabeled), so batch norm
+  sees the mixed batch as upstream (TwoStreamBatchSampler batches).
+* Loss of network k: the supervised loss on its labeled logits (the suite's 0.5 * (CE + Dice), upstream's
+  ``0.5 * (ce_loss + dice_loss)``) + w(t) * CE(its logits on the UNLABELED part, argmax of the other network on
+  the same part, detached). Upstream slices ``[labeled_bs:]`` for the pseudo-label term in both the 2-D and the
+  3-D script: labeled samples do not enter it.
+* The total is the sum of both networks' losses, minimised by ONE optimizer over both networks (upstream steps
+  two identical SGD optimizers after one backward pass of the sum, which is the same update).
+* w(t) = consistency * sigmoid_rampup(iteration // 150, consistency_rampup), consistency 0.1, ramp-up 200 (so
+  the ramp-up spans 30000 iterations, upstream's whole run); iteration counted from 0 as upstream.
+* Evaluation with network 1 (upstream tests ``model1``); ``predict_with: average`` averages both networks'
+  probabilities instead.
+* Without unlabeled data (RATIO=1.0) the pseudo-label terms are absent: both networks train supervised.
+
+Hyperparameters (``method.<key>=...``):
+  consistency                  0.1    weight of the pseudo-label terms after the ramp-up
+  consistency_rampup           200.0  ramp-up length in units of 150 iterations (upstream)
+  consistency_rampup_fraction  null   if set, the ramp-up instead lasts this fraction of trainer.max_steps,
+                                      counted in steps (the cpu/smoke presets: upstream lengths never finish there)
+  predict_with                 model1 model1 (upstream) | average (mean of both networks' softmax)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmark.errors import UserError
+from methods.base import SemiSupervisedMethod
+from methods.components.ramps import sigmoid_rampup
+from methods.networks import init_weights
+from methods.registry import register
+
+PREDICT_WITH = ("model1", "average")
+
+
+def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """CE of ``logits`` against the hard pseudo-labels ``argmax(other_logits)`` (no gradient to the other side)."""
+    pseudo_labels = other_logits.detach().argmax(dim=1)
+    return F.cross_entropy(logits, pseudo_labels)
+
+
+def average_probability_logits(logits_list: list[torch.Tensor]) -> torch.Tensor:
+    """Logits whose softmax is the mean of the given logits' softmax (log of the mean probabilities)."""
+    mean = torch.stack([torch.softmax(logits, dim=1) for logits in logits_list]).mean(dim=0)
+    return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+@register("cps")
+class CrossPseudoSupervision(SemiSupervisedMethod):
+    defaults = {
+        "consistency": 0.1,
+        "consistency_rampup": 200.0,
+        "consistency_rampup_fraction": None,
+        "predict_with": "model1",
+    }
+
+    def build(self) -> None:
+        if self.hp["predict_with"] not in PREDICT_WITH:
+            raise UserError(
+                f"unknown method.predict_with '{self.hp['predict_with']}' for cps", where=f"known: {', '.join(PREDICT_WITH)}"
+            )
+        self.net1 = init_weights(self.build_network(), "kaiming")
+        self.net2 = init_weights(self.build_network(), "xavier")
+
+    def consistency_weight(self) -> float:
+        fraction = self.hp["consistency_rampup_fraction"]
+        if fraction is None:
+            ramp = sigmoid_rampup(self.global_step // 150, self.hp["consistency_rampup"])
+        else:
+            ramp = sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
+        return self.hp["consistency"] * ramp
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+        n_labeled = images.shape[0]
+        if "unlabeled" in batch:
+            images = torch.cat([images, batch["unlabeled"]["image"]])
+        logits1, logits2 = self.net1(images), self.net2(images)
+
+        supervised1 = self.supervised_loss(logits1[:n_labeled], labels)
+        supervised2 = self.supervised_loss(logits2[:n_labeled], labels)
+        if images.shape[0] > n_labeled:
+            pseudo1 = cross_pseudo_loss(logits1[n_labeled:], logits2[n_labeled:])
+            pseudo2 = cross_pseudo_loss(logits2[n_labeled:], logits1[n_labeled:])
+        else:
+            pseudo1 = pseudo2 = logits1.new_zeros(())
+        weight = self.consistency_weight()
+        loss1 = supervised1 + weight * pseudo1
+        loss2 = supervised2 + weight * pseudo2
+        loss = loss1 + loss2
+        self.log_losses(
+            images.shape[0], loss=loss, model1_loss=loss1, model2_loss=loss2,
+            supervised1=supervised1, supervised2=supervised2, pseudo1=pseudo1, pseudo2=pseudo2,
+            consistency_weight=weight,
+        )
+        return loss
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hp["predict_with"] == "average":
+            return average_probability_logits([self.net1(images), self.net2(images)])
+        return self.net1(images)

@@ -1,0 +1,154 @@
+"""MC-Net+ (Wu et al., "Mutual consistency learning for semi-supervised medical image segmentation", MedIA 2022).
+
+Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` / ``mcnet/train_mcnet_3d.py`` (LA, ``mcnet3d_v2``),
+``mcnet/train_mcnet_2d.py`` (ACDC, ``mcnet2d_v2``), ``code/utils/losses.py``, ``code/utils/test_patch.py``.
+
+* One encoder, three decoders differing only in up-sampling (``build_network(num_decoders=3)`` gives
+  MC-Net's order: V-Net deconv/trilinear/nearest, U-Net bilinear/deconv/nearest); one forward pass over the
+  concatenated batch (labeled first, then unlabeled), as upstream's TwoStreamBatchSampler batch.
+* Supervised loss, summed over the three decoders on the labeled samples, times ``supervised_weight`` (0.5,
+  upstream ``--lamda`` / ``--beta``). Upstream uses Dice ONLY (the cross-entropy it computes is only logged):
+    - 3-D: ``Binary_dice_loss`` on the foreground probability, ``1 - (2 sum(p y) + eps) / (sum p + sum y + eps)``
+      (no squares, eps 1e-8); with more than two classes here: the mean of it over the foreground classes;
+    - 2-D: MC-Net's ``DiceLoss(n_classes=4)`` on the softmax: per class ``1 - sum(p y) / (sum p^2 + sum y^2 +
+      1e-10)`` averaged over ALL classes (background included). Note the numerator lacks the usual factor 2, so the
+      value is ``1 - Dice/2`` = 0.5 + 0.5 x (Dice loss): half the gradient of the SSL4MIS Dice. Reproduced as is.
+  ``supervised_loss: ce_dice`` uses the suite's 0.5 * (CE + Dice) per decoder instead.
+* Mutual consistency (:func:`methods.losses.consistency.mutual_consistency_loss`): softmax of each decoder on the
+  WHOLE batch (labeled and unlabeled), each against the sharpened (T = 0.1) probabilities of every other decoder,
+  MSE, summed over the 6 ordered pairs; weight w(t) = consistency * sigmoid_rampup(t // 150, consistency_rampup)
+  with upstream's t counted from 1 (the iteration counter is incremented before the weight is computed).
+  Upstream values: LA consistency 1.0, ramp-up 40 (full weight at iteration 6000 of 15000); ACDC consistency 0.1,
+  ramp-up 200 (full weight at iteration 30000 = the end). Set per dataset family in configs/methods/mc_net_plus.yaml.
+* Upstream keeps the gradient through the sharpened targets; ``detach_sharpened_targets: true`` (default) stops
+  it, treating them as the soft pseudo-labels the paper describes; ``false`` is the faithful code behaviour.
+* Optimisation upstream: SGD 0.01, momentum 0.9, wd 1e-4, CONSTANT learning rate (no decay in either script).
+* Evaluation upstream: decoder 1 only (``test_single_case_first_output``; the 2-D test takes ``output[0]``).
+  ``predict_with: average`` averages the three decoders' softmax probabilities. (Upstream's "average" output,
+  reported besides, averages raw logits and thresholds the foreground logit at 0.5; not reproduced.)
+* Without unlabeled data (RATIO=1.0) the consistency runs on the labeled samples only, as it would upstream.
+
+Hyperparameters (``method.<key>=...``):
+  supervised_weight            0.5        lambda on the summed supervised loss
+  supervised_loss              upstream   upstream (Dice as above, by dimensionality) | ce_dice
+  consistency                  0.1        weight of the mutual consistency after the ramp-up (LA preset: 1.0)
+  consistency_rampup           200.0      ramp-up length in units of 150 iterations (LA preset: 40)
+  consistency_rampup_fraction  null       if set, the ramp-up lasts this fraction of trainer.max_steps instead
+  temperature                  0.1        sharpening temperature
+  detach_sharpened_targets     true       false = upstream (gradient also through the sharpened targets)
+  predict_with                 decoder1   decoder1 (upstream) | average
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmark.errors import UserError
+from methods.base import SemiSupervisedMethod
+from methods.components.ramps import sigmoid_rampup
+from methods.losses.consistency import mutual_consistency_loss
+from methods.registry import register
+
+PREDICT_WITH = ("decoder1", "average")
+SUPERVISED_LOSSES = ("upstream", "ce_dice")
+
+
+def binary_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """MC-Net's ``Binary_dice_loss``: ``1 - (2 sum(p t) + eps) / (sum p + sum t + eps)`` over the whole batch."""
+    target = target.to(probabilities.dtype)
+    intersection = 2 * torch.sum(probabilities * target) + eps
+    union = torch.sum(probabilities) + torch.sum(target) + eps
+    return 1 - intersection / union
+
+
+def foreground_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean of :func:`binary_dice_loss` over the foreground classes (for two classes: channel 1, as upstream 3-D)."""
+    losses = [binary_dice_loss(probabilities[:, c], labels == c, eps) for c in range(1, probabilities.shape[1])]
+    return torch.stack(losses).mean()
+
+
+def mcnet_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-10) -> torch.Tensor:
+    """MC-Net's 2-D ``DiceLoss``: per class ``1 - sum(p y) / (sum p^2 + sum y^2 + smooth)``, mean over all classes.
+
+    The numerator has no factor 2 (upstream as published), so a perfect prediction scores 0.5, not 0.
+    """
+    num_classes = probabilities.shape[1]
+    onehot = F.one_hot(labels.long(), num_classes).movedim(-1, 1).to(probabilities.dtype)
+    dims = (0, *range(2, probabilities.dim()))
+    intersection = (probabilities * onehot).sum(dims)
+    union = (probabilities * probabilities).sum(dims) + (onehot * onehot).sum(dims) + smooth
+    return (1 - intersection / union).mean()
+
+
+def average_probability_logits(logits_list: list[torch.Tensor]) -> torch.Tensor:
+    """Logits whose softmax is the mean of the given logits' softmax (log of the mean probabilities)."""
+    mean = torch.stack([torch.softmax(logits, dim=1) for logits in logits_list]).mean(dim=0)
+    return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+@register("mc_net_plus")
+class MCNetPlus(SemiSupervisedMethod):
+    defaults = {
+        "supervised_weight": 0.5,
+        "supervised_loss": "upstream",
+        "consistency": 0.1,
+        "consistency_rampup": 200.0,
+        "consistency_rampup_fraction": None,
+        "temperature": 0.1,
+        "detach_sharpened_targets": True,
+        "predict_with": "decoder1",
+    }
+    num_decoders = 3
+
+    def build(self) -> None:
+        for key, known in (("predict_with", PREDICT_WITH), ("supervised_loss", SUPERVISED_LOSSES)):
+            if self.hp[key] not in known:
+                raise UserError(f"unknown method.{key} '{self.hp[key]}' for {self.name}", where=f"known: {', '.join(known)}")
+        self.net = self.build_network(num_decoders=self.num_decoders)
+
+    # ---- the pieces (FBA-Net+ reuses them) --------------------------------------------------------
+    def consistency_weight(self) -> float:
+        fraction = self.hp["consistency_rampup_fraction"]
+        if fraction is None:
+            # upstream increments iter_num before computing the weight: (iteration + 1) // 150
+            ramp = sigmoid_rampup((self.global_step + 1) // 150, self.hp["consistency_rampup"])
+        else:
+            ramp = sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
+        return self.hp["consistency"] * ramp
+
+    def decoder_supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The supervised loss of one decoder on labeled logits (before ``supervised_weight``)."""
+        if self.hp["supervised_loss"] == "ce_dice":
+            return self.supervised_loss(logits, labels)
+        probabilities = torch.softmax(logits, dim=1)
+        if self.spec.spatial_dims == 2:
+            return mcnet_dice_loss(probabilities, labels)
+        return foreground_dice_loss(probabilities, labels)
+
+    def mcnet_losses(self, logits_list: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(supervised, consistency): summed supervised loss of the decoders on the first ``len(labels)`` samples,
+        and the mutual consistency over all samples (both unweighted)."""
+        n_labeled = labels.shape[0]
+        supervised = sum(self.decoder_supervised_loss(logits[:n_labeled], labels) for logits in logits_list)
+        probabilities = [torch.softmax(logits, dim=1) for logits in logits_list]
+        consistency = mutual_consistency_loss(
+            probabilities, self.hp["temperature"], detach_targets=self.hp["detach_sharpened_targets"]
+        )
+        return supervised, consistency
+
+    # ---- training / inference ---------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+        if "unlabeled" in batch:
+            images = torch.cat([images, batch["unlabeled"]["image"]])
+        logits_list = self.net.forward_all(images)
+        supervised, consistency = self.mcnet_losses(logits_list, labels)
+        weight = self.consistency_weight()
+        loss = self.hp["supervised_weight"] * supervised + weight * consistency
+        self.log_losses(images.shape[0], loss=loss, supervised=supervised, consistency=consistency, consistency_weight=weight)
+        return loss
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hp["predict_with"] == "average":
+            return average_probability_logits(self.net.forward_all(images))
+        return self.net(images)
