@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
+from methods.components.ensembles import average_probability_logits
 from methods.components.ramps import sigmoid_rampup
 from methods.networks import init_weights
 from methods.registry import register
@@ -43,12 +44,6 @@ def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch
     """CE of ``logits`` against the hard pseudo-labels ``argmax(other_logits)`` (no gradient to the other side)."""
     pseudo_labels = other_logits.detach().argmax(dim=1)
     return F.cross_entropy(logits, pseudo_labels)
-
-
-def average_probability_logits(logits_list: list[torch.Tensor]) -> torch.Tensor:
-    """Logits whose softmax is the mean of the given logits' softmax (log of the mean probabilities)."""
-    mean = torch.stack([torch.softmax(logits, dim=1) for logits in logits_list]).mean(dim=0)
-    return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
 
 
 @register("cps")
@@ -63,7 +58,8 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def build(self) -> None:
         if self.hp["predict_with"] not in PREDICT_WITH:
             raise UserError(
-                f"unknown method.predict_with '{self.hp['predict_with']}' for cps", where=f"known: {', '.join(PREDICT_WITH)}"
+                f"unknown method.predict_with '{self.hp['predict_with']}' for cps",
+                where=f"known: {', '.join(PREDICT_WITH)}",
             )
         self.net1 = init_weights(self.build_network(), "kaiming")
         self.net2 = init_weights(self.build_network(), "xavier")
@@ -76,7 +72,8 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
             ramp = sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
         return self.hp["consistency"] * ramp
 
-    def training_step(self, batch, batch_idx):
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        """Every term of one step (unweighted terms, the weight and the total), from one forward per network."""
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
         n_labeled = images.shape[0]
         if "unlabeled" in batch:
@@ -88,18 +85,22 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
         if images.shape[0] > n_labeled:
             pseudo1 = cross_pseudo_loss(logits1[n_labeled:], logits2[n_labeled:])
             pseudo2 = cross_pseudo_loss(logits2[n_labeled:], logits1[n_labeled:])
-        else:
+        else:  # RATIO=1.0: no unlabeled stream, supervised training of both networks
             pseudo1 = pseudo2 = logits1.new_zeros(())
         weight = self.consistency_weight()
-        loss1 = supervised1 + weight * pseudo1
-        loss2 = supervised2 + weight * pseudo2
-        loss = loss1 + loss2
-        self.log_losses(
-            images.shape[0], loss=loss, model1_loss=loss1, model2_loss=loss2,
-            supervised1=supervised1, supervised2=supervised2, pseudo1=pseudo1, pseudo2=pseudo2,
-            consistency_weight=weight,
-        )
-        return loss
+        model1_loss = supervised1 + weight * pseudo1
+        model2_loss = supervised2 + weight * pseudo2
+        return {
+            "loss": model1_loss + model2_loss, "model1_loss": model1_loss, "model2_loss": model2_loss,
+            "supervised1": supervised1, "supervised2": supervised2, "pseudo1": pseudo1, "pseudo2": pseudo2,
+            "consistency_weight": weight,
+        }
+
+    def training_step(self, batch, batch_idx):
+        losses = self.compute_losses(batch)
+        batch_size = sum(stream["image"].shape[0] for stream in batch.values())
+        self.log_losses(batch_size, **losses)
+        return losses["loss"]
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp["predict_with"] == "average":

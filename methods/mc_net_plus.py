@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
+from methods.components.ensembles import average_probability_logits
 from methods.components.ramps import sigmoid_rampup
 from methods.losses.consistency import mutual_consistency_loss
 from methods.registry import register
@@ -80,12 +81,6 @@ def mcnet_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, smooth: f
     return (1 - intersection / union).mean()
 
 
-def average_probability_logits(logits_list: list[torch.Tensor]) -> torch.Tensor:
-    """Logits whose softmax is the mean of the given logits' softmax (log of the mean probabilities)."""
-    mean = torch.stack([torch.softmax(logits, dim=1) for logits in logits_list]).mean(dim=0)
-    return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))
-
-
 @register("mc_net_plus")
 class MCNetPlus(SemiSupervisedMethod):
     defaults = {
@@ -103,7 +98,9 @@ class MCNetPlus(SemiSupervisedMethod):
     def build(self) -> None:
         for key, known in (("predict_with", PREDICT_WITH), ("supervised_loss", SUPERVISED_LOSSES)):
             if self.hp[key] not in known:
-                raise UserError(f"unknown method.{key} '{self.hp[key]}' for {self.name}", where=f"known: {', '.join(known)}")
+                raise UserError(
+                    f"unknown method.{key} '{self.hp[key]}' for {self.name}", where=f"known: {', '.join(known)}"
+                )
         self.net = self.build_network(num_decoders=self.num_decoders)
 
     # ---- the pieces (FBA-Net+ reuses them) --------------------------------------------------------
@@ -137,16 +134,21 @@ class MCNetPlus(SemiSupervisedMethod):
         return supervised, consistency
 
     # ---- training / inference ---------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        """Every term of one step (unweighted terms, the weight and the total), from one forward pass."""
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
         if "unlabeled" in batch:
             images = torch.cat([images, batch["unlabeled"]["image"]])
-        logits_list = self.net.forward_all(images)
-        supervised, consistency = self.mcnet_losses(logits_list, labels)
+        supervised, consistency = self.mcnet_losses(self.net.forward_all(images), labels)
         weight = self.consistency_weight()
         loss = self.hp["supervised_weight"] * supervised + weight * consistency
-        self.log_losses(images.shape[0], loss=loss, supervised=supervised, consistency=consistency, consistency_weight=weight)
-        return loss
+        return {"loss": loss, "supervised": supervised, "consistency": consistency, "consistency_weight": weight}
+
+    def training_step(self, batch, batch_idx):
+        losses = self.compute_losses(batch)
+        batch_size = sum(stream["image"].shape[0] for stream in batch.values())
+        self.log_losses(batch_size, **losses)
+        return losses["loss"]
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp["predict_with"] == "average":

@@ -1,0 +1,263 @@
+"""CPS and MC-Net+: each loss term by hand, gradient routing, ramp-ups, presets and smoke fits (2D, 3D, RATIO=1)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from unittest import mock
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark.cli import main
+from benchmark.config import resolve_config
+from datamodules import get_dataset
+from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
+from methods.losses.consistency import mutual_consistency_loss, sharpen
+from methods.mc_net_plus import MCNetPlus, binary_dice_loss, foreground_dice_loss, mcnet_dice_loss
+from methods.registry import get_method
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: with 2 cores shared by other jobs, intra-op threads mostly spin.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_method(name, dataset="synthetic_acdc", overrides=(), patch=None, profile="smoke"):
+    entry = get_dataset(dataset)
+    config = resolve_config(dataset, name, profile, list(overrides), get_method(name).defaults, family=entry.family)
+    if patch is not None:
+        config["data"]["patch_size"] = list(patch)
+    torch.manual_seed(0)
+    model = get_method(name)(entry.spec, config)
+    model.log = model.log_dict = lambda *a, **k: None
+    return model
+
+
+def batch_for(model, n_labeled=2, n_unlabeled=2):
+    shape = tuple(model.config["data"]["patch_size"])
+    labels = torch.randint(0, model.spec.num_classes, (n_labeled, *shape))
+    labeled = {"image": torch.randn(n_labeled, 1, *shape), "label": labels}
+    batch = {"labeled": labeled}
+    if n_unlabeled:
+        batch["unlabeled"] = {"image": torch.randn(n_unlabeled, 1, *shape)}
+    return batch
+
+
+def grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def has_grad(module) -> bool:
+    return any(g is not None and g.abs().sum() > 0 for g in grads(module))
+
+
+def no_grad(module) -> bool:
+    return all(g is None or g.abs().sum() == 0 for g in grads(module))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss terms by hand
+
+
+def test_cps_cross_pseudo_loss_on_a_2x2_example():
+    log3 = math.log(3.0)
+    # pixel logits: [log 3, 0] -> p = (3/4, 1/4); [0, 0] -> (1/2, 1/2); [0, log 3] -> (1/4, 3/4)
+    logits = torch.tensor([[[[log3, log3], [0.0, 0.0]], [[0.0, 0.0], [0.0, log3]]]], requires_grad=True)
+    other = torch.tensor([[[[2.0, -1.0], [5.0, 0.0]], [[1.0, 3.0], [-5.0, 1.0]]]], requires_grad=True)
+    # argmax of other: [[0, 1], [0, 1]]
+    expected = (math.log(4 / 3) + math.log(4) + math.log(2) + math.log(4 / 3)) / 4
+    loss = cross_pseudo_loss(logits, other)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert logits.grad is not None and other.grad is None  # hard pseudo-labels carry no gradient
+
+
+def test_sharpen_by_hand():
+    p = torch.tensor([0.0, 0.5, 0.6, 1.0])
+    assert torch.allclose(sharpen(p, 0.5), torch.tensor([0.0, 0.5, 9 / 13, 1.0]))  # 0.36 / (0.36 + 0.16)
+    assert sharpen(torch.tensor([0.6]), 0.1).item() == pytest.approx(0.6**10 / (0.6**10 + 0.4**10))
+    # element-wise, not renormalised over channels (MC-Net's sharpening)
+    three = sharpen(torch.tensor([0.2, 0.3, 0.5]), 0.5)
+    assert three.sum().item() != pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        sharpen(p, 0.0)
+
+
+def test_mutual_consistency_by_hand_and_target_gradient():
+    p1 = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).requires_grad_()
+    p2 = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1).requires_grad_()
+    # S(p1) = (0.5, 0.5), S(p2) = (9/13, 4/13) at T = 0.5
+    expected = 6.25 / 169 + 0.01  # mean((p1 - S2)^2) + mean((p2 - S1)^2)
+    loss = mutual_consistency_loss([p1, p2], 0.5)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # detached targets: d/dp2 = (p2 - S1) only
+    assert torch.allclose(p2.grad.flatten(), torch.tensor([0.1, -0.1]), atol=1e-6)
+    p1.grad = p2.grad = None
+    upstream = mutual_consistency_loss([p1, p2], 0.5, detach_targets=False)
+    assert upstream.item() == pytest.approx(expected, rel=1e-6)
+    upstream.backward()
+    assert not torch.allclose(p2.grad.flatten(), torch.tensor([0.1, -0.1]), atol=1e-4)  # gradient through S(p2)
+    # three maps: the six ordered pairs are summed
+    p = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
+    assert mutual_consistency_loss([p, p, p], 0.5).item() == pytest.approx(6 * 1.44 / 169, rel=1e-6)
+
+
+def test_mcnet_dice_losses_by_hand():
+    assert binary_dice_loss(torch.tensor([0.5, 1.0]), torch.tensor([1, 1])).item() == pytest.approx(1 / 7, rel=1e-6)
+    # two pixels: (1, 0) labeled 0, (0.5, 0.5) labeled 1
+    probabilities = torch.tensor([[1.0, 0.5], [0.0, 0.5]]).view(1, 2, 1, 2)
+    labels = torch.tensor([[[0, 1]]])
+    # class 0: 1 - 1 / (1.25 + 1); class 1: 1 - 0.5 / (0.25 + 1)   (no factor 2, upstream)
+    assert mcnet_dice_loss(probabilities, labels).item() == pytest.approx((5 / 9 + 0.6) / 2, rel=1e-6)
+    assert mcnet_dice_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2), labels).item() == pytest.approx(0.5)
+    # two classes: the foreground channel only = upstream 3-D
+    assert foreground_dice_loss(probabilities, labels).item() == pytest.approx(1 - 2 * 0.5 / (0.5 + 1), rel=1e-6)
+
+
+def test_rampups_follow_upstream_and_the_budget_fraction():
+    cps = make_method("cps", overrides=["method.consistency_rampup_fraction=null"])
+    mc = make_method("mc_net_plus", dataset="synthetic_la", overrides=["method.consistency_rampup_fraction=null"])
+    with mock.patch.object(type(cps), "global_step", new_callable=mock.PropertyMock) as step:
+        step.return_value = 3000  # SSL4MIS: 0.1 * ramp(3000 // 150 = 20, 200)
+        assert cps.consistency_weight() == pytest.approx(0.1 * math.exp(-5 * (1 - 20 / 200) ** 2))
+        step.return_value = 30000
+        assert cps.consistency_weight() == pytest.approx(0.1)
+    with mock.patch.object(type(mc), "global_step", new_callable=mock.PropertyMock) as step:
+        step.return_value = 149  # MC-Net: iter_num is incremented first -> (149 + 1) // 150 = 1; LA: 1.0, ramp 40
+        assert mc.consistency_weight() == pytest.approx(math.exp(-5 * (1 - 1 / 40) ** 2))
+        step.return_value = 5999
+        assert mc.consistency_weight() == pytest.approx(1.0)
+    overrides = ["method.consistency_rampup_fraction=0.4", "trainer.max_steps=1000"]
+    fraction = make_method("mc_net_plus", overrides=overrides)
+    with mock.patch.object(type(fraction), "global_step", new_callable=mock.PropertyMock) as step:
+        step.return_value = 200
+        assert fraction.consistency_weight() == pytest.approx(0.1 * math.exp(-5 * 0.5**2))
+        step.return_value = 400
+        assert fraction.consistency_weight() == pytest.approx(0.1)
+
+
+def test_presets_per_family_and_profile():
+    acdc = resolve_config("acdc", "mc_net_plus", "paper", method_defaults=MCNetPlus.defaults, family="acdc")
+    la = resolve_config("la", "mc_net_plus", "paper", method_defaults=MCNetPlus.defaults, family="la")
+    def key(config):
+        return config["method"]["consistency"], config["method"]["consistency_rampup"], config["trainer"]["max_steps"]
+
+    assert key(acdc) == (0.1, 200.0, 30000) and key(la) == (1.0, 40.0, 15000)
+    assert acdc["optim"]["schedule"] == la["optim"]["schedule"] == "constant"
+    assert la["data"]["labeled_batch_size"] == la["data"]["unlabeled_batch_size"] == 2
+    la_cpu = resolve_config("la", "mc_net_plus", "cpu", method_defaults=MCNetPlus.defaults, family="la")
+    assert la_cpu["trainer"]["max_steps"] == 1000 and la_cpu["method"]["consistency_rampup_fraction"] == 0.4
+    cps = resolve_config("acdc", "cps", "paper", method_defaults=CrossPseudoSupervision.defaults, family="acdc")
+    assert cps["method"]["consistency"] == 0.1 and cps["method"]["consistency_rampup"] == 200.0
+    assert cps["optim"]["schedule"] == "poly" and cps["method"]["consistency_rampup_fraction"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient routing
+
+
+def test_cps_pseudo_terms_route_to_their_own_network_and_the_total_reaches_everything():
+    model = make_method("cps", patch=(32, 32))
+    model.train()
+    batch = batch_for(model)
+    losses = model.compute_losses(batch)
+    assert losses["pseudo1"].item() > 0 and losses["pseudo2"].item() > 0
+    losses["pseudo1"].backward(retain_graph=True)
+    assert has_grad(model.net1) and no_grad(model.net2)
+    model.zero_grad(set_to_none=True)
+    losses["pseudo2"].backward(retain_graph=True)
+    assert has_grad(model.net2) and no_grad(model.net1)
+    model.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    # one optimizer over both networks
+    optimizer = model.configure_optimizers()["optimizer"]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_cps_networks_start_apart_and_predict_with_model1_or_average():
+    model = make_method("cps", patch=(32, 32))
+    w1 = next(p for n, p in model.net1.named_parameters() if n.endswith("weight") and p.dim() == 4)
+    w2 = next(p for n, p in model.net2.named_parameters() if n.endswith("weight") and p.dim() == 4)
+    assert w1.std() > w2.std()  # Kaiming (gain sqrt 2, fan-in) vs Xavier (gain 1, fan-in + fan-out)
+    model.eval()
+    images = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.predict_logits(images), model.net1(images))
+        model.hp["predict_with"] = "average"
+        mean = (torch.softmax(model.net1(images), 1) + torch.softmax(model.net2(images), 1)) / 2
+        assert torch.allclose(torch.softmax(model.predict_logits(images), 1), mean, atol=1e-6)
+    with pytest.raises(Exception, match="predict_with"):
+        make_method("cps", overrides=["method.predict_with=model3"])
+
+
+def test_mcnet_consistency_reaches_encoder_and_all_three_decoders():
+    model = make_method("mc_net_plus", patch=(32, 32))
+    model.train()
+    assert model.net.num_decoders == 3
+    losses = model.compute_losses(batch_for(model))
+    losses["consistency"].backward(retain_graph=True)
+    for part in (model.net.encoder, *model.net.decoders):
+        assert has_grad(part)
+    model.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_mcnet_supervised_term_is_upstream_dice_per_dimension():
+    model = make_method("mc_net_plus", dataset="synthetic_la", patch=(16, 16, 16))
+    model.train()
+    logits = [torch.randn(2, 2, 16, 16, 16) for _ in range(3)]
+    labels = torch.randint(0, 2, (1, 16, 16, 16))
+    supervised, consistency = model.mcnet_losses(logits, labels)
+    expected = sum(binary_dice_loss(torch.softmax(x[:1], 1)[:, 1], labels == 1) for x in logits)
+    assert supervised.item() == pytest.approx(expected.item(), rel=1e-6)
+    probabilities = [torch.softmax(x, 1) for x in logits]  # all samples, labeled and unlabeled
+    assert consistency.item() == pytest.approx(mutual_consistency_loss(probabilities, 0.1).item(), rel=1e-6)
+    model.eval()
+    images = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.predict_logits(images), model.net.forward_all(images)[0])
+
+
+@pytest.mark.parametrize("name, dataset", [("cps", "synthetic_acdc"), ("mc_net_plus", "synthetic_la")])
+def test_labeled_only_batch_trains(name, dataset):
+    model = make_method(name, dataset=dataset)
+    model.train()
+    batch = batch_for(model, n_labeled=1 if dataset == "synthetic_la" else 2, n_unlabeled=0)
+    loss = model.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Smoke fits through the CLI
+
+
+def run_cli(tmp_path: Path, *args: str) -> int:
+    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
+
+
+@pytest.mark.parametrize("name", ["cps", "mc_net_plus"])
+@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
+def test_smoke_fit_writes_two_rows(tmp_path, name, dataset):
+    assert run_cli(tmp_path, "--method", name, "--dataset", dataset, "--ratio", "0.5") == 0
+    table = pd.read_csv(tmp_path / "lb" / f"{dataset}.csv")
+    assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()
+    assert (table["method"] == name).all()
+
+
+@pytest.mark.parametrize("name", ["cps", "mc_net_plus"])
+def test_smoke_fit_with_ratio_one(tmp_path, name):
+    assert run_cli(tmp_path, "--method", name, "--dataset", "synthetic_acdc", "--ratio", "1.0") == 0
+    table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
+    assert len(table) == 2 and (table["status"] == "ok").all()
