@@ -146,6 +146,11 @@ def peak_memory() -> tuple[float, float]:
 def run(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks)."""
     started = time.time()
+    devices = int(config["trainer"]["devices"])
+    if devices > 1 and not torch.cuda.is_available():
+        # CPU DDP: every rank's OpenMP pool defaults to all cores; oversubscribed spinning pools slow a step
+        # down by an order of magnitude, so split the cores between the ranks.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     entry, method_cls, datamodule = prepare(config)
     spec = entry.spec
     digest = config_hash(config)
