@@ -24,6 +24,7 @@ from datamodules.synthetic import (
     write_acdc_layout,
     write_la_layout,
 )
+from tests.conftest import require_real_acdc
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_ACDC = PROJECT_ROOT.parent / "shared" / "datasets" / "ACDC"
@@ -168,8 +169,7 @@ def test_acdc_single_frame_and_argument_checks(tmp_path):
 
 @pytest.mark.real_data
 def test_acdc_layout_matches_the_real_copy(acdc_root):
-    if not REAL_ACDC.is_dir():
-        pytest.skip(f"real ACDC copy missing: {REAL_ACDC}")
+    require_real_acdc()  # skips outside CI with the missing path, fails in CI
     real_slices = list_lines(REAL_ACDC / "train_slices.list")
     for name in ("train_slices.list", "train.list", "val.list", "test.list"):
         real, ours = list_lines(REAL_ACDC / name), list_lines(acdc_root / name)  # both LF, terminated, no blanks
