@@ -136,3 +136,24 @@ def test_wandb_offline_writes_the_run_files(tmp_path, monkeypatch):
     assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--wandb", "offline") == 0
     run_dir = Path(pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")["run_dir"][0])
     assert list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_score_command_scores_a_folder(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    gt = np.zeros((20, 20, 10), dtype=np.uint8)
+    gt[5:15, 5:15, 2:8] = 1
+    gt[8:12, 8:12, 3:6] = 2
+    pred = gt.copy()
+    pred[5:7] = 0
+    for folder, volume in (("gt", gt), ("pred", pred)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / folder / "case01.nii.gz")
+    assert main(["score", str(tmp_path / "pred"), str(tmp_path / "gt")]) == 0
+    scores = pd.read_csv(tmp_path / "pred" / "scores.csv")
+    class1 = scores[(scores["case"] == "case01") & (scores["class"].astype(str) == "1")]
+    # Class 1: 10x10x6 minus the 4x4x3 class-2 core = 552 voxels; zeroing x = 5, 6 removes 2x10x6 = 120 of them.
+    assert class1["dice"].iloc[0] == pytest.approx(2 * 432 / (552 + 432), abs=1e-6)
+    assert "case01" in capsys.readouterr().out
+    assert main(["score", str(tmp_path / "missing"), str(tmp_path / "gt")]) == 2
