@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from unittest import mock
 
-import pandas as pd
 import pytest
 import torch
 
-from benchmark.cli import main
 from benchmark.config import resolve_config
 from datamodules import get_dataset
 from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
@@ -236,28 +233,3 @@ def test_labeled_only_batch_trains(name, dataset):
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Smoke fits through the CLI
-
-
-def run_cli(tmp_path: Path, *args: str) -> int:
-    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
-                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
-
-
-@pytest.mark.parametrize("name", ["cps", "mc_net_plus"])
-@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
-def test_smoke_fit_writes_two_rows(tmp_path, name, dataset):
-    assert run_cli(tmp_path, "--method", name, "--dataset", dataset, "--ratio", "0.5") == 0
-    table = pd.read_csv(tmp_path / "lb" / f"{dataset}.csv")
-    assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()
-    assert (table["method"] == name).all()
-
-
-@pytest.mark.parametrize("name", ["cps", "mc_net_plus"])
-def test_smoke_fit_with_ratio_one(tmp_path, name):
-    assert run_cli(tmp_path, "--method", name, "--dataset", "synthetic_acdc", "--ratio", "1.0") == 0
-    table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
-    assert len(table) == 2 and (table["status"] == "ok").all()

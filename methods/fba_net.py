@@ -1,0 +1,231 @@
+"""FBA-Net / FBA-Net+ (Chung et al., "FBA-Net: Foreground and Background Aware Contrastive Learning for
+Semi-Supervised Atrium Segmentation", MICCAI 2023 workshop MILLanD, LNCS 14307; arXiv 2306.15189).
+
+Upstream: cys1102/FBA-Net ``code/train_3d.py`` (FBA-Net+, 3 decoders; = ``train_fba_plus.py`` @ 6a10956),
+``code/train_fba.py`` (FBA-Net, 1 decoder), ``code/networks/VNet.py`` (``Decoder`` + ``ContraModule``),
+``code/utils/losses.py`` (``SimMaxLoss`` / ``SimMinLoss`` / ``cos_simi``), ``code/train_2d.py`` +
+``code/networks/UNet.py`` (``ContraModuleNew``; the 2-D code is an unfinished sketch upstream).
+
+* ``fba_net_plus`` (the 91.31 Dice LA entry of the README): MC-Net+ (:class:`methods.mc_net_plus.MCNetPlus`,
+  same network, Dice, mutual consistency and ramp-up) plus one contrastive module per decoder on that decoder's
+  OUTPUT LOGITS. Total ``supervised_weight x sum_d Dice_d + w(t) x consistency + contrastive_weight x sum_d C_d``
+  (upstream: 0.5, 1.0 x ramp(iter // 150, 40), 1 with no ramp-up).
+* ``fba_net`` (ablation, 89.77 on LA): one decoder (V-Net deconv / U-Net bilinear), no consistency,
+  ``supervised_weight x Dice + C`` with weight 1 as upstream ``train_fba.py``.
+
+Contrastive module (``contrast: binary``, the 3-D code, the default in 3-D), per decoder:
+  ``a = sigmoid(BN(conv_{k3, stride 2, pad 1, no bias}(logits -> 1 channel)))``, flattened to ``N`` voxels;
+  ``fg = a / N``, ``bg = (1 - a) / N``; ``z_f = ReLU(Linear_f(fg))``, ``z_b = ReLU(Linear_b(bg))`` (128 dims);
+  ``C = SimMax(z_f) + SimMax(z_b) + SimMin(z_f, z_b)`` over ALL samples of the batch (labeled and unlabeled):
+  image-level contrast, B x B similarity matrices.
+Per-class version (``contrast: per_class``, ``ContraModuleNew`` of the 2-D sketch, the default in 2-D):
+  ``a = sigmoid(conv_{k3, s2, no bias}(logits, C -> C channels))`` (no BN), one shared ``ReLU(Linear(N -> 128))``
+  applied per class -> (B, C, 128); ``C_d = [sum_n SimMax(z_n) + sum_{m != n} SimMin(z_n, z_m)] / (C (C - 1))``.
+
+``N`` is the size of the stride-2 map of the TRAINING patch (``data.patch_size``; LA 56*56*40 = 125,440, so
+~16 M weights per Linear, ~96 M for FBA-Net+). The modules live beside the segmentation network and are used
+in training only: validation / sliding-window inference runs ``net`` (decoder 1), unaffected by the patch size.
+
+SimMax / SimMin (C^2AM, Xie et al. CVPR 2022, as in ``losses.py``): ``S = clamp(norm(A) norm(B)^T, 5e-4, 0.9995)``
+(diagonal included); SimMax ``l = -log S`` with alpha 0.25, SimMin ``l = -log(1 - S)`` with alpha 2.5; per row the
+entries are ranked by descending similarity and weighted ``exp(-alpha (rank - 1))`` (rank 0-based, so the most
+similar entry gets exp(+alpha)); loss = mean over all B x B entries. The weights carry no gradient. Ties (e.g.
+several entries clamped at 0.9995) are broken by column index (stable sort); upstream's unstable CUDA sort leaves
+that unspecified.
+
+Note (measured, faithful behaviour): ``a / N`` is ~1/N per entry, so the Linear output is dominated by its bias and
+the embeddings of different images are nearly parallel: SimMax entries sit at the 0.9995 clamp (no gradient), and in
+the per-class 2-D version, where one Linear serves every class, SimMin entries do too. The binary version's SimMin
+(two different Linears) is what trains at first.
+
+Upstream choices exposed as flags (the intended behaviour is the default):
+* ``detach_sharpened_targets`` (from MC-Net+): true = soft pseudo-labels; upstream false (gradient through them).
+* constant learning rate: upstream never decays it; the `paper` presets set ``optim.schedule: constant``.
+* ``predict_with: decoder1`` (upstream) | average.
+* Upstream picks the best checkpoint on the 20 TEST cases every 200 iterations; the suite selects on its
+  validation split (LA: cases held out of training) and never on test.
+
+Hyperparameters (``method.<key>=...``), beyond MC-Net+'s (see methods/mc_net_plus.py):
+  projection_dim        128     embedding size (upstream --dim)
+  sim_max_alpha         0.25    rank-weight alpha of the pull terms
+  sim_min_alpha         2.5     rank-weight alpha of the push terms
+  contrastive_weight    1.0     weight of the summed contrastive terms (upstream: none, i.e. 1)
+  contrast              auto    auto (binary in 3-D, per_class in 2-D) | binary | per_class
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.errors import UserError
+from methods.mc_net_plus import MCNetPlus
+from methods.registry import register
+
+CONTRAST_MODES = ("auto", "binary", "per_class")
+SIMILARITY_MIN, SIMILARITY_MAX = 0.0005, 0.9995
+
+
+# ---- losses ---------------------------------------------------------------------------------------------
+def clamped_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, B) cosine similarities of the rows of ``a`` and ``b``, clamped to [5e-4, 0.9995] (``cos_simi``)."""
+    similarity = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
+    return similarity.clamp(SIMILARITY_MIN, SIMILARITY_MAX)
+
+
+def rank_weights(similarity: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``exp(-alpha (rank - 1))`` with ``rank`` the 0-based position of each entry in its row sorted by
+    descending similarity (the top entry gets exp(+alpha)). No gradient."""
+    with torch.no_grad():
+        order = similarity.argsort(dim=1, descending=True, stable=True)
+        rank = order.argsort(dim=1)
+        return torch.exp(-alpha * (rank - 1).to(similarity.dtype))
+
+
+def sim_max_loss(embeddings: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
+    """Pull the (B, D) embeddings of all images together: mean of ``w * -log S`` over the B x B matrix."""
+    similarity = clamped_cosine(embeddings, embeddings)
+    loss = (-torch.log(similarity)).clamp_min(0)
+    return (loss * rank_weights(similarity, alpha)).mean()
+
+
+def sim_min_loss(embeddings: torch.Tensor, others: torch.Tensor, alpha: float = 2.5) -> torch.Tensor:
+    """Push every row of ``embeddings`` away from every row of ``others``: mean of ``w * -log(1 - S)``, ranked
+    along the rows of ``embeddings`` (upstream call order SimMin(fg, bg))."""
+    similarity = clamped_cosine(embeddings, others)
+    loss = (-torch.log(1 - similarity)).clamp_min(0)
+    return (loss * rank_weights(similarity, alpha)).mean()
+
+
+# ---- the contrastive module -----------------------------------------------------------------------------
+def downsampled_size(patch_size) -> int:
+    """Voxels of the stride-2, kernel-3, padding-1 map of a patch: prod(ceil(s / 2))."""
+    return math.prod((int(s) + 1) // 2 for s in patch_size)
+
+
+class ContrastiveModule(nn.Module):
+    """FBA-Net's module on one decoder's logits; ``per_class`` False gives (z_fg, z_bg) of shape (B, dim) each,
+    True gives one (B, C, dim) tensor (one embedding per class)."""
+
+    def __init__(self, spatial_dims: int, num_classes: int, patch_size, dim: int = 128, per_class: bool = False):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        norm = nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d
+        self.per_class = per_class
+        self.num_voxels = downsampled_size(patch_size)
+        if per_class:
+            self.head = conv(num_classes, num_classes, 3, stride=2, padding=1, bias=False)
+            self.norm = nn.Identity()
+            self.projection = nn.Sequential(nn.Linear(self.num_voxels, dim), nn.ReLU())
+        else:
+            self.head = conv(num_classes, 1, 3, stride=2, padding=1, bias=False)
+            self.norm = norm(1)
+            self.fg_projection = nn.Sequential(nn.Linear(self.num_voxels, dim), nn.ReLU())
+            self.bg_projection = nn.Sequential(nn.Linear(self.num_voxels, dim), nn.ReLU())
+
+    def forward(self, logits: torch.Tensor):
+        activation = torch.sigmoid(self.norm(self.head(logits))).flatten(2)  # (B, C' , N)
+        if activation.shape[-1] != self.num_voxels:
+            raise ValueError(
+                f"the contrastive module was built for {self.num_voxels} voxels (the training patch) but got "
+                f"{activation.shape[-1]}: it only runs on training patches"
+            )
+        if self.per_class:
+            return self.projection(activation)
+        size = activation.shape[-1]
+        foreground = activation.flatten(1) / size
+        background = (1 - activation).flatten(1) / size
+        return self.fg_projection(foreground), self.bg_projection(background)
+
+
+# ---- the methods ----------------------------------------------------------------------------------------
+@register("fba_net_plus")
+class FBANetPlus(MCNetPlus):
+    defaults = {
+        **MCNetPlus.defaults,
+        "consistency": 1.0,
+        "consistency_rampup": 40.0,
+        "projection_dim": 128,
+        "sim_max_alpha": 0.25,
+        "sim_min_alpha": 2.5,
+        "contrastive_weight": 1.0,
+        "contrast": "auto",
+    }
+    num_decoders = 3
+
+    def build(self) -> None:
+        if self.hp["contrast"] not in CONTRAST_MODES:
+            raise UserError(
+                f"unknown method.contrast '{self.hp['contrast']}' for {self.name}",
+                where=f"known: {', '.join(CONTRAST_MODES)}",
+            )
+        super().build()  # MC-Net+'s network; in 2-D its decoders 2/3 are (deconv, nearest), upstream FBA's
+        # UNet_FBA2d has (nearest, deconv): every loss is symmetric in the decoders, decoder 1 (bilinear) is the same.
+        mode = self.hp["contrast"]
+        self.per_class = mode == "per_class" or (mode == "auto" and self.spec.spatial_dims == 2)
+        patch_size = self.config["data"]["patch_size"] or self.spec.patch_size
+        self.contrastive_modules = nn.ModuleList(
+            ContrastiveModule(
+                self.spec.spatial_dims, self.spec.num_classes, patch_size, self.hp["projection_dim"], self.per_class
+            )
+            for _ in range(self.num_decoders)
+        )
+
+    # ---- contrast -------------------------------------------------------------------------------------
+    def contrastive_loss(self, module: ContrastiveModule, logits: torch.Tensor) -> torch.Tensor:
+        """One decoder's contrastive term on all samples of the batch (no labels)."""
+        pull, push = self.hp["sim_max_alpha"], self.hp["sim_min_alpha"]
+        if not self.per_class:
+            foreground, background = module(logits)
+            return (
+                sim_max_loss(foreground, pull) + sim_max_loss(background, pull)
+                + sim_min_loss(foreground, background, push)
+            )
+        embeddings = module(logits)  # (B, C, dim)
+        classes = embeddings.shape[1]
+        total = embeddings.new_zeros(())
+        for n in range(classes):
+            total = total + sim_max_loss(embeddings[:, n], pull)
+            for m in range(classes):
+                if m != n:
+                    total = total + sim_min_loss(embeddings[:, n], embeddings[:, m], push)
+        return total / (classes * (classes - 1))
+
+    def contrastive_terms(self, logits_list: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.contrastive_loss(m, x) for m, x in zip(self.contrastive_modules, logits_list)]
+
+    # ---- training -------------------------------------------------------------------------------------
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+        if "unlabeled" in batch:
+            images = torch.cat([images, batch["unlabeled"]["image"]])
+        logits_list = self.net.forward_all(images)
+        contrastive = sum(self.contrastive_terms(logits_list))
+        losses: dict[str, torch.Tensor] = {}
+        if self.num_decoders > 1:
+            supervised, consistency = self.mcnet_losses(logits_list, labels)
+            weight = self.consistency_weight()
+            losses.update(consistency=consistency, consistency_weight=weight)
+            unsupervised = weight * consistency
+        else:
+            supervised = self.decoder_supervised_loss(logits_list[0][: labels.shape[0]], labels)
+            unsupervised = 0.0
+        loss = self.hp["supervised_weight"] * supervised + unsupervised + self.hp["contrastive_weight"] * contrastive
+        return {"loss": loss, "supervised": supervised, "contrastive": contrastive, **losses}
+
+
+_CONSISTENCY_KEYS = ("consistency", "consistency_rampup", "consistency_rampup_fraction", "temperature",
+                     "detach_sharpened_targets")
+
+
+@register("fba_net")
+class FBANet(FBANetPlus):
+    """Single-decoder ablation (upstream ``train_fba.py``): Dice with weight 1 + contrast, no consistency."""
+
+    defaults = {
+        **{k: v for k, v in FBANetPlus.defaults.items() if k not in _CONSISTENCY_KEYS},
+        "supervised_weight": 1.0,
+    }
+    num_decoders = 1

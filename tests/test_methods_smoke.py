@@ -1,0 +1,41 @@
+"""Every registered method trains and tests end to end on 2D and 3D data, and with full supervision (RATIO=1.0)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark.cli import main
+from methods.registry import method_names
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Smoke fits are tiny; one thread avoids OpenMP spinning when the machine is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(tmp_path: Path, *args: str) -> int:
+    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
+
+
+@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
+@pytest.mark.parametrize("name", method_names())
+def test_smoke_fit_writes_two_rows(tmp_path, name, dataset):
+    assert run_cli(tmp_path, "--method", name, "--dataset", dataset, "--ratio", "0.5") == 0
+    table = pd.read_csv(tmp_path / "lb" / f"{dataset}.csv")
+    assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()
+    assert (table["method"] == name).all() and table["dice"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_smoke_fit_with_full_supervision(tmp_path, name):
+    assert run_cli(tmp_path, "--method", name, "--dataset", "synthetic_acdc", "--ratio", "1.0") == 0
+    table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
+    assert len(table) == 2 and (table["status"] == "ok").all()
