@@ -48,8 +48,15 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Create the networks and heads (as attributes, so Lightning moves and saves them)."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+    def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | float]:
+        """Every term of one step by name, the total under "loss" (tests check each term's gradient routing)."""
         raise NotImplementedError
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        """Default: log every term of ``compute_losses`` and minimise its "loss"."""
+        losses = self.compute_losses(batch)
+        self.log_losses(sum(stream["image"].shape[0] for stream in batch.values()), **losses)
+        return losses["loss"]
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the network that is evaluated (default: ``self.net``)."""

@@ -96,12 +96,6 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
             "consistency_weight": weight,
         }
 
-    def training_step(self, batch, batch_idx):
-        losses = self.compute_losses(batch)
-        batch_size = sum(stream["image"].shape[0] for stream in batch.values())
-        self.log_losses(batch_size, **losses)
-        return losses["loss"]
-
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp["predict_with"] == "average":
             return average_probability_logits([self.net1(images), self.net2(images)])

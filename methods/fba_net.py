@@ -20,7 +20,7 @@ Contrastive module (``contrast: binary``, the 3-D code, the default in 3-D), per
   image-level contrast, B x B similarity matrices.
 Per-class version (``contrast: per_class``, ``ContraModuleNew`` of the 2-D sketch, the default in 2-D):
   ``a = sigmoid(conv_{k3, s2, no bias}(logits, C -> C channels))`` (no BN), one shared ``ReLU(Linear(N -> 128))``
-  applied per class -> (B, C, 128); ``C_d = [sum_n SimMax(z_n) + sum_{m != n} SimMin(z_n, z_m)] / (C (C - 1))``.
+  applied per class to ``a`` (NOT divided by N) -> (B, C, 128); ``C_d = [sum_n SimMax(z_n) + sum_{m != n} SimMin(z_n, z_m)] / (C (C - 1))``.
 
 ``N`` is the size of the stride-2 map of the TRAINING patch (``data.patch_size``; LA 56*56*40 = 125,440, so
 ~16 M weights per Linear, ~96 M for FBA-Net+). The modules live beside the segmentation network and are used
@@ -33,10 +33,11 @@ similar entry gets exp(+alpha)); loss = mean over all B x B entries. The weights
 several entries clamped at 0.9995) are broken by column index (stable sort); upstream's unstable CUDA sort leaves
 that unspecified.
 
-Note (measured, faithful behaviour): ``a / N`` is ~1/N per entry, so the Linear output is dominated by its bias and
-the embeddings of different images are nearly parallel: SimMax entries sit at the 0.9995 clamp (no gradient), and in
-the per-class 2-D version, where one Linear serves every class, SimMin entries do too. The binary version's SimMin
-(two different Linears) is what trains at first.
+Note (measured at init, faithful behaviour): in the binary module ``a / N`` is ~1/N per entry, so each Linear's
+output is dominated by its bias and the embeddings of different images are nearly parallel: at the LA patch all
+SimMax entries sit at the 0.9995 clamp (no gradient) and the gradient reaching the logits is small; SimMin (two
+different Linears, cos ~0.4) is what trains at first. The per-class module does not divide by N (as upstream),
+its similarities are ~0.8 and every term is live.
 
 Upstream choices exposed as flags (the intended behaviour is the default):
 * ``detach_sharpened_targets`` (from MC-Net+): true = soft pseudo-labels; upstream false (gradient through them).

@@ -144,12 +144,6 @@ class MCNetPlus(SemiSupervisedMethod):
         loss = self.hp["supervised_weight"] * supervised + weight * consistency
         return {"loss": loss, "supervised": supervised, "consistency": consistency, "consistency_weight": weight}
 
-    def training_step(self, batch, batch_idx):
-        losses = self.compute_losses(batch)
-        batch_size = sum(stream["image"].shape[0] for stream in batch.values())
-        self.log_losses(batch_size, **losses)
-        return losses["loss"]
-
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp["predict_with"] == "average":
             return average_probability_logits(self.net.forward_all(images))

@@ -23,6 +23,17 @@ def _offline_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SSL_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "synthetic-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads mostly spin, one thread is faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def require_real_acdc() -> Path:
     """The real ACDC copy. Outside CI a missing copy skips with the path; in CI it fails, since CI has it."""
     if not (REAL_ACDC / "train_slices.list").is_file():

@@ -15,13 +15,7 @@ from methods.mc_net_plus import MCNetPlus, binary_dice_loss, foreground_dice_los
 from methods.registry import get_method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: with 2 cores shared by other jobs, intra-op threads mostly spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_method(name, dataset="synthetic_acdc", overrides=(), patch=None, profile="smoke"):

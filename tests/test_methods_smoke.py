@@ -5,19 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from benchmark.cli import main
 from methods.registry import method_names
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Smoke fits are tiny; one thread avoids OpenMP spinning when the machine is shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(tmp_path: Path, *args: str) -> int:
