@@ -20,7 +20,8 @@ Contrastive module (``contrast: binary``, the 3-D code, the default in 3-D), per
   image-level contrast, B x B similarity matrices.
 Per-class version (``contrast: per_class``, ``ContraModuleNew`` of the 2-D sketch, the default in 2-D):
   ``a = sigmoid(conv_{k3, s2, no bias}(logits, C -> C channels))`` (no BN), one shared ``ReLU(Linear(N -> 128))``
-  applied per class to ``a`` (NOT divided by N) -> (B, C, 128); ``C_d = [sum_n SimMax(z_n) + sum_{m != n} SimMin(z_n, z_m)] / (C (C - 1))``.
+  applied per class to ``a`` (NOT divided by N) -> (B, C, 128);
+  ``C_d = [sum_n SimMax(z_n) + sum_{m != n} SimMin(z_n, z_m)] / (C (C - 1))``.
 
 ``N`` is the size of the stride-2 map of the TRAINING patch (``data.patch_size``; LA 56*56*40 = 125,440, so
 ~16 M weights per Linear, ~96 M for FBA-Net+). The modules live beside the segmentation network and are used
@@ -43,10 +44,13 @@ Upstream choices exposed as flags (the intended behaviour is the default):
 * ``detach_sharpened_targets`` (from MC-Net+): true = soft pseudo-labels; upstream false (gradient through them).
 * constant learning rate: upstream never decays it; the `paper` presets set ``optim.schedule: constant``.
 * ``predict_with: decoder1`` (upstream) | average.
-* Upstream picks the best checkpoint on the 20 TEST cases every 200 iterations; the suite selects on its
-  validation split (LA: cases held out of training) and never on test.
+* Upstream picks the best checkpoint on the 20 TEST cases every 200 iterations; the suite's "best" checkpoint is
+  selected on val/dice (LA: cases held out of training, ``data.val_holdout``), never on test; no flag to do otherwise.
+* ``fba_net`` has no consistency keys (one decoder): ``method.consistency=...`` is rejected for it.
 
-Hyperparameters (``method.<key>=...``), beyond MC-Net+'s (see methods/mc_net_plus.py):
+Hyperparameters (``method.<key>=...``): MC-Net+'s (see methods/mc_net_plus.py) with upstream FBA-Net's defaults
+``consistency`` 1.0 and ``consistency_rampup`` 40 (both scripts; ACDC preset also ``supervised_weight`` 1.0, the 2-D
+script has no lambda), plus
   projection_dim        128     embedding size (upstream --dim)
   sim_max_alpha         0.25    rank-weight alpha of the pull terms
   sim_min_alpha         2.5     rank-weight alpha of the push terms

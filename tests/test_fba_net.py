@@ -1,0 +1,217 @@
+"""FBA-Net+ / FBA-Net: SimMax / SimMin by hand, contrastive module shapes, gradient routing, presets, smoke fits."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark.cli import main
+from benchmark.config import resolve_config
+from datamodules import get_dataset
+from methods.fba_net import ContrastiveModule, FBANet, FBANetPlus, sim_max_loss, sim_min_loss
+from methods.registry import get_method
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_method(name, dataset="synthetic_la", overrides=(), patch=None):
+    entry = get_dataset(dataset)
+    config = resolve_config(dataset, name, "smoke", list(overrides), get_method(name).defaults, family=entry.family)
+    if patch is not None:
+        config["data"]["patch_size"] = list(patch)
+    torch.manual_seed(0)
+    model = get_method(name)(entry.spec, config)
+    model.log = model.log_dict = lambda *a, **k: None
+    return model
+
+
+def batch_for(model, n_labeled=2, n_unlabeled=2):
+    shape = tuple(model.config["data"]["patch_size"])
+    labels = torch.randint(0, model.spec.num_classes, (n_labeled, *shape))
+    return {"labeled": {"image": torch.randn(n_labeled, 1, *shape), "label": labels},
+            "unlabeled": {"image": torch.randn(n_unlabeled, 1, *shape)}}
+
+
+def reached(module) -> bool:
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SimMax / SimMin on a 4 x 4 example
+
+
+def planar(degrees, radii):
+    rows = [[r * math.cos(math.radians(d)), r * math.sin(math.radians(d))] for d, r in zip(degrees, radii)]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def clamp(value):
+    return min(max(value, 0.0005), 0.9995)
+
+
+def expected_loss(angle_differences, ranks, alpha, term):
+    total = 0.0
+    for row_angles, row_ranks in zip(angle_differences, ranks):
+        for angle, rank in zip(row_angles, row_ranks):
+            similarity = clamp(math.cos(math.radians(angle)))
+            total += math.exp(-alpha * (rank - 1)) * term(similarity)
+    return total / 16
+
+
+def test_sim_max_by_hand_with_rank_weights_and_clamping():
+    # embeddings at 0, 30, 75, 100 degrees with different norms (cosine ignores them)
+    z = planar([0, 30, 75, 100], [1.0, 2.0, 0.5, 3.0])
+    differences = [[0, 30, 75, 100], [30, 0, 45, 70], [75, 45, 0, 25], [100, 70, 25, 0]]
+    # cos: 1 -> 0.9995 on the diagonal, cos 100 < 0 -> 0.0005; ranks = positions in each row sorted descending
+    ranks = [[0, 1, 2, 3], [1, 0, 2, 3], [3, 2, 0, 1], [3, 2, 1, 0]]
+    expected = expected_loss(differences, ranks, 0.25, lambda s: -math.log(s))
+    assert sim_max_loss(z, 0.25).item() == pytest.approx(expected, rel=1e-9)
+    # the diagonal (top rank) weighs exp(+0.25); its clamped -log(0.9995) is in the mean
+    assert math.exp(0.25) * -math.log(0.9995) / 16 < expected
+
+
+def test_sim_min_by_hand_with_rank_weights_and_clamping():
+    fg = planar([0, 30, 75, 100], [1.0, 2.0, 0.5, 3.0])
+    bg = planar([0, 45, 80, 20], [4.0, 1.0, 1.0, 0.2])
+    differences = [[0, 45, 80, 20], [30, 15, 50, 10], [75, 30, 5, 55], [100, 55, 20, 80]]
+    # (0, 0): cos 1 -> 0.9995, the top rank: weight exp(2.5) x -log(0.0005) dominates; (3, 0): cos 100 -> 0.0005
+    ranks = [[0, 2, 3, 1], [2, 1, 3, 0], [3, 1, 0, 2], [3, 1, 0, 2]]
+    expected = expected_loss(differences, ranks, 2.5, lambda s: -math.log(1 - s))
+    assert sim_min_loss(fg, bg, 2.5).item() == pytest.approx(expected, rel=1e-9)
+    assert expected > math.exp(2.5) * -math.log(0.0005) / 16
+    # ranked along the rows of the first argument: not symmetric
+    assert sim_min_loss(bg, fg, 2.5).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_rank_weights_carry_no_gradient_and_clamped_entries_none_either():
+    z = planar([0, 30, 75, 100], [1.0, 2.0, 0.5, 3.0]).requires_grad_()
+    sim_max_loss(z, 0.25).backward()
+    assert z.grad.abs().sum() > 0
+    same = torch.ones(3, 4, requires_grad=True)  # identical embeddings: every similarity clamped at 0.9995
+    sim_max_loss(same).backward()
+    assert same.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The contrastive module
+
+
+def test_contrastive_module_shapes_2d_per_class_and_3d_binary():
+    per_class = ContrastiveModule(2, 4, (32, 48), dim=128, per_class=True)
+    assert per_class.num_voxels == 16 * 24
+    assert per_class(torch.randn(3, 4, 32, 48)).shape == (3, 4, 128)
+    binary = ContrastiveModule(3, 2, (32, 32, 16), dim=128, per_class=False)
+    assert binary.num_voxels == 16 * 16 * 8
+    fg, bg = binary(torch.randn(3, 2, 32, 32, 16))
+    assert fg.shape == bg.shape == (3, 128) and (fg >= 0).all() and (bg >= 0).all()  # ReLU after the Linear
+    assert binary.head.out_channels == 1 and per_class.head.out_channels == 4
+    with pytest.raises(ValueError, match="training patch"):
+        binary(torch.randn(1, 2, 48, 48, 16))
+
+
+def test_linear_size_follows_the_patch_and_inference_ignores_it():
+    model = make_method("fba_net_plus", patch=(32, 32, 16))
+    assert [m.num_voxels for m in model.contrastive_modules] == [16 * 16 * 8] * 3
+    assert model.contrastive_modules[0].fg_projection[0].in_features == 2048
+    la = resolve_config("la", "fba_net_plus", "paper", method_defaults=FBANetPlus.defaults, family="la")
+    assert la["data"]["patch_size"] is None  # filled from the spec by the run: 112x112x80 -> 56*56*40
+    model.eval()
+    with torch.no_grad():  # a window of another size: only the segmentation decoder runs
+        images = torch.randn(1, 1, 48, 48, 32)
+        assert torch.equal(model.predict_logits(images), model.net.forward_all(images)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient routing
+
+
+def test_fba_net_plus_terms_reach_what_they_should_3d():
+    model = make_method("fba_net_plus", patch=(32, 32, 16))
+    model.train()
+    logits = model.net.forward_all(batch_for(model)["labeled"]["image"].repeat(2, 1, 1, 1, 1))
+    labels = torch.randint(0, 2, (2, 32, 32, 16))
+    supervised, consistency = model.mcnet_losses(logits, labels)
+    contrastive = model.contrastive_terms(logits)
+    for term in (supervised, consistency):
+        term.backward(retain_graph=True)
+        assert reached(model.net.encoder) and all(reached(d) for d in model.net.decoders)
+        assert not any(reached(m) for m in model.contrastive_modules)
+        model.zero_grad(set_to_none=True)
+    for index, term in enumerate(contrastive):  # decoder d's term: its module, its decoder, the shared encoder
+        term.backward(retain_graph=True)
+        assert reached(model.net.encoder) and reached(model.net.decoders[index])
+        assert reached(model.contrastive_modules[index].fg_projection)
+        assert reached(model.contrastive_modules[index].bg_projection)
+        others = [i for i in range(3) if i != index]
+        assert not any(reached(model.net.decoders[i]) or reached(model.contrastive_modules[i]) for i in others)
+        model.zero_grad(set_to_none=True)
+    losses = model.compute_losses(batch_for(model))
+    assert set(losses) == {"loss", "supervised", "consistency", "consistency_weight", "contrastive"}
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("name", ["fba_net_plus", "fba_net"])
+def test_per_class_contrast_reaches_encoder_decoders_and_projection_2d(name):
+    model = make_method(name, dataset="synthetic_acdc", patch=(32, 32))
+    model.train()
+    assert model.per_class and model.net.num_decoders == (3 if name == "fba_net_plus" else 1)
+    losses = model.compute_losses(batch_for(model))
+    losses["contrastive"].backward(retain_graph=True)
+    assert reached(model.net.encoder) and all(reached(d) for d in model.net.decoders)
+    assert all(reached(m.projection) and reached(m.head) for m in model.contrastive_modules)
+    model.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_single_decoder_loss_is_dice_plus_contrast():
+    model = make_method("fba_net", patch=(32, 32, 16))
+    model.train()
+    assert model.net.num_decoders == 1 and not model.per_class and "consistency" not in model.hp
+    losses = model.compute_losses(batch_for(model))
+    assert set(losses) == {"loss", "supervised", "contrastive"}
+    assert losses["loss"].item() == pytest.approx(losses["supervised"].item() + losses["contrastive"].item(), rel=1e-5)
+    with pytest.raises(Exception, match="contrast"):
+        make_method("fba_net", overrides=["method.contrast=pixel"])
+
+
+def test_presets():
+    la = resolve_config("la", "fba_net_plus", "paper", method_defaults=FBANetPlus.defaults, family="la")
+    assert la["trainer"]["max_steps"] == 15000 and la["optim"]["schedule"] == "constant" and la["optim"]["lr"] == 0.01
+    assert (la["data"]["labeled_batch_size"], la["data"]["unlabeled_batch_size"]) == (2, 2)
+    method = la["method"]
+    assert (method["supervised_weight"], method["consistency"], method["consistency_rampup"]) == (0.5, 1.0, 40.0)
+    assert method["detach_sharpened_targets"] is True and method["predict_with"] == "decoder1"
+    acdc = resolve_config("acdc", "fba_net_plus", "paper", method_defaults=FBANetPlus.defaults, family="acdc")
+    assert acdc["trainer"]["max_steps"] == 30000 and acdc["data"]["labeled_batch_size"] == 8
+    assert acdc["method"]["supervised_weight"] == 1.0 and acdc["optim"]["schedule"] == "constant"
+    cpu = resolve_config("acdc", "fba_net_plus", "cpu", method_defaults=FBANetPlus.defaults, family="acdc")
+    assert cpu["method"]["consistency_rampup_fraction"] == 0.2
+    single = resolve_config("la", "fba_net", "paper", method_defaults=FBANet.defaults, family="la")
+    assert single["method"]["supervised_weight"] == 1.0 and single["trainer"]["max_steps"] == 15000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Smoke fits through the CLI
+
+
+@pytest.mark.parametrize("name", ["fba_net_plus", "fba_net"])
+@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
+def test_smoke_fit(tmp_path: Path, name, dataset):
+    code = main(["run", "--method", name, "--dataset", dataset, "--profile", "smoke", "--ratio", "0.5", "--no-progress",
+                 "--out", str(tmp_path), "--leaderboard-dir", str(tmp_path)])
+    assert code == 0
+    table = pd.read_csv(tmp_path / f"{dataset}.csv")
+    assert (table["status"] == "ok").all() and (table["method"] == name).all()
