@@ -189,7 +189,7 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
     # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
     # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
     last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last_checkpoint)
+    trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
     if not trainer.is_global_zero:
         return []
 
