@@ -118,9 +118,18 @@ class UNetDecoder(nn.Module):
         self.out_conv = nn.Conv2d(channels[0], num_classes, kernel_size=3, padding=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = features[-1]
+        return self.classify(self.levels(features)[-1])
+
+    def levels(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The feature map after each up block, coarse to fine (strides 8, 4, 2, 1); the last feeds ``classify``."""
+        x, outputs = features[-1], []
         for up, skip in zip(self.ups, reversed(features[:-1])):
             x = up(x, skip)
+            outputs.append(x)
+        return outputs
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the full-resolution decoder feature."""
         return self.out_conv(x)
 
 

@@ -162,10 +162,19 @@ class VNetDecoder(nn.Module):
         self.out_conv = nn.Conv3d(channels[0], num_classes, kernel_size=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        x = features[-1]
+        return self.classify(self.levels(features)[-1])
+
+    def levels(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The feature map after each level, coarse to fine (strides 8, 4, 2, 1); the last feeds ``classify``."""
+        x, outputs = features[-1], []
         for up, stage, skip in zip(self.ups, self.stages, reversed(features[:-1])):
             # Out-of-place add: the same feature list is shared by every decoder of the network.
             x = stage(up(x) + skip)
+            outputs.append(x)
+        return outputs
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the full-resolution decoder feature (dropout first, as upstream)."""
         return self.out_conv(self.dropout(x))
 
 
