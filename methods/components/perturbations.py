@@ -51,11 +51,10 @@ def intensity_jitter(
     apply = torch.rand(n, generator=generator, device=generator.device) < probability
     factor_b = _per_sample_uniform(n, 1.0 - brightness, 1.0 + brightness, generator)
     factor_c = _per_sample_uniform(n, 1.0 - contrast, 1.0 + contrast, generator)
-    one = torch.ones_like(factor_b)
-    factor_b, factor_c = torch.where(apply, factor_b, one), torch.where(apply, factor_c, one)
     bright = images * _per_sample(factor_b, images)
-    mean = bright.flatten(1).mean(dim=1)
-    return (bright - _per_sample(mean, images)) * _per_sample(factor_c, images) + _per_sample(mean, images)
+    mean = _per_sample(bright.flatten(1).mean(dim=1), images)
+    jittered = (bright - mean) * _per_sample(factor_c, images) + mean
+    return torch.where(_per_sample(apply, images).bool(), jittered, images)  # untouched samples stay bit-exact
 
 
 def gaussian_blur(
