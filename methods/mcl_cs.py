@@ -28,13 +28,18 @@ Reconstructed (methods.md section 3, each a hyperparameter below):
     the image that is visible there (for a cell at least half inside the CutMix box: the partner image's cell),
     negatives = every other cell of every unlabeled image; both directions summed;
   * pixel-level contrast: a pixel head Conv1x1 -> BN -> ReLU -> Conv1x1 (64), L2-normalised, on the last decoder
-    feature. Labels: ground truth on labeled images, the other network's pseudo-labels where its confidence
-    >= ``pixel_confidence`` on unlabeled ones (the rest is ignored). Per class, up to ``pixel_anchors_per_class``
+    feature (clean weak-view pass: labeled and unlabeled images). Labels: ground truth on labeled images, the
+    other network's pseudo-labels where its confidence >= ``pixel_confidence`` on unlabeled ones (the rest is
+    ignored); the same labels for both sides of a direction. Per class, up to ``pixel_anchors_per_class``
     anchors of network m, hard ones first (own probability of the label < ``pixel_hard_threshold``, ReCo), in
-    random order; positive = the class prototype (mean embedding of the other network over the class's pixels,
-    L2-normalised, no gradient); ``pixel_negatives`` negatives sampled among the other classes' pixels of the
-    other network (no gradient); InfoNCE (tau 0.1), mean over anchors, then over the classes present; both
-    directions summed;
+    random order; positive = the class prototype (mean of the other network's normalised embeddings over the
+    class's pixels, L2-normalised, no gradient); ``pixel_negatives`` negatives sampled among the other classes'
+    pixels of the other network (no gradient); InfoNCE (tau 0.1), mean over anchors, then over the classes
+    present; both directions summed.
+    Cost: the head (1x1 convolutions = a per-pixel MLP) runs on the sampled pixels only, not on the whole map;
+    the prototype averages up to ``pixel_prototype_samples`` random pixels of the class (null: all of them, as
+    ReCo). Both are estimates of the full-map computation, except that the head's batch norm takes its
+    statistics over the sampled pixels. On the ACDC cpu setting the full-map head cost as much as the U-Net;
   * total ``sum_m supervised_m + w_u(t) x sum_m cross_m + w_c(t) x (patch + pixel)``, ``w_u = consistency x r(t)``
     (max 1.0), ``w_c = contrastive_weight x r(t)`` (max 0.1), ``r`` CPS's sigmoid ramp-up (200 x 150 iterations).
   * evaluation with network 1 (``predict_with: average`` for both), as CPS.
@@ -81,6 +86,7 @@ Hyperparameters (``method.<key>=...``), besides CPS's ``consistency_rampup``, ``
   pixel_temperature         0.1
   pixel_anchors_per_class   256
   pixel_negatives           512     negatives per class
+  pixel_prototype_samples   1024    class pixels averaged into a prototype (null = all)
   pixel_confidence          0.9     unlabeled pixels enter the pixel contrast above this confidence
   pixel_hard_threshold      0.97    anchors with own probability below this are hard (preferred)
   scale_strides             [4, 2, 1]        decoder_scales: decoder strides to contrast at (of 8, 4, 2, 1)
@@ -337,8 +343,10 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         grid = hp["patch_grid"]
         if grid is not None and not (isinstance(grid, int) and not isinstance(grid, bool) and grid >= 1):
             fail("patch_grid", "must be a whole number >= 1 or null", "e.g. 8 (2-D) or 4 (3-D); null picks those")
-        for key in ("patch_dim", "pixel_dim", "pixel_anchors_per_class", "pixel_negatives"):
-            if not (isinstance(hp[key], int) and hp[key] >= 1):
+        for key in ("patch_dim", "pixel_dim", "pixel_anchors_per_class", "pixel_negatives", "pixel_prototype_samples"):
+            if key == "pixel_prototype_samples" and hp[key] is None:
+                continue  # all pixels of the class
+            if not (isinstance(hp[key], int) and not isinstance(hp[key], bool) and hp[key] >= 1):
                 fail(key, "must be a whole number >= 1", "see the method's docstring for the defaults")
 
     # ---- perturbations ----------------------------------------------------------------------------------

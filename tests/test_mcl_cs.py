@@ -345,6 +345,7 @@ def test_presets_per_family_and_profile():
 @pytest.mark.parametrize("override", [
     "method.multiscale=pixels", "method.pseudo_label_threshold=1.5", "method.scale_weights=[1.0]",
     "method.scale_strides=[3]", "method.cutmix_area=[0.5, 0.1]", "method.patch_grid=0", "method.feature_dropout=1.0",
+    "method.pixel_prototype_samples=0",
 ])
 def test_bad_settings_are_user_errors(override):
     with pytest.raises(UserError):
