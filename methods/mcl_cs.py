@@ -237,7 +237,6 @@ class PatchProjectionHead(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, dim: int):
         super().__init__()
         conv = _conv(spatial_dims)
-        self.pool = nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d
         self.project = nn.Sequential(conv(in_channels, dim, 1), nn.ReLU(inplace=True), conv(dim, dim, 1))
 
     def forward(self, features: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
