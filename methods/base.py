@@ -28,12 +28,18 @@ class SemiSupervisedMethod(pl.LightningModule):
     defaults: ClassVar[dict[str, Any]] = {}
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
+    # Training stages in order (benchmark/run.py trains them one after the other, each from the previous one's
+    # weights); the stage being trained is ``self.stage`` (``config["run"]["stage"]``, set by the run).
+    stages: ClassVar[tuple[str, ...]] = ("train",)
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
         self.spec = spec
         self.config = config
         self.hp = dict(config["method"])
+        self.stage = config["run"].get("stage") or self.stages[0]
+        if self.stage not in self.stages:
+            raise ValueError(f"{type(self).__name__} has no stage '{self.stage}' (stages: {', '.join(self.stages)})")
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
@@ -62,6 +68,10 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Logits of the network that is evaluated (default: ``self.net``)."""
         return self.net(images)
 
+    def on_stage_start(self, previous_stage: str | None) -> None:
+        """Called by the run after the weights of ``previous_stage`` (or of ``run.init_from``: None) were
+        loaded into this stage's fresh module, before training; e.g. to re-initialise a teacher."""
+
     # ---- shared pieces ----------------------------------------------------------------------------
     def build_network(self, **overrides: Any) -> SegmentationNetwork:
         model = self.config["model"]
@@ -89,7 +99,8 @@ class SemiSupervisedMethod(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.config["optim"]
         parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                                    nesterov=optim.get("nesterov", False))
         max_steps = self.config["trainer"]["max_steps"]
         schedule = optim["schedule"]
         if schedule == "poly":

@@ -124,6 +124,10 @@ class SegmentationNetwork(nn.Module):
         """Logits of the main decoder only: the other decoders cost nothing at inference."""
         return self.decoders[0](self.encoder(x))
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits of the main decoder and its intermediate maps, deep to shallow (``decoder.forward_features``)."""
+        return self.decoders[0].forward_features(self.encoder(x))
+
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One logits tensor per decoder, all from the same encoder pass (and the same encoder dropout mask)."""
         return self.decode_all(self.encoder(x))
