@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +31,7 @@ from methods.components.ema import make_ema_teacher
 from methods.components.memory_bank import MemoryQueue
 from methods.components.mixing import classmix_keep_masks, cutmix_keep_masks, mix_with_next
 from methods.registry import get_method
+from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -373,3 +377,19 @@ def test_one_stage_alone_from_a_checkpoint(tmp_path):
 def test_bad_stage_settings_give_one_message_and_exit_2(tmp_path, capsys, args, message):
     assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.5", *args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_stages_keep_identical_memory_banks_on_every_rank(tmp_path):
+    env = {**os.environ, "MASTER_PORT": "29537", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "scripts" / "ddp_queue_check.py"), str(tmp_path)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((tmp_path / "queues.json").read_text())
+    assert [r["stage"] for r in records] == ["pretrain_global", "pretrain_local"]
+    for record in records:
+        assert record["world_size"] == 2
+        rank0, rank1 = record["ranks"]
+        assert rank0 == rank1  # every rank enqueued the keys of the whole global batch
+        assert rank0[2] == 0  # 3 steps x 4 gathered keys into K = 4: the pointer is back at 0
+    assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
