@@ -69,8 +69,9 @@ class SemiSupervisedMethod(pl.LightningModule):
         return self.net(images)
 
     def on_stage_start(self, previous_stage: str | None) -> None:
-        """Called by the run after the weights of ``previous_stage`` (or of ``run.init_from``: None) were
-        loaded into this stage's fresh module, before training; e.g. to re-initialise a teacher."""
+        """Called by the run before each stage trains, after its fresh module got the weights it starts from;
+        ``previous_stage`` is the stage that wrote them (None: fresh weights, or a checkpoint that does not say).
+        E.g. ACTION copies its student into the teacher when fine-tuning starts."""
 
     # ---- shared pieces ----------------------------------------------------------------------------
     def build_network(self, **overrides: Any) -> SegmentationNetwork:

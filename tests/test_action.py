@@ -393,3 +393,16 @@ def test_two_process_ddp_stages_keep_identical_memory_banks_on_every_rank(tmp_pa
         assert rank0 == rank1  # every rank enqueued the keys of the whole global batch
         assert rank0[2] == 0  # 3 steps x 4 gathered keys into K = 4: the pointer is back at 0
     assert len(list((tmp_path / "runs").rglob("result.json"))) == 1
+
+
+@pytest.mark.parametrize("dims, shape, latent_size", [(2, (32, 32), (2, 2)), (3, (32, 32, 16), (4, 4, 2))])
+def test_forward_features_returns_the_decoder_maps_and_the_same_logits(dims, shape, latent_size):
+    from methods.networks import build_network
+
+    net = build_network(dims, 1, 3, base_features=4).eval()
+    images = torch.rand(1, 1, *shape)
+    logits, levels = net.forward_features(images)
+    assert torch.equal(logits, net(images))
+    assert [level.shape[1] for level in levels] == net.decoders[0].feature_channels
+    assert tuple(levels[0].shape[2:]) == latent_size  # 2D: the bottleneck; 3D: x5_up, one level up
+    assert tuple(levels[-1].shape[2:]) == shape

@@ -6,6 +6,7 @@ one encoder plus a list of decoders, so a method picks how many heads it needs a
 
 * ``net(x)`` - logits of the main decoder (``decoders[0]``), what validation and inference use;
 * ``net.forward_all(x)`` - one logits tensor per decoder from a single encoder pass (MC-Net+, CCT);
+* ``net.forward_features(x)`` - logits of the main decoder and its intermediate maps, deep to shallow (ACTION);
 * ``feats = net.encoder(x); net.decoders[0]([perturb(f) for f in feats])`` - feature perturbation (UniMatch).
 """
 from __future__ import annotations
