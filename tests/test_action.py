@@ -406,3 +406,13 @@ def test_forward_features_returns_the_decoder_maps_and_the_same_logits(dims, sha
     assert [level.shape[1] for level in levels] == net.decoders[0].feature_channels
     assert tuple(levels[0].shape[2:]) == latent_size  # 2D: the bottleneck; 3D: x5_up, one level up
     assert tuple(levels[-1].shape[2:]) == shape
+
+
+@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
+def test_all_faithful_flags_together_train_every_stage(dataset):
+    flags = ["method.literal_local_reshape=true", "method.shared_augmented_view=true", "method.undetached_teacher_targets=true"]
+    for stage in ("pretrain_global", "pretrain_local", "finetune"):
+        model = make_action(stage, dataset, flags)
+        loss = model.compute_losses(smoke_batch(dataset))["loss"]
+        assert torch.isfinite(loss) and loss.requires_grad
+        loss.backward()
