@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmark.errors import EXIT_USER_ERROR, UserError
+from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossError, UserError
 
 
 def _number(kind):
@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED
 
 
 if __name__ == "__main__":
