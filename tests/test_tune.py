@@ -296,3 +296,13 @@ def test_postgres_serves_two_workers_of_a_real_study(tmp_path, postgres_url, cap
     optuna.create_study(study_name=f"{name}-other", storage=StorageSpec.parse(postgres_url, None).open())
     with pytest.raises(UserError, match="say which"):
         best_trial_overrides(postgres_url, "supervised")
+
+
+def test_hyperband_resources_follow_the_validation_schedule(tmp_path):
+    from benchmark.tune import make_pruner
+
+    settings = fake_settings(tmp_path, pruner="hyperband")
+    settings.config["trainer"].update(max_steps=2500, val_every=250)
+    pruner = make_pruner(settings)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource) == (250, 2500)
