@@ -94,7 +94,9 @@ def _quiet_optuna() -> None:
 
 def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials, n_warmup_steps=0)
+        # No pruning in the first quarter of the budget: while the unlabeled terms ramp up, early scores say little.
+        warmup = settings.config["trainer"]["max_steps"] // 4
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials, n_warmup_steps=warmup)
     if settings.pruner == "hyperband":
         trainer = settings.config["trainer"]
         return optuna.pruners.HyperbandPruner(min_resource=trainer["val_every"], max_resource=trainer["max_steps"], reduction_factor=3)
@@ -216,7 +218,7 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
 
     log = open(trial_dir / "trial.log", "ab")
     process = subprocess.Popen([*settings.trial_command, str(trial_dir / "trial.json")], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env={**os.environ, PARENT_PID_ENV: str(os.getpid())})
+                               start_new_session=True, env=_trial_environment())
     scores: list[float] = []
     seen_lines, last_beat = 0, time.monotonic()
     try:
@@ -255,6 +257,18 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
         for checkpoint in trial_dir.rglob("*.ckpt"):
             checkpoint.unlink()
     return _finish(study, trial, TrialState.COMPLETE, f"val Dice {max(scores):.4f}", scores)
+
+
+# A worker started as one task of a multi-task launch (srun -n 4, torchrun) must not hand its rank to the trial:
+# Lightning would take the trial for one rank of a bigger job. A trial is a job of its own on this machine.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS")
+
+
+def _trial_environment() -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    environment[PARENT_PID_ENV] = str(os.getpid())
+    return environment
 
 
 def _finish(study, trial, state: TrialState, what: str, scores: list[float]) -> TrialState:
@@ -375,8 +389,12 @@ def study_summary(study: optuna.Study, settings: TuneSettings) -> dict[str, Any]
         "labeled": config["data"]["labeled"], "objective": OBJECTIVE, "direction": "maximize",
         "trials": len(trials), **{state: counts.get(state, 0) for state in ("complete", "pruned", "fail", "running", "waiting")},
         "best": best,
-        "bench_command": f"make bench METHOD={config['method_name']} DATASET={config['dataset']} "
-                         f"{f'RATIO={ratio}' if ratio else 'LABELED=' + str(config['data']['labeled'])} FROM_STUDY={settings.study_dir}",
+        "bench_command": " ".join([
+            f"make bench METHOD={config['method_name']} DATASET={config['dataset']}",
+            *([f"DATA_ROOT={config['data']['root']}"] if config["data"].get("root") else []),
+            f"RATIO={ratio}" if ratio else f"LABELED={config['data']['labeled']}",
+            f"PROFILE={config['profile']} FROM_STUDY={settings.study_dir}",
+        ]),
         "dashboard_command": f"optuna-dashboard {_dashboard_target(settings.storage)}",
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trial_table": [

@@ -280,6 +280,19 @@ def test_tiny_study_on_the_smoke_profile_with_sqlite(tmp_path, capsys):
     assert f"ema_decay: {best['method.ema_decay']}" in shown
     assert main(["run", "--method", "cps", "--profile", "smoke", "--from-study", str(study_dir), "--show-config"]) == 2
     assert "tuned method 'mean_teacher', not 'cps'" in capsys.readouterr().err
+    (study_dir / "summary.json").unlink()
+    assert main(["tune", "--method", "mean_teacher", "--profile", "smoke", "--ratio", "0.2", "--out", str(out), "--report-only"]) == 0
+    assert json.loads((study_dir / "summary.json").read_text())["trials"] == 2
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("{tmp}", "neither a study folder"),
+    ("mysql://root@localhost/optuna#x", "unknown storage"),
+    ("sqlite:///{tmp}/empty.db#nothing", "no study 'nothing'"),
+])
+def test_bad_from_study_is_a_user_error(tmp_path, capsys, reference, message):
+    assert main(["run", "--profile", "smoke", "--from-study", reference.format(tmp=tmp_path), "--show-config"]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
