@@ -1,5 +1,13 @@
-"""One run: config -> DataModule -> method -> Trainer.fit -> test of the last and best-on-val checkpoints
--> run folder + leaderboard rows.
+"""One run: config -> DataModule -> method -> Trainer.fit (once per training stage) -> test of the last and
+best-on-val checkpoints -> run folder + leaderboard rows.
+
+Multi-stage methods (``Method.stages``, e.g. ACTION's pretrain_global, pretrain_local, finetune) train their
+stages in order in one run: each stage is a fresh module and Trainer that starts from the weights of the previous
+stage's last checkpoint (loaded with ``weights_only``), writes its logs and checkpoints into ``<run>/<stage>/`` and
+gets the config merged with ``per_stage.<stage>`` (``trainer.max_steps`` is each stage's budget unless
+``per_stage.<stage>.trainer.max_steps`` says otherwise). Only the final stage is tested; the rows then carry
+``stages`` and ``stage_steps`` columns. ``run.stages`` trains a subset (e.g. ``finetune``), starting from
+``run.init_from`` when it does not begin with the method's first stage. Single-stage methods keep the flat layout.
 
 The run folder holds the resolved config, the split, Lightning's CSV logs, the checkpoints, per-case metrics of
 both checkpoints and result.json. Only rank 0 evaluates and writes; under DDP (``trainer.devices > 1``) Lightning
@@ -25,7 +33,7 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from benchmark.config import config_hash
+from benchmark.config import PER_STAGE, config_hash, merge
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable
@@ -66,6 +74,36 @@ def prepare(config: dict[str, Any]):
     check_writable(Path(config["run"]["out"]))
     check_writable(Path(config["run"]["leaderboard_dir"]))
     return entry, method_cls, datamodule
+
+
+def plan_stages(method_cls, config: dict[str, Any]) -> list[str]:
+    """The stages this run trains, in order; checks run.stages, run.init_from and per_stage against the method."""
+    declared = list(method_cls.stages)
+    asked = config["run"].get("stages")
+    chosen = declared if asked is None else [asked] if isinstance(asked, str) else list(asked)
+    unknown = [name for name in [*chosen, *config.get(PER_STAGE, {})] if name not in declared]
+    if unknown:
+        raise UserError(f"{config['method_name']} has no stage {unknown[0]!r}", where=f"its stages, in order: {', '.join(declared)}",
+                        fix="run.stages takes one stage or a list of them, e.g. run.stages=" + declared[-1])
+    positions = [declared.index(name) for name in chosen]
+    if not chosen or positions != sorted(set(positions)):
+        raise UserError(f"run.stages={asked!r} must name distinct stages in their order: {', '.join(declared)}")
+    init_from = config["run"].get("init_from")
+    if init_from is not None and not Path(init_from).is_file():
+        raise UserError(f"run.init_from checkpoint not found: {init_from}", fix="give the path of a .ckpt file (e.g. <run>/<stage>/checkpoints/last.ckpt)")
+    if positions[0] > 0 and init_from is None:
+        raise UserError(f"stage {chosen[0]!r} continues from stage {declared[positions[0] - 1]!r} but no checkpoint was given",
+                        fix=f"set run.init_from=<run>/{declared[positions[0] - 1]}/checkpoints/last.ckpt")
+    return chosen
+
+
+def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The config one stage trains with: ``per_stage.<stage>`` merged in and ``run.stage`` set."""
+    staged = merge(config, config.get(PER_STAGE, {}).get(stage, {}))
+    staged["run"]["stage"] = stage
+    trainer = staged["trainer"]
+    trainer["val_every"] = min(trainer["val_every"], trainer["max_steps"])
+    return staged
 
 
 def make_run_dir(config: dict[str, Any], digest: str) -> Path:
@@ -139,6 +177,19 @@ def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:
     return int(state.get("global_step", -1))
 
 
+def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None:
+    """Start a stage from ``checkpoint``'s weights (if any); returns the stage that wrote it (None if unknown)."""
+    if checkpoint is None:
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"cannot start stage {model.stage!r} of {model.name} from {checkpoint}: {str(error)[:300]}",
+                        fix="give a checkpoint of the same method, dataset and model settings") from error
+    return state.get("hyper_parameters", {}).get("config", {}).get("run", {}).get("stage")
+
+
 def peak_memory() -> tuple[float, float]:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
@@ -157,6 +208,8 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         # down by an order of magnitude, so split the cores between the ranks.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     entry, method_cls, datamodule = prepare(config)
+    stages = plan_stages(method_cls, config)
+    multi_stage = len(method_cls.stages) > 1
     spec = entry.spec
     digest = config_hash(config)
     run_dir = make_run_dir(config, digest)
@@ -165,9 +218,6 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "config_hash": digest}, sort_keys=False))
         datamodule.split.write(run_dir / "split.json")
 
-    pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
-    model = method_cls(spec, config)
-    trainer, best_callback = build_trainer(config, run_dir, digest, callbacks)
     base_row = {
         "dataset": config["dataset"], "method": config["method_name"], "profile": config["profile"],
         "labeled_cases": datamodule.split.labeled_count, "labeled_unit": spec.labeled_unit,
@@ -179,22 +229,49 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         "git_rev": git_revision(), "torch": torch.__version__, "lightning": pl.__version__, "host": socket.gethostname(),
         "run_dir": str(run_dir),
     }
+    if multi_stage:
+        base_row["stages"] = "+".join(stages)
     leaderboard = Path(config["run"]["leaderboard_dir"]) / f"{config['dataset']}.csv"
-    try:
-        trainer.fit(model, datamodule=datamodule)
-    except (KeyboardInterrupt, UserError):
-        raise
-    except Exception as error:
-        if trainer.is_global_zero and config["run"]["test"]:
-            failed = {**base_row, "checkpoint": "none", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
-                      "steps": trainer.global_step, "wall_time_s": round(time.time() - started, 1),
-                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            append_rows(leaderboard, [failed])
-        raise
-    # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
-    # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
-    last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
+    init_from = config["run"].get("init_from")
+    previous_checkpoint = Path(init_from) if init_from else None
+    stage_steps: dict[str, int] = {}
+    for stage in stages:
+        # A multi-stage run keeps each stage's config, logs and checkpoints in its own sub-folder.
+        stage_dir = run_dir / stage if multi_stage else run_dir
+        staged = stage_config(config, stage)
+        if multi_stage and is_rank_zero:
+            stage_dir.mkdir(exist_ok=True)
+            (stage_dir / "config.yaml").write_text(yaml.safe_dump({**staged, "config_hash": digest}, sort_keys=False))
+        pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
+        model = method_cls(spec, staged)
+        model.on_stage_start(init_stage(model, previous_checkpoint))
+        # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
+        # validation scores an unfinished model.
+        trainer, best_callback = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else ())
+        # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
+        # the same split.
+        same_loaders = staged["data"] == config["data"] and staged["trainer"]["max_steps"] == config["trainer"]["max_steps"]
+        stage_data = datamodule if same_loaders else build_datamodule(
+            config["dataset"], staged, use_unlabeled=method_cls.uses_unlabeled)
+        try:
+            trainer.fit(model, datamodule=stage_data)
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as error:
+            if trainer.is_global_zero and config["run"]["test"]:
+                failed = {**base_row, "checkpoint": "none", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
+                          "steps": sum(stage_steps.values()) + trainer.global_step, "wall_time_s": round(time.time() - started, 1),
+                          "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                if multi_stage:
+                    failed["error"] = f"stage {stage}: {failed['error']}"[:500]
+                append_rows(leaderboard, [failed])
+            raise
+        # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
+        # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
+        last_checkpoint = stage_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
+        stage_steps[stage] = trainer.global_step
+        previous_checkpoint = last_checkpoint
     if not trainer.is_global_zero:
         return []
     if not config["run"]["test"]:
@@ -202,6 +279,8 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         validation = {"best_dice": None if best_score is None else float(best_score), "steps": trainer.global_step}
         (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": [], "validation": validation}, indent=1))
         return []
+    if multi_stage:
+        base_row["stage_steps"] = "+".join(str(steps) for steps in stage_steps.values())
 
     evaluator = Evaluator.from_config(spec, config)
     model.eval()
@@ -220,7 +299,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         rss, gpu = peak_memory()
         rows.append({
             **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
-            "steps": trainer.global_step, "wall_time_s": round(time.time() - started, 1),
+            "steps": sum(stage_steps.values()), "wall_time_s": round(time.time() - started, 1),
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
@@ -232,6 +311,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         import wandb
 
         wandb.finish()  # several runs in one process (sweeps) must not log into one W&B run
-    (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": rows, "test": results}, indent=1, default=str))
+    stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(run_dir / name)} for name, steps in stage_steps.items()]} if multi_stage else {}
+    (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": rows, "test": results, **stage_record}, indent=1, default=str))
     append_rows(leaderboard, rows)
     return rows

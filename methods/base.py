@@ -34,12 +34,18 @@ class SemiSupervisedMethod(pl.LightningModule):
     defaults: ClassVar[dict[str, Any]] = {}
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
+    # Training stages in order (benchmark/run.py trains them one after the other, each from the previous one's
+    # weights); the stage being trained is ``self.stage`` (``config["run"]["stage"]``, set by the run).
+    stages: ClassVar[tuple[str, ...]] = ("train",)
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
         self.spec = spec
         self.config = config
         self.hp = dict(config["method"])
+        self.stage = config["run"].get("stage") or self.stages[0]
+        if self.stage not in self.stages:
+            raise ValueError(f"{type(self).__name__} has no stage '{self.stage}' (stages: {', '.join(self.stages)})")
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
@@ -98,6 +104,11 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Logits of the network that is evaluated (default: ``self.net``)."""
         return self.net(images)
 
+    def on_stage_start(self, previous_stage: str | None) -> None:
+        """Called by the run before each stage trains, after its fresh module got the weights it starts from;
+        ``previous_stage`` is the stage that wrote them (None: fresh weights, or a checkpoint that does not say).
+        E.g. ACTION copies its student into the teacher when fine-tuning starts."""
+
     # ---- shared pieces ----------------------------------------------------------------------------
     def build_network(self, **overrides: Any) -> SegmentationNetwork:
         model = self.config["model"]
@@ -125,7 +136,8 @@ class SemiSupervisedMethod(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.config["optim"]
         parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                                    nesterov=optim.get("nesterov", False))
         max_steps = self.config["trainer"]["max_steps"]
         schedule = optim["schedule"]
         if schedule == "poly":

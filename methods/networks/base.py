@@ -6,6 +6,7 @@ one encoder plus a list of decoders, so a method picks how many heads it needs a
 
 * ``net(x)`` - logits of the main decoder (``decoders[0]``), what validation and inference use;
 * ``net.forward_all(x)`` - one logits tensor per decoder from a single encoder pass (MC-Net+, CCT);
+* ``net.forward_features(x)`` - logits of the main decoder and its intermediate maps, deep to shallow (ACTION);
 * ``feats = net.encoder(x); net.decoders[0]([perturb(f) for f in feats])`` - feature perturbation (UniMatch).
 """
 from __future__ import annotations
@@ -123,6 +124,10 @@ class SegmentationNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the main decoder only: the other decoders cost nothing at inference."""
         return self.decoders[0](self.encoder(x))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits of the main decoder and its intermediate maps, deep to shallow (``decoder.forward_features``)."""
+        return self.decoders[0].forward_features(self.encoder(x))
 
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One logits tensor per decoder, all from the same encoder pass (and the same encoder dropout mask)."""
