@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark run|list|score`` (the Makefile wraps the same commands).
+"""Command line: ``python -m benchmark run|list|score|data`` (the Makefile wraps the same commands).
 
 User errors (bad paths, names, values) print one message and exit with code 2; nothing is written for them.
 """
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+
+    from benchmark.data_commands import add_parser as add_data_parser
+
+    add_data_parser(commands)
     return parser
 
 
@@ -131,7 +135,9 @@ def command_score(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": command_run, "list": command_list, "score": command_score}
+    from benchmark.data_commands import command_data
+
+    handlers = {"run": command_run, "list": command_list, "score": command_score, "data": command_data}
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -31,6 +31,8 @@ class DatasetSpec:
     labeled_unit: str = "case"
     # Dice on the background channel in the supervised loss: SSL4MIS (ACDC) includes it, UA-MT (LA) does not.
     dice_include_background: bool = True
+    # Label value that is not a class (CaDIS tasks II/III: 255): excluded from the loss and the metrics.
+    ignore_index: int | None = None
 
     @property
     def num_classes(self) -> int:
