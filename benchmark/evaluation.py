@@ -46,10 +46,6 @@ class Evaluator:
             window_batch=evaluation["window_batch"],
         )
 
-    @property
-    def class_indices(self) -> range:
-        return range(1, self.spec.num_classes)
-
     def predict(self, predictor: Predictor, image: np.ndarray, device="cpu") -> np.ndarray:
         if self.spec.eval_mode == "sliding_window":
             probabilities = sliding_window_probabilities(
@@ -64,11 +60,16 @@ class Evaluator:
             prediction = metrics.keep_largest_component_per_class(prediction, self.spec.num_classes)
         return prediction
 
+    @property
+    def score_names(self) -> list[str]:
+        """The scored classes or regions (spec.scored), in the order of ``dice_per_class`` and ``score``."""
+        return [name for name, _ in self.spec.scored]
+
     def dice_per_class(self, prediction: np.ndarray, label: np.ndarray) -> list[float]:
         """Cheap validation score (Dice only, same empty rule as the full metrics)."""
         scores = []
-        for c in self.class_indices:
-            p, g = prediction == c, label == c
+        for _, classes in self.spec.scored:
+            p, g = np.isin(prediction, classes), np.isin(label, classes)
             total = p.sum() + g.sum()
             if total == 0:
                 scores.append(1.0 if self.empty_policy == "penalty" else 0.0)
@@ -77,11 +78,12 @@ class Evaluator:
         return scores
 
     def score(self, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float] | None) -> list[dict]:
-        per_class = metrics.multiclass_metrics(
-            prediction, label, self.spec.num_classes,
-            spacing=spacing if self.use_spacing else None, empty_policy=self.empty_policy,
-        )
-        return [{"class": self.spec.class_names[c], **per_class[c]} for c in self.class_indices]
+        spacing = spacing if self.use_spacing else None
+        return [
+            {"class": name, **metrics.binary_metrics(np.isin(prediction, classes), np.isin(label, classes), spacing,
+                                                     self.empty_policy)}
+            for name, classes in self.spec.scored
+        ]
 
     def evaluate(self, predictor: Predictor, cases: Iterable[dict], progress: bool = True, device="cpu", desc="test") -> pd.DataFrame:
         """One row per (case, foreground class) with the four metrics."""

@@ -13,6 +13,7 @@ from typing import Any
 from benchmark.errors import UserError, unknown_name
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
+from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
 from datamodules.la import LA_SPEC, LADataModule
 from datamodules.spec import DatasetSpec
 
@@ -35,12 +36,23 @@ DATASETS: dict[str, DatasetEntry] = {
         LADataModule, LA_SPEC, "la",
         layout_hint="'2018LA_Seg_Training Set/<ID>/mri_norm2.h5' with train.list and test.list (UA-MT form)",
     ),
+    "brats": DatasetEntry(
+        BraTSDataModule, BRATS_SPEC, "brats",
+        layout_hint="train.txt, val.txt, test.txt with data/<ID>.h5 (SSL4MIS form) or the raw <ID>/<ID>_*.nii.gz folders",
+    ),
+    "brats_regions": DatasetEntry(
+        BraTSDataModule, BRATS_REGIONS_SPEC, "brats",
+        layout_hint="train.txt, val.txt, test.txt and the raw BraTS 2019 <ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz folders",
+    ),
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
         ACDCDataModule, replace(ACDC_SPEC, name="synthetic_acdc", labeled_counts={}), "acdc", synthetic=True
     ),
     "synthetic_la": DatasetEntry(
         LADataModule, replace(LA_SPEC, name="synthetic_la", labeled_counts={}, spacing=None), "la", synthetic=True
+    ),
+    "synthetic_brats": DatasetEntry(
+        BraTSDataModule, replace(BRATS_SPEC, name="synthetic_brats", labeled_counts={}), "brats", synthetic=True
     ),
 }
 

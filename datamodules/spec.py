@@ -33,6 +33,16 @@ class DatasetSpec:
     dice_include_background: bool = True
     # Label value that is not a class (CaDIS tasks II/III: 255): excluded from the loss and the metrics.
     ignore_index: int | None = None
+    # Scored regions as (name, classes) when they are unions of classes rather than the classes themselves
+    # (BraTS: whole tumour = {1, 2, 3}, tumour core = {1, 3}, enhancing tumour = {3}); None = each foreground class.
+    eval_regions: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+
+    @property
+    def scored(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """What the evaluator scores: (name, classes) of each region, by default each foreground class alone."""
+        if self.eval_regions is not None:
+            return self.eval_regions
+        return tuple((name, (c,)) for c, name in enumerate(self.class_names) if c > 0)
 
     @property
     def num_classes(self) -> int:

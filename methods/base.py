@@ -117,5 +117,5 @@ class SemiSupervisedMethod(pl.LightningModule):
         scores = np.asarray(self._val_scores)  # (cases, foreground classes)
         # Every rank scores all validation cases (identical values); sync_dist only keeps Lightning from warning.
         self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1, sync_dist=True)
-        for index, class_name in enumerate(self.spec.class_names[1:]):
+        for index, class_name in enumerate(self.evaluator.score_names):
             self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1, sync_dist=True)
