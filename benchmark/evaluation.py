@@ -77,13 +77,20 @@ class Evaluator:
                 scores.append(float(2.0 * np.logical_and(p, g).sum() / total))
         return scores
 
-    def score(self, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float] | None) -> list[dict]:
+    def score(self, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float] | None,
+              instances: np.ndarray | None = None) -> list[dict]:
+        """Metrics per scored class/region; ``instances`` is the ground truth's instance map (for AJI), if known."""
         spacing = spacing if self.use_spacing else None
-        return [
-            {"class": name, **metrics.binary_metrics(np.isin(prediction, classes), np.isin(label, classes), spacing,
-                                                     self.empty_policy)}
-            for name, classes in self.spec.scored
-        ]
+        rows = []
+        for name, classes in self.spec.scored:
+            predicted, truth = np.isin(prediction, classes), np.isin(label, classes)
+            row = {"class": name, **metrics.binary_metrics(predicted, truth, spacing, self.empty_policy)}
+            if "aji" in self.spec.extra_metrics:
+                truth_instances = metrics.connected_instances(truth) if instances is None else np.where(truth, instances, 0)
+                row["aji"] = metrics.aggregated_jaccard_index(
+                    metrics.connected_instances(predicted), truth_instances, self.empty_policy)
+            rows.append(row)
+        return rows
 
     def evaluate(self, predictor: Predictor, cases: Iterable[dict], progress: bool = True, device="cpu", desc="test") -> pd.DataFrame:
         """One row per (case, foreground class) with the four metrics."""
@@ -92,19 +99,20 @@ class Evaluator:
         for case in tqdm(cases, desc=desc, disable=not progress, leave=False):
             label = np.asarray(case["label"])
             prediction = self.predict(predictor, np.asarray(case["image"]), device)
-            for row in self.score(prediction, label, case.get("spacing")):
+            for row in self.score(prediction, label, case.get("spacing"), case.get("instances")):
                 rows.append({"case": case["case"], **row})
-        return pd.DataFrame(rows, columns=["case", "class", *METRIC_NAMES])
+        return pd.DataFrame(rows, columns=["case", "class", *METRIC_NAMES, *self.spec.extra_metrics])
 
 
 def summarize(per_case: pd.DataFrame) -> dict[str, float]:
     """Mean over cases of the class-mean of each metric, plus the per-class Dice (``dice_<class>``)."""
     if per_case.empty:
         raise ValueError("no cases were evaluated")
-    if per_case[list(METRIC_NAMES)].isna().any().any():
+    names = [column for column in per_case.columns if column not in ("case", "class")]  # the four + extras (AJI)
+    if per_case[names].isna().any().any():
         raise ValueError("a metric is NaN: the empty-mask policy must give every case a value")
-    case_means = per_case.groupby("case", sort=False)[list(METRIC_NAMES)].mean()
-    summary = {name: float(case_means[name].mean()) for name in METRIC_NAMES}
+    case_means = per_case.groupby("case", sort=False)[names].mean()
+    summary = {name: float(case_means[name].mean()) for name in names}
     for class_name, group in per_case.groupby("class", sort=False):
         summary[f"dice_{class_name}"] = float(group["dice"].mean())
     summary["n_cases"] = int(case_means.shape[0])

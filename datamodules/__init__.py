@@ -15,6 +15,7 @@ from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
 from datamodules.la import LA_SPEC, LADataModule
+from datamodules.nuclei import DSB_SPEC, NUCLEI_SPEC, DSB2018DataModule, MoNuSegDataModule
 from datamodules.spec import DatasetSpec
 
 
@@ -44,6 +45,14 @@ DATASETS: dict[str, DatasetEntry] = {
         BraTSDataModule, BRATS_REGIONS_SPEC, "brats",
         layout_hint="train.txt, val.txt, test.txt and the raw BraTS 2019 <ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz folders",
     ),
+    "monuseg": DatasetEntry(
+        MoNuSegDataModule, NUCLEI_SPEC, "monuseg",
+        layout_hint="Train_Folder/, Val_Folder/, Test_Folder/ each with img/ and labelcol/",
+    ),
+    "dsb2018": DatasetEntry(
+        DSB2018DataModule, DSB_SPEC, "dsb2018",
+        layout_hint="stage1_train/<id>/images/<id>.png and stage1_train/<id>/masks/*.png",
+    ),
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
         ACDCDataModule, replace(ACDC_SPEC, name="synthetic_acdc", labeled_counts={}), "acdc", synthetic=True
@@ -53,6 +62,9 @@ DATASETS: dict[str, DatasetEntry] = {
     ),
     "synthetic_brats": DatasetEntry(
         BraTSDataModule, replace(BRATS_SPEC, name="synthetic_brats", labeled_counts={}), "brats", synthetic=True
+    ),
+    "synthetic_monuseg": DatasetEntry(
+        MoNuSegDataModule, replace(NUCLEI_SPEC, name="synthetic_monuseg"), "monuseg", synthetic=True
     ),
 }
 

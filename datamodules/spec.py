@@ -36,6 +36,9 @@ class DatasetSpec:
     # Scored regions as (name, classes) when they are unions of classes rather than the classes themselves
     # (BraTS: whole tumour = {1, 2, 3}, tumour core = {1, 3}, enhancing tumour = {3}); None = each foreground class.
     eval_regions: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    # Metrics beyond Dice/Jaccard/HD95/ASD, as extra columns: "aji" (nuclei; instances from case["instances"] or
+    # the connected components of the mask).
+    extra_metrics: tuple[str, ...] = ()
 
     @property
     def scored(self) -> tuple[tuple[str, tuple[int, ...]], ...]:

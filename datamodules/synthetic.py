@@ -575,6 +575,13 @@ SYNTHETIC_DATASETS: dict[str, SyntheticDataset] = {
         params=dict(n_train=16, n_val=4, n_test=6, shape=(48, 56, 48), seed=0, form="h5"),
         description="glioma-like lesions in a brain, flair + whole tumour, SSL4MIS BraTS 2019 h5 layout",
     ),
+    # 16 H&E-like tiles of 200 x 200 (10 train, 2 val, 4 test).
+    "synthetic_monuseg": SyntheticDataset(
+        "datamodules.synthetic_nuclei:write_monuseg_layout",
+        version=1,
+        params=dict(n_train=10, n_val=2, n_test=4, shape=(200, 200), seed=0, image_suffix=".png"),
+        description="H&E-like tiles with nuclei and look-alike cytoplasm, binary, MoNuSeg segmentation layout",
+    ),
 }
 
 

@@ -71,7 +71,7 @@ def verify(dataset: str, root: str | Path, deep: bool = True,
         return Verification(dataset, root, checks, None, deep=deep)
     layout = module.check_layout()
     result = Verification(dataset, root, layout.checks, layout.listed, deep=deep)
-    if deep and layout.listed is not None:
+    if deep and layout.listed is not None:  # files are read only once the layout is whole
         result.samples_read = check_samples(module, layout.listed, layout.checks, progress)
     return result
 
@@ -144,6 +144,8 @@ def format_report(result: Verification, max_problems: int = 20) -> str:
         lines.append(f"  lists: {result.summary()}")
     if result.deep and result.samples_read:
         lines.append(f"  read and checked: {result.samples_read} items and cases")
+    elif result.deep and not result.ok:
+        lines.append("  deep checks skipped until the layout problems are fixed")
     problems = result.checks.problems
     for index, problem in enumerate(problems[:max_problems], start=1):
         lines.append(f"PROBLEM {index}: " + problem.message.replace("\n", "\n  "))
