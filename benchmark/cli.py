@@ -100,7 +100,7 @@ def print_summary(rows: list[dict]) -> None:
     for row in rows:
         per_class = " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("dice_"))
         print(f"{row['checkpoint']:<10} {row['step']:>6} {row['dice']:>7.4f} {row['jaccard']:>8.4f} "
-              f"{row['hd95']:>8.2f} {row['asd']:>7.2f}   {per_class}")
+              f"{row.get('hd95', float('nan')):>8.2f} {row.get('asd', float('nan')):>7.2f}   {per_class}")
     print(f"test cases: {first['n_cases']} (distances in {first['units']} units, empty-mask policy '{first['empty_policy']}')")
     print(f"run folder: {first['run_dir']}")
     print(f"leaderboard: row(s) appended for config {first['config_hash']}")

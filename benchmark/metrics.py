@@ -83,6 +83,19 @@ def binary_metrics(pred, gt, spacing: Sequence[float] | None = None, empty_polic
     }
 
 
+def overlap_metrics(pred, gt, empty_policy: str = "penalty") -> dict[str, float]:
+    """Dice and Jaccard only (no surface distances), with the empty-mask rule of ``binary_metrics``."""
+    check_empty_policy(empty_policy)
+    pred, gt = np.asarray(pred) != 0, np.asarray(gt) != 0
+    pred_size, gt_size = np.count_nonzero(pred), np.count_nonzero(gt)
+    if pred_size == 0 or gt_size == 0:
+        both_empty = pred_size == 0 and gt_size == 0 and empty_policy == "penalty"
+        return dict.fromkeys(("dice", "jaccard"), 1.0 if both_empty else 0.0)
+    intersection = np.count_nonzero(pred & gt)
+    return {"dice": float(2 * intersection / (pred_size + gt_size)),
+            "jaccard": float(intersection / (pred_size + gt_size - intersection))}
+
+
 def multiclass_metrics(pred, gt, num_classes: int, spacing: Sequence[float] | None = None,
                        empty_policy: str = "penalty") -> dict[int, dict[str, float]]:
     """``binary_metrics`` of each foreground class ``1 .. num_classes - 1`` of two label maps."""

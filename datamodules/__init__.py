@@ -14,6 +14,7 @@ from benchmark.errors import UserError, unknown_name
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
+from datamodules.cadis import CADIS_SPECS, CaDISDataModule
 from datamodules.la import LA_SPEC, LADataModule
 from datamodules.nuclei import DSB_SPEC, NUCLEI_SPEC, DSB2018DataModule, MoNuSegDataModule
 from datamodules.spec import DatasetSpec
@@ -53,6 +54,13 @@ DATASETS: dict[str, DatasetEntry] = {
         DSB2018DataModule, DSB_SPEC, "dsb2018",
         layout_hint="stage1_train/<id>/images/<id>.png and stage1_train/<id>/masks/*.png",
     ),
+    **{
+        spec.name: DatasetEntry(
+            CaDISDataModule, spec, "cadis",
+            layout_hint="Video01 .. Video25, each with Images/ and Labels/ (the CaDIS 'segmentation' folder)",
+        )
+        for spec in CADIS_SPECS.values()
+    },
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
         ACDCDataModule, replace(ACDC_SPEC, name="synthetic_acdc", labeled_counts={}), "acdc", synthetic=True

@@ -39,7 +39,9 @@ class SemiSupervisedMethod(pl.LightningModule):
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
         self.evaluator = Evaluator.from_config(spec, config)
-        self.supervised_criterion = SupervisedSegmentationLoss(include_background=spec.dice_include_background)
+        self.supervised_criterion = SupervisedSegmentationLoss(
+            include_background=spec.dice_include_background, ignore_index=spec.ignore_index
+        )
         self._val_scores: list[list[float]] = []
         self.build()
 
