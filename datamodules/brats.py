@@ -24,6 +24,7 @@ rot/flip and 96^3 crops; validation on val.txt, test on test.txt with a 96^3 sli
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -57,18 +58,11 @@ BRATS_SPEC = DatasetSpec(
     dice_include_background=True,
 )
 
-BRATS_REGIONS_SPEC = DatasetSpec(
+BRATS_REGIONS_SPEC = replace(
+    BRATS_SPEC,
     name="brats_regions",
-    spatial_dims=3,
     in_channels=len(MODALITIES),
     class_names=("background", "NCR/NET", "edema", "ET"),
-    patch_size=(96, 96, 96),
-    eval_mode="sliding_window",
-    eval_stride=(64, 64, 64),
-    spacing=(1.0, 1.0, 1.0),
-    labeled_counts={0.1: 25, 0.2: 50, 1.0: 250},
-    labeled_unit="case",
-    dice_include_background=True,
     eval_regions=(("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,))),
 )
 

@@ -26,6 +26,7 @@ Intensities are scaled to [0, 1] (x / 255); no stain normalisation.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +53,7 @@ NUCLEI_SPEC = DatasetSpec(
     labeled_unit="image",
     extra_metrics=("aji",),
 )
-DSB_SPEC = DatasetSpec(
-    name="dsb2018",
-    spatial_dims=2,
-    in_channels=3,
-    class_names=("background", "nucleus"),
-    patch_size=(256, 256),
-    eval_mode="sliding_window",
-    eval_stride=(128, 128),
-    labeled_unit="image",
-    extra_metrics=("aji",),
-)
+DSB_SPEC = replace(NUCLEI_SPEC, name="dsb2018")
 
 
 def read_image(path: Path, mode: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from datamodules.base import resolve_labeled_count
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, brain_box, clip_and_zscore, preprocess_case
 from datamodules.synthetic_brats import RAW_FOLDER, write_brats_layout
 from datamodules.verify import format_report, verify
+from tests.conftest import run_smoke
 
 TINY_BRATS = dict(n_train=4, n_val=1, n_test=1, shape=(28, 32, 30), seed=0)
 
@@ -152,15 +153,10 @@ def test_broken_raw_cases(tmp_path, brats_nifti, capsys):
 
 
 # ---- smoke fits --------------------------------------------------------------------------------------------------
-def run_cli(tmp_path: Path, *args: str) -> int:
-    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
-                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
-
-
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("method", ["supervised", "mean_teacher"])
 def test_smoke_fit_synthetic_brats(tmp_path, method):
-    assert run_cli(tmp_path, "--method", method, "--dataset", "synthetic_brats", "--labeled", "4") == 0
+    assert run_smoke(tmp_path, "--method", method, "--dataset", "synthetic_brats", "--labeled", "4") == 0
     table = pd.read_csv(tmp_path / "lb" / "synthetic_brats.csv")
     assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()
     assert "dice_WT" in table.columns
@@ -168,7 +164,7 @@ def test_smoke_fit_synthetic_brats(tmp_path, method):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_smoke_fit_regions_on_raw_nifti(tmp_path, brats_nifti):
-    assert run_cli(tmp_path, "--method", "mean_teacher", "--dataset", "brats_regions", "--data-root", str(brats_nifti),
+    assert run_smoke(tmp_path, "--method", "mean_teacher", "--dataset", "brats_regions", "--data-root", str(brats_nifti),
                    "--labeled", "2") == 0
     table = pd.read_csv(tmp_path / "lb" / "brats_regions.csv")
     assert (table["status"] == "ok").all() and {"dice_WT", "dice_TC", "dice_ET"} <= set(table.columns)

@@ -16,6 +16,7 @@ from datamodules import get_dataset
 from datamodules.cadis import CADIS_SPECS, remap_table
 from datamodules.synthetic_cadis import write_cadis_layout
 from datamodules.verify import format_report, verify
+from tests.conftest import run_smoke
 from methods.losses import SupervisedSegmentationLoss
 
 
@@ -133,8 +134,7 @@ def test_broken_copy(tmp_path, cadis_root, capsys):
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("method", ["supervised", "mean_teacher"])
 def test_smoke_fit_task_two(tmp_path, cadis_root, method):
-    assert main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir",
-                 str(tmp_path / "lb"), "--method", method, "--dataset", "cadis_task2", "--data-root", str(cadis_root),
-                 "--labeled", "4"]) == 0
+    assert run_smoke(tmp_path, "--method", method, "--dataset", "cadis_task2", "--data-root", str(cadis_root),
+                     "--labeled", "4") == 0
     table = pd.read_csv(tmp_path / "lb" / "cadis_task2.csv")
     assert (table["status"] == "ok").all() and table["miou"].between(0, 1).all() and "dice_Pupil" in table.columns

@@ -16,6 +16,7 @@ from datamodules import get_dataset
 from datamodules.nuclei import NUCLEI_SPEC
 from datamodules.synthetic_nuclei import write_dsb_layout, write_monuseg_layout
 from datamodules.verify import format_report, verify
+from tests.conftest import run_smoke
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +153,15 @@ def test_dsb_without_masks(tmp_path, dsb_root):
 
 
 # ---- smoke fits --------------------------------------------------------------------------------------------------
-def run_cli(tmp_path: Path, *args: str) -> int:
-    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
-                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
-
-
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("method", ["supervised", "mean_teacher"])
 def test_smoke_fit_synthetic_monuseg(tmp_path, method):
-    assert run_cli(tmp_path, "--method", method, "--dataset", "synthetic_monuseg", "--labeled", "3") == 0
+    assert run_smoke(tmp_path, "--method", method, "--dataset", "synthetic_monuseg", "--labeled", "3") == 0
     table = pd.read_csv(tmp_path / "lb" / "synthetic_monuseg.csv")
     assert (table["status"] == "ok").all() and table["aji"].between(0, 1).all() and "dice_nucleus" in table.columns
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_smoke_fit_dsb(tmp_path, dsb_root):
-    assert run_cli(tmp_path, "--method", "supervised", "--dataset", "dsb2018", "--data-root", str(dsb_root), "--labeled", "2") == 0
+    assert run_smoke(tmp_path, "--method", "supervised", "--dataset", "dsb2018", "--data-root", str(dsb_root), "--labeled", "2") == 0
     assert (pd.read_csv(tmp_path / "lb" / "dsb2018.csv")["status"] == "ok").all()
