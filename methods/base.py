@@ -14,6 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator
 from datamodules.spec import DatasetSpec
 from methods.components.ramps import sigmoid_rampup
@@ -28,6 +29,8 @@ class SemiSupervisedMethod(pl.LightningModule):
     defaults: ClassVar[dict[str, Any]] = {}
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
+    # False for methods whose own losses read the labels (one-hot, masks) and so do not skip the spec's ignore index.
+    handles_ignore_index: ClassVar[bool] = True
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
@@ -37,6 +40,7 @@ class SemiSupervisedMethod(pl.LightningModule):
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
+        self.check_dataset(spec)
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
         self.evaluator = Evaluator.from_config(spec, config)
         self.supervised_criterion = SupervisedSegmentationLoss(
@@ -44,6 +48,15 @@ class SemiSupervisedMethod(pl.LightningModule):
         )
         self._val_scores: list[list[float]] = []
         self.build()
+
+    @classmethod
+    def check_dataset(cls, spec: DatasetSpec) -> None:
+        """Refuse a dataset the method cannot train on correctly (run.prepare calls this before writing anything)."""
+        if spec.ignore_index is not None and not cls.handles_ignore_index:
+            raise UserError(
+                f"{cls.__name__} does not handle the ignored label {spec.ignore_index} of {spec.name}",
+                fix="use a dataset without ignored pixels (e.g. cadis, task I) or a method that does (supervised, mean_teacher, ua_mt, cps)",
+            )
 
     # ---- what a method provides ------------------------------------------------------------------
     def build(self) -> None:

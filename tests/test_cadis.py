@@ -138,3 +138,10 @@ def test_smoke_fit_task_two(tmp_path, cadis_root, method):
                      "--labeled", "4") == 0
     table = pd.read_csv(tmp_path / "lb" / "cadis_task2.csv")
     assert (table["status"] == "ok").all() and table["miou"].between(0, 1).all() and "dice_Pupil" in table.columns
+
+
+def test_methods_that_read_labels_themselves_refuse_ignored_pixels(tmp_path, cadis_root, capsys):
+    assert run_smoke(tmp_path, "--method", "mc_net_plus", "--dataset", "cadis_task2", "--data-root", str(cadis_root),
+                     "--labeled", "4") == 2
+    assert "MCNetPlus does not handle the ignored label 255 of cadis_task2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
