@@ -271,6 +271,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             total_units=len(units),
             unit=spec.labeled_unit,
         )
+        self.split.notes = self.split_notes(self.split)
 
     # ---- what a family provides -------------------------------------------------------------------
     def read_split(self) -> ListedData:
@@ -291,6 +292,10 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def load_case(self, case_id: str) -> dict[str, Any]:
         """A whole case: {"case", "image" ((*spatial) or (channels, *spatial)), "label" (*spatial), "spacing"}."""
         raise NotImplementedError
+
+    def split_notes(self, split: Split) -> list[str]:
+        """Facts about the split worth writing down with the run (split.json), e.g. CaDIS's labeled videos."""
+        return []
 
     # ---- verification hooks (datamodules/verify.py; defaults fit most families) ------------------------
     def describe(self, kind: str, name: str) -> str:

@@ -20,7 +20,8 @@ dataset-level mIoU from pooled pixel counts, the CaDIS metric). No surface dista
 **Labeled ratio, counted in frames.** The training frames are ordered by video (ascending number), then by frame
 name; labeled = the first N frames, so labeled frames come from as few videos as possible and whole videos are
 labeled before a video is split (near-duplicate neighbouring frames then rarely straddle the labeled/unlabeled
-cut). RATIO r means round(r * 3550) frames; LABELED=N counts frames. The 221 "blacklisted" frames of RViMLab's
+cut). RATIO r means round(r * 3550) frames; LABELED=N counts frames; the run's split.json notes how many videos
+the labeled frames come from and whether one is partly labeled. The 221 "blacklisted" frames of RViMLab's
 data.csv are not removed (the csv is not part of the download).
 """
 from __future__ import annotations
@@ -135,6 +136,12 @@ class CaDISDataModule(SemiSupervisedDataModule):
                 frames[split] += names
         units = [(name, [name]) for name in frames["train"]]
         return ListedData(units, frames["val"], frames["test"], listed_units=len(units))
+
+    def split_notes(self, split):
+        videos = sorted({int(FRAME.match(frame).group(1)) for frame in split.labeled})
+        partial = [v for v in videos if any(int(FRAME.match(f).group(1)) == v for f in split.unlabeled)]
+        return [f"{len(split.labeled)} labeled frames from {len(videos)} video(s) {videos}"
+                + (f"; video {partial[0]} is partly labeled" if partial else "")]
 
     def image_path(self, frame: str) -> Path:
         return self.root / video_folder(int(FRAME.match(frame).group(1))) / "Images" / f"{frame}.png"

@@ -62,6 +62,7 @@ def test_split_by_video_and_labeled_frames_in_video_order(cadis_root):
     assert train_videos == sorted(train_videos) and set(train_videos) == {1, 3, 4, 6, 8, 9, 10, 11, 13, 14, 15, 17, 18, 19, 20, 21, 23, 24, 25}
     assert dm.split.labeled == ["Video1_frame000090", "Video1_frame000095", "Video3_frame000090"]
     assert dm.split.unit == "frame" and dm.split.total_units == 38
+    assert dm.split.notes == ["3 labeled frames from 2 video(s) [1, 3]; video 3 is partly labeled"]
     case = dm.cases("val")[0]
     original = np.asarray(Image.open(cadis_root / "Video05" / "Labels" / f"{case['case']}.png"))
     np.testing.assert_array_equal(case["label"], remap_table(2)[original])
