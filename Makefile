@@ -33,7 +33,7 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench tune show-config test test-fast list clean
+.PHONY: help setup bench tune show-config verify test test-fast list clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ tune: $(STAMP) ## Optuna search on validation Dice, e.g. make tune METHOD=cps RA
 
 show-config: $(STAMP) ## print the resolved config of the run `make bench` would do
 	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") --show-config
+
+verify: $(STAMP) ## check a dataset folder, e.g. make verify DATASET=acdc DATA_ROOT=../shared/datasets/ACDC
+	$(PY) -m benchmark data verify $(DATASET) "$(DATA_ROOT)"
 
 list: $(STAMP) ## list methods, datasets and profiles
 	@for what in methods datasets profiles; do echo "$$what:"; $(PY) -m benchmark list $$what | sed 's/^/  /'; done

@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark run|tune|list|score`` (the Makefile wraps the same commands).
+"""Command line: ``python -m benchmark run|tune|list|score|data`` (the Makefile wraps the same commands).
 
 User errors (bad paths, names, values) print one message and exit with code 2; nothing is written for them.
 """
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+
+    from benchmark.data_commands import add_parser as add_data_parser
+
+    add_data_parser(commands)
     return parser
 
 
@@ -133,7 +137,7 @@ def print_summary(rows: list[dict]) -> None:
     for row in rows:
         per_class = " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("dice_"))
         print(f"{row['checkpoint']:<10} {row['step']:>6} {row['dice']:>7.4f} {row['jaccard']:>8.4f} "
-              f"{row['hd95']:>8.2f} {row['asd']:>7.2f}   {per_class}")
+              f"{row.get('hd95', float('nan')):>8.2f} {row.get('asd', float('nan')):>7.2f}   {per_class}")
     print(f"test cases: {first['n_cases']} (distances in {first['units']} units, empty-mask policy '{first['empty_policy']}')")
     print(f"run folder: {first['run_dir']}")
     print(f"leaderboard: row(s) appended for config {first['config_hash']}")
@@ -174,7 +178,10 @@ def command_score(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": command_run, "tune": command_tune, "list": command_list, "score": command_score}
+    from benchmark.data_commands import command_data
+
+    handlers = {"run": command_run, "tune": command_tune, "list": command_list, "score": command_score,
+                "data": command_data}
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -63,6 +63,7 @@ def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
+    method_cls.check_dataset(entry.spec)
     if config["data"]["patch_size"] is None:
         config["data"]["patch_size"] = list(entry.spec.patch_size)
     datamodule = build_datamodule(config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled)

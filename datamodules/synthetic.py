@@ -545,7 +545,7 @@ class SyntheticDataset:
     arguments or a changed drawing), so caches made by older code are not reused.
     """
 
-    writer: Callable[..., Path]
+    writer: Callable[..., Path] | str  # a function or "module:function" (imported on use, no import cycles)
     version: int
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -568,7 +568,30 @@ SYNTHETIC_DATASETS: dict[str, SyntheticDataset] = {
         params=dict(n_train=16, n_test=4, shape=(72, 64, 40), seed=0, lists_in="root"),
         description="atrium-like blob among distractors, binary, UA-MT LA layout",
     ),
+    # 26 heads of 48 x 56 x 48 (z, y, x), brain-cropped to about 36 x 46 x 34.
+    "synthetic_brats": SyntheticDataset(
+        "datamodules.synthetic_brats:write_brats_layout",
+        version=1,
+        params=dict(n_train=16, n_val=4, n_test=6, shape=(48, 56, 48), seed=0, form="h5"),
+        description="glioma-like lesions in a brain, flair + whole tumour, SSL4MIS BraTS 2019 h5 layout",
+    ),
+    # 16 H&E-like tiles of 200 x 200 (10 train, 2 val, 4 test).
+    "synthetic_monuseg": SyntheticDataset(
+        "datamodules.synthetic_nuclei:write_monuseg_layout",
+        version=1,
+        params=dict(n_train=10, n_val=2, n_test=4, shape=(200, 200), seed=0, image_suffix=".png"),
+        description="H&E-like tiles with nuclei and look-alike cytoplasm, binary, MoNuSeg segmentation layout",
+    ),
 }
+
+
+def _writer(dataset: SyntheticDataset) -> Callable[..., Path]:
+    if callable(dataset.writer):
+        return dataset.writer
+    import importlib
+
+    module, function = dataset.writer.split(":")
+    return getattr(importlib.import_module(module), function)
 
 CACHE_ENV = "SSL_BENCH_CACHE"
 _PARTIAL_MARK = ".partial-"
@@ -631,7 +654,7 @@ def ensure_synthetic(name: str, cache_dir: str | Path | None = None) -> Path:
         partial = cache / f".{folder_name}{_PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         partial.mkdir()
         try:
-            dataset.writer(partial, **dataset.params)
+            _writer(dataset)(partial, **dataset.params)
             try:
                 os.rename(partial, final)
             except OSError:

@@ -35,7 +35,8 @@ def zoom_to(array: np.ndarray, size: tuple[int, ...], order: int = 0) -> np.ndar
     factors = [target / current for target, current in zip(size, array.shape)]
     if all(f == 1 for f in factors):
         return array
-    return ndimage.zoom(array, factors, order=order)
+    # Trailing axes (channels of an RGB or multi-modal image) keep their size.
+    return ndimage.zoom(array, factors + [1] * (array.ndim - len(factors)), order=order)
 
 
 def acdc_train_transform(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None, size):
@@ -57,7 +58,8 @@ def pad_to_at_least(image: np.ndarray, label: np.ndarray | None, size):
         extra = (patch - dim) // 2 + 3 if dim <= patch else 0
         pads.append((extra, extra))
     if any(p != (0, 0) for p in pads):
-        image = np.pad(image, pads, mode="constant", constant_values=0)
+        # A trailing channel axis (multi-modal images are (*spatial, channels)) is not padded.
+        image = np.pad(image, pads + [(0, 0)] * (image.ndim - len(pads)), mode="constant", constant_values=0)
         if label is not None:
             label = np.pad(label, pads, mode="constant", constant_values=0)
     return image, label

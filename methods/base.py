@@ -37,6 +37,8 @@ class SemiSupervisedMethod(pl.LightningModule):
     # Training stages in order (benchmark/run.py trains them one after the other, each from the previous one's
     # weights); the stage being trained is ``self.stage`` (``config["run"]["stage"]``, set by the run).
     stages: ClassVar[tuple[str, ...]] = ("train",)
+    # False for methods whose own losses read the labels (one-hot, masks) and so do not skip the spec's ignore index.
+    handles_ignore_index: ClassVar[bool] = True
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
@@ -49,14 +51,26 @@ class SemiSupervisedMethod(pl.LightningModule):
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
+        self.check_dataset(spec)
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
         policy = config["trainer"].get("on_nonfinite_loss", "stop")
         if policy not in NONFINITE_POLICIES:
             raise UserError(f"unknown trainer.on_nonfinite_loss '{policy}'", where=f"known: {', '.join(NONFINITE_POLICIES)}")
         self.evaluator = Evaluator.from_config(spec, config)
-        self.supervised_criterion = SupervisedSegmentationLoss(include_background=spec.dice_include_background)
+        self.supervised_criterion = SupervisedSegmentationLoss(
+            include_background=spec.dice_include_background, ignore_index=spec.ignore_index
+        )
         self._val_scores: list[list[float]] = []
         self.build()
+
+    @classmethod
+    def check_dataset(cls, spec: DatasetSpec) -> None:
+        """Refuse a dataset the method cannot train on correctly (run.prepare calls this before writing anything)."""
+        if spec.ignore_index is not None and not cls.handles_ignore_index:
+            raise UserError(
+                f"{cls.__name__} does not handle the ignored label {spec.ignore_index} of {spec.name}",
+                fix="use a dataset without ignored pixels (e.g. cadis, task I) or a method that does (supervised, mean_teacher, ua_mt, cps)",
+            )
 
     # ---- what a method provides ------------------------------------------------------------------
     def build(self) -> None:
@@ -165,5 +179,5 @@ class SemiSupervisedMethod(pl.LightningModule):
         scores = np.asarray(self._val_scores)  # (cases, foreground classes)
         # Every rank scores all validation cases (identical values); sync_dist only keeps Lightning from warning.
         self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1, sync_dist=True)
-        for index, class_name in enumerate(self.spec.class_names[1:]):
+        for index, class_name in enumerate(self.evaluator.score_names):
             self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1, sync_dist=True)

@@ -62,3 +62,11 @@ def la_root(tmp_path_factory) -> Path:
     from datamodules.synthetic import write_la_layout
 
     return write_la_layout(tmp_path_factory.mktemp("la"), crlf=True, **TINY_LA)
+
+
+def run_smoke(tmp_path: Path, *args: str) -> int:
+    """``python -m benchmark run --profile smoke`` into tmp_path (runs/ and lb/<dataset>.csv)."""
+    from benchmark.cli import main
+
+    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *args])
