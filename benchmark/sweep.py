@@ -459,6 +459,9 @@ def sweep(options: SweepOptions) -> dict[int, Outcome]:
         for planned in runs:
             say(f"{'done' if planned.index in outcomes else 'to run'} {planned.describe(total)}")
         return outcomes
+    for planned in runs:
+        if planned.index in outcomes:
+            report(planned, outcomes[planned.index], total)
     if options.launcher == "local":
         for planned in todo:
             outcomes[planned.index] = execute_local(options, planned, total)
