@@ -13,6 +13,7 @@ from typing import Sequence
 from benchmark.errors import EXIT_USER_ERROR, UserError
 
 EXIT_SOME_RUNS_FAILED = 1
+WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
 
 
 def _number(kind):
@@ -104,10 +105,12 @@ def config_from_args(args: argparse.Namespace) -> dict:
 
     entry = get_dataset(args.dataset)
     overrides = list(args.overrides)
+    # W&B stays off unless asked for, by --wandb or by the environment W&B itself reads.
+    wandb = args.wandb or WANDB_MODES_FROM_ENV.get(os.environ.get("WANDB_MODE", ""))
     for key, value in (
         ("data.root", args.data_root), ("data.ratio", args.ratio), ("data.labeled", args.labeled),
         ("run.seed", args.seed), ("trainer.devices", args.devices), ("trainer.num_nodes", args.num_nodes),
-        ("run.out", args.out), ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", args.wandb),
+        ("run.out", args.out), ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", wandb),
     ):
         if value is not None and value != "":
             overrides.insert(0, f"{key}={value}")

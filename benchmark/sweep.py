@@ -282,10 +282,14 @@ def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=N
 
 
 def run_in_process(argv: Sequence[str]) -> tuple[int, str]:
-    from benchmark.cli import main
+    from benchmark.cli import build_parser, command_run
+    from benchmark.errors import EXIT_USER_ERROR
 
     try:
-        return main(list(argv)), ""
+        return command_run(build_parser().parse_args(list(argv))), ""
+    except UserError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return EXIT_USER_ERROR, " ".join(error.message.split())
     except Exception as error:  # noqa: BLE001 - a failing run must not end the sweep
         return 1, f"{type(error).__name__}: {error}"
 
@@ -296,7 +300,9 @@ def failure_reason(code: int, stderr_tail: str) -> str:
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
     lines = [line.strip() for line in stderr_tail.splitlines() if line.strip()]
-    return f"exit code {code}: {lines[-1] if lines else 'no error output'}"
+    # A traceback ends with the exception; a UserError prints "error: ..." then its where/fix lines.
+    cause = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "no error output")
+    return f"exit code {code}: {cause}"
 
 
 def failed_row(planned: PlannedRun, reason: str) -> dict[str, Any]:

@@ -306,3 +306,15 @@ def test_slurm_executor_parameters(tmp_path, monkeypatch):
         assert line in script, line
     with pytest.raises(UserError, match="KEY=VALUE"):
         sweep_module.make_executor(options(tmp_path, launcher="slurm", slurm_params=["account"]))
+
+
+def test_failure_reasons():
+    from benchmark.sweep import failure_reason
+
+    assert failure_reason(-9, "") == "killed by SIGKILL (out of memory? the kernel's OOM killer sends SIGKILL)"
+    assert failure_reason(-15, "") == "killed by SIGTERM"
+    traceback = "Traceback (most recent call last):\n  File x\nValueError: unknown optim.schedule 'bogus'\n"
+    assert failure_reason(1, traceback) == "exit code 1: ValueError: unknown optim.schedule 'bogus'"
+    user_error = "error: needs DATA_ROOT\n  where: acdc\n  fix:   give it\n"
+    assert failure_reason(2, user_error) == "exit code 2: error: needs DATA_ROOT"
+    assert failure_reason(3, "") == "exit code 3: no error output"

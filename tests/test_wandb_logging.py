@@ -60,3 +60,19 @@ def test_wandb_logger_group_job_type_and_tags(tmp_path, monkeypatch):
     assert init["group"] == "grid-1" and init["job_type"] == "sweep"
     assert init["tags"] == ["synthetic_acdc", "mean_teacher", "smoke", "labeled=4", "ratio=0.2", "seed=2", "sweep=grid-1"]
     assert init["config"]["config_hash"] == "abc"
+
+
+def test_wandb_mode_from_the_environment_unless_asked_otherwise(monkeypatch):
+    from benchmark.cli import build_parser, config_from_args
+
+    def mode(*args):
+        return config_from_args(build_parser().parse_args(["run", "--ratio", "0.2", *args]))["run"]["wandb"]
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert mode() == "offline" and mode("--wandb", "disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert mode() == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert mode() == "disabled"
