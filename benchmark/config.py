@@ -31,6 +31,7 @@ NON_SEMANTIC_KEYS = (
     ("trainer", "devices"), ("trainer", "num_nodes"), ("trainer", "accelerator"), ("trainer", "log_every"),
     ("eval", "window_batch"),
     ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "sweep"), ("run", "progress"),
+    ("run", "test"),
 )
 
 

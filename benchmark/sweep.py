@@ -258,9 +258,16 @@ def _die_with_parent() -> None:
         pass  # not Linux: a killed sweep may leave its current run finishing on its own
 
 
-def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=None) -> tuple[int, str]:
-    """Run one point; stream its output through and return (exit code, the last lines of its stderr)."""
-    env = dict(os.environ)
+def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=None, own_job: bool = True) -> tuple[int, str]:
+    """Run one point; stream its output through and return (exit code, the last lines of its stderr).
+
+    ``own_job``: the run is a job of its own on this machine, so it must not take the sweep's launcher variables
+    (a sweep inside an sbatch or srun allocation) for its DDP rank; Lightning then starts DEVICES ranks itself.
+    A submitit task keeps them: there every task is one rank of the run."""
+    from benchmark.tune import LAUNCHER_VARIABLES
+
+    hidden = set(LAUNCHER_VARIABLES) | {"TORCHELASTIC_RUN_ID"} if own_job else set()
+    env = {key: value for key, value in os.environ.items() if key not in hidden}
     # The run imports this very copy of the suite, even when another copy is installed in the environment.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     process = subprocess.Popen(run_command(argv), stderr=subprocess.PIPE, text=True, errors="replace", env=env,
@@ -349,7 +356,7 @@ def execute_local(options: SweepOptions, planned: PlannedRun, total: int) -> Out
 # ---- submitit (SLURM, or local processes for testing the same path) ---------------------------------------------
 def job_main(argv: list[str]) -> tuple[int, str]:
     """What a submitit job executes (in every task of a multi-task job: each task is one DDP rank)."""
-    return run_subprocess(argv)
+    return run_subprocess(argv, own_job=False)
 
 
 def make_executor(options: SweepOptions):

@@ -318,3 +318,16 @@ def test_failure_reasons():
     user_error = "error: needs DATA_ROOT\n  where: acdc\n  fix:   give it\n"
     assert failure_reason(2, user_error) == "exit code 2: error: needs DATA_ROOT"
     assert failure_reason(3, "") == "exit code 3: no error output"
+
+
+def test_local_runs_do_not_inherit_launcher_ranks(monkeypatch):
+    """A sweep inside an sbatch/srun allocation: its runs must not take SLURM_PROCID for their own DDP rank;
+    a submitit task (one rank of a multi-task run) keeps it."""
+    from benchmark.sweep import run_subprocess
+
+    probe = [sys.executable, "-c", "import os, sys; sys.stderr.write(os.environ.get('SLURM_PROCID', 'none') + ' ' + os.environ.get('RANK', 'none'))"]
+    monkeypatch.setattr(sweep_module, "run_command", lambda argv: probe)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("RANK", "3")
+    assert run_subprocess([]) == (0, "none none")
+    assert run_subprocess([], own_job=False) == (0, "3 3")
