@@ -8,8 +8,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.leaderboard import append_rows
-from benchmark.report import (REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests,
-                              render_leaderboards)
+from benchmark.report import REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests
 from tests.conftest import PROJECT_ROOT
 
 CASES = ["c1", "c2", "c3", "c4"]

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +15,7 @@ from benchmark.cli import main
 from benchmark.errors import UserError
 from benchmark.sweep import GridPoint, SweepOptions, claim, expand_grid, parse_shard, plan, shard, sweep
 from tests.conftest import PROJECT_ROOT
+from tests.test_tune import _wait_for as wait_for
 
 SMOKE_GRID = ["--dataset", "synthetic_acdc", "--profile", "smoke", "--methods", "supervised", "--ratios", "0.2"]
 
@@ -198,14 +197,6 @@ def is_gone(pid: int) -> bool:
     return "\nState:\tZ" in status  # a zombie waiting for a reaper has stopped running
 
 
-def wait_for(condition, what: str, limit_s: float = 600) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.2)
-
-
 def kill_at_line(process: subprocess.Popen, marker: str) -> str:
     """Read the sweep's output until a line contains ``marker``, then SIGKILL the sweep; returns that line."""
     for line in process.stdout:
@@ -241,7 +232,7 @@ def test_resume_after_the_sweep_is_killed_between_and_inside_runs(tmp_path):
     assert started is not None and "pid=" in started
     run_pid = int(started.rsplit("pid=", 1)[1])
     seed = started.split("seed=", 1)[1].split()[0]
-    wait_for(lambda: any((tmp_path / "runs").rglob(f"L4_s{seed}_*/config.yaml")) or is_gone(run_pid), "the run to start training")
+    wait_for(lambda: any((tmp_path / "runs").rglob(f"L4_s{seed}_*/config.yaml")) or is_gone(run_pid), "the run to start training", 600)
     process.kill()
     process.wait()
     wait_for(lambda: is_gone(run_pid), "the orphaned run to die with its sweep", 60)
