@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark run|tune|list|score|data`` (the Makefile wraps the same commands).
+"""Command line: ``python -m benchmark run|sweep|leaderboard|tune|list|score|data`` (the Makefile wraps the same commands).
 
 User errors (bad paths, names, values) print one message and exit with code 2; nothing is written for them.
 """
@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossError, UserError
+
+EXIT_SOME_RUNS_FAILED = 1
+WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
 
 
 def _number(kind):
@@ -32,6 +35,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="cpu", help="paper | cpu | smoke")
     parser.add_argument("--seed", type=_number(int), default=0)
     parser.add_argument("--devices", type=_number(int), default=None, help="devices for Lightning DDP (default from the profile: 1)")
+    parser.add_argument("--num-nodes", type=_number(int), default=None, help="nodes for multi-node DDP (torchrun/SLURM; default 1)")
     parser.add_argument("--out", default=None, help="runs folder (default runs/)")
     parser.add_argument("--leaderboard-dir", default=None, help="where <dataset>.csv is appended (default leaderboards/)")
     parser.add_argument("--wandb", choices=["disabled", "offline", "online"], default=None)
@@ -69,6 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--keep-checkpoints", action="store_true", help="keep the trials' checkpoints (deleted by default)")
     tune.add_argument("--report-only", action="store_true", help="only write the summary and plots of the study")
 
+    sweep = commands.add_parser("sweep", help="run the grid methods x ratios x seeds into the leaderboard (skips what is done)")
+    sweep.add_argument("--dataset", default="synthetic_acdc", help="a dataset name (`list datasets`)")
+    sweep.add_argument("--methods", nargs="+", default=["supervised"], help="registered methods (space or comma separated)")
+    sweep.add_argument("--ratios", nargs="+", default=["0.2"], help="labeled ratios in (0, 1]")
+    sweep.add_argument("--seeds", nargs="+", default=["0"], help="seeds")
+    sweep.add_argument("--profile", default="cpu", help="paper | cpu | smoke")
+    sweep.add_argument("--data-root", default=None)
+    sweep.add_argument("--devices", type=_number(int), default=None, help="devices per run (Lightning DDP)")
+    sweep.add_argument("--num-nodes", type=_number(int), default=None, help="nodes per run (SLURM launcher)")
+    sweep.add_argument("--out", default="runs")
+    sweep.add_argument("--leaderboard-dir", default="leaderboards")
+    sweep.add_argument("--wandb", choices=["disabled", "offline", "online"], default=None)
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override for every run of the grid (repeatable)")
+    sweep.add_argument("--name", default=None, help="sweep name (W&B group; default: a digest of the grid)")
+    sweep.add_argument("--shard", default=None, metavar="I/N", help="run only shard I of N (0-based) of the grid")
+    sweep.add_argument("--launcher", default="local", help="local (one subprocess per run) | slurm | submitit-local (submitit)")
+    sweep.add_argument("--in-process", action="store_true", help="run each point in the sweep process (debugging; no DDP)")
+    sweep.add_argument("--progress", action="store_true", help="progress bars in the runs")
+    sweep.add_argument("--dry-run", action="store_true", help="print which points are done and which would run")
+    slurm = sweep.add_argument_group("SLURM (--launcher slurm, through submitit)")
+    slurm.add_argument("--slurm-partition", default=None)
+    slurm.add_argument("--slurm-gpus-per-node", type=_number(int), default=None, help="default: --devices")
+    slurm.add_argument("--slurm-cpus-per-task", type=_number(int), default=None)
+    slurm.add_argument("--slurm-mem-gb", type=_number(int), default=None)
+    slurm.add_argument("--slurm-time", dest="slurm_time_min", type=_number(int), default=24 * 60, help="minutes per run (default 1440)")
+    slurm.add_argument("--slurm-max-parallel", type=_number(int), default=None, help="jobs in flight at once (default: all)")
+    slurm.add_argument("--slurm-setup", action="append", default=[], help="shell line run before each job (repeatable)")
+    slurm.add_argument("--slurm-param", dest="slurm_params", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other sbatch option, e.g. account=proj or qos=high (repeatable)")
+
+    board = commands.add_parser("leaderboard", help="aggregate the leaderboard CSVs into leaderboards/README.md and plots")
+    board.add_argument("--dir", default="leaderboards", help="folder of <dataset>.csv and reported.csv")
+    board.add_argument("--out", default=None, help="folder for README.md and the plots (default: --dir)")
+    board.add_argument("--datasets", nargs="*", default=None, help="only these datasets (default: every CSV but reported.csv)")
+
     listing = commands.add_parser("list", help="print the known methods, datasets or profiles, one per line")
     listing.add_argument("what", choices=["methods", "datasets", "profiles"])
 
@@ -95,10 +135,12 @@ def config_from_args(args: argparse.Namespace, first_overrides: Sequence[str] = 
 
     entry = get_dataset(args.dataset)
     overrides = [*first_overrides, *args.overrides]
+    # W&B stays off unless asked for, by --wandb or by the environment W&B itself reads.
+    wandb = args.wandb or WANDB_MODES_FROM_ENV.get(os.environ.get("WANDB_MODE", ""))
     for key, value in (
         ("data.root", args.data_root), ("data.ratio", args.ratio), ("data.labeled", args.labeled),
-        ("run.seed", args.seed), ("trainer.devices", args.devices), ("run.out", args.out),
-        ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", args.wandb),
+        ("run.seed", args.seed), ("trainer.devices", args.devices), ("trainer.num_nodes", args.num_nodes),
+        ("run.out", args.out), ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", wandb),
     ):
         if value is not None and value != "":
             overrides.insert(0, f"{key}={value}")
@@ -143,6 +185,40 @@ def print_summary(rows: list[dict]) -> None:
     print(f"leaderboard: row(s) appended for config {first['config_hash']}")
 
 
+def _numbers(values: list[str], kind, what: str) -> list:
+    from benchmark.sweep import split_words
+
+    numbers = []
+    for word in split_words(values):
+        try:
+            numbers.append(kind(word))
+        except ValueError:
+            raise UserError(f"{what} holds {word!r}, which is not {'a whole number' if kind is int else 'a number'}") from None
+    return numbers
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    from benchmark.sweep import SweepOptions, split_words, sweep
+
+    options = SweepOptions(**{
+        **{k: v for k, v in vars(args).items() if k not in ("command", "methods", "ratios", "seeds")},
+        "methods": split_words(args.methods),
+        "ratios": _numbers(args.ratios, float, "RATIOS"),
+        "seeds": _numbers(args.seeds, int, "SEEDS"),
+    })
+    outcomes = sweep(options)
+    return EXIT_SOME_RUNS_FAILED if any(o.status == "failed" for o in outcomes.values()) else 0
+
+
+def command_leaderboard(args: argparse.Namespace) -> int:
+    from benchmark.report import render_leaderboards
+
+    written = render_leaderboards(Path(args.dir), Path(args.out) if args.out else None, args.datasets)
+    for path in written:
+        print(f"written: {path}")
+    return 0
+
+
 def command_tune(args: argparse.Namespace) -> int:
     from benchmark.tune import command_tune as tune
 
@@ -180,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from benchmark.data_commands import command_data
 
-    handlers = {"run": command_run, "tune": command_tune, "list": command_list, "score": command_score,
-                "data": command_data}
+    handlers = {"run": command_run, "sweep": command_sweep, "leaderboard": command_leaderboard, "tune": command_tune,
+                "list": command_list, "score": command_score, "data": command_data}
     try:
         return handlers[args.command](args)
     except UserError as error:

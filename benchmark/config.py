@@ -28,9 +28,9 @@ PROFILE_HELP = {
 NON_SEMANTIC_KEYS = (
     # The resolved labeled count (data.labeled) is hashed; RATIO is only how it was asked for.
     ("data", "root"), ("data", "num_workers"), ("data", "ratio"),
-    ("trainer", "devices"), ("trainer", "accelerator"), ("trainer", "log_every"),
+    ("trainer", "devices"), ("trainer", "num_nodes"), ("trainer", "accelerator"), ("trainer", "log_every"),
     ("eval", "window_batch"),
-    ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "progress"),
+    ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "sweep"), ("run", "progress"),
     ("run", "test"),
 )
 # Keys added after leaderboard rows existed: at these values they are left out of the hash, so the hashes of

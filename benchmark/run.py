@@ -37,6 +37,7 @@ from benchmark.config import PER_STAGE, config_hash, merge
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable
+from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
 
@@ -55,8 +56,18 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", 0))))
+def _global_rank(devices_per_node: int = 1) -> int:
+    """This process's DDP rank before the Trainer exists, read the way Lightning picks its cluster environment:
+    torchrun (TorchElasticEnvironment: RANK) before SLURM srun tasks (SLURMEnvironment: SLURM_PROCID) before
+    Lightning's own launcher, which re-runs this command with NODE_RANK and LOCAL_RANK (LOCAL_RANK alone would
+    make the first process of every node a rank 0)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["RANK"])
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_PROCID"])
+    return int(os.environ.get("NODE_RANK", 0)) * devices_per_node + int(os.environ.get("LOCAL_RANK", 0))
 
 
 def prepare(config: dict[str, Any]):
@@ -108,12 +119,18 @@ def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
 
 
 def make_run_dir(config: dict[str, Any], digest: str) -> Path:
-    """A new folder per run; DDP ranks other than 0 (re-launched copies of this command) reuse rank 0's."""
-    if _global_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+    """A new folder per run; DDP ranks other than 0 (re-launched copies of this command) reuse rank 0's.
+
+    Ranks started by torchrun or srun on other nodes do not inherit rank 0's environment; they write nothing
+    (Lightning's loggers and checkpoint saving are rank-zero only), so they get a path that is never created."""
+    rank = _global_rank(int(config["trainer"]["devices"]))
+    if rank != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"L{config['data']['labeled']}_s{config['run']['seed']}_{digest}_{stamp}_{os.getpid()}"
     run_dir = Path(config["run"]["out"]).resolve() / config["dataset"] / config["method_name"] / name
+    if rank != 0:
+        return run_dir.with_name(f"{name}_rank{rank}")
     run_dir.mkdir(parents=True, exist_ok=False)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning launches
     return run_dir
@@ -127,12 +144,16 @@ def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     if mode != "disabled":
         from pytorch_lightning.loggers import WandbLogger
 
+        sweep = config["run"].get("sweep")
+        tags = [config["dataset"], config["method_name"], config["profile"], f"labeled={config['data']['labeled']}",
+                f"ratio={config['data'].get('ratio')}", f"seed={config['run']['seed']}"]
         loggers.append(
             WandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "ssl-medseg-bench"),
                 name=run_dir.name,
-                group=f"{config['dataset']}-{config['profile']}",
-                tags=[config["dataset"], config["method_name"], f"labeled={config['data']['labeled']}", f"seed={config['run']['seed']}"],
+                group=sweep or f"{config['dataset']}-{config['profile']}",
+                job_type="sweep" if sweep else "run",
+                tags=tags + ([f"sweep={sweep}"] if sweep else []),
                 save_dir=str(run_dir),
                 offline=mode == "offline",
                 config={**config, "config_hash": digest},
@@ -145,14 +166,15 @@ def build_trainer(
     config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = ()
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
     trainer_cfg = config["trainer"]
-    devices = int(trainer_cfg["devices"])
+    devices, num_nodes = int(trainer_cfg["devices"]), int(trainer_cfg["num_nodes"])
     best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/dice", mode="max", save_top_k=1
     )
     trainer = pl.Trainer(
         accelerator=trainer_cfg["accelerator"],
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
         max_steps=trainer_cfg["max_steps"],
         val_check_interval=trainer_cfg["val_every"],
         check_val_every_n_epoch=None,
@@ -162,7 +184,7 @@ def build_trainer(
         # The DataModule's own step-indexed samplers are already per rank (ecosystem.md B1).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[best, *callbacks],
+        callbacks=[best, *overlay_callbacks(config), *callbacks],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,
         log_every_n_steps=trainer_cfg["log_every"],
@@ -214,7 +236,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
     spec = entry.spec
     digest = config_hash(config)
     run_dir = make_run_dir(config, digest)
-    is_rank_zero = _global_rank() == 0
+    is_rank_zero = _global_rank(devices) == 0
     if is_rank_zero:
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "config_hash": digest}, sort_keys=False))
         datamodule.split.write(run_dir / "split.json")
