@@ -1,9 +1,12 @@
 """The evaluator: one inference and metric policy for every method (datasets.md 1.4, 2.4).
 
-Per case it predicts a label map of the case's own shape (sliding window in 3D, slice by slice in 2D),
+Per case it predicts a label map of the case's own shape (sliding window in 3D, slice by slice for 2-D-trained
+volumes, one resized forward pass for whole 2-D images),
 optionally keeps the largest connected component per class, and scores every foreground class with
 Dice, Jaccard, HD95 and ASD (benchmark/metrics.py: medpy's definitions, one explicit empty-mask rule).
-The reported number is the mean over cases of the mean over foreground classes.
+The reported number is the mean over cases of the mean over foreground classes. A dataset may ask for extra
+summary metrics (``DatasetSpec.extra_metrics``): ``pooled_f1`` is Dice over the pixels of all test cases pooled
+(the global F1 of the endoscopy papers, e.g. MMS's test.py with sklearn's f1_score), per class, then the class mean.
 """
 from __future__ import annotations
 
@@ -16,10 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark import metrics
-from benchmark.inference import Predictor, predict_slicewise, sliding_window_probabilities
+from benchmark.inference import Predictor, predict_slicewise, predict_whole_image, sliding_window_probabilities
 from datamodules.spec import DatasetSpec
 
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
+#: Per-case pixel counts recorded when a pooled metric is asked for.
+COUNT_NAMES = ("tp", "fp", "fn")
+EXTRA_METRICS = ("pooled_f1",)
 
 
 @dataclass
@@ -58,6 +64,8 @@ class Evaluator:
             prediction = probabilities.argmax(dim=0).numpy().astype(np.uint8)
         elif self.spec.eval_mode == "slicewise":
             prediction = predict_slicewise(predictor, image, self.patch_size, device=device)
+        elif self.spec.eval_mode == "whole_image":
+            prediction = predict_whole_image(predictor, image, self.patch_size, device=device)
         else:
             raise NotImplementedError(f"evaluation mode {self.spec.eval_mode}")
         if self.lcc:
@@ -81,7 +89,12 @@ class Evaluator:
             prediction, label, self.spec.num_classes,
             spacing=spacing if self.use_spacing else None, empty_policy=self.empty_policy,
         )
-        return [{"class": self.spec.class_names[c], **per_class[c]} for c in self.class_indices]
+        rows = [{"class": self.spec.class_names[c], **per_class[c]} for c in self.class_indices]
+        if "pooled_f1" in self.spec.extra_metrics:
+            for row, c in zip(rows, self.class_indices):
+                p, g = prediction == c, label == c
+                row.update(tp=int(np.logical_and(p, g).sum()), fp=int(np.logical_and(p, ~g).sum()), fn=int(np.logical_and(~p, g).sum()))
+        return rows
 
     def evaluate(self, predictor: Predictor, cases: Iterable[dict], progress: bool = True, device="cpu", desc="test") -> pd.DataFrame:
         """One row per (case, foreground class) with the four metrics."""
@@ -92,11 +105,25 @@ class Evaluator:
             prediction = self.predict(predictor, np.asarray(case["image"]), device)
             for row in self.score(prediction, label, case.get("spacing")):
                 rows.append({"case": case["case"], **row})
-        return pd.DataFrame(rows, columns=["case", "class", *METRIC_NAMES])
+        counts = list(COUNT_NAMES) if "pooled_f1" in self.spec.extra_metrics else []
+        return pd.DataFrame(rows, columns=["case", "class", *METRIC_NAMES, *counts])
 
 
-def summarize(per_case: pd.DataFrame) -> dict[str, float]:
-    """Mean over cases of the class-mean of each metric, plus the per-class Dice (``dice_<class>``)."""
+def pooled_f1(per_case: pd.DataFrame) -> float:
+    """Dice of all cases' pixels pooled, per class (2 TP / (2 TP + FP + FN)), then the mean over classes.
+
+    A class absent from every prediction and every label scores 1 (nothing to find, nothing found).
+    """
+    scores = []
+    for _, group in per_case.groupby("class", sort=False):
+        tp, fp, fn = (int(group[name].sum()) for name in COUNT_NAMES)
+        scores.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def summarize(per_case: pd.DataFrame, extra_metrics: Sequence[str] = ()) -> dict[str, float]:
+    """Mean over cases of the class-mean of each metric, plus the per-class Dice (``dice_<class>``) and the
+    requested ``extra_metrics`` (see EXTRA_METRICS)."""
     if per_case.empty:
         raise ValueError("no cases were evaluated")
     if per_case[list(METRIC_NAMES)].isna().any().any():
@@ -105,5 +132,9 @@ def summarize(per_case: pd.DataFrame) -> dict[str, float]:
     summary = {name: float(case_means[name].mean()) for name in METRIC_NAMES}
     for class_name, group in per_case.groupby("class", sort=False):
         summary[f"dice_{class_name}"] = float(group["dice"].mean())
+    for name in extra_metrics:
+        if name != "pooled_f1":
+            raise ValueError(f"unknown extra metric '{name}' (known: {', '.join(EXTRA_METRICS)})")
+        summary[name] = pooled_f1(per_case)
     summary["n_cases"] = int(case_means.shape[0])
     return summary

@@ -55,9 +55,17 @@ def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
+    if entry.spec.spatial_dims not in method_cls.spatial_dims:
+        raise UserError(
+            f"method '{config['method_name']}' is {'/'.join(f'{d}-D' for d in method_cls.spatial_dims)} only, "
+            f"but dataset '{config['dataset']}' is {entry.spec.spatial_dims}-D",
+            fix="choose a dataset of a supported dimensionality (`python -m benchmark list datasets`)",
+        )
     if config["data"]["patch_size"] is None:
         config["data"]["patch_size"] = list(entry.spec.patch_size)
-    datamodule = build_datamodule(config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled)
+    datamodule = build_datamodule(
+        config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled, labeled_partitions=method_cls.labeled_partitions
+    )
     # The hash covers the resolved labeled count, not how it was asked for (RATIO or LABELED).
     config["data"]["labeled"] = datamodule.split.labeled_count
     trainer = config["trainer"]
@@ -205,7 +213,7 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
         step = load_weights(model, path)
         per_case = evaluator.evaluate(model.predict_logits, test_cases, progress=config["run"]["progress"], device=device, desc=f"test ({kind})")
         per_case.to_csv(run_dir / f"test_per_case_{kind}.csv", index=False)
-        summary = summarize(per_case)
+        summary = summarize(per_case, spec.extra_metrics)
         results[kind] = {"step": step, **summary}
         rss, gpu = peak_memory()
         rows.append({

@@ -13,6 +13,7 @@ from typing import Any
 from benchmark.errors import UserError, unknown_name
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
+from datamodules.endoscopy import KVASIR_SEG_SPEC, KvasirDataModule
 from datamodules.la import LA_SPEC, LADataModule
 from datamodules.spec import DatasetSpec
 
@@ -35,12 +36,19 @@ DATASETS: dict[str, DatasetEntry] = {
         LADataModule, LA_SPEC, "la",
         layout_hint="'2018LA_Seg_Training Set/<ID>/mri_norm2.h5' with train.list and test.list (UA-MT form)",
     ),
+    "kvasir_seg": DatasetEntry(
+        KvasirDataModule, KVASIR_SEG_SPEC, "kvasir_seg",
+        layout_hint="images/<id>.jpg, masks/<id>.jpg and train.txt, val.txt, test.txt (Kvasir layout)",
+    ),
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
         ACDCDataModule, replace(ACDC_SPEC, name="synthetic_acdc", labeled_counts={}), "acdc", synthetic=True
     ),
     "synthetic_la": DatasetEntry(
         LADataModule, replace(LA_SPEC, name="synthetic_la", labeled_counts={}, spacing=None), "la", synthetic=True
+    ),
+    "synthetic_kvasir": DatasetEntry(
+        KvasirDataModule, replace(KVASIR_SEG_SPEC, name="synthetic_kvasir"), "kvasir_seg", synthetic=True
     ),
 }
 
@@ -69,7 +77,9 @@ def resolve_root(name: str, root: str | Path | None) -> Path:
     )
 
 
-def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = True) -> SemiSupervisedDataModule:
+def build_datamodule(
+    name: str, config: dict[str, Any], use_unlabeled: bool = True, labeled_partitions: int = 1
+) -> SemiSupervisedDataModule:
     entry = get_dataset(name)
     data, trainer = config["data"], config["trainer"]
     return entry.datamodule(
@@ -86,6 +96,7 @@ def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = Tr
         num_workers=data["num_workers"],
         val_holdout=data.get("val_holdout", 0),
         max_eval_cases=data.get("max_eval_cases"),
+        labeled_partitions=labeled_partitions,
     )
 
 

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.errors import UserError
-from datamodules.samplers import StepSampler
+from datamodules.samplers import PartitionedStepSampler, StepSampler
 from datamodules.spec import DatasetSpec
 
 
@@ -137,8 +137,10 @@ def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 class TrainItems(Dataset):
     """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG."""
 
-    def __init__(self, items: list[str], load, transform, with_label: bool):
+    def __init__(self, items: list[str], load, transform, with_label: bool, has_channel_axis: bool = False):
         self.items, self.load, self.transform, self.with_label = items, load, transform, with_label
+        # Multi-channel images (RGB) come as (C, *spatial); single-channel ones without the axis.
+        self.has_channel_axis = has_channel_axis
 
     def __len__(self) -> int:
         return len(self.items)
@@ -148,7 +150,8 @@ class TrainItems(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
         image, label = self.load(self.items[index], self.with_label)
         image, label = self.transform(rng, image, label)
-        sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).unsqueeze(0)}
+        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        sample = {"image": image if self.has_channel_axis else image.unsqueeze(0)}
         if self.with_label:
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return sample
@@ -194,6 +197,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         val_holdout: int = 0,
         max_eval_cases: int | None = None,
+        labeled_partitions: int = 1,
     ):
         super().__init__()
         self.spec = spec
@@ -211,6 +215,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_holdout = val_holdout
         self.max_eval_cases = max_eval_cases
+        self.labeled_partitions = labeled_partitions
         if not self.root.is_dir():
             raise UserError(
                 f"data root for {spec.name} does not exist or is not a folder",
@@ -231,6 +236,27 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             total_units=len(units),
             unit=spec.labeled_unit,
         )
+        self.labeled_partition_sizes = self._partition_labeled(labeled_units)
+
+    def _partition_labeled(self, labeled_units: list[tuple[str, list[str]]]) -> list[int]:
+        """Item counts of the labeled partitions: consecutive, near-equal groups of whole labeled units in list
+        order (a method with per-network labeled data, e.g. MMS, asks for 2). Deterministic: no shuffling."""
+        parts = self.labeled_partitions
+        if parts == 1:
+            return [len(self.split.labeled)]
+        if len(labeled_units) < parts:
+            raise UserError(
+                f"this method splits the labeled {self.spec.labeled_unit}s into {parts} disjoint parts, "
+                f"but only {len(labeled_units)} is labeled",
+                fix=f"label at least {parts} {self.spec.labeled_unit}s (LABELED={parts} or a larger RATIO)",
+            )
+        bounds = [round(p * len(labeled_units) / parts) for p in range(parts + 1)]
+        sizes = [sum(len(items) for _, items in labeled_units[a:b]) for a, b in zip(bounds, bounds[1:])]
+        self.split.notes.append(
+            "labeled partitions (one per network): "
+            + "; ".join(f"{b - a} {self.spec.labeled_unit}s / {n} items" for a, b, n in zip(bounds, bounds[1:], sizes))
+        )
+        return sizes
 
     # ---- what a family provides -------------------------------------------------------------------
     def read_split(self) -> ListedData:
@@ -268,8 +294,18 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def _stream(self, items: list[str], with_label: bool, global_batch: int) -> DataLoader:
         rank, world_size, start_step = self._world()
         batch = self.per_rank_batch(global_batch, world_size)
-        sampler = StepSampler(len(items), batch, self.max_steps, self.seed + (0 if with_label else 7919), rank, world_size, start_step)
-        dataset = TrainItems(items, self.load_item, self.train_transform, with_label)
+        seed = self.seed + (0 if with_label else 7919)
+        if with_label and self.labeled_partitions > 1:
+            if batch % self.labeled_partitions:
+                raise UserError(
+                    f"the labeled batch per device ({batch}) cannot be shared equally by {self.labeled_partitions} "
+                    "networks that each train on their own labeled part",
+                    fix=f"choose data.labeled_batch_size divisible by {self.labeled_partitions} x DEVICES",
+                )
+            sampler = PartitionedStepSampler(self.labeled_partition_sizes, batch, self.max_steps, seed, rank, world_size, start_step)
+        else:
+            sampler = StepSampler(len(items), batch, self.max_steps, seed, rank, world_size, start_step)
+        dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.spec.in_channels > 1)
         return DataLoader(
             dataset,
             batch_size=batch,

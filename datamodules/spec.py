@@ -31,6 +31,12 @@ class DatasetSpec:
     labeled_unit: str = "case"
     # Dice on the background channel in the supervised loss: SSL4MIS (ACDC) includes it, UA-MT (LA) does not.
     dice_include_background: bool = True
+    # Per-channel (mean, std) the loader normalised the images with (ImageNet statistics for RGB endoscopy),
+    # or None when images are stored ready to use (ACDC, LA). Image-space augmentations undo it first.
+    image_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # Summary metrics beyond the per-case means, e.g. "pooled_f1" (pixels of all test images pooled: the
+    # global F1 of the endoscopy literature); benchmark/evaluation.py lists the known ones.
+    extra_metrics: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:

@@ -28,6 +28,11 @@ class SemiSupervisedMethod(pl.LightningModule):
     defaults: ClassVar[dict[str, Any]] = {}
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
+    # Dimensionalities the method is defined for; the runner refuses other datasets with a UserError.
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    # >1: the labeled set is split into this many disjoint consecutive parts and every labeled batch is their
+    # concatenation in equal shares (datamodules/samplers.py PartitionedStepSampler), e.g. MMS's one part per network.
+    labeled_partitions: ClassVar[int] = 1
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
@@ -89,7 +94,13 @@ class SemiSupervisedMethod(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.config["optim"]
         parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+        name = optim.get("name", "sgd")  # absent in base.yaml (keeps older config hashes); presets may set it
+        if name == "sgd":
+            optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+        elif name == "adam":  # default betas (the endoscopy protocol of MMS)
+            optimizer = torch.optim.Adam(parameters, lr=optim["lr"], weight_decay=optim["weight_decay"])
+        else:
+            raise ValueError(f"unknown optim.name '{name}' (sgd, adam)")
         max_steps = self.config["trainer"]["max_steps"]
         schedule = optim["schedule"]
         if schedule == "poly":
