@@ -93,9 +93,11 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, faithful: bool = 
     ``reduce='none'``), and the IoU uses the argument as the probability.
     """
     target = target.to(logits.dtype)
-    weights = 1 + BOUNDARY_GAIN * torch.abs(
-        F.avg_pool2d(target, kernel_size=BOUNDARY_KERNEL, stride=1, padding=BOUNDARY_KERNEL // 2) - target
-    )
+    # The 31 x 31 mean with zero padding counted is separable: a 31 x 1 then a 1 x 31 pass (60 instead of 961 adds).
+    pad = BOUNDARY_KERNEL // 2
+    local_mean = F.avg_pool2d(target, (BOUNDARY_KERNEL, 1), stride=1, padding=(pad, 0))
+    local_mean = F.avg_pool2d(local_mean, (1, BOUNDARY_KERNEL), stride=1, padding=(0, pad))
+    weights = 1 + BOUNDARY_GAIN * torch.abs(local_mean - target)
     if faithful:
         bce = F.binary_cross_entropy_with_logits(logits, target)
         probabilities = logits

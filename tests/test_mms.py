@@ -258,3 +258,14 @@ def test_smoke_fit(tmp_path, dataset):
     assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()
     if dataset == "synthetic_kvasir":
         assert table["pooled_f1"].between(0, 1).all()
+
+
+def test_inference_speed_benchmark_reports_ratios():
+    # Tiny sizes: the function's contract (three paths, ratios to the plain forward), not a timing.
+    from benchmark.perf_mms import measure
+
+    model = make_mms().eval()
+    result = measure(model, size=(32, 32), frame=(40, 52), warmup=1, repeats=2)
+    assert set(result["images_per_second"]) == {"plain_forward", "predict_logits", "whole_image"}
+    assert result["ratio_to_plain_forward"]["plain_forward"] == 1.0
+    assert all(v > 0 for v in result["images_per_cpu_second"].values())
