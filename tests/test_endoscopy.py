@@ -2,7 +2,6 @@
 the synthetic_kvasir writer against the real layout, and the real Kvasir-SEG copy."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,20 +16,9 @@ from benchmark.evaluation import Evaluator, pooled_f1, summarize
 from benchmark.inference import predict_whole_image
 from datamodules.endoscopy import IMAGENET_MEAN, IMAGENET_STD, KVASIR_SEG_SPEC, KvasirDataModule
 from datamodules.synthetic import write_kvasir_layout
-from tests.conftest import SHARED_DATASETS
+from tests.conftest import require_real_kvasir
 
-REAL_KVASIR = SHARED_DATASETS / "Kvasir-SEG"
 TINY_KVASIR = dict(n_train=8, n_val=2, n_test=3, shape=(40, 52), seed=0)
-
-
-def require_real_kvasir() -> Path:
-    """The real Kvasir-SEG copy. Outside CI a missing copy skips with the path; in CI it fails, since CI has it."""
-    if not (REAL_KVASIR / "train.txt").is_file():
-        message = f"real Kvasir-SEG copy missing: {REAL_KVASIR} (see ../shared/datasets/README.md)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return REAL_KVASIR
 
 
 @pytest.fixture(scope="module")
