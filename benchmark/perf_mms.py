@@ -32,15 +32,22 @@ PAPER_SIZE = (512, 288)
 FRAME_SIZE = (529, 622)  # (H, W) of Kvasir-SEG's most common frame
 
 
-def images_per_second(function: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
-    """(images per wall-clock second, images per CPU second of this process). On a shared machine the second is
-    the steadier figure (it does not count time other processes hold the cores)."""
-    for _ in range(warmup):
-        function()
-    wall, cpu = time.perf_counter(), time.process_time()
+def images_per_second(functions: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Per path: (images per wall-clock second, images per CPU second of this process). The paths are timed in
+    turn within every repeat, so a load change on a shared machine affects all of them alike; the CPU-second
+    figure does not count time other processes hold the cores."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    wall = dict.fromkeys(functions, 0.0)
+    cpu = dict.fromkeys(functions, 0.0)
     for _ in range(repeats):
-        function()
-    return repeats / (time.perf_counter() - wall), repeats / (time.process_time() - cpu)
+        for name, function in functions.items():
+            started_wall, started_cpu = time.perf_counter(), time.process_time()
+            function()
+            wall[name] += time.perf_counter() - started_wall
+            cpu[name] += time.process_time() - started_cpu
+    return {name: (repeats / wall[name], repeats / max(cpu[name], 1e-9)) for name in functions}
 
 
 def build_model(run_dir: Path | None, device: str):
@@ -69,11 +76,15 @@ def measure(model, size=PAPER_SIZE, frame=FRAME_SIZE, warmup: int = 3, repeats: 
     x = torch.randn(1, model.spec.in_channels, *size, device=device)
     image = np.random.default_rng(0).standard_normal((model.spec.in_channels, *frame)).astype(np.float32)
     evaluator = Evaluator(spec=model.spec, patch_size=tuple(size), stride=None)
-    results = {
-        "plain_forward": images_per_second(lambda: model.net1(x), warmup, repeats),
-        "predict_logits": images_per_second(lambda: model.predict_logits(x), warmup, repeats),
-        "whole_image": images_per_second(lambda: evaluator.predict(model.predict_logits, image, device), warmup, repeats),
-    }
+    results = images_per_second(
+        {
+            "plain_forward": lambda: model.net1(x),
+            "predict_logits": lambda: model.predict_logits(x),
+            "whole_image": lambda: evaluator.predict(model.predict_logits, image, device),
+        },
+        warmup,
+        repeats,
+    )
     wall = {k: v[0] for k, v in results.items()}
     cpu = {k: v[1] for k, v in results.items()}
     return {
