@@ -184,13 +184,20 @@ def test_faithful_mode_matches_the_upstream_asymmetry():
 
 
 def test_labeled_halves_go_to_their_own_network():
-    # Network 1 sees only the first half of the labeled batch: changing the second half leaves its loss unchanged.
-    model = make_mms(overrides=["method.faithful_asymmetric=true"])
-    model.eval()  # no dropout / batch statistics: deterministic forward passes
+    # The first half of the labeled batch (network 1's labeled part) reaches network 1 only, the second half
+    # network 2 only; both see the same augmented unlabeled batch.
+    model = make_mms()
+    seen = {"net1": [], "net2": []}
+    for name in seen:
+        network = getattr(model, name)
+        original = network.forward
+        network.forward = lambda x, _name=name, _original=original: (seen[_name].append(x.clone()), _original(x))[1]
     batch = batch_for(model)
-    first = foreground_logits(model.net1(batch["labeled"]["image"][:1]))
-    batch["labeled"]["image"][1:] += 5
-    assert torch.equal(first, foreground_logits(model.net1(batch["labeled"]["image"][:1])))
+    batch["labeled"]["image"][0], batch["labeled"]["image"][1] = 1.0, 2.0
+    model.compute_losses(batch)
+    (labeled1, unlabeled1), (labeled2, unlabeled2) = seen["net1"], seen["net2"]
+    assert torch.equal(labeled1, torch.full_like(labeled1, 1.0)) and torch.equal(labeled2, torch.full_like(labeled2, 2.0))
+    assert torch.equal(unlabeled1, unlabeled2) and not torch.equal(unlabeled1, batch["unlabeled"]["image"])
 
 
 def test_test_time_normalisation_flag():
