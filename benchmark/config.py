@@ -31,6 +31,7 @@ NON_SEMANTIC_KEYS = (
     ("trainer", "devices"), ("trainer", "accelerator"), ("trainer", "log_every"),
     ("eval", "window_batch"),
     ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "progress"),
+    ("run", "test"),
 )
 
 

@@ -17,7 +17,7 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -110,7 +110,9 @@ def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     return loggers
 
 
-def build_trainer(config: dict[str, Any], run_dir: Path, digest: str) -> tuple[pl.Trainer, ModelCheckpoint]:
+def build_trainer(
+    config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = ()
+) -> tuple[pl.Trainer, ModelCheckpoint]:
     trainer_cfg = config["trainer"]
     devices = int(trainer_cfg["devices"])
     best = ModelCheckpoint(
@@ -129,7 +131,7 @@ def build_trainer(config: dict[str, Any], run_dir: Path, digest: str) -> tuple[p
         # The DataModule's own step-indexed samplers are already per rank (ecosystem.md B1).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[best],
+        callbacks=[best, *callbacks],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,
         log_every_n_steps=trainer_cfg["log_every"],
@@ -151,8 +153,11 @@ def peak_memory() -> tuple[float, float]:
     return rss_mb, gpu_mb
 
 
-def run(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks)."""
+def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[dict[str, Any]]:
+    """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks).
+
+    ``run.test=false`` stops after training and validation (tuning trials: the test set is never looked at) and
+    writes no leaderboard row; ``callbacks`` are added to the Trainer's (the tuner's validation reporter)."""
     started = time.time()
     devices = int(config["trainer"]["devices"])
     if devices > 1 and not torch.cuda.is_available():
@@ -170,7 +175,7 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
     model = method_cls(spec, config)
-    trainer, best_callback = build_trainer(config, run_dir, digest)
+    trainer, best_callback = build_trainer(config, run_dir, digest, callbacks)
     base_row = {
         "dataset": config["dataset"], "method": config["method_name"], "profile": config["profile"],
         "labeled_cases": datamodule.split.labeled_count, "labeled_unit": spec.labeled_unit,
@@ -188,7 +193,7 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
     except (KeyboardInterrupt, UserError):
         raise
     except Exception as error:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and config["run"]["test"]:
             failed = {**base_row, "checkpoint": "none", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
                       "steps": trainer.global_step, "wall_time_s": round(time.time() - started, 1),
                       "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -199,6 +204,11 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
     last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
     if not trainer.is_global_zero:
+        return []
+    if not config["run"]["test"]:
+        best_score = best_callback.best_model_score
+        validation = {"best_dice": None if best_score is None else float(best_score), "steps": trainer.global_step}
+        (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": [], "validation": validation}, indent=1))
         return []
 
     evaluator = Evaluator.from_config(spec, config)

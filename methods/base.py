@@ -7,6 +7,7 @@ its ``training_step``, and (if not the first network) which network predicts at 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -14,11 +15,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from pytorch_lightning.utilities import rank_zero_warn
+
+from benchmark.errors import NonFiniteLossError, UserError
 from benchmark.evaluation import Evaluator
 from datamodules.spec import DatasetSpec
 from methods.components.ramps import sigmoid_rampup
 from methods.losses import SupervisedSegmentationLoss
 from methods.networks import SegmentationNetwork, build_network
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class SemiSupervisedMethod(pl.LightningModule):
@@ -43,6 +49,9 @@ class SemiSupervisedMethod(pl.LightningModule):
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
+        policy = config["trainer"].get("on_nonfinite_loss", "stop")
+        if policy not in NONFINITE_POLICIES:
+            raise UserError(f"unknown trainer.on_nonfinite_loss '{policy}'", where=f"known: {', '.join(NONFINITE_POLICIES)}")
         self.evaluator = Evaluator.from_config(spec, config)
         self.supervised_criterion = SupervisedSegmentationLoss(include_background=spec.dice_include_background)
         self._val_scores: list[list[float]] = []
@@ -57,11 +66,38 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Every term of one step by name, the total under "loss" (tests check each term's gradient routing)."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        """Default: log every term of ``compute_losses`` and minimise its "loss"."""
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor | None:
+        """Default: log every term of ``compute_losses`` and minimise its "loss" if every term is finite."""
         losses = self.compute_losses(batch)
         self.log_losses(sum(stream["image"].shape[0] for stream in batch.values()), **losses)
+        if not self.check_finite(losses):
+            return None  # trainer.on_nonfinite_loss=skip: Lightning skips backward and the optimizer step
         return losses["loss"]
+
+    def check_finite(self, losses: dict[str, torch.Tensor | float]) -> bool:
+        """True if every term is finite. Otherwise stop (the default: raise naming the terms and the step, so the
+        run is recorded as failed, never as a number) or, with ``trainer.on_nonfinite_loss=skip``, warn and skip.
+
+        One device sync per step for all terms together (contrastive terms with a small temperature can overflow).
+        """
+        tensors = [v.detach().float().reshape(-1) for v in losses.values() if isinstance(v, torch.Tensor)]
+        finite = bool(torch.isfinite(torch.cat(tensors)).all()) if tensors else True
+        finite = finite and all(math.isfinite(v) for v in losses.values() if not isinstance(v, torch.Tensor))
+        if finite:
+            return True
+        bad = {name: float(torch.as_tensor(v).detach().float().sum()) for name, v in losses.items()
+               if not bool(torch.isfinite(torch.as_tensor(v)).all())}
+        described = ", ".join(f"{name}={value}" for name, value in bad.items())
+        policy = self.config["trainer"].get("on_nonfinite_loss", "stop")
+        if policy == "skip":
+            rank_zero_warn(f"non-finite loss at step {self.global_step} ({described}): step skipped")
+            self.log("train/skipped_steps", 1.0, reduce_fx="sum", batch_size=1)
+            return False
+        raise NonFiniteLossError(
+            f"{self.name}: non-finite loss at step {self.global_step}: {described}. The run is recorded as failed. "
+            "Fix: lower the learning rate or raise a contrastive temperature, or set "
+            "trainer.on_nonfinite_loss=skip to skip such steps"
+        )
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the network that is evaluated (default: ``self.net``)."""
