@@ -1,9 +1,12 @@
 """The evaluator: one inference and metric policy for every method (datasets.md 1.4, 2.4).
 
-Per case it predicts a label map of the case's own shape (sliding window in 3D, slice by slice in 2D),
+Per case it predicts a label map of the case's own shape (sliding window in 3D, slice by slice for 2-D-trained
+volumes, one resized forward pass for whole 2-D images),
 optionally keeps the largest connected component per class, and scores every foreground class with
 Dice, Jaccard, HD95 and ASD (benchmark/metrics.py: medpy's definitions, one explicit empty-mask rule).
-The reported number is the mean over cases of the mean over foreground classes.
+The reported number is the mean over cases of the mean over foreground classes. A dataset may ask for extra
+summary metrics (``DatasetSpec.extra_metrics``): ``pooled_f1`` is Dice over the pixels of all test cases pooled
+(the global F1 of the endoscopy papers, e.g. MMS's test.py with sklearn's f1_score), per class, then the class mean.
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark import metrics
-from benchmark.inference import Predictor, predict_slicewise, sliding_window_probabilities
+from benchmark.inference import Predictor, predict_slicewise, predict_whole_image, sliding_window_probabilities
 from datamodules.spec import DatasetSpec
 
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
+#: Extra metrics computed from per-case pixel counts (``_intersection``, ``_union``) pooled over the whole set.
+POOLED_METRICS = {"miou", "pooled_f1"}
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Evaluator:
             prediction = probabilities.argmax(dim=0).numpy().astype(np.uint8)
         elif self.spec.eval_mode == "slicewise":
             prediction = predict_slicewise(predictor, image, self.patch_size, device=device)
+        elif self.spec.eval_mode == "whole_image":
+            prediction = predict_whole_image(predictor, image, self.patch_size, device=device)
         else:
             raise NotImplementedError(f"evaluation mode {self.spec.eval_mode}")
         if self.lcc:
@@ -102,7 +109,7 @@ class Evaluator:
                 truth_instances = metrics.connected_instances(truth) if instances is None else np.where(truth, instances, 0)
                 row["aji"] = metrics.aggregated_jaccard_index(
                     metrics.connected_instances(predicted), truth_instances, self.empty_policy)
-            if "miou" in self.spec.extra_metrics:
+            if POOLED_METRICS & set(self.spec.extra_metrics):
                 row["_intersection"] = int(np.count_nonzero(predicted & truth))
                 row["_union"] = int(np.count_nonzero(predicted | truth))
             rows.append(row)
@@ -111,8 +118,8 @@ class Evaluator:
     @property
     def columns(self) -> list[str]:
         names = list(METRIC_NAMES if self.spec.surface_metrics else ("dice", "jaccard"))
-        names += [m for m in self.spec.extra_metrics if m != "miou"]
-        if "miou" in self.spec.extra_metrics:
+        names += [m for m in self.spec.extra_metrics if m not in POOLED_METRICS]
+        if POOLED_METRICS & set(self.spec.extra_metrics):
             names += ["_intersection", "_union"]
         return ["case", "class", *names]
 
@@ -128,10 +135,20 @@ class Evaluator:
         return pd.DataFrame(rows, columns=self.columns)
 
 
+def pooled_f1(per_case: pd.DataFrame) -> float:
+    """Dice of all cases' pixels pooled, per class, then the mean over classes: 2 sum(I) / (sum(I) + sum(U)), since
+    |P| + |G| = |P & G| + |P | G| (the global F1 of the endoscopy papers, MMS's test.py with sklearn's f1_score).
+    A class absent from every prediction and every label scores 1 (nothing to find, nothing found)."""
+    pooled = per_case.groupby("class", sort=False)[["_intersection", "_union"]].sum()
+    both = pooled["_intersection"] + pooled["_union"]
+    return float(np.where(both > 0, 2 * pooled["_intersection"] / both.where(both > 0, 1), 1.0).mean())
+
+
 def summarize(per_case: pd.DataFrame) -> dict[str, float]:
     """Mean over cases of the class-mean of each metric, plus the per-class Dice (``dice_<class>``), and with pixel
-    counts (``_intersection``, ``_union``) the dataset-level mIoU: per class the pooled intersection over the pooled
-    union (Cityscapes-style confusion counts), averaged over the classes present in the ground truth or prediction."""
+    counts (``_intersection``, ``_union``) the pooled metrics: the dataset-level mIoU (per class the pooled
+    intersection over the pooled union, Cityscapes-style, averaged over the classes present in the ground truth or
+    prediction) and the pooled F1 (:func:`pooled_f1`)."""
     if per_case.empty:
         raise ValueError("no cases were evaluated")
     names = [c for c in per_case.columns if c not in ("case", "class") and not c.startswith("_")]
@@ -145,5 +162,6 @@ def summarize(per_case: pd.DataFrame) -> dict[str, float]:
         pooled = per_case.groupby("class", sort=False)[["_intersection", "_union"]].sum()
         pooled = pooled[pooled["_union"] > 0]
         summary["miou"] = float((pooled["_intersection"] / pooled["_union"]).mean()) if len(pooled) else 1.0
+        summary["pooled_f1"] = pooled_f1(per_case)
     summary["n_cases"] = int(case_means.shape[0])
     return summary

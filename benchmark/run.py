@@ -77,7 +77,9 @@ def prepare(config: dict[str, Any]):
     method_cls.check_dataset(entry.spec)
     if config["data"]["patch_size"] is None:
         config["data"]["patch_size"] = list(entry.spec.patch_size)
-    datamodule = build_datamodule(config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled)
+    datamodule = build_datamodule(
+        config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled, labeled_partitions=method_cls.labeled_partitions
+    )
     # The hash covers the resolved labeled count, not how it was asked for (RATIO or LABELED).
     config["data"]["labeled"] = datamodule.split.labeled_count
     trainer = config["trainer"]

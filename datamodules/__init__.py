@@ -15,6 +15,7 @@ from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
 from datamodules.cadis import CADIS_SPECS, CaDISDataModule
+from datamodules.endoscopy import KVASIR_SEG_SPEC, KvasirDataModule
 from datamodules.la import LA_SPEC, LADataModule
 from datamodules.nuclei import DSB_SPEC, NUCLEI_SPEC, DSB2018DataModule, MoNuSegDataModule
 from datamodules.spec import DatasetSpec
@@ -61,6 +62,10 @@ DATASETS: dict[str, DatasetEntry] = {
         )
         for spec in CADIS_SPECS.values()
     },
+    "kvasir_seg": DatasetEntry(
+        KvasirDataModule, KVASIR_SEG_SPEC, "kvasir_seg",
+        layout_hint="images/<id>.jpg, masks/<id>.jpg and train.txt, val.txt, test.txt (Kvasir layout)",
+    ),
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
         ACDCDataModule, replace(ACDC_SPEC, name="synthetic_acdc", labeled_counts={}), "acdc", synthetic=True
@@ -73,6 +78,9 @@ DATASETS: dict[str, DatasetEntry] = {
     ),
     "synthetic_monuseg": DatasetEntry(
         MoNuSegDataModule, replace(NUCLEI_SPEC, name="synthetic_monuseg"), "monuseg", synthetic=True
+    ),
+    "synthetic_kvasir": DatasetEntry(
+        KvasirDataModule, replace(KVASIR_SEG_SPEC, name="synthetic_kvasir"), "kvasir_seg", synthetic=True
     ),
 }
 
@@ -101,7 +109,9 @@ def resolve_root(name: str, root: str | Path | None) -> Path:
     )
 
 
-def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = True) -> SemiSupervisedDataModule:
+def build_datamodule(
+    name: str, config: dict[str, Any], use_unlabeled: bool = True, labeled_partitions: int = 1
+) -> SemiSupervisedDataModule:
     entry = get_dataset(name)
     data, trainer = config["data"], config["trainer"]
     return entry.datamodule(
@@ -118,6 +128,7 @@ def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = Tr
         num_workers=data["num_workers"],
         val_holdout=data.get("val_holdout", 0),
         max_eval_cases=data.get("max_eval_cases"),
+        labeled_partitions=labeled_partitions,
     )
 
 

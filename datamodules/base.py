@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmark.errors import UserError
 from datamodules.checks import Checks, collecting, report
-from datamodules.samplers import StepSampler
+from datamodules.samplers import PartitionedStepSampler, StepSampler
 from datamodules.spec import DatasetSpec
 
 
@@ -231,6 +231,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         val_holdout: int = 0,
         max_eval_cases: int | None = None,
         read_lists: bool = True,
+        labeled_partitions: int = 1,
     ):
         super().__init__()
         self.spec = spec
@@ -248,6 +249,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_holdout = val_holdout
         self.max_eval_cases = max_eval_cases
+        self.labeled_partitions = labeled_partitions
         if not self.root.is_dir():
             raise UserError(
                 f"data root for {spec.name} does not exist or is not a folder",
@@ -272,6 +274,27 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             unit=spec.labeled_unit,
         )
         self.split.notes = self.split_notes(self.split)
+        self.labeled_partition_sizes = self._partition_labeled(labeled_units)
+
+    def _partition_labeled(self, labeled_units: list[tuple[str, list[str]]]) -> list[int]:
+        """Item counts of the labeled partitions: consecutive, near-equal groups of whole labeled units in list
+        order (a method with per-network labeled data, e.g. MMS, asks for 2). Deterministic: no shuffling."""
+        parts = self.labeled_partitions
+        if parts == 1:
+            return [len(self.split.labeled)]
+        if len(labeled_units) < parts:
+            raise UserError(
+                f"this method splits the labeled {self.spec.labeled_unit}s into {parts} disjoint parts, "
+                f"but only {len(labeled_units)} is labeled",
+                fix=f"label at least {parts} {self.spec.labeled_unit}s (LABELED={parts} or a larger RATIO)",
+            )
+        bounds = [round(p * len(labeled_units) / parts) for p in range(parts + 1)]
+        sizes = [sum(len(items) for _, items in labeled_units[a:b]) for a, b in zip(bounds, bounds[1:])]
+        self.split.notes.append(
+            "labeled partitions (one per network): "
+            + "; ".join(f"{b - a} {self.spec.labeled_unit}s / {n} items" for a, b, n in zip(bounds, bounds[1:], sizes))
+        )
+        return sizes
 
     # ---- what a family provides -------------------------------------------------------------------
     def read_split(self) -> ListedData:
@@ -360,7 +383,17 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def _stream(self, items: list[str], with_label: bool, global_batch: int) -> DataLoader:
         rank, world_size, start_step = self._world()
         batch = self.per_rank_batch(global_batch, world_size)
-        sampler = StepSampler(len(items), batch, self.max_steps, self.seed + (0 if with_label else 7919), rank, world_size, start_step)
+        seed = self.seed + (0 if with_label else 7919)
+        if with_label and self.labeled_partitions > 1:
+            if batch % self.labeled_partitions:
+                raise UserError(
+                    f"the labeled batch per device ({batch}) cannot be shared equally by {self.labeled_partitions} "
+                    "networks that each train on their own labeled part",
+                    fix=f"choose data.labeled_batch_size divisible by {self.labeled_partitions} x DEVICES",
+                )
+            sampler = PartitionedStepSampler(self.labeled_partition_sizes, batch, self.max_steps, seed, rank, world_size, start_step)
+        else:
+            sampler = StepSampler(len(items), batch, self.max_steps, seed, rank, world_size, start_step)
         dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.spec.spatial_dims)
         return DataLoader(
             dataset,

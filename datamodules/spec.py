@@ -36,9 +36,13 @@ class DatasetSpec:
     # Scored regions as (name, classes) when they are unions of classes rather than the classes themselves
     # (BraTS: whole tumour = {1, 2, 3}, tumour core = {1, 3}, enhancing tumour = {3}); None = each foreground class.
     eval_regions: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    # Per-channel (mean, std) the loader normalised the images with (ImageNet statistics for RGB endoscopy),
+    # or None when images are stored ready to use (ACDC, LA). Image-space augmentations undo it first.
+    image_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     # Metrics beyond Dice/Jaccard/HD95/ASD, as extra columns: "aji" (nuclei; instances from case["instances"] or
     # the connected components of the mask).
-    # "miou": the dataset-level mIoU from pooled pixel counts (CaDIS, Cityscapes-style).
+    # "miou": the dataset-level mIoU from pooled pixel counts (CaDIS, Cityscapes-style); "pooled_f1": Dice of the
+    # pixels of all test images pooled (the global F1 of the endoscopy literature).
     extra_metrics: tuple[str, ...] = ()
     # HD95 and ASD per case and class; off where the literature reports overlap only and they would dominate the
     # evaluation time (CaDIS: up to 25 classes on every 960x540 frame).

@@ -8,6 +8,8 @@ Every random draw comes from an explicit ``numpy.random.Generator``.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 
@@ -77,3 +79,15 @@ def la_train_transform(rng: np.random.Generator, image: np.ndarray, label: np.nd
     """UA-MT LA pipeline: RandomRotFlip then RandomCrop(patch)."""
     image, label = random_rot_flip(rng, image, label)
     return random_crop(rng, image, label, size)
+
+
+def resize_bilinear(image: np.ndarray | torch.Tensor, size) -> torch.Tensor:
+    """(C, H, W) -> (C, *size) float32, bilinear with antialiasing (area-like when shrinking, as PIL's resize).
+
+    The one image resize of the 2-D whole-image protocol (endoscopy): the loaders use it for training images and
+    the evaluator for test images, so both see identically resized inputs.
+    """
+    tensor = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image, dtype=torch.float32)
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor.unsqueeze(0), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]

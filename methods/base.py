@@ -39,6 +39,11 @@ class SemiSupervisedMethod(pl.LightningModule):
     stages: ClassVar[tuple[str, ...]] = ("train",)
     # False for methods whose own losses read the labels (one-hot, masks) and so do not skip the spec's ignore index.
     handles_ignore_index: ClassVar[bool] = True
+    # Dimensionalities the method is defined for; the runner refuses other datasets with a UserError.
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    # >1: the labeled set is split into this many disjoint consecutive parts and every labeled batch is their
+    # concatenation in equal shares (datamodules/samplers.py PartitionedStepSampler), e.g. MMS's one part per network.
+    labeled_partitions: ClassVar[int] = 1
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
@@ -66,6 +71,12 @@ class SemiSupervisedMethod(pl.LightningModule):
     @classmethod
     def check_dataset(cls, spec: DatasetSpec) -> None:
         """Refuse a dataset the method cannot train on correctly (run.prepare calls this before writing anything)."""
+        if spec.spatial_dims not in cls.spatial_dims:
+            raise UserError(
+                f"method '{cls.name}' is {'/'.join(f'{d}-D' for d in cls.spatial_dims)} only, but dataset '{spec.name}' "
+                f"is {spec.spatial_dims}-D",
+                fix="choose a dataset of a supported dimensionality (`python -m benchmark list datasets`)",
+            )
         if spec.ignore_index is not None and not cls.handles_ignore_index:
             raise UserError(
                 f"{cls.__name__} does not handle the ignored label {spec.ignore_index} of {spec.name}",
@@ -150,8 +161,14 @@ class SemiSupervisedMethod(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.config["optim"]
         parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
-                                    nesterov=optim.get("nesterov", False))
+        name = optim.get("name", "sgd")
+        if name == "sgd":
+            optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                                        nesterov=optim.get("nesterov", False))
+        elif name == "adam":  # default betas (the endoscopy protocol of MMS)
+            optimizer = torch.optim.Adam(parameters, lr=optim["lr"], weight_decay=optim["weight_decay"])
+        else:
+            raise ValueError(f"unknown optim.name '{name}' (sgd, adam)")
         max_steps = self.config["trainer"]["max_steps"]
         schedule = optim["schedule"]
         if schedule == "poly":
