@@ -20,6 +20,19 @@ LEADERBOARD_DIR ?= leaderboards
 WANDB ?= disabled
 OVERRIDES ?=
 PYTEST_ARGS ?=
+# Hyperparameter search (make tune) and training with its best trial (make bench FROM_STUDY=runs/tune/<study>).
+TRIALS ?= 20
+WORKERS ?= 1
+STORAGE ?=
+STUDY ?=
+FROM_STUDY ?=
+# Variables of a sweep (`python -m benchmark sweep`): the grid, a shard of it and where its runs execute.
+METHODS ?= supervised
+RATIOS ?= $(RATIO)
+SEEDS ?= 0 1 2
+SHARD ?=
+LAUNCHER ?= local
+SWEEP_ARGS ?=
 
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
@@ -27,11 +40,13 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench show-config test test-fast list clean
+.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES OUT LEADERBOARD_DIR WANDB OVERRIDES"
+	@echo "  tune: TRIALS WORKERS STORAGE(sqlite|journal|postgresql://...) STUDY; bench: FROM_STUDY"
+	@echo "  sweep:     METHODS RATIOS SEEDS SHARD(i/n) LAUNCHER(local|slurm|submitit-local) SWEEP_ARGS (e.g. --slurm-partition gpu)"
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH"; exit 2; }
@@ -43,10 +58,26 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP) ## create .venv and install the suite with its dependencies
 
 bench: $(STAMP) ## train and test one run, e.g. make bench METHOD=supervised RATIO=0.2 (synthetic data by default)
-	$(PY) -m benchmark run $(RUN_ARGS)
+	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)")
+
+tune: $(STAMP) ## Optuna search on validation Dice, e.g. make tune METHOD=cps RATIO=0.1 TRIALS=50 WORKERS=2
+	$(PY) -m benchmark tune $(RUN_ARGS) --trials $(TRIALS) --workers $(WORKERS) \
+		$(if $(STORAGE),--storage "$(STORAGE)") $(if $(STUDY),--study-name "$(STUDY)")
+
+sweep: $(STAMP) ## run the grid METHODS x RATIOS x SEEDS, skipping what the leaderboard holds, e.g. make sweep DATASET=acdc METHODS="supervised mean_teacher" RATIOS="0.05 0.1"
+	$(PY) -m benchmark sweep --dataset $(DATASET) --methods $(METHODS) --ratios $(RATIOS) --seeds $(SEEDS) \
+		--profile $(PROFILE) --devices $(DEVICES) --out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
+		--launcher $(LAUNCHER) $(if $(SHARD),--shard $(SHARD)) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") \
+		$(foreach o,$(OVERRIDES),--set $(o)) $(SWEEP_ARGS)
+
+leaderboard: $(STAMP) ## aggregate leaderboards/*.csv into leaderboards/README.md (mean +- std, Wilcoxon vs supervised) and plots
+	$(PY) -m benchmark leaderboard --dir "$(LEADERBOARD_DIR)"
 
 show-config: $(STAMP) ## print the resolved config of the run `make bench` would do
-	$(PY) -m benchmark run $(RUN_ARGS) --show-config
+	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") --show-config
+
+verify: $(STAMP) ## check a dataset folder, e.g. make verify DATASET=acdc DATA_ROOT=../shared/datasets/ACDC
+	$(PY) -m benchmark data verify $(DATASET) "$(DATA_ROOT)"
 
 list: $(STAMP) ## list methods, datasets and profiles
 	@for what in methods datasets profiles; do echo "$$what:"; $(PY) -m benchmark list $$what | sed 's/^/  /'; done

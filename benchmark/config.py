@@ -28,10 +28,16 @@ PROFILE_HELP = {
 NON_SEMANTIC_KEYS = (
     # The resolved labeled count (data.labeled) is hashed; RATIO is only how it was asked for.
     ("data", "root"), ("data", "num_workers"), ("data", "ratio"),
-    ("trainer", "devices"), ("trainer", "accelerator"), ("trainer", "log_every"),
+    ("trainer", "devices"), ("trainer", "num_nodes"), ("trainer", "accelerator"), ("trainer", "log_every"),
     ("eval", "window_batch"),
-    ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "progress"),
+    ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "sweep"), ("run", "progress"),
+    ("run", "test"),
 )
+# Keys added after leaderboard rows existed: at these values they are left out of the hash, so the hashes of
+# earlier rows stay valid (a sweep still recognises them as done).
+HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None}
+# `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
+PER_STAGE = "per_stage"
 
 
 def _load_yaml(*parts: str) -> dict[str, Any]:
@@ -96,10 +102,30 @@ def _checked_value(key: str, old: Any, new: Any) -> Any:
     return new
 
 
+def _apply_per_stage_override(config: dict, path: list[str], value: Any) -> None:
+    """``per_stage.<stage>.<section>.<key>``: the key must exist in the main config (its type is checked
+    against the main value); the stage's section is created if needed. Stage names are checked by the run."""
+    if len(path) < 4:
+        raise UserError(f"override key '{'.'.join(path)}' must read {PER_STAGE}.<stage>.<section>.<key>",
+                        fix=f"e.g. {PER_STAGE}.finetune.trainer.max_steps=500")
+    main = config
+    for part in path[2:]:
+        if not isinstance(main, dict) or part not in main:
+            raise _unknown_key(path[2:], config)
+        main = main[part]
+    node = config.setdefault(PER_STAGE, {})
+    for part in path[1:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = _checked_value(".".join(path), main, value)
+
+
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     config = copy.deepcopy(config)
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] == PER_STAGE:
+            _apply_per_stage_override(config, path, value)
+            continue
         node = config
         for i, part in enumerate(path[:-1]):
             if not isinstance(node.get(part), dict):
@@ -157,5 +183,8 @@ def config_hash(config: dict[str, Any]) -> str:
     semantic = copy.deepcopy(config)
     for section, key in NON_SEMANTIC_KEYS:
         semantic.get(section, {}).pop(key, None)
+    for (section, key), neutral in HASH_NEUTRAL_VALUES.items():
+        if key in semantic.get(section, {}) and semantic[section][key] == neutral:
+            del semantic[section][key]
     blob = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -10,6 +10,7 @@ import difflib
 from typing import Iterable
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 3  # the run itself failed (diverged); it is recorded as a failed leaderboard row
 
 
 class UserError(Exception):
@@ -27,6 +28,10 @@ class UserError(Exception):
         if self.fix:
             lines.append(f"  fix:   {self.fix}")
         return "\n".join(lines)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf during training; the message names the terms and the step."""
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:

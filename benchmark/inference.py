@@ -1,4 +1,5 @@
-"""Whole-case inference: the published sliding-window protocol (3D) and slice-by-slice prediction (2D).
+"""Whole-case inference: the published sliding-window protocol (3D), slice-by-slice prediction (2D volumes) and
+whole-image prediction (2D images such as endoscopy frames).
 
 Both take a ``predictor`` mapping a batch (B, C, *patch) to logits and return a label map of the case's shape.
 """
@@ -11,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from datamodules.transforms import zoom_to
+from datamodules.transforms import resize_bilinear, zoom_to
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,3 +91,17 @@ def predict_slicewise(
         labels = logits.argmax(dim=1).cpu().numpy().astype(np.uint8)
         predictions.extend(zoom_to(label, s.shape, order=0) for label, s in zip(labels, slices))
     return np.stack(predictions)
+
+
+@torch.no_grad()
+def predict_whole_image(predictor: Predictor, image: np.ndarray, size: Sequence[int], device="cpu") -> np.ndarray:
+    """One 2-D image (C, H, W) or (H, W): resized to the training ``size`` (bilinear, antialiased, as the training
+    images), one forward pass, logits resized back to (H, W) bilinearly, then argmax: the label map is scored at
+    the image's own resolution (the endoscopy convention: PraNet and its successors upsample to the mask size)."""
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    original = array.shape[-2:]
+    logits = predictor(resize_bilinear(array, size).unsqueeze(0).to(device)).float()
+    logits = torch.nn.functional.interpolate(logits, size=original, mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)

@@ -11,6 +11,7 @@ import fcntl
 import io
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -31,11 +32,33 @@ EXTRA_COLUMNS = [
 ]
 
 
+# A writer holds the lock for the milliseconds of one append; minutes mean a hung or stopped process.
+LOCK_TIMEOUT_S = float(os.environ.get("SSL_BENCH_LOCK_TIMEOUT", "300"))
+
+
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive lock on ``<csv>.lock``; a UserError when another process keeps it longer than the timeout."""
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        lock = open(lock_path, "a+")
+    except OSError as error:
+        raise UserError(f"cannot open the leaderboard lock file ({error.strerror})", where=str(lock_path),
+                        fix="make the leaderboard folder writable or choose another LEADERBOARD_DIR") from error
+    with lock:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise UserError(
+                        f"leaderboard is locked by another process for more than {timeout_s:g} s", where=str(lock_path),
+                        fix=f"wait for the other run or sweep to finish; if none is running, find the holder with `fuser {lock_path}`",
+                    ) from None
+                time.sleep(0.05)
         try:
             yield
         finally:
@@ -51,6 +74,8 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
         raise UserError(f"leaderboard CSV is damaged ({error})", where=str(path), fix="restore it from git or move it aside") from error
+    except OSError as error:
+        raise UserError(f"cannot read the leaderboard CSV ({error.strerror})", where=str(path), fix="check its permissions") from error
     missing = [c for c in CORE_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f"leaderboard CSV lacks columns {missing}", where=str(path), fix="restore it from git or move it aside")

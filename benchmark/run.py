@@ -1,5 +1,13 @@
-"""One run: config -> DataModule -> method -> Trainer.fit -> test of the last and best-on-val checkpoints
--> run folder + leaderboard rows.
+"""One run: config -> DataModule -> method -> Trainer.fit (once per training stage) -> test of the last and
+best-on-val checkpoints -> run folder + leaderboard rows.
+
+Multi-stage methods (``Method.stages``, e.g. ACTION's pretrain_global, pretrain_local, finetune) train their
+stages in order in one run: each stage is a fresh module and Trainer that starts from the weights of the previous
+stage's last checkpoint (loaded with ``weights_only``), writes its logs and checkpoints into ``<run>/<stage>/`` and
+gets the config merged with ``per_stage.<stage>`` (``trainer.max_steps`` is each stage's budget unless
+``per_stage.<stage>.trainer.max_steps`` says otherwise). Only the final stage is tested; the rows then carry
+``stages`` and ``stage_steps`` columns. ``run.stages`` trains a subset (e.g. ``finetune``), starting from
+``run.init_from`` when it does not begin with the method's first stage. Single-stage methods keep the flat layout.
 
 The run folder holds the resolved config, the split, Lightning's CSV logs, the checkpoints, per-case metrics of
 both checkpoints and result.json. Only rank 0 evaluates and writes; under DDP (``trainer.devices > 1``) Lightning
@@ -17,7 +25,7 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -25,10 +33,11 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from benchmark.config import config_hash
+from benchmark.config import PER_STAGE, config_hash, merge
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable
+from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
 
@@ -47,17 +56,30 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", 0))))
+def _global_rank(devices_per_node: int = 1) -> int:
+    """This process's DDP rank before the Trainer exists, read the way Lightning picks its cluster environment:
+    torchrun (TorchElasticEnvironment: RANK) before SLURM srun tasks (SLURMEnvironment: SLURM_PROCID) before
+    Lightning's own launcher, which re-runs this command with NODE_RANK and LOCAL_RANK (LOCAL_RANK alone would
+    make the first process of every node a rank 0)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["RANK"])
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_PROCID"])
+    return int(os.environ.get("NODE_RANK", 0)) * devices_per_node + int(os.environ.get("LOCAL_RANK", 0))
 
 
 def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
+    method_cls.check_dataset(entry.spec)
     if config["data"]["patch_size"] is None:
         config["data"]["patch_size"] = list(entry.spec.patch_size)
-    datamodule = build_datamodule(config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled)
+    datamodule = build_datamodule(
+        config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled, labeled_partitions=method_cls.labeled_partitions
+    )
     # The hash covers the resolved labeled count, not how it was asked for (RATIO or LABELED).
     config["data"]["labeled"] = datamodule.split.labeled_count
     trainer = config["trainer"]
@@ -68,13 +90,49 @@ def prepare(config: dict[str, Any]):
     return entry, method_cls, datamodule
 
 
+def plan_stages(method_cls, config: dict[str, Any]) -> list[str]:
+    """The stages this run trains, in order; checks run.stages, run.init_from and per_stage against the method."""
+    declared = list(method_cls.stages)
+    asked = config["run"].get("stages")
+    chosen = declared if asked is None else [asked] if isinstance(asked, str) else list(asked)
+    unknown = [name for name in [*chosen, *config.get(PER_STAGE, {})] if name not in declared]
+    if unknown:
+        raise UserError(f"{config['method_name']} has no stage {unknown[0]!r}", where=f"its stages, in order: {', '.join(declared)}",
+                        fix="run.stages takes one stage or a list of them, e.g. run.stages=" + declared[-1])
+    positions = [declared.index(name) for name in chosen]
+    if not chosen or positions != sorted(set(positions)):
+        raise UserError(f"run.stages={asked!r} must name distinct stages in their order: {', '.join(declared)}")
+    init_from = config["run"].get("init_from")
+    if init_from is not None and not Path(init_from).is_file():
+        raise UserError(f"run.init_from checkpoint not found: {init_from}", fix="give the path of a .ckpt file (e.g. <run>/<stage>/checkpoints/last.ckpt)")
+    if positions[0] > 0 and init_from is None:
+        raise UserError(f"stage {chosen[0]!r} continues from stage {declared[positions[0] - 1]!r} but no checkpoint was given",
+                        fix=f"set run.init_from=<run>/{declared[positions[0] - 1]}/checkpoints/last.ckpt")
+    return chosen
+
+
+def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The config one stage trains with: ``per_stage.<stage>`` merged in and ``run.stage`` set."""
+    staged = merge(config, config.get(PER_STAGE, {}).get(stage, {}))
+    staged["run"]["stage"] = stage
+    trainer = staged["trainer"]
+    trainer["val_every"] = min(trainer["val_every"], trainer["max_steps"])
+    return staged
+
+
 def make_run_dir(config: dict[str, Any], digest: str) -> Path:
-    """A new folder per run; DDP ranks other than 0 (re-launched copies of this command) reuse rank 0's."""
-    if _global_rank() != 0 and os.environ.get(RUN_DIR_ENV):
+    """A new folder per run; DDP ranks other than 0 (re-launched copies of this command) reuse rank 0's.
+
+    Ranks started by torchrun or srun on other nodes do not inherit rank 0's environment; they write nothing
+    (Lightning's loggers and checkpoint saving are rank-zero only), so they get a path that is never created."""
+    rank = _global_rank(int(config["trainer"]["devices"]))
+    if rank != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"L{config['data']['labeled']}_s{config['run']['seed']}_{digest}_{stamp}_{os.getpid()}"
     run_dir = Path(config["run"]["out"]).resolve() / config["dataset"] / config["method_name"] / name
+    if rank != 0:
+        return run_dir.with_name(f"{name}_rank{rank}")
     run_dir.mkdir(parents=True, exist_ok=False)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning launches
     return run_dir
@@ -88,12 +146,16 @@ def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     if mode != "disabled":
         from pytorch_lightning.loggers import WandbLogger
 
+        sweep = config["run"].get("sweep")
+        tags = [config["dataset"], config["method_name"], config["profile"], f"labeled={config['data']['labeled']}",
+                f"ratio={config['data'].get('ratio')}", f"seed={config['run']['seed']}"]
         loggers.append(
             WandbLogger(
                 project=os.environ.get("WANDB_PROJECT", "ssl-medseg-bench"),
                 name=run_dir.name,
-                group=f"{config['dataset']}-{config['profile']}",
-                tags=[config["dataset"], config["method_name"], f"labeled={config['data']['labeled']}", f"seed={config['run']['seed']}"],
+                group=sweep or f"{config['dataset']}-{config['profile']}",
+                job_type="sweep" if sweep else "run",
+                tags=tags + ([f"sweep={sweep}"] if sweep else []),
                 save_dir=str(run_dir),
                 offline=mode == "offline",
                 config={**config, "config_hash": digest},
@@ -102,16 +164,19 @@ def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     return loggers
 
 
-def build_trainer(config: dict[str, Any], run_dir: Path, digest: str) -> tuple[pl.Trainer, ModelCheckpoint]:
+def build_trainer(
+    config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = ()
+) -> tuple[pl.Trainer, ModelCheckpoint]:
     trainer_cfg = config["trainer"]
-    devices = int(trainer_cfg["devices"])
+    devices, num_nodes = int(trainer_cfg["devices"]), int(trainer_cfg["num_nodes"])
     best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/dice", mode="max", save_top_k=1
     )
     trainer = pl.Trainer(
         accelerator=trainer_cfg["accelerator"],
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
         max_steps=trainer_cfg["max_steps"],
         val_check_interval=trainer_cfg["val_every"],
         check_val_every_n_epoch=None,
@@ -121,7 +186,7 @@ def build_trainer(config: dict[str, Any], run_dir: Path, digest: str) -> tuple[p
         # The DataModule's own step-indexed samplers are already per rank (ecosystem.md B1).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[best],
+        callbacks=[best, *overlay_callbacks(config), *callbacks],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,
         log_every_n_steps=trainer_cfg["log_every"],
@@ -137,14 +202,30 @@ def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:
     return int(state.get("global_step", -1))
 
 
+def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None:
+    """Start a stage from ``checkpoint``'s weights (if any); returns the stage that wrote it (None if unknown)."""
+    if checkpoint is None:
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"cannot start stage {model.stage!r} of {model.name} from {checkpoint}: {str(error)[:300]}",
+                        fix="give a checkpoint of the same method, dataset and model settings") from error
+    return state.get("hyper_parameters", {}).get("config", {}).get("run", {}).get("stage")
+
+
 def peak_memory() -> tuple[float, float]:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     return rss_mb, gpu_mb
 
 
-def run(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks)."""
+def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[dict[str, Any]]:
+    """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks).
+
+    ``run.test=false`` stops after training and validation (tuning trials: the test set is never looked at) and
+    writes no leaderboard row; ``callbacks`` are added to the Trainer's (the tuner's validation reporter)."""
     started = time.time()
     devices = int(config["trainer"]["devices"])
     if devices > 1 and not torch.cuda.is_available():
@@ -152,17 +233,16 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
         # down by an order of magnitude, so split the cores between the ranks.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     entry, method_cls, datamodule = prepare(config)
+    stages = plan_stages(method_cls, config)
+    multi_stage = len(method_cls.stages) > 1
     spec = entry.spec
     digest = config_hash(config)
     run_dir = make_run_dir(config, digest)
-    is_rank_zero = _global_rank() == 0
+    is_rank_zero = _global_rank(devices) == 0
     if is_rank_zero:
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "config_hash": digest}, sort_keys=False))
         datamodule.split.write(run_dir / "split.json")
 
-    pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
-    model = method_cls(spec, config)
-    trainer, best_callback = build_trainer(config, run_dir, digest)
     base_row = {
         "dataset": config["dataset"], "method": config["method_name"], "profile": config["profile"],
         "labeled_cases": datamodule.split.labeled_count, "labeled_unit": spec.labeled_unit,
@@ -174,24 +254,58 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
         "git_rev": git_revision(), "torch": torch.__version__, "lightning": pl.__version__, "host": socket.gethostname(),
         "run_dir": str(run_dir),
     }
+    if multi_stage:
+        base_row["stages"] = "+".join(stages)
     leaderboard = Path(config["run"]["leaderboard_dir"]) / f"{config['dataset']}.csv"
-    try:
-        trainer.fit(model, datamodule=datamodule)
-    except (KeyboardInterrupt, UserError):
-        raise
-    except Exception as error:
-        if trainer.is_global_zero:
-            failed = {**base_row, "checkpoint": "none", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
-                      "steps": trainer.global_step, "wall_time_s": round(time.time() - started, 1),
-                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            append_rows(leaderboard, [failed])
-        raise
-    # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
-    # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
-    last_checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
+    init_from = config["run"].get("init_from")
+    previous_checkpoint = Path(init_from) if init_from else None
+    stage_steps: dict[str, int] = {}
+    for stage in stages:
+        # A multi-stage run keeps each stage's config, logs and checkpoints in its own sub-folder.
+        stage_dir = run_dir / stage if multi_stage else run_dir
+        staged = stage_config(config, stage)
+        if multi_stage and is_rank_zero:
+            stage_dir.mkdir(exist_ok=True)
+            (stage_dir / "config.yaml").write_text(yaml.safe_dump({**staged, "config_hash": digest}, sort_keys=False))
+        pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
+        model = method_cls(spec, staged)
+        model.on_stage_start(init_stage(model, previous_checkpoint))
+        # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
+        # validation scores an unfinished model.
+        trainer, best_callback = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else ())
+        # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
+        # the same split.
+        same_loaders = staged["data"] == config["data"] and staged["trainer"]["max_steps"] == config["trainer"]["max_steps"]
+        stage_data = datamodule if same_loaders else build_datamodule(
+            config["dataset"], staged, use_unlabeled=method_cls.uses_unlabeled)
+        try:
+            trainer.fit(model, datamodule=stage_data)
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as error:
+            if trainer.is_global_zero and config["run"]["test"]:
+                failed = {**base_row, "checkpoint": "none", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
+                          "steps": sum(stage_steps.values()) + trainer.global_step, "wall_time_s": round(time.time() - started, 1),
+                          "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                if multi_stage:
+                    failed["error"] = f"stage {stage}: {failed['error']}"[:500]
+                append_rows(leaderboard, [failed])
+            raise
+        # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
+        # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
+        last_checkpoint = stage_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
+        stage_steps[stage] = trainer.global_step
+        previous_checkpoint = last_checkpoint
     if not trainer.is_global_zero:
         return []
+    if not config["run"]["test"]:
+        best_score = best_callback.best_model_score
+        validation = {"best_dice": None if best_score is None else float(best_score), "steps": trainer.global_step}
+        (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": [], "validation": validation}, indent=1))
+        return []
+    if multi_stage:
+        base_row["stage_steps"] = "+".join(str(steps) for steps in stage_steps.values())
 
     evaluator = Evaluator.from_config(spec, config)
     model.eval()
@@ -210,7 +324,7 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
         rss, gpu = peak_memory()
         rows.append({
             **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
-            "steps": trainer.global_step, "wall_time_s": round(time.time() - started, 1),
+            "steps": sum(stage_steps.values()), "wall_time_s": round(time.time() - started, 1),
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
@@ -222,6 +336,7 @@ def run(config: dict[str, Any]) -> list[dict[str, Any]]:
         import wandb
 
         wandb.finish()  # several runs in one process (sweeps) must not log into one W&B run
-    (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": rows, "test": results}, indent=1, default=str))
+    stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(run_dir / name)} for name, steps in stage_steps.items()]} if multi_stage else {}
+    (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": rows, "test": results, **stage_record}, indent=1, default=str))
     append_rows(leaderboard, rows)
     return rows

@@ -13,7 +13,11 @@ from typing import Any
 from benchmark.errors import UserError, unknown_name
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
+from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
+from datamodules.cadis import CADIS_SPECS, CaDISDataModule
+from datamodules.endoscopy import KVASIR_SEG_SPEC, KvasirDataModule
 from datamodules.la import LA_SPEC, LADataModule
+from datamodules.nuclei import DSB_SPEC, NUCLEI_SPEC, DSB2018DataModule, MoNuSegDataModule
 from datamodules.spec import DatasetSpec
 
 
@@ -35,12 +39,48 @@ DATASETS: dict[str, DatasetEntry] = {
         LADataModule, LA_SPEC, "la",
         layout_hint="'2018LA_Seg_Training Set/<ID>/mri_norm2.h5' with train.list and test.list (UA-MT form)",
     ),
+    "brats": DatasetEntry(
+        BraTSDataModule, BRATS_SPEC, "brats",
+        layout_hint="train.txt, val.txt, test.txt with data/<ID>.h5 (SSL4MIS form) or the raw <ID>/<ID>_*.nii.gz folders",
+    ),
+    "brats_regions": DatasetEntry(
+        BraTSDataModule, BRATS_REGIONS_SPEC, "brats",
+        layout_hint="train.txt, val.txt, test.txt and the raw BraTS 2019 <ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz folders",
+    ),
+    "monuseg": DatasetEntry(
+        MoNuSegDataModule, NUCLEI_SPEC, "monuseg",
+        layout_hint="Train_Folder/, Val_Folder/, Test_Folder/ each with img/ and labelcol/",
+    ),
+    "dsb2018": DatasetEntry(
+        DSB2018DataModule, DSB_SPEC, "dsb2018",
+        layout_hint="stage1_train/<id>/images/<id>.png and stage1_train/<id>/masks/*.png",
+    ),
+    **{
+        spec.name: DatasetEntry(
+            CaDISDataModule, spec, "cadis",
+            layout_hint="Video01 .. Video25, each with Images/ and Labels/ (the CaDIS 'segmentation' folder)",
+        )
+        for spec in CADIS_SPECS.values()
+    },
+    "kvasir_seg": DatasetEntry(
+        KvasirDataModule, KVASIR_SEG_SPEC, "kvasir_seg",
+        layout_hint="images/<id>.jpg, masks/<id>.jpg and train.txt, val.txt, test.txt (Kvasir layout)",
+    ),
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
         ACDCDataModule, replace(ACDC_SPEC, name="synthetic_acdc", labeled_counts={}), "acdc", synthetic=True
     ),
     "synthetic_la": DatasetEntry(
         LADataModule, replace(LA_SPEC, name="synthetic_la", labeled_counts={}, spacing=None), "la", synthetic=True
+    ),
+    "synthetic_brats": DatasetEntry(
+        BraTSDataModule, replace(BRATS_SPEC, name="synthetic_brats", labeled_counts={}), "brats", synthetic=True
+    ),
+    "synthetic_monuseg": DatasetEntry(
+        MoNuSegDataModule, replace(NUCLEI_SPEC, name="synthetic_monuseg"), "monuseg", synthetic=True
+    ),
+    "synthetic_kvasir": DatasetEntry(
+        KvasirDataModule, replace(KVASIR_SEG_SPEC, name="synthetic_kvasir"), "kvasir_seg", synthetic=True
     ),
 }
 
@@ -69,7 +109,9 @@ def resolve_root(name: str, root: str | Path | None) -> Path:
     )
 
 
-def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = True) -> SemiSupervisedDataModule:
+def build_datamodule(
+    name: str, config: dict[str, Any], use_unlabeled: bool = True, labeled_partitions: int = 1
+) -> SemiSupervisedDataModule:
     entry = get_dataset(name)
     data, trainer = config["data"], config["trainer"]
     return entry.datamodule(
@@ -86,6 +128,7 @@ def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = Tr
         num_workers=data["num_workers"],
         val_holdout=data.get("val_holdout", 0),
         max_eval_cases=data.get("max_eval_cases"),
+        labeled_partitions=labeled_partitions,
     )
 
 

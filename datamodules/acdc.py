@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist, read_h5, read_list
+from datamodules.base import (
+    ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
+)
 from datamodules.spec import DatasetSpec
 from datamodules.transforms import acdc_train_transform
 
@@ -50,6 +52,22 @@ class ACDCDataModule(SemiSupervisedDataModule):
         for name in slice_names:  # dicts keep first-appearance order = the list's patient order
             patients.setdefault(patient_of(name), []).append(name)
         return ListedData(list(patients.items()), val_cases, test_cases, listed_units=len(patients))
+
+    def case_unit(self, case_id: str) -> str:
+        return patient_of(case_id)
+
+    def describe(self, kind: str, name: str) -> str:
+        return str(self.slice_path(name) if kind == "item" else self.volume_path(name))
+
+    def check_sample(self, kind, name, image, label, checks):
+        check_stored_dtypes(image, label, self.describe(kind, name), checks)
+        if image.size and not (image.min() >= 0.0 and image.max() <= 1.0):
+            checks.problem(
+                f"image values span [{image.min():.3g}, {image.max():.3g}]; the SSL4MIS files are min-max "
+                "normalised per volume to [0, 1]",
+                self.describe(kind, name),
+                "convert the raw NIfTI with `python -m benchmark data convert acdc RAW OUT`",
+            )
 
     def slice_path(self, name: str) -> Path:
         return self.root / "data" / "slices" / f"{name}.h5"

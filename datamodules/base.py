@@ -20,7 +20,8 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.errors import UserError
-from datamodules.samplers import StepSampler
+from datamodules.checks import Checks, collecting, report
+from datamodules.samplers import PartitionedStepSampler, StepSampler
 from datamodules.spec import DatasetSpec
 
 
@@ -32,6 +33,19 @@ class ListedData:
     val: list[str]
     test: list[str]
     listed_units: int  # training units in the list before any validation hold-out
+
+
+@dataclass
+class CheckedLayout:
+    """What ``check_layout`` found: the problems and notes, and the lists when they are usable."""
+
+    checks: Checks
+    listed: ListedData | None
+
+    def raise_if_any_and_return(self) -> ListedData:
+        self.checks.raise_if_any()
+        assert self.listed is not None
+        return self.listed
 
 
 @dataclass
@@ -88,32 +102,38 @@ def resolve_labeled_count(
 
 
 def read_list(path: Path, what: str) -> list[str]:
-    """Lines of a list file: CRLF tolerated, blank lines dropped, names checked to stay inside the data root."""
+    """Lines of a list file: CRLF tolerated, blank lines dropped, names checked to stay inside the data root.
+
+    Inside ``collecting()`` (datamodules/checks.py) a missing or empty list and bad names are recorded and the
+    usable names returned; otherwise the first problem raises.
+    """
     if not path.is_file():
-        raise UserError(f"missing {what} list file", where=str(path), fix="check DATA_ROOT points at the dataset's top folder")
+        report(UserError(f"missing {what} list file", where=str(path), fix="check DATA_ROOT points at the dataset's top folder"))
+        return []
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    for name in names:
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise UserError(
-                f"list entry '{name}' is not a plain case name (paths are not allowed in list files)",
-                where=str(path),
-                fix="list files hold case names only, e.g. patient001_frame01",
-            )
+    bad = [name for name in names if "/" in name or "\\" in name or name.startswith(".")]
+    for name in bad:
+        report(UserError(
+            f"list entry '{name}' is not a plain case name (paths are not allowed in list files)",
+            where=str(path),
+            fix="list files hold case names only, e.g. patient001_frame01",
+        ))
     if not names:
-        raise UserError(f"the {what} list is empty", where=str(path), fix="restore the list file from the dataset")
-    return names
+        report(UserError(f"the {what} list is empty", where=str(path), fix="restore the list file from the dataset"))
+    return [name for name in names if name not in bad]
 
 
 def check_files_exist(paths: Sequence[Path], list_file: Path) -> None:
+    """Every file a list names must exist (all missing ones in one problem)."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
         shown = "\n    ".join(str(p) for p in missing[:5])
         more = f"\n    ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise UserError(
+        report(UserError(
             f"{len(missing)} file(s) named in {list_file.name} are missing:\n    {shown}{more}",
             where=str(list_file),
             fix="complete the data copy (or fix the list); the layout is described in the README",
-        )
+        ))
 
 
 def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -134,11 +154,24 @@ def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
         raise UserError(f"cannot read h5 file ({error})", where=str(path), fix="the file is corrupt or truncated: copy it again") from error
 
 
+def check_stored_dtypes(image: np.ndarray, label: np.ndarray | None, where: str, checks: Checks,
+                        image_dtype=np.float32, label_dtype=np.uint8) -> None:
+    """The h5 forms of the literature store float32 images and uint8 labels (datasets.md 1.2, 2.2, 3.2)."""
+    for key, array, expected in (("image", image, image_dtype), ("label", label, label_dtype)):
+        if array is not None and array.dtype != expected:
+            checks.problem(
+                f"'{key}' is stored as {array.dtype}, the published files have {np.dtype(expected).name}",
+                where,
+                f"re-save '{key}' as {np.dtype(expected).name} (the converters write the published dtypes)",
+            )
+
+
 class TrainItems(Dataset):
     """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG."""
 
-    def __init__(self, items: list[str], load, transform, with_label: bool):
+    def __init__(self, items: list[str], load, transform, with_label: bool, spatial_dims: int):
         self.items, self.load, self.transform, self.with_label = items, load, transform, with_label
+        self.spatial_dims = spatial_dims
 
     def __len__(self) -> int:
         return len(self.items)
@@ -148,7 +181,10 @@ class TrainItems(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
         image, label = self.load(self.items[index], self.with_label)
         image, label = self.transform(rng, image, label)
-        sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).unsqueeze(0)}
+        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        # Single-channel items are (*spatial); multi-channel ones (*spatial, channels), as image files store them.
+        image = image.unsqueeze(0) if image.ndim == self.spatial_dims else torch.movedim(image, -1, 0)
+        sample = {"image": image}
         if self.with_label:
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return sample
@@ -194,6 +230,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         val_holdout: int = 0,
         max_eval_cases: int | None = None,
+        read_lists: bool = True,
+        labeled_partitions: int = 1,
     ):
         super().__init__()
         self.spec = spec
@@ -211,13 +249,17 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_holdout = val_holdout
         self.max_eval_cases = max_eval_cases
+        self.labeled_partitions = labeled_partitions
         if not self.root.is_dir():
             raise UserError(
                 f"data root for {spec.name} does not exist or is not a folder",
                 where=str(self.root),
                 fix="set DATA_ROOT to the dataset's top folder (see the README for the expected layout)",
             )
-        listed = self.read_split()
+        if not read_lists:
+            self.split = None  # the verifier reads the lists itself (datamodules/verify.py)
+            return
+        listed = self.check_layout().raise_if_any_and_return()
         units, val_cases, test_cases = listed.units, listed.val, listed.test
         count = resolve_labeled_count(spec, len(units), ratio, labeled, listed.listed_units)
         labeled_units = units[:count]
@@ -231,20 +273,93 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             total_units=len(units),
             unit=spec.labeled_unit,
         )
+        self.split.notes = self.split_notes(self.split)
+        self.labeled_partition_sizes = self._partition_labeled(labeled_units)
+
+    def _partition_labeled(self, labeled_units: list[tuple[str, list[str]]]) -> list[int]:
+        """Item counts of the labeled partitions: consecutive, near-equal groups of whole labeled units in list
+        order (a method with per-network labeled data, e.g. MMS, asks for 2). Deterministic: no shuffling."""
+        parts = self.labeled_partitions
+        if parts == 1:
+            return [len(self.split.labeled)]
+        if len(labeled_units) < parts:
+            raise UserError(
+                f"this method splits the labeled {self.spec.labeled_unit}s into {parts} disjoint parts, "
+                f"but only {len(labeled_units)} is labeled",
+                fix=f"label at least {parts} {self.spec.labeled_unit}s (LABELED={parts} or a larger RATIO)",
+            )
+        bounds = [round(p * len(labeled_units) / parts) for p in range(parts + 1)]
+        sizes = [sum(len(items) for _, items in labeled_units[a:b]) for a, b in zip(bounds, bounds[1:])]
+        self.split.notes.append(
+            "labeled partitions (one per network): "
+            + "; ".join(f"{b - a} {self.spec.labeled_unit}s / {n} items" for a, b, n in zip(bounds, bounds[1:], sizes))
+        )
+        return sizes
 
     # ---- what a family provides -------------------------------------------------------------------
     def read_split(self) -> ListedData:
-        """Read and check the list files: ordered training units, validation and test case ids."""
+        """Read and check the list files: ordered training units, validation and test case ids.
+
+        Check the layout with ``read_list`` and ``check_files_exist`` (they collect every problem when the
+        verifier or ``check_layout`` runs this) and raise ``UserError`` for anything else that is wrong.
+        """
         raise NotImplementedError
 
     def load_item(self, item: str, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One training item: image (*spatial) or, with several channels, (*spatial, channels); label (*spatial)."""
         raise NotImplementedError
 
     def train_transform(self, rng: np.random.Generator, image, label):
         raise NotImplementedError
 
     def load_case(self, case_id: str) -> dict[str, Any]:
+        """A whole case: {"case", "image" ((*spatial) or (channels, *spatial)), "label" (*spatial), "spacing"}."""
         raise NotImplementedError
+
+    def split_notes(self, split: Split) -> list[str]:
+        """Facts about the split worth writing down with the run (split.json), e.g. CaDIS's labeled videos."""
+        return []
+
+    # ---- verification hooks (datamodules/verify.py; defaults fit most families) ------------------------
+    def describe(self, kind: str, name: str) -> str:
+        """Where a training item (kind "item") or a val/test case ("case") lives, for messages."""
+        return f"{kind} '{name}' under {self.root}"
+
+    def case_unit(self, case_id: str) -> str:
+        """The labeled unit a val/test case belongs to (ACDC: the patient of a volume), for the leakage check."""
+        return case_id
+
+    def check_sample(self, kind: str, name: str, image: np.ndarray, label: np.ndarray | None, checks: Checks) -> None:
+        """Format-specific checks of one loaded item ("item") or case ("case"), e.g. the stored dtypes. The
+        verifier already checks shapes, channels, finiteness and label values against the spec."""
+
+    def check_layout(self) -> "CheckedLayout":
+        """The cheap checks (lists, named files exist, no case in two splits), every problem collected."""
+        with collecting() as checks:
+            listed = self.read_split()
+            self.check_listed(listed, checks)
+        return CheckedLayout(checks, listed if checks.ok else None)
+
+    def check_listed(self, listed: ListedData, checks: Checks) -> None:
+        training = {unit for unit, _ in listed.units}
+        val = {self.case_unit(c) for c in listed.val}
+        test = {self.case_unit(c) for c in listed.test}
+        for first, second, a, b in (("training", "validation", training, val), ("training", "test", training, test),
+                                    ("validation", "test", val, test)):
+            shared = sorted(a & b)
+            if shared:
+                checks.problem(
+                    f"{len(shared)} {self.spec.labeled_unit}(s) are in both the {first} and the {second} split "
+                    f"(e.g. {', '.join(shared[:3])}): the test would see training data",
+                    where=str(self.root),
+                    fix="restore the published list files; every case belongs to exactly one split",
+                )
+        published = self.spec.labeled_counts.get(1.0)
+        if published is not None and listed.listed_units != published:
+            checks.note(
+                f"the training list has {listed.listed_units} {self.spec.labeled_unit}s, the published set "
+                f"{published}: a subset or a different copy, so results are not comparable with published tables"
+            )
 
     # ---- shared machinery -------------------------------------------------------------------------
     @property
@@ -268,8 +383,18 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     def _stream(self, items: list[str], with_label: bool, global_batch: int) -> DataLoader:
         rank, world_size, start_step = self._world()
         batch = self.per_rank_batch(global_batch, world_size)
-        sampler = StepSampler(len(items), batch, self.max_steps, self.seed + (0 if with_label else 7919), rank, world_size, start_step)
-        dataset = TrainItems(items, self.load_item, self.train_transform, with_label)
+        seed = self.seed + (0 if with_label else 7919)
+        if with_label and self.labeled_partitions > 1:
+            if batch % self.labeled_partitions:
+                raise UserError(
+                    f"the labeled batch per device ({batch}) cannot be shared equally by {self.labeled_partitions} "
+                    "networks that each train on their own labeled part",
+                    fix=f"choose data.labeled_batch_size divisible by {self.labeled_partitions} x DEVICES",
+                )
+            sampler = PartitionedStepSampler(self.labeled_partition_sizes, batch, self.max_steps, seed, rank, world_size, start_step)
+        else:
+            sampler = StepSampler(len(items), batch, self.max_steps, seed, rank, world_size, start_step)
+        dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.spec.spatial_dims)
         return DataLoader(
             dataset,
             batch_size=batch,

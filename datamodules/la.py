@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.errors import UserError
-from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist, read_h5, read_list
+from datamodules.base import (
+    ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
+)
 from datamodules.spec import DatasetSpec
 from datamodules.transforms import la_train_transform
 
@@ -68,6 +70,12 @@ class LADataModule(SemiSupervisedDataModule):
         cut = len(train_ids) - self.val_holdout
         units = [(case, [case]) for case in train_ids[:cut]]
         return ListedData(units, train_ids[cut:], test_ids, listed_units=len(train_ids))
+
+    def describe(self, kind: str, name: str) -> str:
+        return str(self.case_path(name))
+
+    def check_sample(self, kind, name, image, label, checks):
+        check_stored_dtypes(image, label, self.describe(kind, name), checks)
 
     def case_path(self, case_id: str) -> Path:
         return self.root / DATA_FOLDER / case_id / "mri_norm2.h5"

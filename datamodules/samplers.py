@@ -66,3 +66,35 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.batch_size
+
+
+class PartitionedStepSampler(Sampler[int]):
+    """Each batch is the concatenation of equal shares drawn from consecutive index ranges (partitions).
+
+    For methods whose networks each own a disjoint part of the labeled set (MMS: the first half of the labeled
+    units trains network 1, the second half network 2): position ``[p * B/P, (p + 1) * B/P)`` of every per-rank
+    batch comes from partition ``p``, each partition running its own :class:`StepSampler` (same guarantees:
+    deterministic, every item once per pass of its partition, DDP-consistent, resumable).
+    """
+
+    def __init__(self, partition_sizes: list[int], batch_size_per_rank: int, total_steps: int, seed: int,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0):
+        parts = len(partition_sizes)
+        if batch_size_per_rank % parts:
+            raise ValueError(f"batch {batch_size_per_rank} is not divisible into {parts} partitions")
+        share = batch_size_per_rank // parts
+        self.offsets = [sum(partition_sizes[:p]) for p in range(parts)]
+        self.samplers = [
+            StepSampler(size, share, total_steps, seed + 104_729 * p, rank, world_size, start_step)
+            for p, size in enumerate(partition_sizes)
+        ]
+        self.share, self.total_steps, self.start_step = share, total_steps, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start_step, self.total_steps):
+            for offset, sampler in zip(self.offsets, self.samplers):
+                for position in range(self.share):
+                    yield offset + sampler.index_at(step, position)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.share * len(self.samplers)

@@ -31,6 +31,29 @@ class DatasetSpec:
     labeled_unit: str = "case"
     # Dice on the background channel in the supervised loss: SSL4MIS (ACDC) includes it, UA-MT (LA) does not.
     dice_include_background: bool = True
+    # Label value that is not a class (CaDIS tasks II/III: 255): excluded from the loss and the metrics.
+    ignore_index: int | None = None
+    # Scored regions as (name, classes) when they are unions of classes rather than the classes themselves
+    # (BraTS: whole tumour = {1, 2, 3}, tumour core = {1, 3}, enhancing tumour = {3}); None = each foreground class.
+    eval_regions: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    # Per-channel (mean, std) the loader normalised the images with (ImageNet statistics for RGB endoscopy),
+    # or None when images are stored ready to use (ACDC, LA). Image-space augmentations undo it first.
+    image_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # Metrics beyond Dice/Jaccard/HD95/ASD, as extra columns: "aji" (nuclei; instances from case["instances"] or
+    # the connected components of the mask).
+    # "miou": the dataset-level mIoU from pooled pixel counts (CaDIS, Cityscapes-style); "pooled_f1": Dice of the
+    # pixels of all test images pooled (the global F1 of the endoscopy literature).
+    extra_metrics: tuple[str, ...] = ()
+    # HD95 and ASD per case and class; off where the literature reports overlap only and they would dominate the
+    # evaluation time (CaDIS: up to 25 classes on every 960x540 frame).
+    surface_metrics: bool = True
+
+    @property
+    def scored(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """What the evaluator scores: (name, classes) of each region, by default each foreground class alone."""
+        if self.eval_regions is not None:
+            return self.eval_regions
+        return tuple((name, (c,)) for c, name in enumerate(self.class_names) if c > 0)
 
     @property
     def num_classes(self) -> int:

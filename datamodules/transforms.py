@@ -8,6 +8,8 @@ Every random draw comes from an explicit ``numpy.random.Generator``.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 
@@ -35,7 +37,8 @@ def zoom_to(array: np.ndarray, size: tuple[int, ...], order: int = 0) -> np.ndar
     factors = [target / current for target, current in zip(size, array.shape)]
     if all(f == 1 for f in factors):
         return array
-    return ndimage.zoom(array, factors, order=order)
+    # Trailing axes (channels of an RGB or multi-modal image) keep their size.
+    return ndimage.zoom(array, factors + [1] * (array.ndim - len(factors)), order=order)
 
 
 def acdc_train_transform(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None, size):
@@ -57,7 +60,8 @@ def pad_to_at_least(image: np.ndarray, label: np.ndarray | None, size):
         extra = (patch - dim) // 2 + 3 if dim <= patch else 0
         pads.append((extra, extra))
     if any(p != (0, 0) for p in pads):
-        image = np.pad(image, pads, mode="constant", constant_values=0)
+        # A trailing channel axis (multi-modal images are (*spatial, channels)) is not padded.
+        image = np.pad(image, pads + [(0, 0)] * (image.ndim - len(pads)), mode="constant", constant_values=0)
         if label is not None:
             label = np.pad(label, pads, mode="constant", constant_values=0)
     return image, label
@@ -75,3 +79,15 @@ def la_train_transform(rng: np.random.Generator, image: np.ndarray, label: np.nd
     """UA-MT LA pipeline: RandomRotFlip then RandomCrop(patch)."""
     image, label = random_rot_flip(rng, image, label)
     return random_crop(rng, image, label, size)
+
+
+def resize_bilinear(image: np.ndarray | torch.Tensor, size) -> torch.Tensor:
+    """(C, H, W) -> (C, *size) float32, bilinear with antialiasing (area-like when shrinking, as PIL's resize).
+
+    The one image resize of the 2-D whole-image protocol (endoscopy): the loaders use it for training images and
+    the evaluator for test images, so both see identically resized inputs.
+    """
+    tensor = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image, dtype=torch.float32)
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor.unsqueeze(0), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]

@@ -7,6 +7,7 @@ its ``training_step``, and (if not the first network) which network predicts at 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -14,11 +15,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from pytorch_lightning.utilities import rank_zero_warn
+
+from benchmark.errors import NonFiniteLossError, UserError
 from benchmark.evaluation import Evaluator
 from datamodules.spec import DatasetSpec
 from methods.components.ramps import sigmoid_rampup
 from methods.losses import SupervisedSegmentationLoss
 from methods.networks import SegmentationNetwork, build_network
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class SemiSupervisedMethod(pl.LightningModule):
@@ -28,20 +34,54 @@ class SemiSupervisedMethod(pl.LightningModule):
     defaults: ClassVar[dict[str, Any]] = {}
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
+    # Training stages in order (benchmark/run.py trains them one after the other, each from the previous one's
+    # weights); the stage being trained is ``self.stage`` (``config["run"]["stage"]``, set by the run).
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+    # False for methods whose own losses read the labels (one-hot, masks) and so do not skip the spec's ignore index.
+    handles_ignore_index: ClassVar[bool] = True
+    # Dimensionalities the method is defined for; the runner refuses other datasets with a UserError.
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    # >1: the labeled set is split into this many disjoint consecutive parts and every labeled batch is their
+    # concatenation in equal shares (datamodules/samplers.py PartitionedStepSampler), e.g. MMS's one part per network.
+    labeled_partitions: ClassVar[int] = 1
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
         self.spec = spec
         self.config = config
         self.hp = dict(config["method"])
+        self.stage = config["run"].get("stage") or self.stages[0]
+        if self.stage not in self.stages:
+            raise ValueError(f"{type(self).__name__} has no stage '{self.stage}' (stages: {', '.join(self.stages)})")
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
+        self.check_dataset(spec)
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
+        policy = config["trainer"].get("on_nonfinite_loss", "stop")
+        if policy not in NONFINITE_POLICIES:
+            raise UserError(f"unknown trainer.on_nonfinite_loss '{policy}'", where=f"known: {', '.join(NONFINITE_POLICIES)}")
         self.evaluator = Evaluator.from_config(spec, config)
-        self.supervised_criterion = SupervisedSegmentationLoss(include_background=spec.dice_include_background)
+        self.supervised_criterion = SupervisedSegmentationLoss(
+            include_background=spec.dice_include_background, ignore_index=spec.ignore_index
+        )
         self._val_scores: list[list[float]] = []
         self.build()
+
+    @classmethod
+    def check_dataset(cls, spec: DatasetSpec) -> None:
+        """Refuse a dataset the method cannot train on correctly (run.prepare calls this before writing anything)."""
+        if spec.spatial_dims not in cls.spatial_dims:
+            raise UserError(
+                f"method '{cls.name}' is {'/'.join(f'{d}-D' for d in cls.spatial_dims)} only, but dataset '{spec.name}' "
+                f"is {spec.spatial_dims}-D",
+                fix="choose a dataset of a supported dimensionality (`python -m benchmark list datasets`)",
+            )
+        if spec.ignore_index is not None and not cls.handles_ignore_index:
+            raise UserError(
+                f"{cls.__name__} does not handle the ignored label {spec.ignore_index} of {spec.name}",
+                fix="use a dataset without ignored pixels (e.g. cadis, task I) or a method that does (supervised, mean_teacher, ua_mt, cps)",
+            )
 
     # ---- what a method provides ------------------------------------------------------------------
     def build(self) -> None:
@@ -52,15 +92,47 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Every term of one step by name, the total under "loss" (tests check each term's gradient routing)."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        """Default: log every term of ``compute_losses`` and minimise its "loss"."""
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor | None:
+        """Default: log every term of ``compute_losses`` and minimise its "loss" if every term is finite."""
         losses = self.compute_losses(batch)
         self.log_losses(sum(stream["image"].shape[0] for stream in batch.values()), **losses)
+        if not self.check_finite(losses):
+            return None  # trainer.on_nonfinite_loss=skip: Lightning skips backward and the optimizer step
         return losses["loss"]
+
+    def check_finite(self, losses: dict[str, torch.Tensor | float]) -> bool:
+        """True if every term is finite. Otherwise stop (the default: raise naming the terms and the step, so the
+        run is recorded as failed, never as a number) or, with ``trainer.on_nonfinite_loss=skip``, warn and skip.
+
+        One device sync per step for all terms together (contrastive terms with a small temperature can overflow).
+        """
+        tensors = [v.detach().float().reshape(-1) for v in losses.values() if isinstance(v, torch.Tensor)]
+        finite = bool(torch.isfinite(torch.cat(tensors)).all()) if tensors else True
+        finite = finite and all(math.isfinite(v) for v in losses.values() if not isinstance(v, torch.Tensor))
+        if finite:
+            return True
+        bad = {name: float(torch.as_tensor(v).detach().float().sum()) for name, v in losses.items()
+               if not bool(torch.isfinite(torch.as_tensor(v)).all())}
+        described = ", ".join(f"{name}={value}" for name, value in bad.items())
+        policy = self.config["trainer"].get("on_nonfinite_loss", "stop")
+        if policy == "skip":
+            rank_zero_warn(f"non-finite loss at step {self.global_step} ({described}): step skipped")
+            self.log("train/skipped_steps", 1.0, reduce_fx="sum", batch_size=1)
+            return False
+        raise NonFiniteLossError(
+            f"{self.name}: non-finite loss at step {self.global_step}: {described}. The run is recorded as failed. "
+            "Fix: lower the learning rate or raise a contrastive temperature, or set "
+            "trainer.on_nonfinite_loss=skip to skip such steps"
+        )
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the network that is evaluated (default: ``self.net``)."""
         return self.net(images)
+
+    def on_stage_start(self, previous_stage: str | None) -> None:
+        """Called by the run before each stage trains, after its fresh module got the weights it starts from;
+        ``previous_stage`` is the stage that wrote them (None: fresh weights, or a checkpoint that does not say).
+        E.g. ACTION copies its student into the teacher when fine-tuning starts."""
 
     # ---- shared pieces ----------------------------------------------------------------------------
     def build_network(self, **overrides: Any) -> SegmentationNetwork:
@@ -89,7 +161,14 @@ class SemiSupervisedMethod(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.config["optim"]
         parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+        name = optim.get("name", "sgd")
+        if name == "sgd":
+            optimizer = torch.optim.SGD(parameters, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                                        nesterov=optim.get("nesterov", False))
+        elif name == "adam":  # default betas (the endoscopy protocol of MMS)
+            optimizer = torch.optim.Adam(parameters, lr=optim["lr"], weight_decay=optim["weight_decay"])
+        else:
+            raise ValueError(f"unknown optim.name '{name}' (sgd, adam)")
         max_steps = self.config["trainer"]["max_steps"]
         schedule = optim["schedule"]
         if schedule == "poly":
@@ -117,5 +196,5 @@ class SemiSupervisedMethod(pl.LightningModule):
         scores = np.asarray(self._val_scores)  # (cases, foreground classes)
         # Every rank scores all validation cases (identical values); sync_dist only keeps Lightning from warning.
         self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1, sync_dist=True)
-        for index, class_name in enumerate(self.spec.class_names[1:]):
+        for index, class_name in enumerate(self.evaluator.score_names):
             self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1, sync_dist=True)

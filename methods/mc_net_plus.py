@@ -94,6 +94,7 @@ class MCNetPlus(SemiSupervisedMethod):
         "predict_with": "decoder1",
     }
     num_decoders = 3
+    handles_ignore_index = False  # its upstream supervised losses one-hot the labels themselves
 
     def build(self) -> None:
         for key, known in (("predict_with", PREDICT_WITH), ("supervised_loss", SUPERVISED_LOSSES)):

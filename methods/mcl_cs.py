@@ -15,7 +15,9 @@ Reconstructed (methods.md section 3, each a hyperparameter below):
     trained by one optimizer on the sum of their losses;
   * the weak view is the loader's image; the strong view adds Gaussian noise, intensity jitter and blur and is
     then CutMixed with another unlabeled sample of the batch (the next one, cyclically), boxes as UniMatch
-    (rectangles in 2-D, cuboids in 3-D; :mod:`methods.components.cutmix`); one strong view shared by both networks;
+    (rectangles in 2-D, cuboids in 3-D; :func:`methods.components.mixing.cutmix_box_masks`); one strong view
+    shared by both networks. Jitter and blur are the suite's shared photometric helpers (the blur acts in the
+    image plane, slice by slice in 3-D);
   * feature perturbation = UniMatch FP: channel dropout (p 0.5) on every encoder feature of the unlabeled
     images, decoded in the same decoder pass as the clean batch (batch norm sees both, as UniMatch);
   * pseudo-labels: hard argmax of the OTHER network's clean (weak-view) prediction, kept where its confidence
@@ -70,10 +72,9 @@ Hyperparameters (``method.<key>=...``), besides CPS's ``consistency_rampup``, ``
   noise_max_std             0.1     strong view: noise std drawn from U(0, this) per sample
   noise_clamp               0.2     ... noise clipped to +-this
   jitter_probability        0.8     strong view: intensity jitter probability (UniMatch's colour jitter)
-  jitter_brightness         0.5     ... brightness factor U(1 - b, 1 + b)
-  jitter_contrast           0.5     ... contrast factor U(1 - c, 1 + c)
+  jitter_strength           0.5     ... brightness and contrast factors U(1 - s, 1 + s)
   blur_probability          0.5     strong view: Gaussian blur probability
-  blur_sigma                [0.1, 2.0]  ... sigma range in voxels
+  blur_sigma                [0.1, 2.0]  ... sigma range in pixels (in-plane)
   cutmix_probability        0.5     CutMix box probability per sample
   cutmix_area               [0.02, 0.4]  box share of the image
   cutmix_aspect             [0.3, 3.333]  box aspect ratio range
@@ -102,13 +103,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.errors import UserError
-from methods.components.cutmix import cutmix_masks, paste
-from methods.components.perturbations import channel_dropout, gaussian_blur, gaussian_noise, intensity_jitter
+from methods.components.mixing import cutmix_box_masks, mix_with_next
+from methods.components.perturbations import channel_dropout, gaussian_noise
+from methods.components.photometric import random_blur, random_intensity_jitter
 from methods.cps import CrossPseudoSupervision
 from methods.registry import register
 
 MULTISCALE_READINGS = ("patch_pixel", "decoder_scales")
-#: Strides of the decoder levels returned by ``SegmentationNetwork.decode_with_levels``, in that order.
+#: Decoder strides whose maps the pixel contrast can use (``decoder.forward_features`` of both backbones).
 LEVEL_STRIDES = (8, 4, 2, 1)
 #: Patch grid cells per axis when ``patch_grid`` is null (methods.md 3.1).
 DEFAULT_PATCH_GRID = {2: 8, 3: 4}
@@ -276,8 +278,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         "noise_max_std": 0.1,
         "noise_clamp": 0.2,
         "jitter_probability": 0.8,
-        "jitter_brightness": 0.5,
-        "jitter_contrast": 0.5,
+        "jitter_strength": 0.5,
         "blur_probability": 0.5,
         "blur_sigma": [0.1, 2.0],
         "cutmix_probability": 0.5,
@@ -302,11 +303,12 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         self._check_hyperparameters()
         super().build()  # CPS: net1 Kaiming, net2 Xavier
         dims = self.spec.spatial_dims
-        channels = self.net1.encoder.channels  # per level, shallow to deep (stride 1, 2, 4, 8, 16)
+        channels = self.net1.encoder.channels  # per level, shallow to deep (stride 1, 2, 4, 8, 16); a decoder map
+        # at stride s has the channels of encoder level log2(s) in both backbones
         self.pixel_strides = [1] if self.hp["multiscale"] == "patch_pixel" else list(self.hp["scale_strides"])
         self.pixel_heads = nn.ModuleList(
             nn.ModuleDict({
-                str(stride): PixelProjectionHead(channels[LEVEL_STRIDES[::-1].index(stride)], self.hp["pixel_dim"])
+                str(stride): PixelProjectionHead(channels[stride.bit_length() - 1], self.hp["pixel_dim"])
                 for stride in self.pixel_strides
             })
             for _ in range(2)
@@ -349,17 +351,13 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
                 fail(key, "must be a whole number >= 1", "see the method's docstring for the defaults")
 
     # ---- perturbations ----------------------------------------------------------------------------------
-    @staticmethod
-    def cutmix_partner(tensor: torch.Tensor) -> torch.Tensor:
-        """The sample each unlabeled sample is mixed with: the previous one, cyclically (itself if alone)."""
-        return tensor.roll(1, dims=0)
-
     def strong_view(self, images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Noise, jitter, blur, then CutMix: inside its box a sample shows the next one (cyclically)."""
         hp = self.hp
         view = gaussian_noise(images, generator, hp["noise_max_std"], hp["noise_clamp"])
-        view = intensity_jitter(view, generator, hp["jitter_brightness"], hp["jitter_contrast"], hp["jitter_probability"])
-        view = gaussian_blur(view, generator, tuple(hp["blur_sigma"]), hp["blur_probability"])
-        return paste(view, self.cutmix_partner(view), boxes)
+        view = random_intensity_jitter(view, generator, hp["jitter_strength"], hp["jitter_probability"])
+        view = random_blur(view, generator, tuple(hp["blur_sigma"]), hp["blur_probability"])
+        return mix_with_next(~boxes, view)[0]
 
     def forward_network(
         self, net: nn.Module, labeled: torch.Tensor, unlabeled: torch.Tensor | None, strong: torch.Tensor | None,
@@ -374,11 +372,14 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         if unlabeled is not None:
             p = self.hp["feature_dropout"]
             features = [torch.cat([f, channel_dropout(f[n_labeled:], p, generator)]) for f in features]
-        logits, levels = net.decode_with_levels(features)
+        logits, levels = net.decoders[0].forward_features(features)
+        by_stride = {}  # the decoder's maps by stride; where a stride has two, the later (more refined) one
+        for level in levels:
+            by_stride[images.shape[-1] // level.shape[-1]] = level[:n_clean]
         out = {
             "logits": logits[:n_clean],
             "fp_logits": logits[n_clean:],
-            "levels": {stride: level[:n_clean] for stride, level in zip(LEVEL_STRIDES, levels)},
+            "levels": by_stride,
             "bottleneck": features[-1][:n_clean],
         }
         if strong is not None:
@@ -405,7 +406,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         # A cell mostly inside the CutMix box shows the partner image there: its positive is the partner's cell.
         pool = F.adaptive_avg_pool3d if boxes.dim() == 4 else F.adaptive_avg_pool2d
         mostly_pasted = pool(boxes.unsqueeze(1).float(), grid).squeeze(1) >= 0.5
-        positives = paste(cells, self.cutmix_partner(cells), mostly_pasted)
+        (positives,) = mix_with_next(~mostly_pasted, cells)
         return patch_info_nce(anchors, keys, positives.reshape(-1), self.hp["patch_temperature"])
 
     def pixel_contrast(
@@ -457,7 +458,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         generator = self.step_generator()
         boxes = strong = None
         if unlabeled is not None:
-            boxes = cutmix_masks(
+            boxes = cutmix_box_masks(
                 unlabeled.shape[0], unlabeled.shape[2:], generator, self.hp["cutmix_probability"],
                 tuple(self.hp["cutmix_area"]), tuple(self.hp["cutmix_aspect"]),
             )
@@ -482,8 +483,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
             else:
                 confidence, pseudo = probabilities[other][n_labeled:].max(dim=1)
                 fp_term = masked_cross_entropy(outputs[side]["fp_logits"], pseudo, confidence >= threshold)
-                mixed_pseudo = paste(pseudo, self.cutmix_partner(pseudo), boxes)
-                mixed_confidence = paste(confidence, self.cutmix_partner(confidence), boxes)
+                mixed_pseudo, mixed_confidence = mix_with_next(~boxes, pseudo, confidence)
                 strong_term = masked_cross_entropy(outputs[side]["strong_logits"], mixed_pseudo, mixed_confidence >= threshold)
                 pixel_labels[side] = torch.cat([labels, pseudo])
                 pixel_valid[side] = torch.cat([pixel_valid[side], confidence >= self.hp["pixel_confidence"]])

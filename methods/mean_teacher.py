@@ -43,21 +43,19 @@ class MeanTeacher(SemiSupervisedMethod):
             teacher_probabilities = torch.softmax(self.teacher(self.teacher_input(unlabeled)), dim=1)
         return torch.mean((torch.softmax(student_logits, dim=1) - teacher_probabilities) ** 2)
 
-    def training_step(self, batch, batch_idx):
+    def compute_losses(self, batch):
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
         n_labeled = images.shape[0]
         if "unlabeled" not in batch:  # RATIO=1.0: nothing to be consistent on
-            loss = self.supervised_loss(self.net(images), labels)
-            self.log_losses(n_labeled, loss=loss, supervised=loss)
-            return loss
+            supervised = self.supervised_loss(self.net(images), labels)
+            return {"loss": supervised, "supervised": supervised}
         unlabeled = batch["unlabeled"]["image"]
         logits = self.net(torch.cat([images, unlabeled]))
         supervised = self.supervised_loss(logits[:n_labeled], labels)
         consistency = self.consistency_loss(logits[n_labeled:], unlabeled)
         weight = self.consistency_weight()
-        loss = supervised + weight * consistency
-        self.log_losses(n_labeled, loss=loss, supervised=supervised, consistency=consistency, consistency_weight=weight)
-        return loss
+        return {"loss": supervised + weight * consistency, "supervised": supervised, "consistency": consistency,
+                "consistency_weight": weight}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # After the optimizer step: the teacher follows the updated student.

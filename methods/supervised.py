@@ -12,8 +12,6 @@ class Supervised(SemiSupervisedMethod):
     def build(self) -> None:
         self.net = self.build_network()
 
-    def training_step(self, batch, batch_idx):
+    def compute_losses(self, batch):
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
-        loss = self.supervised_loss(self.net(images), labels)
-        self.log_losses(images.shape[0], loss=loss)
-        return loss
+        return {"loss": self.supervised_loss(self.net(images), labels)}

@@ -57,8 +57,8 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         self._certain_fraction = float(mask.mean())
         return torch.sum(mask * distance) / (2 * torch.sum(mask) + 1e-16)
 
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
+    def compute_losses(self, batch):
+        losses = super().compute_losses(batch)
         if "unlabeled" in batch:
-            self.log_losses(batch["labeled"]["image"].shape[0], certain_fraction=self._certain_fraction)
-        return loss
+            losses["certain_fraction"] = self._certain_fraction
+        return losses

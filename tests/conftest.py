@@ -9,6 +9,7 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 REAL_ACDC = SHARED_DATASETS / "ACDC"
+REAL_KVASIR = SHARED_DATASETS / "Kvasir-SEG"
 
 # Small fixtures in the real layouts (H, W differ from every crop size so the zoom path runs).
 TINY_ACDC = dict(n_train_patients=6, n_val_patients=2, n_test_patients=2, slices=(3, 4), shape=(40, 36), seed=0)
@@ -34,14 +35,23 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def require_real_acdc() -> Path:
-    """The real ACDC copy. Outside CI a missing copy skips with the path; in CI it fails, since CI has it."""
-    if not (REAL_ACDC / "train_slices.list").is_file():
-        message = f"real ACDC copy missing: {REAL_ACDC} (see ../shared/datasets/README.md)"
+def require_real_dataset(root: Path, marker: str, name: str) -> Path:
+    """A real data copy (``root/marker`` must exist). Outside CI a missing copy skips with the path; in CI it
+    fails, since CI has it."""
+    if not (root / marker).is_file():
+        message = f"real {name} copy missing: {root} (see ../shared/datasets/README.md)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return REAL_ACDC
+    return root
+
+
+def require_real_acdc() -> Path:
+    return require_real_dataset(REAL_ACDC, "train_slices.list", "ACDC")
+
+
+def require_real_kvasir() -> Path:
+    return require_real_dataset(REAL_KVASIR, "train.txt", "Kvasir-SEG")
 
 
 @pytest.fixture
@@ -62,3 +72,11 @@ def la_root(tmp_path_factory) -> Path:
     from datamodules.synthetic import write_la_layout
 
     return write_la_layout(tmp_path_factory.mktemp("la"), crlf=True, **TINY_LA)
+
+
+def run_smoke(tmp_path: Path, *args: str) -> int:
+    """``python -m benchmark run --profile smoke`` into tmp_path (runs/ and lb/<dataset>.csv)."""
+    from benchmark.cli import main
+
+    return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *args])

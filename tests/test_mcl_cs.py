@@ -1,4 +1,4 @@
-"""MCL-CS: losses by hand, CutMix and perturbations, the decoder-levels hook, gradient routing, presets.
+"""MCL-CS: losses by hand, CutMix boxes and perturbations, feature perturbation, gradient routing, presets.
 
 The smoke fits (2D, 3D, RATIO=1.0) are in test_methods_smoke.py, which runs every registered method.
 """
@@ -11,9 +11,8 @@ import torch
 
 from benchmark.config import resolve_config
 from benchmark.errors import UserError
-from datamodules import get_dataset
-from methods.components.cutmix import cutmix_masks, paste
-from methods.components.perturbations import channel_dropout, gaussian_blur, gaussian_noise, intensity_jitter
+from methods.components.mixing import cutmix_box_masks, mix_with_next
+from methods.components.perturbations import channel_dropout, gaussian_noise
 from methods.mcl_cs import (
     masked_cross_entropy,
     patch_info_nce,
@@ -22,19 +21,14 @@ from methods.mcl_cs import (
     prototype_info_nce,
     sample_pixels,
 )
-from methods.networks import build_network
 from methods.registry import get_method
+from tests.test_cps_mcnet import make_method as build_method
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_method(dataset="synthetic_acdc", overrides=(), profile="smoke"):
-    entry = get_dataset(dataset)
-    config = resolve_config(dataset, "mcl_cs", profile, list(overrides), get_method("mcl_cs").defaults, family=entry.family)
-    torch.manual_seed(0)
-    model = get_method("mcl_cs")(entry.spec, config)
-    model.log = model.log_dict = lambda *a, **k: None
-    return model
+    return build_method("mcl_cs", dataset, overrides, profile=profile)
 
 
 def batch_for(model, n_labeled=2, n_unlabeled=2):
@@ -146,7 +140,7 @@ def test_sample_pixels_per_class_hard_anchors_and_other_class_negatives():
 
 @pytest.mark.parametrize("spatial", [(24, 20), (12, 10, 8)])
 def test_cutmix_masks_are_one_box_per_sample_within_the_area_range(spatial):
-    masks = cutmix_masks(64, spatial, generator(3), probability=1.0, area_range=(0.02, 0.4))
+    masks = cutmix_box_masks(64, spatial, generator(3), probability=1.0, area_range=(0.02, 0.4))
     assert masks.shape == (64, *spatial) and masks.dtype == torch.bool
     total = math.prod(spatial)
     for mask in masks:
@@ -155,7 +149,7 @@ def test_cutmix_masks_are_one_box_per_sample_within_the_area_range(spatial):
         box_volume = int(torch.prod(high - low + 1))
         assert box_volume == len(inside)  # an axis-aligned box (rectangle / cuboid), nothing else
         assert 1 <= len(inside) <= 0.4 * total * 1.6  # rounding sides of a small grid can grow the share a little
-    assert not cutmix_masks(8, spatial, generator(3), probability=0.0).any()
+    assert not cutmix_box_masks(8, spatial, generator(3), probability=0.0).any()
 
 
 @pytest.mark.parametrize("spatial", [(16, 16), (8, 8, 8)])
@@ -164,15 +158,12 @@ def test_cutmix_mixes_image_and_label_with_the_same_box(spatial):
     images = torch.stack([torch.full((1, *spatial), float(i)) for i in range(n)])  # sample i is all i
     images = images + torch.rand(n, 1, *spatial, generator=generator(1))  # so the label is floor(image)
     labels = images.squeeze(1).floor().long()
-    masks = cutmix_masks(n, spatial, generator(5), probability=1.0)
-    mixed_images = paste(images, images.roll(1, dims=0), masks)
-    mixed_labels = paste(labels, labels.roll(1, dims=0), masks)
+    masks = cutmix_box_masks(n, spatial, generator(5), probability=1.0)
+    mixed_images, mixed_labels = mix_with_next(~masks, images, labels)
     assert torch.equal(mixed_labels, mixed_images.squeeze(1).floor().long())  # label still fits the image
     for i in range(n):
-        assert torch.equal(mixed_labels[i][masks[i]], torch.full_like(mixed_labels[i][masks[i]], (i - 1) % n))
+        assert torch.equal(mixed_labels[i][masks[i]], torch.full_like(mixed_labels[i][masks[i]], (i + 1) % n))
         assert torch.equal(mixed_labels[i][~masks[i]], torch.full_like(mixed_labels[i][~masks[i]], i))
-    with pytest.raises(ValueError):
-        paste(labels, labels[:2], masks)
 
 
 def test_channel_dropout_zeroes_whole_channels_and_rescales():
@@ -184,42 +175,20 @@ def test_channel_dropout_zeroes_whole_channels_and_rescales():
     assert torch.equal(channel_dropout(features, 0.0, generator(2)), features)
 
 
-def test_noise_is_clamped_and_jitter_scales_brightness_then_contrast():
+def test_noise_is_clamped_per_sample():
     images = torch.randn(4, 1, 8, 8, generator=generator(1))
     noisy = gaussian_noise(images, generator(2), max_std=5.0, clamp=0.2)
     assert (noisy - images).abs().max() <= 0.2 + 1e-6 and not torch.equal(noisy, images)
-
-    positive = images.abs() + 1.0
-    jittered = intensity_jitter(positive, generator(3), brightness=0.5, contrast=0.5, probability=1.0)
-    for before, after in zip(positive, jittered):
-        b = (after.mean() / before.mean()).item()  # contrast keeps the mean, brightness scales it
-        deviation_before, deviation_after = before - before.mean(), after - after.mean()
-        bc = ((deviation_after * deviation_before).sum() / (deviation_before**2).sum()).item()
-        assert torch.allclose(deviation_after, bc * deviation_before, atol=1e-5)  # deviations scale by b * c
-        assert 0.5 <= b <= 1.5 and 0.5 - 1e-5 <= bc / b <= 1.5 + 1e-5
-    assert torch.equal(intensity_jitter(positive, generator(3), probability=0.0), positive)
-
-
-def test_blur_keeps_mass_and_constants_and_spreads_an_impulse():
-    impulse = torch.zeros(1, 1, 15, 15)
-    impulse[0, 0, 7, 7] = 1.0
-    blurred = gaussian_blur(impulse, generator(), sigma_range=(1.0, 1.0), probability=1.0)
-    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-5)
-    assert blurred[0, 0, 7, 7] < 0.5 and torch.allclose(blurred[0, 0], blurred[0, 0].T, atol=1e-6)
-    # neighbour / centre of a unit Gaussian: exp(-1/2) (discrete kernels are close to it)
-    assert (blurred[0, 0, 7, 8] / blurred[0, 0, 7, 7]).item() == pytest.approx(math.exp(-0.5), rel=0.05)
-    constant = torch.full((2, 1, 6, 6, 6), 3.0)
-    assert torch.allclose(gaussian_blur(constant, generator(), (0.5, 2.0), 1.0), constant)  # replicate padding
-    assert torch.equal(gaussian_blur(impulse, generator(), probability=0.0), impulse)
+    assert torch.equal(gaussian_noise(images, generator(2), max_std=0.0), images)
 
 
 def test_strong_view_without_intensity_changes_is_the_cutmixed_image():
     model = make_method(overrides=["method.noise_max_std=0.0", "method.jitter_probability=0.0",
                                    "method.blur_probability=0.0"])
     images = torch.randn(3, 1, 32, 32, generator=generator(1))
-    boxes = cutmix_masks(3, (32, 32), generator(4), probability=1.0)
+    boxes = cutmix_box_masks(3, (32, 32), generator(4), probability=1.0)
     strong = model.strong_view(images, boxes, generator(5))
-    assert torch.equal(strong, paste(images, images.roll(1, dims=0), boxes))
+    assert torch.allclose(strong, mix_with_next(~boxes, images)[0], atol=1e-6)
 
 
 def test_strong_view_pseudo_labels_are_mixed_with_the_image_boxes(monkeypatch):
@@ -228,28 +197,18 @@ def test_strong_view_pseudo_labels_are_mixed_with_the_image_boxes(monkeypatch):
 
     model = make_method(overrides=["method.pseudo_label_threshold=0.0", "method.cutmix_probability=1.0"])
     recorded = {"boxes": [], "ce": []}
-    real_masks, real_ce = module.cutmix_masks, module.masked_cross_entropy
-    monkeypatch.setattr(module, "cutmix_masks", lambda *a, **k: recorded["boxes"].append(real_masks(*a, **k)) or recorded["boxes"][-1])
+    real_masks, real_ce = module.cutmix_box_masks, module.masked_cross_entropy
+    monkeypatch.setattr(module, "cutmix_box_masks", lambda *a, **k: recorded["boxes"].append(real_masks(*a, **k)) or recorded["boxes"][-1])
     monkeypatch.setattr(module, "masked_cross_entropy", lambda logits, pseudo, keep: recorded["ce"].append(pseudo) or real_ce(logits, pseudo, keep))
     model.compute_losses(batch_for(model, n_unlabeled=3))
     (boxes,) = recorded["boxes"]
     assert boxes.any()
     fp_pseudo_of_net2, strong_pseudo_of_net2 = recorded["ce"][0], recorded["ce"][1]  # network 1's two terms
-    assert torch.equal(strong_pseudo_of_net2, paste(fp_pseudo_of_net2, fp_pseudo_of_net2.roll(1, dims=0), boxes))
+    assert torch.equal(strong_pseudo_of_net2, mix_with_next(~boxes, fp_pseudo_of_net2)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Networks: the decoder-levels hook and the feature perturbation
-
-
-@pytest.mark.parametrize("spatial_dims, shape", [(2, (32, 32)), (3, (32, 32, 16))])
-def test_decode_with_levels_gives_the_forward_logits_and_four_levels(spatial_dims, shape):
-    net = build_network(spatial_dims, 1, 3, base_features=4).eval()
-    images = torch.randn(2, 1, *shape)
-    logits, levels = net.decode_with_levels(net.encoder(images))
-    assert torch.equal(logits, net(images))
-    for stride, level, channels in zip((8, 4, 2, 1), levels, (32, 16, 8, 4)):
-        assert level.shape == (2, channels, *(s // stride for s in shape))
+# The feature perturbation
 
 
 def test_feature_perturbation_decodes_a_dropped_copy_in_the_same_pass():

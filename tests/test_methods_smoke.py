@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from methods.registry import method_names
+from benchmark.errors import EXIT_USER_ERROR
+from datamodules import get_dataset
+from methods.registry import get_method, method_names
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,6 +22,11 @@ def run_cli(tmp_path: Path, *args: str) -> int:
 @pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
 @pytest.mark.parametrize("name", method_names())
 def test_smoke_fit_writes_two_rows(tmp_path, name, dataset):
+    if get_dataset(dataset).spec.spatial_dims not in get_method(name).spatial_dims:
+        # A method defined for other dimensionalities (MMS: 2-D) refuses with a user error before writing anything.
+        assert run_cli(tmp_path, "--method", name, "--dataset", dataset, "--ratio", "0.5") == EXIT_USER_ERROR
+        assert not (tmp_path / "lb" / f"{dataset}.csv").exists()
+        return
     assert run_cli(tmp_path, "--method", name, "--dataset", dataset, "--ratio", "0.5") == 0
     table = pd.read_csv(tmp_path / "lb" / f"{dataset}.csv")
     assert table["checkpoint"].tolist() == ["last", "best"] and (table["status"] == "ok").all()

@@ -446,7 +446,7 @@ def test_a_generation_killed_half_way_is_redone(tmp_path, small_builtins):
 def test_builtin_sets_are_small_and_read_by_the_suite_loaders(tmp_path):
     from datamodules import get_dataset
 
-    for name, patch in (("synthetic_acdc", (64, 64)), ("synthetic_la", (48, 48, 32))):
+    for name, patch in (("synthetic_acdc", (64, 64)), ("synthetic_la", (48, 48, 32)), ("synthetic_kvasir", (64, 80))):
         root = ensure_synthetic(name, cache_dir=tmp_path)
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         assert size < 16e6, f"{name}: {size / 1e6:.1f} MB"

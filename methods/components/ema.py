@@ -22,7 +22,15 @@ def ssl4mis_ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: tor
     return alpha * averaged + (1.0 - alpha) * current
 
 
-def make_ema_teacher(student: nn.Module, decay: float) -> AveragedModel:
-    teacher = AveragedModel(student, avg_fn=partial(ssl4mis_ema, decay=decay), use_buffers=False)
+def constant_ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float) -> torch.Tensor:
+    """``decay * averaged + (1 - decay) * current`` from the first update on (MoCo / ISD / ACTION)."""
+    return decay * averaged + (1.0 - decay) * current
+
+
+def make_ema_teacher(student: nn.Module, decay: float, warmup: bool = True) -> AveragedModel:
+    """An EMA copy of ``student``; ``warmup`` False uses the constant decay instead of SSL4MIS's true average
+    early on. Note: AveragedModel's first update copies the student whatever the rule."""
+    average = ssl4mis_ema if warmup else constant_ema
+    teacher = AveragedModel(student, avg_fn=partial(average, decay=decay), use_buffers=False)
     teacher.requires_grad_(False)
     return teacher

@@ -13,8 +13,13 @@ from torch import nn
 
 
 class SupervisedSegmentationLoss(nn.Module):
-    def __init__(self, include_background: bool = True, dice_weight: float = 0.5, ce_weight: float = 0.5):
+    """``ignore_index``: pixels with this label (CaDIS: 255) add nothing to either term: cross-entropy skips them and
+    the Dice term sees neither their prediction nor their target."""
+
+    def __init__(self, include_background: bool = True, dice_weight: float = 0.5, ce_weight: float = 0.5,
+                 ignore_index: int | None = None):
         super().__init__()
+        self.ignore_index = ignore_index
         self.dice = DiceLoss(
             include_background=include_background,
             to_onehot_y=True,
@@ -24,9 +29,22 @@ class SupervisedSegmentationLoss(nn.Module):
             smooth_nr=1e-5,
             smooth_dr=1e-5,
         )
+        self._masked_dice = DiceLoss(
+            include_background=include_background, squared_pred=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+        )
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits, labels)
-        dice = self.dice(logits, labels.unsqueeze(1))
+        if self.ignore_index is None:
+            ce = F.cross_entropy(logits, labels)
+            dice = self.dice(logits, labels.unsqueeze(1))
+            return self.ce_weight * ce + self.dice_weight * dice
+        valid = labels != self.ignore_index
+        ce = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+        # Masked Dice: the softmax and the one-hot target are zeroed at ignored pixels (MONAI's MaskedDiceLoss would
+        # mask the logits before its softmax, which leaves a uniform distribution there instead of nothing).
+        mask = valid.unsqueeze(1).to(logits.dtype)
+        probabilities = torch.softmax(logits, dim=1) * mask
+        target = F.one_hot(torch.where(valid, labels, 0), logits.shape[1]).movedim(-1, 1).to(logits.dtype) * mask
+        dice = self._masked_dice(probabilities, target)
         return self.ce_weight * ce + self.dice_weight * dice

@@ -6,9 +6,8 @@ one encoder plus a list of decoders, so a method picks how many heads it needs a
 
 * ``net(x)`` - logits of the main decoder (``decoders[0]``), what validation and inference use;
 * ``net.forward_all(x)`` - one logits tensor per decoder from a single encoder pass (MC-Net+, CCT);
-* ``feats = net.encoder(x); net.decoders[0]([perturb(f) for f in feats])`` - feature perturbation (UniMatch);
-* ``logits, levels = net.decode_with_levels(feats)`` - logits plus the decoder's feature map at each level
-  (coarse to fine, the last at full resolution), for projection heads of contrastive methods.
+* ``net.forward_features(x)`` - logits of the main decoder and its intermediate maps, deep to shallow (ACTION);
+* ``feats = net.encoder(x); net.decoders[0]([perturb(f) for f in feats])`` - feature perturbation (UniMatch).
 """
 from __future__ import annotations
 
@@ -82,9 +81,7 @@ class SegmentationNetwork(nn.Module):
 
     Protocol of the parts:
       * ``encoder(x) -> list[Tensor]``: feature maps, shallow to deep;
-      * ``decoder(features) -> Tensor``: logits at the input resolution;
-      * optionally ``decoder.levels(features) -> list[Tensor]`` and ``decoder.classify(last_level) -> Tensor``
-        (their composition is ``decoder(features)``), used by :meth:`decode_with_levels`.
+      * ``decoder(features) -> Tensor``: logits at the input resolution.
 
     ``spatial_dims`` and ``num_classes`` are taken from ``encoder.spatial_dims`` / ``decoder.num_classes``
     when not given; every decoder must predict the same number of classes.
@@ -128,6 +125,10 @@ class SegmentationNetwork(nn.Module):
         """Logits of the main decoder only: the other decoders cost nothing at inference."""
         return self.decoders[0](self.encoder(x))
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits of the main decoder and its intermediate maps, deep to shallow (``decoder.forward_features``)."""
+        return self.decoders[0].forward_features(self.encoder(x))
+
     def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One logits tensor per decoder, all from the same encoder pass (and the same encoder dropout mask)."""
         return self.decode_all(self.encoder(x))
@@ -135,18 +136,6 @@ class SegmentationNetwork(nn.Module):
     def decode_all(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run every decoder on the same (possibly perturbed) features."""
         return [decoder(features) for decoder in self.decoders]
-
-    def decode_with_levels(
-        self, features: Sequence[torch.Tensor], decoder: int = 0
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One decoder's logits and its feature map after each up level, coarse to fine (strides 8, 4, 2, 1).
-
-        The logits equal ``decoders[decoder](features)``; the decoder must offer ``levels`` and ``classify``
-        (both backbones of this package do).
-        """
-        head = self.decoders[decoder]
-        levels = head.levels(features)
-        return head.classify(levels[-1]), levels
 
 
 INIT_SCHEMES = ("kaiming", "xavier")

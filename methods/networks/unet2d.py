@@ -116,21 +116,21 @@ class UNetDecoder(nn.Module):
             UNetUpBlock(channels[level + 1], channels[level], self.up_mode) for level in reversed(range(4))
         )
         self.out_conv = nn.Conv2d(channels[0], num_classes, kernel_size=3, padding=1)
+        #: Channels of the maps ``forward_features`` returns (bottleneck, then each up block).
+        self.feature_channels = [channels[4], channels[3], channels[2], channels[1], channels[0]]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.classify(self.levels(features)[-1])
+        return self.forward_features(features)[0]
 
-    def levels(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The feature map after each up block, coarse to fine (strides 8, 4, 2, 1); the last feeds ``classify``."""
-        x, outputs = features[-1], []
+    def forward_features(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the decoder's maps deep to shallow: the bottleneck, then the output of each up block
+        (the ``feature_list`` of ACTION's ``unetWithArgs``: 256, 128, 64, 32, 16 channels)."""
+        x = features[-1]
+        levels = [x]
         for up, skip in zip(self.ups, reversed(features[:-1])):
             x = up(x, skip)
-            outputs.append(x)
-        return outputs
-
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the full-resolution decoder feature."""
-        return self.out_conv(x)
+            levels.append(x)
+        return self.out_conv(x), levels
 
 
 def build_unet2d(

@@ -160,22 +160,25 @@ class VNetDecoder(nn.Module):
         )
         self.dropout = nn.Dropout3d(DROPOUT_P) if has_dropout else nn.Identity()
         self.out_conv = nn.Conv3d(channels[0], num_classes, kernel_size=1)
+        #: Channels of the maps ``forward_features`` returns (four upsampled + skip sums, the last stage).
+        self.feature_channels = [channels[3], channels[2], channels[1], channels[0], channels[0]]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.classify(self.levels(features)[-1])
+        return self.forward_features(features)[0]
 
-    def levels(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The feature map after each level, coarse to fine (strides 8, 4, 2, 1); the last feeds ``classify``."""
-        x, outputs = features[-1], []
+    def forward_features(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the decoder's maps deep to shallow: ``up(x) + skip`` of each level (UA-MT's x5_up ...
+        x8_up), then the last stage's output x9 (before dropout): the ``feature_list`` of ACTION's
+        ``vnetWithArgs`` (128, 64, 32, 16, 16 channels)."""
+        x = features[-1]
+        levels = []
         for up, stage, skip in zip(self.ups, self.stages, reversed(features[:-1])):
             # Out-of-place add: the same feature list is shared by every decoder of the network.
-            x = stage(up(x) + skip)
-            outputs.append(x)
-        return outputs
-
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the full-resolution decoder feature (dropout first, as upstream)."""
-        return self.out_conv(self.dropout(x))
+            merged = up(x) + skip
+            levels.append(merged)
+            x = stage(merged)
+        levels.append(x)
+        return self.out_conv(self.dropout(x)), levels
 
 
 def build_vnet(

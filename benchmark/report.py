@@ -1,0 +1,311 @@
+"""Leaderboard reports: mean +- std over seeds, paired tests against the supervised baseline, Markdown and plots.
+
+``python -m benchmark leaderboard`` (``make leaderboard``) reads every ``leaderboards/<dataset>.csv`` and writes
+
+- ``README.md``: per dataset and profile one table of mean +- std over seeds (with n) per method, labeled count
+  and checkpoint kind (``last``, ``best`` on validation); for the ``paper`` profile the published numbers of
+  ``reported.csv`` stand beside the reproduced ones (never beside the reduced ``cpu``/``smoke`` protocols);
+- ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
+- in the tables, a paired Wilcoxon signed-rank test of each method against ``supervised`` on the same split
+  (labeled count), seed and checkpoint kind: the pairs are the per-case Dice of the two runs' test cases
+  (``test_per_case_<checkpoint>.csv`` in the run folders), pooled over the seeds both have.
+
+Only rows with status ``ok`` count; a repeated (config hash, seed, checkpoint) keeps its latest row. Rows of one
+method with different config hashes (other overrides, changed presets) are different experiments and get
+separate lines.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from benchmark.errors import UserError
+from benchmark.leaderboard import read_leaderboard
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+GROUP_KEYS = ["dataset", "profile", "method", "labeled_cases", "checkpoint", "config_hash"]
+BASELINE = "supervised"
+REPORTED_FILE = "reported.csv"
+TRUST_TAGS = {
+    "V": "verified against a primary artefact (the authors' performance.txt or their own README table)",
+    "S": "secondary copy in a third-party README",
+    "M": "from the paper's table as remembered, not verified against the PDF",
+}
+# Published method names -> registry names. Others become their lower-case slug (SS-Net -> ss_net, BCP -> bcp),
+# the name a later implementation of that method is expected to register.
+REPORTED_METHOD_NAMES = {
+    "U-Net (sup. only)": "supervised", "V-Net (sup. only)": "supervised",
+    "U-Net (full)": "supervised", "V-Net (full)": "supervised",
+    "UA-MT": "ua_mt", "MC-Net+": "mc_net_plus", "FBA-Net": "fba_net", "FBA-Net+": "fba_net_plus",
+}
+REPORTED_COLUMNS = ["dataset", "labeled_ratio", "labeled_cases", "method", "method_reported", "profile",
+                    "dice", "jaccard", "hd95", "asd", "units", "trust", "source"]
+
+
+# ---- reported.csv -------------------------------------------------------------------------------------------
+def method_slug(name: str) -> str:
+    if name in REPORTED_METHOD_NAMES:
+        return REPORTED_METHOD_NAMES[name]
+    return re.sub(r"_+", "_", re.sub(r"[^a-z0-9]", "_", name.lower().replace("+", "_plus"))).strip("_")
+
+
+def convert_reported(source: Path, out: Path) -> pd.DataFrame:
+    """``reported_results.csv`` (shared reference) -> ``leaderboards/reported.csv``: suite dataset and method names
+    beside the published ones, the trust tag ([V]/[S]/[M]) in its own column, the source text kept whole.
+    Numbers stay as published: Dice and Jaccard in %, HD95 and ASD in voxels (pixels for 2D sets)."""
+    table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    tags = table["source"].str.extract(r"^\s*\[([A-Z])\]\s*(.*)$")
+    if tags[0].isna().any():
+        raise UserError("a reported row has no trust tag ([V], [S] or [M]) at the start of its source", where=str(source))
+    converted = pd.DataFrame({
+        "dataset": table["dataset"].str.lower(),
+        "labeled_ratio": table["labeled_ratio"],
+        "labeled_cases": table["labeled_cases"].astype(int),
+        "method": table["method"].map(method_slug),
+        "method_reported": table["method"],
+        "profile": "paper",
+        **{metric: table[metric].astype(float) for metric in METRICS},
+        "units": "percent/voxel",
+        "trust": tags[0],
+        "source": tags[1].str.strip(),
+    }, columns=REPORTED_COLUMNS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    converted.to_csv(out, index=False)
+    return converted
+
+
+def load_reported(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame(columns=REPORTED_COLUMNS)
+    table = pd.read_csv(path, keep_default_na=False)
+    missing = [c for c in REPORTED_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"reported.csv lacks columns {missing}", where=str(path), fix="rebuild it with benchmark.report.convert_reported")
+    return table
+
+
+# ---- aggregation --------------------------------------------------------------------------------------------
+def finished_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows with status ok, metrics as numbers, the latest row of each (dataset, hash, seed, checkpoint)."""
+    ok = table[table["status"] == "ok"].copy()
+    for metric in METRICS:
+        ok[metric] = pd.to_numeric(ok[metric], errors="coerce")
+    ok["labeled_cases"] = pd.to_numeric(ok["labeled_cases"], errors="coerce").astype("Int64")
+    ok["seed"] = ok["seed"].astype(str)
+    return ok.drop_duplicates(["dataset", "config_hash", "seed", "checkpoint"], keep="last")
+
+
+def aggregate(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std (ddof 1; NaN for one seed) over seeds, with n, per GROUP_KEYS."""
+    rows = finished_rows(table)
+    if rows.empty:
+        return pd.DataFrame(columns=[*GROUP_KEYS, "n", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))])
+    if "units" not in rows:
+        rows["units"] = "voxel"
+    grouped = rows.groupby(GROUP_KEYS, sort=False, dropna=False)
+    summary = grouped[list(METRICS)].agg(["mean", "std"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary["n"] = grouped.size()
+    summary["seeds"] = grouped["seed"].agg(lambda seeds: " ".join(sorted(seeds, key=lambda s: (len(s), s))))
+    summary["units"] = grouped["units"].first()
+    summary = summary.reset_index()
+    summary["_baseline_last"] = summary["method"] != BASELINE
+    summary = summary.sort_values(["dataset", "profile", "labeled_cases", "checkpoint", "_baseline_last", "method"], kind="stable")
+    return summary.drop(columns="_baseline_last").reset_index(drop=True)
+
+
+# ---- paired tests against the supervised baseline ---------------------------------------------------------
+def per_case_dice(run_dir: str, checkpoint: str, base: Path) -> pd.Series | None:
+    """Mean Dice over the foreground classes per test case, or None without a per-case file."""
+    if not run_dir:
+        return None
+    folder = Path(run_dir)
+    if not folder.is_absolute():
+        folder = base / folder
+    path = folder / f"test_per_case_{checkpoint}.csv"
+    if not path.is_file():
+        return None
+    per_case = pd.read_csv(path)
+    return per_case.groupby("case", sort=False)["dice"].mean()
+
+
+def paired_tests(table: pd.DataFrame, base: Path = Path(".")) -> pd.DataFrame:
+    """One Wilcoxon signed-rank test per non-baseline group of ``aggregate``: per-case Dice of the method's run
+    against the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind, pooled over
+    the seeds both have. Columns: the GROUP_KEYS, pairs, mean_difference (method - supervised), p_value."""
+    from scipy.stats import wilcoxon
+
+    rows = finished_rows(table)
+    if "run_dir" not in rows:
+        rows["run_dir"] = ""
+    split_keys = ["dataset", "profile", "labeled_cases", "checkpoint", "seed"]
+    baseline = rows[rows["method"] == BASELINE].drop_duplicates(split_keys, keep="last").set_index(split_keys)
+    results = []
+    for key, group in rows[rows["method"] != BASELINE].groupby(GROUP_KEYS, sort=False, dropna=False):
+        differences = []
+        for _, row in group.iterrows():
+            split = tuple(row[k] for k in split_keys)
+            if split not in baseline.index:
+                continue
+            ours = per_case_dice(row["run_dir"], row["checkpoint"], base)
+            theirs = per_case_dice(baseline.loc[split, "run_dir"], row["checkpoint"], base)
+            if ours is None or theirs is None:
+                continue
+            paired = pd.concat([ours.rename("ours"), theirs.rename("theirs")], axis=1, join="inner")
+            differences.extend((paired["ours"] - paired["theirs"]).tolist())
+        differences = np.asarray(differences, dtype=float)
+        p_value = np.nan
+        if differences.size and np.any(differences != 0):
+            p_value = float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
+        elif differences.size:
+            p_value = 1.0  # identical predictions on every case
+        results.append({**dict(zip(GROUP_KEYS, key)), "pairs": int(differences.size),
+                        "mean_difference": float(differences.mean()) if differences.size else np.nan, "p_value": p_value})
+    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "mean_difference", "p_value"])
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------
+def _mean_std(mean: float, std: float, scale: float, digits: int) -> str:
+    if pd.isna(mean):
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if not pd.isna(std) else "")
+
+
+def _published(reported: pd.DataFrame, dataset: str, method: str, labeled: int) -> str:
+    match = reported[(reported["dataset"] == dataset) & (reported["method"] == method) & (reported["labeled_cases"] == labeled)]
+    return "; ".join(f"{r.dice:.2f} [{r.trust}] {r.method_reported}, {r.source}" for r in match.itertuples()) or "–"
+
+
+def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.DataFrame | None) -> str:
+    headers = ["Method", "Labeled", "Checkpoint", "n", "Dice %", "Jaccard %", "HD95", "ASD", "ΔDice vs supervised",
+               "Wilcoxon p (pairs)", "Config"]
+    if reported is not None:
+        headers.append("Published Dice % [trust] (source)")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    indexed = tests.set_index(GROUP_KEYS) if not tests.empty else None
+    for row in summary.itertuples(index=False):
+        key = tuple(getattr(row, k) for k in GROUP_KEYS)
+        difference, p_text = "baseline", "–"
+        if row.method != BASELINE:
+            difference = "–"
+            if indexed is not None and key in indexed.index:
+                test = indexed.loc[key]
+                if test["pairs"]:
+                    difference = f"{test['mean_difference'] * 100:+.2f}"
+                    p_text = f"{test['p_value']:.3g} ({int(test['pairs'])})"
+        cells = [row.method, str(row.labeled_cases), row.checkpoint, str(row.n),
+                 _mean_std(row.dice_mean, row.dice_std, 100, 2), _mean_std(row.jaccard_mean, row.jaccard_std, 100, 2),
+                 _mean_std(row.hd95_mean, row.hd95_std, 1, 2), _mean_std(row.asd_mean, row.asd_std, 1, 2),
+                 difference, p_text, f"`{row.config_hash}`"]
+        if reported is not None:
+            cells.append(_published(reported, row.dataset, row.method, int(row.labeled_cases)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reported_table(reported: pd.DataFrame) -> str:
+    lines = ["| Labeled | Method | Dice % | Jaccard % | HD95 | ASD | Trust | Source |", "|---|---|---|---|---|---|---|---|"]
+    for r in reported.sort_values(["labeled_cases", "method"], kind="stable").itertuples():
+        lines.append(f"| {r.labeled_cases} ({r.labeled_ratio}) | {r.method_reported} (`{r.method}`) | {r.dice:.2f} | "
+                     f"{r.jaccard:.2f} | {r.hd95:.2f} | {r.asd:.2f} | {r.trust} | {r.source} |")
+    return "\n".join(lines)
+
+
+def plot_dice(summary: pd.DataFrame, path: Path, title: str) -> Path:
+    """Dice (%) against the labeled count per method, one panel per checkpoint kind; error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(summary["checkpoint"]))
+    figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False, sharey=True)
+    for axis, kind in zip(axes[0], kinds):
+        # One line per method (its config hash changes with the labeled count, so it cannot be the line key).
+        for method, line in summary[summary["checkpoint"] == kind].groupby("method", sort=False):
+            line = line.sort_values("labeled_cases")
+            label = method
+            axis.errorbar(line["labeled_cases"].astype(int), line["dice_mean"] * 100, yerr=line["dice_std"].fillna(0) * 100,
+                          marker="o", capsize=3, label=label)
+        axis.set_xscale("log")
+        counts = sorted(summary["labeled_cases"].astype(int).unique())
+        axis.set_xticks(counts, [str(c) for c in counts])
+        axis.minorticks_off()
+        axis.set_xlabel("labeled cases")
+        axis.set_title(f"{title}, {kind} checkpoint")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test Dice (%)")
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+PROFILE_NOTES = {
+    "paper": "the published protocol: comparable with the published numbers beside it",
+    "cpu": "a reduced protocol for 2-core CPUs: compare methods with each other, never with published numbers",
+    "smoke": "seconds-long test runs: numbers without meaning",
+}
+
+
+def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterable[str] | None = None) -> list[Path]:
+    """Write ``README.md`` and one plot per dataset and profile into ``out`` (default: ``folder``)."""
+    folder = Path(folder)
+    out = Path(out) if out else folder
+    if not folder.is_dir():
+        raise UserError("leaderboard folder not found", where=str(folder), fix="run a sweep first or pass --dir")
+    csvs = {p.stem: p for p in sorted(folder.glob("*.csv")) if p.name != REPORTED_FILE}
+    if datasets:
+        missing = [d for d in datasets if d not in csvs]
+        if missing:
+            raise UserError(f"no leaderboard CSV for {', '.join(missing)}", where=str(folder), fix=f"known: {', '.join(csvs) or 'none'}")
+        csvs = {d: csvs[d] for d in datasets}
+    reported = load_reported(folder / REPORTED_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    sections = [
+        "# Leaderboards",
+        "",
+        "Generated by `make leaderboard` (`python -m benchmark leaderboard`) from the `<dataset>.csv` files in this "
+        "folder; do not edit by hand. Test-set metrics, mean ± sample std over seeds (n = seeds). Dice and Jaccard in %, "
+        "the mean over cases of the mean over foreground classes; HD95 and ASD in voxels (pixels for 2D sets) unless "
+        "the config says otherwise. `last` = the final weights, `best` = the best validation Dice. "
+        "ΔDice and the Wilcoxon signed-rank p-value compare per-case Dice with the `supervised` run of the same "
+        "split, seed and checkpoint kind (pairs = cases x seeds). Published numbers (reported.csv) appear only "
+        "beside `paper`-profile rows; their trust tags: "
+        + "; ".join(f"[{tag}] {meaning}" for tag, meaning in TRUST_TAGS.items()) + ".",
+    ]
+    for dataset, path in csvs.items():
+        table = read_leaderboard(path)
+        summary = aggregate(table)
+        tests = paired_tests(table, base=folder.parent)
+        sections += ["", f"## {dataset}"]
+        if summary.empty:
+            sections += ["", "No finished runs yet."]
+        for profile, part in summary.groupby("profile", sort=False):
+            sections += ["", f"### {dataset}, `{profile}` profile", "", f"*{PROFILE_NOTES.get(profile, 'custom profile')}*", ""]
+            sections.append(markdown_table(part, tests, reported if profile == "paper" else None))
+            plot = plot_dice(part, out / f"{dataset}_{profile}_dice.png", f"{dataset} ({profile})")
+            written.append(plot)
+            sections += ["", f"![{dataset} {profile} Dice against labeled cases]({plot.name})"]
+        published = reported[reported["dataset"] == dataset]
+        if not published.empty:
+            sections += ["", f"### {dataset}: published numbers (reported.csv)", "", reported_table(published)]
+    readme = out / "README.md"
+    readme.write_text("\n".join(sections) + "\n")
+    written.insert(0, readme)
+    return written
+
+
+if __name__ == "__main__":
+    # Rebuild reported.csv from the shared reference (run once; the output is committed):
+    #   python -m benchmark.report ../shared/reference/reported_results.csv leaderboards/reported.csv
+    import sys
+
+    convert_reported(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,585 @@
+"""Hyperparameter search with Optuna: an ask/tell driver outside Lightning, one subprocess per trial.
+
+``python -m benchmark tune --method cps --dataset acdc --ratio 0.1 --trials 50 [--workers 2] [--storage ...]``
+(``make tune``). Design (ecosystem.md B5): Optuna never runs inside a Lightning process, so DDP trials, crashes
+and out-of-memory kills cannot confuse it.
+
+- A **worker** loops: under the study's budget lock it fails stale trials of killed workers, counts the trials
+  and, while the budget (``--trials``) is not used up, asks for one (TPE with ``constant_liar``, so concurrent
+  workers spread out). The lock makes the count exact with any number of workers on any storage.
+- The **trial** runs ``python -m benchmark.tune TRIAL_JSON`` in its own process group: the resolved config with
+  the trial's parameters, ``run.test=false`` (the test set is never evaluated), its own folder. A Lightning
+  callback appends every validation score (``val/dice`` at a global step) to ``progress.jsonl``.
+- The worker reads those lines as they come, reports them to the trial and asks the pruner (median or
+  Hyperband); a pruned trial's process group is killed. A non-zero exit (exception, out-of-memory kill) is a
+  failed trial and the study goes on. The objective is the best validation Dice of the trial (the score the
+  best-on-validation checkpoint is selected by).
+- Seeds: every trial trains with ``--seed`` (``--seed-per-trial``: seed + trial number), recorded in the trial's
+  ``user_attrs`` with the sampler's seed, the worker and the trial folder.
+- ``--workers N`` starts N worker processes on one storage (a journal file by default); on a cluster, start one
+  ``python -m benchmark tune ... --workers 1 --storage postgresql://...`` per GPU or node.
+- At the end: ``summary.json``, ``summary.md`` and plots (history, importance, intermediate values) in the study
+  folder ``<out>/tune/<study>/``; ``--report-only`` rewrites them from the storage.
+
+``python -m benchmark run ... --from-study STUDY`` (``make bench FROM_STUDY=...``) trains with the best trial's
+parameters, STUDY being the study folder or ``STORAGE_URL#STUDY_NAME``.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from benchmark.config import apply_overrides, config_hash
+from benchmark.errors import UserError
+from benchmark.search_space import load_search_space, override_text
+from benchmark.tune_storage import RETRIED_FROM_ATTR, Liveness, StorageSpec
+
+PARENT_PID_ENV = "SSL_BENCH_TUNE_PARENT"
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVE = "best validation Dice (val/dice) over the validations of the trial; never test data"
+STUDY_FILE = "study.json"
+
+
+@dataclass
+class TuneSettings:
+    config: dict[str, Any]          # the prepared base config of every trial (no tuned values applied)
+    study_name: str
+    study_dir: Path
+    storage: StorageSpec
+    n_trials: int
+    workers: int = 1
+    space_path: str | None = None
+    seed_per_trial: bool = False
+    pruner: str = "median"
+    pruner_startup_trials: int = 5  # median pruner: trials that finish before any is pruned
+    sampler_startup_trials: int = 10  # TPE: random trials before the model takes over
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 2
+    keep_checkpoints: bool = False
+    poll_seconds: float = 0.5
+    trial_command: tuple[str, ...] = field(default_factory=lambda: (sys.executable, "-m", "benchmark.tune"))
+
+    @property
+    def space(self):
+        return load_search_space(self.config["method_name"], self.config, self.space_path)
+
+
+# ---- study ----------------------------------------------------------------------------------------------
+def default_study_name(config: dict[str, Any]) -> str:
+    return f"{config['method_name']}-{config['dataset']}-L{config['data']['labeled']}-{config['profile']}"
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
+    if settings.pruner == "median":
+        # No pruning in the first quarter of the budget: while the unlabeled terms ramp up, early scores say little.
+        warmup = settings.config["trainer"]["max_steps"] // 4
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials, n_warmup_steps=warmup)
+    if settings.pruner == "hyperband":
+        trainer = settings.config["trainer"]
+        return optuna.pruners.HyperbandPruner(min_resource=trainer["val_every"], max_resource=trainer["max_steps"], reduction_factor=3)
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise UserError(f"unknown pruner '{settings.pruner}'", fix=f"one of: {', '.join(PRUNERS)}")
+
+
+def open_study(settings: TuneSettings, sampler_seed: int | None = None) -> tuple[optuna.Study, Liveness]:
+    _quiet_optuna()
+    storage = settings.storage.open(settings.heartbeat_interval, settings.grace_period, settings.max_retry)
+    sampler = optuna.samplers.TPESampler(constant_liar=True, seed=sampler_seed, n_startup_trials=settings.sampler_startup_trials)
+    study = optuna.create_study(study_name=settings.study_name, storage=storage, direction="maximize", sampler=sampler,
+                                pruner=make_pruner(settings), load_if_exists=True)
+    return study, Liveness(storage)
+
+
+def create_study(settings: TuneSettings) -> optuna.Study:
+    """Create the study (or check that an existing one of that name tunes the same thing) and its folder."""
+    space = settings.space
+    if settings.storage.kind == "postgresql":
+        study, _ = open_study(settings)  # a wrong URL fails before anything is written
+        settings.study_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        settings.study_dir.mkdir(parents=True, exist_ok=True)
+        study, _ = open_study(settings)
+    identity = {
+        "method": settings.config["method_name"], "dataset": settings.config["dataset"], "profile": settings.config["profile"],
+        "labeled": settings.config["data"]["labeled"], "base_config_hash": config_hash(settings.config),
+    }
+    existing = {key: study.user_attrs.get(key) for key in identity}
+    if any(value is not None for value in existing.values()):
+        differs = {key: (existing[key], identity[key]) for key in identity if existing[key] != identity[key]}
+        if differs:
+            what = ", ".join(f"{key} {old!r} (now {new!r})" for key, (old, new) in differs.items())
+            raise UserError(f"study '{settings.study_name}' already exists and tunes something else: {what}",
+                            where=settings.storage.display(), fix="pass another --study-name (STUDY=), or the same settings")
+    else:
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("objective", OBJECTIVE)
+        study.set_user_attr("search_space", {key: repr(dist) for key, dist in space.items()})
+    local = settings.storage.kind != "postgresql" and Path(settings.storage.target.removeprefix("sqlite:///")).parent == settings.study_dir.resolve()
+    study_file = {
+        "study_name": settings.study_name,
+        # Local files are found again relative to this folder; a server URL is kept without its password.
+        "storage": settings.storage.kind if local else settings.storage.display(),
+        **identity,
+    }
+    _write_atomic(settings.study_dir / STUDY_FILE, json.dumps(study_file, indent=1))
+    return study
+
+
+# ---- workers ----------------------------------------------------------------------------------------------
+def _budget_allows(trials: list[optuna.trial.FrozenTrial], n_trials: int) -> bool:
+    """A queued (WAITING) trial is always run; otherwise trials count against the budget, except the copies a
+    retry makes of a killed worker's trial (the original already counted)."""
+    if any(trial.state == TrialState.WAITING for trial in trials):
+        return True
+    return sum(1 for trial in trials if RETRIED_FROM_ATTR not in trial.system_attrs) < n_trials
+
+
+def run_worker(settings: TuneSettings, worker_index: int = 0) -> int:
+    """Take trials until the budget is used up; returns how many this worker ran."""
+    space = settings.space
+    probe, _ = open_study(settings)
+    # Distinct per worker, and per start, so that a restarted worker does not repeat the random start-up draws.
+    sampler_seed = zlib.crc32(f"{settings.config['run']['seed']}:{worker_index}:{len(probe.trials)}".encode())
+    study, liveness = open_study(settings, sampler_seed)
+    done, idle_since = 0, None
+    while True:
+        with settings.storage.budget_lock(settings.study_name):
+            liveness.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            trial = study.ask(fixed_distributions=space) if _budget_allows(trials, settings.n_trials) else None
+            if trial is not None:
+                liveness.beat(trial._trial_id)
+        if trial is None:
+            # The budget is used up. Trials still running may belong to a worker that was killed: look again until
+            # a dead worker's trial would have gone stale (then it is retried here), and stop.
+            idle_since = idle_since or time.monotonic()
+            waited = time.monotonic() - idle_since
+            if not any(t.state == TrialState.RUNNING for t in trials) or waited > settings.grace_period + 2 * settings.heartbeat_interval:
+                break
+            time.sleep(min(settings.heartbeat_interval, 10))
+            continue
+        idle_since = None
+        execute_trial(settings, study, trial, liveness, worker_index, sampler_seed)
+        done += 1
+    return done
+
+
+def _worker_process(settings: TuneSettings, worker_index: int) -> None:
+    run_worker(settings, worker_index)
+
+
+def trial_config(settings: TuneSettings, params: dict[str, Any], seed: int, trial_dir: Path) -> dict[str, Any]:
+    config = apply_overrides(settings.config, [override_text(key, value) for key, value in params.items()])
+    config["run"].update(seed=seed, out=str(trial_dir), leaderboard_dir=str(trial_dir), test=False, progress=False)
+    return config
+
+
+def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Trial, liveness: Liveness,
+                  worker_index: int, sampler_seed: int) -> TrialState:
+    """Run one trial in a subprocess, report its validation scores as they come, prune or tell the result."""
+    base_seed = settings.config["run"]["seed"]
+    # A retried trial keeps its original's seed (its user_attrs are copied along).
+    seed = trial.user_attrs.get("seed", base_seed + (trial.number if settings.seed_per_trial else 0))
+    trial_dir = settings.study_dir / "trials" / f"{trial.number:04d}"
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    progress = trial_dir / "progress.jsonl"
+    progress.unlink(missing_ok=True)
+    spec = {"config": trial_config(settings, trial.params, seed, trial_dir), "progress": str(progress),
+            "study": settings.study_name, "trial": trial.number, "params": trial.params}
+    (trial_dir / "trial.json").write_text(json.dumps(spec, indent=1, default=str))
+    for key, value in {"seed": seed, "sampler_seed": sampler_seed, "worker": f"{socket.gethostname()}:{os.getpid()}:{worker_index}",
+                       "trial_dir": str(trial_dir)}.items():
+        trial.set_user_attr(key, value)
+
+    log = open(trial_dir / "trial.log", "ab")
+    process = subprocess.Popen([*settings.trial_command, str(trial_dir / "trial.json")], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True, env=_trial_environment())
+    scores: list[float] = []
+    seen_lines, last_beat = 0, time.monotonic()
+    try:
+        while True:
+            finished = process.poll() is not None
+            lines = progress.read_text().split("\n")[:-1] if progress.exists() else []  # complete lines only
+            for line in lines[seen_lines:]:
+                record = json.loads(line)
+                scores.append(float(record["val_dice"]))
+                trial.report(float(record["val_dice"]), int(record["step"]))
+                if trial.should_prune():
+                    _kill_group(process)
+                    return _finish(study, trial, TrialState.PRUNED, f"pruned at step {record['step']}", scores)
+            seen_lines = len(lines)
+            if finished:
+                break
+            if liveness.enabled and time.monotonic() - last_beat >= liveness.interval:
+                liveness.beat(trial._trial_id)
+                last_beat = time.monotonic()
+            time.sleep(settings.poll_seconds)
+    except BaseException:
+        _kill_group(process)
+        trial.set_user_attr("error", "the worker was interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    finally:
+        log.close()
+    if process.returncode != 0:
+        trial.set_user_attr("exit_code", process.returncode)
+        trial.set_user_attr("error", _tail(trial_dir / "trial.log"))
+        return _finish(study, trial, TrialState.FAIL, f"failed (exit code {process.returncode}; see {trial_dir / 'trial.log'})", scores)
+    if not scores:
+        trial.set_user_attr("error", "the trial finished without a validation score")
+        return _finish(study, trial, TrialState.FAIL, "failed: no validation score", scores)
+    if not settings.keep_checkpoints:
+        for checkpoint in trial_dir.rglob("*.ckpt"):
+            checkpoint.unlink()
+    return _finish(study, trial, TrialState.COMPLETE, f"val Dice {max(scores):.4f}", scores)
+
+
+# A worker started as one task of a multi-task launch (srun -n 4, torchrun) must not hand its rank to the trial:
+# Lightning would take the trial for one rank of a bigger job. A trial is a job of its own on this machine.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                      "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS")
+
+
+def _trial_environment() -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    environment[PARENT_PID_ENV] = str(os.getpid())
+    return environment
+
+
+def _finish(study, trial, state: TrialState, what: str, scores: list[float]) -> TrialState:
+    if state == TrialState.COMPLETE:
+        study.tell(trial, max(scores))
+    else:
+        study.tell(trial, state=state)
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    print(f"[{study.study_name}] trial {trial.number} {state.name.lower()}: {what}  ({params})", flush=True)
+    return state
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """The trial and everything it started (DDP ranks, data-loader workers) share one process group."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def _tail(path: Path, lines: int = 15, chars: int = 2000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])[-chars:]
+
+
+# ---- the trial process ---------------------------------------------------------------------------------------
+def exit_with_parent() -> None:
+    """Die when the worker that started this trial dies (Linux ``PR_SET_PDEATHSIG``), so that a killed worker
+    leaves no orphan training behind; elsewhere the heartbeat still recovers the trial."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent and os.getppid() != int(parent):  # the worker died before the line above
+        os._exit(1)
+
+
+def _validation_reporter(progress: Path):
+    import pytorch_lightning as pl
+
+    class ValidationReporter(pl.Callback):
+        """Appends ``{"step", "val_dice"}`` per validation (rank 0), for the worker to report and prune on."""
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking or not trainer.is_global_zero or "val/dice" not in trainer.callback_metrics:
+                return
+            record = {"step": trainer.global_step, "val_dice": float(trainer.callback_metrics["val/dice"])}
+            with open(progress, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    return ValidationReporter()
+
+
+def trial_main(argv: list[str]) -> int:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks Lightning starts die with rank 0 on their own
+        exit_with_parent()
+    spec = json.loads(Path(argv[0]).read_text())
+    from benchmark.run import run
+
+    run(spec["config"], callbacks=[_validation_reporter(Path(spec["progress"]))])
+    return 0
+
+
+# ---- orchestration -------------------------------------------------------------------------------------------
+def tune(settings: TuneSettings) -> dict[str, Any]:
+    """Create the study, run ``settings.workers`` workers on it, write and return the summary."""
+    create_study(settings)
+    started = time.time()
+    print(f"study '{settings.study_name}' on {settings.storage.display()}: {settings.n_trials} trials, "
+          f"{settings.workers} worker(s), pruner {settings.pruner}; folder {settings.study_dir}", flush=True)
+    if settings.workers == 1:
+        run_worker(settings, 0)
+    else:
+        context = multiprocessing.get_context("spawn")
+        processes = [context.Process(target=_worker_process, args=(settings, index), name=f"tune-worker-{index}")
+                     for index in range(settings.workers)]
+        for process in processes:
+            process.start()
+        try:
+            for process in processes:
+                process.join()
+        except KeyboardInterrupt:
+            for process in processes:
+                process.join(timeout=30)
+            raise
+        failed = [p.name for p in processes if p.exitcode != 0]
+        if failed:
+            print(f"warning: worker(s) {', '.join(failed)} stopped with an error (see above)", file=sys.stderr)
+    summary = write_report(settings)
+    summary["wall_time_s"] = round(time.time() - started, 1)
+    print_summary(summary)
+    return summary
+
+
+# ---- results -------------------------------------------------------------------------------------------------
+def study_summary(study: optuna.Study, settings: TuneSettings) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(trial.state.name.lower() for trial in trials)
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    best = None
+    if complete:
+        trial = study.best_trial
+        best = {"number": trial.number, "value": trial.value, "params": trial.params,
+                "seed": trial.user_attrs.get("seed"), "trial_dir": trial.user_attrs.get("trial_dir")}
+    config = settings.config
+    ratio = config["data"].get("ratio")
+    return {
+        "study": settings.study_name, "storage": settings.storage.display(), "study_dir": str(settings.study_dir),
+        "method": config["method_name"], "dataset": config["dataset"], "profile": config["profile"],
+        "labeled": config["data"]["labeled"], "objective": OBJECTIVE, "direction": "maximize",
+        "trials": len(trials), **{state: counts.get(state, 0) for state in ("complete", "pruned", "fail", "running", "waiting")},
+        "best": best,
+        "bench_command": " ".join([
+            f"make bench METHOD={config['method_name']} DATASET={config['dataset']}",
+            *([f"DATA_ROOT={config['data']['root']}"] if config["data"].get("root") else []),
+            f"RATIO={ratio}" if ratio else f"LABELED={config['data']['labeled']}",
+            f"PROFILE={config['profile']} FROM_STUDY={settings.study_dir}",
+        ]),
+        "dashboard_command": f"optuna-dashboard {_dashboard_target(settings.storage)}",
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trial_table": [
+            {"number": t.number, "state": t.state.name.lower(), "value": t.value,
+             "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+             "seed": t.user_attrs.get("seed"), "params": t.params}
+            for t in trials
+        ],
+    }
+
+
+def _dashboard_target(storage: StorageSpec) -> str:
+    return storage.target if storage.kind == "journal" else storage.display()
+
+
+def write_report(settings: TuneSettings) -> dict[str, Any]:
+    """summary.json, summary.md and the plots, next to the study (atomic writes: several workers may finish)."""
+    _quiet_optuna()
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage.open())
+    summary = study_summary(study, settings)
+    summary["plots"] = _write_plots(study, settings.study_dir)
+    _write_atomic(settings.study_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    _write_atomic(settings.study_dir / "summary.md", _markdown(summary))
+    return summary
+
+
+def _write_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
+    """Image files by name, or why a plot was not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    plots = {
+        "history": (optuna_plots.plot_optimization_history, 1, "no complete trial"),
+        # Importance needs the objective to vary over at least two complete trials.
+        "importance": (optuna_plots.plot_param_importances, 2, "fewer than 2 complete trials"),
+        "intermediate": (optuna_plots.plot_intermediate_values, 0, ""),
+    }
+    written = {}
+    for name, (plot, needed, reason) in plots.items():
+        if len(complete) < needed:
+            written[name] = f"not drawn: {reason}"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "parameter importances will be equal" on tiny studies
+                axes = plot(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            figure.savefig(folder / f"{name}.png", dpi=100)
+            plt.close(figure)
+            written[name] = f"{name}.png"
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            written[name] = f"not drawn: {error}"
+            plt.close("all")
+    return written
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# Study `{summary['study']}`", "",
+        f"{summary['method']} on {summary['dataset']} ({summary['profile']} profile), {summary['labeled']} labeled; "
+        f"objective: {summary['objective']}.", "",
+        f"Trials: {summary['trials']} (complete {summary['complete']}, pruned {summary['pruned']}, failed {summary['fail']}, "
+        f"running {summary['running']}, waiting {summary['waiting']}). Storage: `{summary['storage']}`.", "",
+    ]
+    best = summary["best"]
+    if best:
+        lines += [f"**Best: trial {best['number']}, validation Dice {best['value']:.4f}** (seed {best['seed']})", "",
+                  "| parameter | value |", "| --- | --- |"]
+        lines += [f"| `{key}` | {value:.6g} |" if isinstance(value, float) else f"| `{key}` | {value} |" for key, value in best["params"].items()]
+        lines += ["", f"Train and test with these values: `{summary['bench_command']}`", ""]
+    else:
+        lines += ["No complete trial yet.", ""]
+    ranked = sorted(summary["trial_table"], key=lambda t: (t["value"] is None, -(t["value"] or 0.0)))
+    lines += ["| trial | state | val Dice | last step | params |", "| --- | --- | --- | --- | --- |"]
+    for t in ranked[:20]:
+        value = "" if t["value"] is None else f"{t['value']:.4f}"
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+        lines.append(f"| {t['number']} | {t['state']} | {value} | {t['last_step'] if t['last_step'] is not None else ''} | {params} |")
+    plots = [f"![{name}]({target})" for name, target in summary.get("plots", {}).items() if target.endswith(".png")]
+    lines += ["", *plots, "", f"Browse the study: `{summary['dashboard_command']}`", ""]
+    return "\n".join(lines)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"\nstudy {summary['study']}: {summary['trials']} trials (complete {summary['complete']}, pruned {summary['pruned']}, "
+          f"failed {summary['fail']}, running {summary['running']})")
+    best = summary["best"]
+    if best:
+        print(f"best: trial {best['number']}, validation Dice {best['value']:.4f}, seed {best['seed']}")
+        for key, value in best["params"].items():
+            print(f"  {key} = {value:.6g}" if isinstance(value, float) else f"  {key} = {value}")
+        print(f"train and test it: {summary['bench_command']}")
+    else:
+        print("no complete trial")
+    print(f"summary: {Path(summary['study_dir']) / 'summary.md'}  (json, plots beside it)")
+    print(f"dashboard: {summary['dashboard_command']}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# ---- the best trial for `run --from-study` ---------------------------------------------------------------------
+def resolve_study(reference: str) -> tuple[StorageSpec, str | None, dict[str, Any]]:
+    """A study folder (with study.json) or ``STORAGE_URL[#STUDY_NAME]``."""
+    folder = Path(reference)
+    if (folder / STUDY_FILE).is_file():
+        info = json.loads((folder / STUDY_FILE).read_text())
+        return StorageSpec.parse(info["storage"], folder), info["study_name"], info
+    if folder.is_dir() or "://" not in reference and not reference.startswith("journal:"):
+        raise UserError(f"'{reference}' is neither a study folder (with {STUDY_FILE}) nor a storage URL",
+                        where="--from-study / FROM_STUDY=", fix="give runs/tune/<study> or STORAGE_URL#STUDY_NAME")
+    url, _, name = reference.partition("#")
+    return StorageSpec.parse(url, None), name or None, {}
+
+
+def best_trial_overrides(reference: str, method: str) -> tuple[list[str], str]:
+    """``section.key=value`` overrides of the best trial, and a line saying where they come from."""
+    _quiet_optuna()
+    storage_spec, name, _ = resolve_study(reference)
+    storage = storage_spec.open()
+    names = optuna.get_all_study_names(storage=storage)
+    if name is None:
+        if len(names) != 1:
+            raise UserError(f"the storage holds {len(names)} studies; say which", where=storage_spec.display(),
+                            fix=f"append #NAME to the URL; studies: {', '.join(names) or 'none'}")
+        name = names[0]
+    if name not in names:
+        raise UserError(f"no study '{name}' in the storage", where=storage_spec.display(), fix=f"studies: {', '.join(names) or 'none'}")
+    study = optuna.load_study(study_name=name, storage=storage)
+    tuned_method = study.user_attrs.get("method")
+    if tuned_method is not None and tuned_method != method:
+        raise UserError(f"study '{name}' tuned method '{tuned_method}', not '{method}'", where=reference,
+                        fix=f"use --method {tuned_method} or another study")
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        raise UserError(f"study '{name}' has no complete trial yet", where=reference, fix="let `make tune` finish some trials")
+    best = study.best_trial
+    origin = (f"hyperparameters of trial {best.number} of study '{name}' (validation Dice {best.value:.4f}, "
+              f"tuned on {study.user_attrs.get('dataset', '?')} / {study.user_attrs.get('profile', '?')} profile)")
+    return [override_text(key, value) for key, value in best.params.items()], origin
+
+
+def settings_from_args(args, config: dict[str, Any]) -> TuneSettings:
+    from benchmark.run import prepare
+
+    if args.trials < 1 or args.workers < 1:
+        raise UserError("--trials (TRIALS) and --workers (WORKERS) must be at least 1")
+    if args.pruner not in PRUNERS:
+        raise UserError(f"unknown pruner '{args.pruner}'", fix=f"one of: {', '.join(PRUNERS)}")
+    if args.heartbeat_interval < 1 or args.grace_period <= args.heartbeat_interval:
+        raise UserError("--heartbeat-interval must be >= 1 s and --grace-period longer than it")
+    prepare(config)  # bad data, names and values stop here, before a study exists
+    name = args.study_name or default_study_name(config)
+    study_dir = Path(config["run"]["out"]).resolve() / "tune" / name
+    storage = args.storage
+    if storage is None and (study_dir / STUDY_FILE).is_file():  # continuing (or reporting on) an existing study
+        storage = json.loads((study_dir / STUDY_FILE).read_text())["storage"]
+    load_search_space(config["method_name"], config, args.space)  # a bad file stops here, before a study exists
+    return TuneSettings(
+        config=config, study_name=name, study_dir=study_dir,
+        storage=StorageSpec.parse(storage, study_dir, args.workers), n_trials=args.trials, workers=args.workers,
+        space_path=args.space, seed_per_trial=args.seed_per_trial, pruner=args.pruner,
+        pruner_startup_trials=args.pruner_startup_trials, sampler_startup_trials=args.sampler_startup_trials,
+        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, max_retry=args.max_retry,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+
+
+def command_tune(args, config: dict[str, Any]) -> int:
+    settings = settings_from_args(args, config)
+    if args.report_only:
+        settings.study_dir.mkdir(parents=True, exist_ok=True)
+        print_summary(write_report(settings))
+        return 0
+    tune(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(trial_main(sys.argv[1:]))

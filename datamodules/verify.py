@@ -1,0 +1,157 @@
+"""The dataset verifier: ``python -m benchmark data verify DATASET ROOT``.
+
+Two levels, both run through the dataset's own DataModule, so the verifier checks exactly what training reads:
+
+- **cheap** (also run by every DataModule before training, ``SemiSupervisedDataModule.check_layout``): the list
+  files exist and hold plain names, every file they name exists, no case is in two splits; a note when the counts
+  differ from the published set.
+- **deep** (``deep=True``): every training item and every val/test case is loaded with the family's loaders and
+  checked against the spec: readable (a truncated h5 is a problem naming the file), numeric and finite, the
+  expected number of axes and channels, image and label of the same spatial shape, integer labels with values in
+  ``0 .. num_classes - 1`` (plus the spec's ignore index), and the family's format specifics
+  (``check_sample``, e.g. ACDC stores float32 images in [0, 1] and uint8 labels).
+
+A new family gets all of this by implementing the DataModule's ``read_split`` with ``read_list`` /
+``check_files_exist`` and its loaders; it may add ``check_sample`` and ``case_unit``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from benchmark.errors import UserError
+from datamodules.base import ListedData, SemiSupervisedDataModule
+from datamodules.checks import Checks
+
+
+@dataclass
+class Verification:
+    dataset: str
+    root: Path
+    checks: Checks
+    listed: ListedData | None
+    samples_read: int = 0
+    deep: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.checks.ok
+
+    def summary(self) -> str:
+        if self.listed is None:
+            return "lists unusable"
+        items = sum(len(items) for _, items in self.listed.units)
+        return (f"{len(self.listed.units)} training units ({items} items), {len(self.listed.val)} validation and "
+                f"{len(self.listed.test)} test cases")
+
+
+def open_for_verification(dataset: str, root: str | Path) -> SemiSupervisedDataModule:
+    """The dataset's DataModule on ``root`` without reading its lists (the verifier reads them, collecting)."""
+    from datamodules import get_dataset
+
+    entry = get_dataset(dataset)
+    return entry.datamodule(
+        entry.spec, Path(root), patch_size=entry.spec.patch_size, labeled_batch_size=1, unlabeled_batch_size=1,
+        max_steps=1, seed=0, ratio=1.0, num_workers=0, read_lists=False,
+    )
+
+
+def verify(dataset: str, root: str | Path, deep: bool = True,
+           progress: Callable[[int, int], None] | None = None) -> Verification:
+    """Check ``root`` as dataset ``dataset``; every problem is collected, nothing raises for bad data."""
+    root = Path(root)
+    try:
+        module = open_for_verification(dataset, root)
+    except UserError as error:  # e.g. the root does not exist
+        checks = Checks()
+        checks.problem(error.what, error.where, error.fix)
+        return Verification(dataset, root, checks, None, deep=deep)
+    layout = module.check_layout()
+    result = Verification(dataset, root, layout.checks, layout.listed, deep=deep)
+    if deep and layout.listed is not None:  # files are read only once the layout is whole
+        result.samples_read = check_samples(module, layout.listed, layout.checks, progress)
+    return result
+
+
+def check_samples(module: SemiSupervisedDataModule, listed: ListedData, checks: Checks,
+                  progress: Callable[[int, int], None] | None = None) -> int:
+    """Load every training item and val/test case and check it; returns how many were read."""
+    items = [item for _, unit_items in listed.units for item in unit_items]
+    cases = list(dict.fromkeys(listed.val + listed.test))
+    total = len(items) + len(cases)
+    for index, (kind, name) in enumerate([("item", i) for i in items] + [("case", c) for c in cases]):
+        try:
+            if kind == "item":
+                image, label = module.load_item(name, True)
+            else:
+                case = module.load_case(name)
+                image, label = np.asarray(case["image"]), np.asarray(case["label"])
+        except UserError as error:
+            checks.problem(error.what, error.where, error.fix)
+        else:
+            if check_arrays(module, kind, name, image, label, checks):
+                module.check_sample(kind, name, image, label, checks)
+        if progress is not None:
+            progress(index + 1, total)
+    return total
+
+
+def check_arrays(module: SemiSupervisedDataModule, kind: str, name: str, image, label, checks: Checks) -> bool:
+    """Shape, channel, dtype and value checks every family shares. Returns whether the sample is usable."""
+    spec = module.spec
+    where = module.describe(kind, name)
+    spatial = 3 if kind == "case" and spec.eval_mode == "slicewise" else spec.spatial_dims
+    multi = spec.in_channels > 1
+    layout = ("(*spatial, channels)" if kind == "item" else "(channels, *spatial)") if multi else "(*spatial)"
+    image, label = np.asarray(image), None if label is None else np.asarray(label)
+    before = len(checks.problems)
+    fix = "re-create the file in the dataset's published format (or convert the raw data: `python -m benchmark data convert`)"
+    if not (np.issubdtype(image.dtype, np.number) and np.isfinite(image).all()):
+        checks.problem(f"the image is not numeric and finite (dtype {image.dtype})", where, fix)
+    if image.ndim != spatial + multi or (multi and image.shape[-1 if kind == "item" else 0] != spec.in_channels):
+        checks.problem(
+            f"the image has shape {image.shape}; {spec.name} expects {spatial} spatial axes"
+            + (f" and {spec.in_channels} channels, {layout}" if multi else ""), where, fix)
+        return False
+    spatial_shape = (image.shape[:-1] if kind == "item" else image.shape[1:]) if multi else image.shape
+    if label is None:
+        checks.problem("no label was loaded", where, fix)
+        return False
+    if label.shape != spatial_shape:
+        checks.problem(f"image and label shapes differ: image {image.shape}, label {label.shape}", where, fix)
+        return False
+    if not np.issubdtype(label.dtype, np.integer):
+        checks.problem(f"the label has dtype {label.dtype}; labels are whole class numbers", where, fix)
+        return len(checks.problems) == before
+    allowed = set(range(spec.num_classes)) | ({spec.ignore_index} if spec.ignore_index is not None else set())
+    found = {int(v) for v in np.unique(label)}
+    bad = sorted(found - allowed)
+    if bad:
+        checks.problem(
+            f"the label has values {bad} outside the {spec.num_classes} classes 0..{spec.num_classes - 1}"
+            + (f" (and ignore {spec.ignore_index})" if spec.ignore_index is not None else ""),
+            where, "check that this is the right dataset name for the folder, or re-create the label file")
+    return len(checks.problems) == before
+
+
+def format_report(result: Verification, max_problems: int = 20) -> str:
+    """What the CLI prints: every problem with where and how to fix it, then the notes and a verdict."""
+    lines = [f"verifying {result.dataset} at {result.root} ({'deep: every file read' if result.deep else 'layout only'})"]
+    if result.listed is not None:
+        lines.append(f"  lists: {result.summary()}")
+    if result.deep and result.samples_read:
+        lines.append(f"  read and checked: {result.samples_read} items and cases")
+    elif result.deep and not result.ok:
+        lines.append("  deep checks skipped until the layout problems are fixed")
+    problems = result.checks.problems
+    for index, problem in enumerate(problems[:max_problems], start=1):
+        lines.append(f"PROBLEM {index}: " + problem.message.replace("\n", "\n  "))
+    if len(problems) > max_problems:
+        lines.append(f"... and {len(problems) - max_problems} more problems (--all prints them)")
+    for note in result.checks.notes:
+        lines.append(f"note: {note}")
+    lines.append("OK: no problems found" if result.ok else f"FAILED: {len(problems)} problem(s)")
+    return "\n".join(lines)

@@ -1,0 +1,442 @@
+"""ACTION (You et al., "Bootstrapping Semi-supervised Medical Image Segmentation with Anatomical-aware
+Contrastive Distillation", IPMI 2023; arXiv 2206.02307): three training stages in one run.
+
+Upstream: charlesyou999648/ACTION ``code/model_3D.py`` (``ISD_3d``), ``code/model.py`` (``ISD``),
+``train_{3D,2D}_pretrain.py`` (stages 1-2), ``train_{3D,2D}_action.py`` (stage 3), ``train_{3D,2D}.sh``.
+Spec: shared/docs/methods.md section 5.
+
+Stages (``stages`` below; benchmark/run.py trains them in order, each from the previous stage's weights):
+
+1. ``pretrain_global`` - contrastive distillation of the global (latent) embedding, unsupervised.
+   Student on the student view, EMA teacher (decay 0.99, constant, updated BEFORE its pass of the step, as
+   upstream) on the teacher view. ``q = latent_predictor(q_latent_head(latent_s))``, ``k = k_latent_head(latent_t)``
+   (head = global average pool -> Linear(C, C) -> Linear(C, D), predictor = Linear(D, D) -> Linear(D, D), no
+   non-linearity). Against a memory bank of K keys: ``s = norm(x) norm(bank)^T / T``, student temperature T_s,
+   teacher T_t, ``L_latent = KL(softmax(s_t) || softmax(s_s))`` with reduction "batchmean". No positive pair:
+   every memory entry is a negative whose target weight is the teacher's softmax similarity ("softly labelled
+   negatives"). Then k is enqueued. The latent is the decoder's deepest map of ``forward_features``: the U-Net
+   bottleneck in 2D, the V-Net ``x5_up`` (first upsampling + skip) in 3D. The decoder is frozen in this stage.
+2. ``pretrain_local`` - ``0.5 (CE + Dice)`` on the labeled part + ``k1 L_latent + k2 L_output``. The local term
+   slides a window (3D: cube 20, stride 10, every full window -> 700 on 112x112x80; 2D: 64 / 32 with
+   ``range(0, size - window, stride)`` -> 36 on 256x256) over the OUTPUT LOGITS, embeds each window with
+   ``AdaptiveAvgPool(s) -> Conv1x1(C, 2C) -> Conv1x1(2C, C)`` (student: then ``Conv1x1 -> Conv1x1`` predictor)
+   into C * s^dims values, and distils against its own bank of K entries of P window embeddings.
+3. ``finetune`` - student AND teacher start from the stage-2 student; the heads of stages 1-2 are not used.
+   Teacher (train mode, dropout on) pseudo-labels the unlabeled batch (``conf, y = max softmax``); images, pseudo
+   labels and confidences are mixed (``cutmix`` / ``classmix`` with the next sample, ReCo's
+   ``generate_unsup_data``), photometrically augmented, and the student runs once on labeled + unlabeled.
+   ``L = 0.5 (CE + Dice) + L_unsup + 0.01 L_reco``:
+   * ``L_unsup``: per unlabeled sample weight ``w_b = #(conf >= 0.97) / #valid``, mean of ``w_b CE`` over the
+     pixels whose loss is > 0 (ReCo ``compute_unsupervised_loss``);
+   * ``L_reco`` (anatomical contrast, ReCo ``compute_reco_loss``) on a full-resolution representation: every
+     decoder map of ``forward_features`` upsampled (align_corners) and concatenated, then
+     ``Conv(k3, no bias) -> Conv1x1`` to R channels. Valid pixels: all labeled ones, unlabeled ones with
+     conf >= 0.7. Per present class c: prototype = mean valid representation; 256 hard queries drawn (with
+     replacement) from valid class-c pixels whose student probability of c is < 0.97; per query 512 negatives:
+     a class m != c drawn from softmax_m(cos(r_c, r_m) / 0.5), then a uniformly random valid pixel of m; logits
+     ``cos(query, [r_c, negatives]) / 0.5``, CE with target 0. Keys carry no gradient. The sum over classes is
+     divided by the number of present classes (a class without hard queries adds 0); fewer than two present
+     classes give 0.
+   SGD with Nesterov momentum (``per_stage.finetune.optim.nesterov`` in the presets), EMA after every step.
+
+Upstream behaviours exposed as flags (the intended behaviour is the default; ``true`` reproduces the code):
+* ``literal_local_reshape``: upstream concatenates the windows along the batch axis and builds the anchor
+  ``(B C s^d, P)`` and key ``(K C s^d, P)`` matrices with plain reshapes, so the compared vectors are scrambled
+  chunks of the (window, batch, channel, cell) tensor. Default: one embedding per window, compared with every
+  window embedding in the bank.
+* ``shared_augmented_view``: upstream's 3D transforms write into the shared batch in place, so teacher and
+  student get the identical augmented volume. Default: the view named by ``augment_view`` is augmented, the
+  other stays clean.
+* ``undetached_teacher_targets``: upstream applies the k-heads outside ``no_grad``, so the KL's target
+  distribution back-propagates into them (2D: they are trained only that way; 3D: also EMA-updated). Default:
+  targets carry no gradient and the k-heads are the EMA of the q-heads in both dimensions (ISD/MoCo).
+Other differences, not flags: shuffle-BN of the teacher pass is omitted (no effect on one device, and each
+DDP rank's BN sees its own batch anyway); in stage 2 upstream re-initialises the heads and banks (it reloads
+only the two networks), here they carry over from stage 1; jitter is brightness/contrast only (saturation and
+hue do nothing to one channel) and is not clamped to [0, 1]; 2D AdvMorph (missing upstream) is not applied.
+
+Hyperparameters (``method.<key>=...``; defaults are the 3D/LA paper values, the 2D/ACDC ones are in
+benchmark/configs/methods/action.yaml):
+  ema_decay                0.99   teacher (and k-head) EMA decay, constant
+  queue_size               36     K, entries of each memory bank; a multiple of the global batch
+  latent_dim               128    D of the global embedding (2D: 512)
+  output_pooling           4      s, the pooled size of each window (2D: 8)
+  window, window_stride    20, 10 local window side and stride (2D: 64, 32)
+  window_include_last      true   every full window (3D code); false = range(0, size - window, stride) (2D code)
+  student_temperature      0.1    T_s
+  teacher_temperature      0.6    T_t (2D: 0.01)
+  latent_weight            1.0    k1
+  output_weight            1.0    k2
+  augment_view             student  which view of stages 1-2 is augmented (student = 3D --combinations 1,
+                                    teacher = 2D --combinations 2)
+  pretrain_jitter          0.02   jitter strength of stages 1-2 (2D: 0.2)
+  finetune_jitter          0.02   jitter strength of stage 3 (2D: 0.25)
+  jitter_probability       0.5
+  blur_probability         0.5    in-plane Gaussian blur, sigma ~ U(0.15, 1.15)
+  blur_sigma               [0.15, 1.15]
+  mix                      classmix   cutmix | classmix | none (2D: cutmix)
+  cutmix_depth             20     slices of the 3D cutmix box
+  representation_dim       128    R (2D: 512)
+  strong_threshold         0.97   hard-query probability bound and the confident-pixel bound of w_b
+  weak_threshold           0.7    confidence for an unlabeled pixel to take part in L_reco
+  reco_temperature         0.5
+  num_queries              256
+  num_negatives            512
+  reco_weight              0.01
+  literal_local_reshape, shared_augmented_view, undetached_teacher_targets   false (see above)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.errors import UserError
+from methods.base import SemiSupervisedMethod
+from methods.components.ema import make_ema_teacher
+from methods.components.memory_bank import MemoryQueue
+from methods.components.mixing import MIX_MODES, classmix_keep_masks, cutmix_keep_masks, mix_with_next
+from methods.components.photometric import random_blur, random_intensity_jitter
+from methods.registry import register
+
+AUGMENT_VIEWS = ("student", "teacher")
+
+
+# ---- distillation -----------------------------------------------------------------------------------------
+def similarity_logits(anchors: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine similarities of every row of ``anchors`` (N, E) with every row of ``bank`` (M, E), / temperature."""
+    return F.normalize(anchors, dim=-1) @ F.normalize(bank, dim=-1).T / temperature
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) summed over the bank, averaged over the rows ("batchmean")."""
+    return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction="batchmean")
+
+
+def window_starts(size: int, window: int, stride: int, include_last: bool) -> list[int]:
+    """Start offsets along one axis: every full window (``include_last``, the 3D code), or
+    ``range(0, size - window, stride)``, which drops the last full window (the 2D code)."""
+    return list(range(0, size - window + (1 if include_last else 0), stride))
+
+
+def extract_windows(tensor: torch.Tensor, window: int, stride: int, include_last: bool) -> tuple[torch.Tensor, int]:
+    """All windows of a (B, C, *spatial) tensor concatenated window-major along the batch axis
+    (P * B, C, window, ...) as upstream's ``torch.cat`` of the window list, and P."""
+    starts = [window_starts(size, window, stride, include_last) for size in tensor.shape[2:]]
+    crops = []
+    for corner in torch.cartesian_prod(*[torch.tensor(s) for s in starts]).reshape(-1, len(starts)).tolist():
+        crops.append(tensor[(slice(None), slice(None), *(slice(c, c + window) for c in corner))])
+    return torch.cat(crops), len(crops)
+
+
+class LatentHead(nn.Sequential):
+    """Global average pool -> Linear(C, C) -> Linear(C, D) (upstream ``MLP``/``MLP_3d``; no non-linearity)."""
+
+    def __init__(self, spatial_dims: int, channels: int, dim: int):
+        pool = nn.AdaptiveAvgPool3d(1) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(1)
+        super().__init__(pool, nn.Flatten(), nn.Linear(channels, channels), nn.Linear(channels, dim))
+
+
+def window_head(spatial_dims: int, classes: int, pooling: int) -> nn.Sequential:
+    """AdaptiveAvgPool(s) -> Conv1x1(C, 2C) -> Conv1x1(2C, C) (upstream ``ProjectionHead`` 'convmlp')."""
+    pool = nn.AdaptiveAvgPool3d(pooling) if spatial_dims == 3 else nn.AdaptiveAvgPool2d(pooling)
+    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    return nn.Sequential(pool, conv(classes, 2 * classes, 1), conv(2 * classes, classes, 1))
+
+
+def one_by_one_pair(spatial_dims: int, channels: int) -> nn.Sequential:
+    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    return nn.Sequential(conv(channels, channels, 1), conv(channels, channels, 1))
+
+
+# ---- fine-tuning losses -----------------------------------------------------------------------------------
+def confidence_weighted_ce(logits: torch.Tensor, pseudo_labels: torch.Tensor, confidence: torch.Tensor,
+                           strong_threshold: float) -> torch.Tensor:
+    """ReCo's unsupervised loss: CE to the pseudo labels (-1 ignored), each sample weighted by its fraction of
+    pixels with confidence >= ``strong_threshold``, averaged over the pixels whose loss is > 0."""
+    count = logits.shape[0]
+    valid = (pseudo_labels >= 0).reshape(count, -1).sum(1).clamp_min(1)
+    weight = (confidence.reshape(count, -1) >= strong_threshold).sum(1) / valid
+    loss = F.cross_entropy(logits, pseudo_labels, reduction="none", ignore_index=-1)
+    weighted = weight.view(-1, *([1] * (loss.dim() - 1))) * loss
+    positive = loss > 0
+    return weighted[positive].mean() if positive.any() else logits.sum() * 0
+
+
+def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probabilities: torch.Tensor,
+                               representation: torch.Tensor, strong_threshold: float, temperature: float,
+                               num_queries: int, num_negatives: int, generator: torch.Generator):
+    """ReCo's sampling on flattened pixels. Returns (prototypes (n, R), present classes, and per class with hard
+    pixels a tuple (class position, query pixel indices (Q,), negative pixel indices (Q, N))). No gradient."""
+    device = representation.device
+    members = [torch.nonzero(valid & (labels == c)).squeeze(1) for c in range(probabilities.shape[1])]
+    present = [c for c, idx in enumerate(members) if idx.numel() > 0]
+    with torch.no_grad():
+        prototypes = torch.stack([representation[members[c]].mean(0) for c in present]) if present else None
+    draws = []
+    if len(present) < 2:
+        return prototypes, present, draws
+    for position, c in enumerate(present):
+        hard = members[c][probabilities[members[c], c] < strong_threshold]
+        if hard.numel() == 0:
+            continue
+        queries = hard[torch.randint(hard.numel(), (num_queries,), generator=generator, device=generator.device).to(device)]
+        others = [p for p in range(len(present)) if p != position]
+        with torch.no_grad():
+            relation = F.cosine_similarity(prototypes[position].unsqueeze(0), prototypes[others], dim=1) / temperature
+            classes = torch.multinomial(torch.softmax(relation, 0).to(generator.device), num_queries * num_negatives,
+                                        replacement=True, generator=generator).to(device)
+            sizes = torch.tensor([members[present[p]].numel() for p in others], device=device)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            pool = torch.cat([members[present[p]] for p in others])
+            uniform = torch.rand(classes.shape, generator=generator, device=generator.device).to(device)
+            picks = offsets[classes] + (uniform * sizes[classes]).long().clamp_max(sizes[classes] - 1)
+        draws.append((position, queries, pool[picks].view(num_queries, num_negatives)))
+    return prototypes, present, draws
+
+
+def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                             probabilities: torch.Tensor, generator: torch.Generator, strong_threshold: float = 0.97,
+                             temperature: float = 0.5, num_queries: int = 256, num_negatives: int = 512) -> torch.Tensor:
+    """ReCo's regional contrast on a (B, R, *spatial) representation with (B, *spatial) labels and validity and
+    (B, C, *spatial) student probabilities (see the module docstring)."""
+    channels = representation.shape[1]
+    features = representation.movedim(1, -1).reshape(-1, channels)
+    probabilities = probabilities.detach().movedim(1, -1).reshape(-1, probabilities.shape[1])
+    prototypes, present, draws = sample_anatomical_contrast(
+        labels.reshape(-1), valid.reshape(-1), probabilities, features, strong_threshold, temperature,
+        num_queries, num_negatives, generator)
+    total = representation.sum() * 0
+    for position, queries, negatives in draws:
+        keys = torch.cat([prototypes[position].expand(num_queries, 1, channels), features[negatives].detach()], dim=1)
+        logits = F.cosine_similarity(features[queries].unsqueeze(1), keys, dim=2) / temperature
+        total = total + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=logits.device))
+    return total / len(present) if len(present) > 1 else total
+
+
+# ---- the method -------------------------------------------------------------------------------------------
+@register("action")
+class ACTION(SemiSupervisedMethod):
+    stages = ("pretrain_global", "pretrain_local", "finetune")
+    defaults = {
+        "ema_decay": 0.99,
+        "queue_size": 36,
+        "latent_dim": 128,
+        "output_pooling": 4,
+        "window": 20,
+        "window_stride": 10,
+        "window_include_last": True,
+        "student_temperature": 0.1,
+        "teacher_temperature": 0.6,
+        "latent_weight": 1.0,
+        "output_weight": 1.0,
+        "augment_view": "student",
+        "pretrain_jitter": 0.02,
+        "finetune_jitter": 0.02,
+        "jitter_probability": 0.5,
+        "blur_probability": 0.5,
+        "blur_sigma": [0.15, 1.15],
+        "mix": "classmix",
+        "cutmix_depth": 20,
+        "representation_dim": 128,
+        "strong_threshold": 0.97,
+        "weak_threshold": 0.7,
+        "reco_temperature": 0.5,
+        "num_queries": 256,
+        "num_negatives": 512,
+        "reco_weight": 0.01,
+        "literal_local_reshape": False,
+        "shared_augmented_view": False,
+        "undetached_teacher_targets": False,
+    }
+
+    def build(self) -> None:
+        hp, dims, classes = self.hp, self.spec.spatial_dims, self.spec.num_classes
+        for key, known in (("mix", MIX_MODES), ("augment_view", AUGMENT_VIEWS)):
+            if hp[key] not in known:
+                raise UserError(f"unknown method.{key} '{hp[key]}' for action", where=f"known: {', '.join(known)}")
+        self.net = self.build_network()
+        self.teacher = make_ema_teacher(self.net, hp["ema_decay"], warmup=False)
+        channels = self.net.decoders[0].feature_channels
+        # Stages 1-2: global and local distillation heads and their memory banks.
+        self.q_latent_head = LatentHead(dims, channels[0], hp["latent_dim"])
+        self.latent_predictor = nn.Sequential(nn.Linear(hp["latent_dim"], hp["latent_dim"]), nn.Linear(hp["latent_dim"], hp["latent_dim"]))
+        self.q_outputs_head = window_head(dims, classes, hp["output_pooling"])
+        self.outputs_predictor = one_by_one_pair(dims, classes)
+        self.k_latent_head = make_ema_teacher(self.q_latent_head, hp["ema_decay"], warmup=False)
+        self.k_outputs_head = make_ema_teacher(self.q_outputs_head, hp["ema_decay"], warmup=False)
+        self.num_windows = self._count_windows()
+        window_dim = classes * hp["output_pooling"] ** dims
+        self.latent_queue = MemoryQueue(hp["queue_size"], (hp["latent_dim"],), "the latent memory bank", "method.queue_size")
+        self.window_queue = MemoryQueue(hp["queue_size"], (self.num_windows, window_dim), "the window memory bank", "method.queue_size")
+        # Stage 3: the representation head of the anatomical contrast.
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.representation_head = nn.Sequential(
+            conv(sum(channels), hp["representation_dim"], 3, padding=1, bias=False),
+            conv(hp["representation_dim"], hp["representation_dim"], 1),
+        )
+        self._freeze_what_this_stage_does_not_train()
+
+    def _count_windows(self) -> int:
+        hp = self.hp
+        patch = self.config["data"]["patch_size"] or self.spec.patch_size
+        counts = [len(window_starts(int(size), hp["window"], hp["window_stride"], hp["window_include_last"])) for size in patch]
+        if min(counts) < 1:
+            raise UserError(
+                f"method.window={hp['window']} (stride {hp['window_stride']}) leaves no local window in the training patch {list(patch)}",
+                fix="choose a smaller method.window / method.window_stride (the presets scale them with the patch)")
+        total = 1
+        for count in counts:
+            total *= count
+        return total
+
+    def _freeze_what_this_stage_does_not_train(self) -> None:
+        """Only what the stage's loss reaches keeps requires_grad (the optimizer and DDP then ignore the rest)."""
+        trained = {
+            "pretrain_global": [self.net.encoder, self.q_latent_head, self.latent_predictor],
+            "pretrain_local": [self.net, self.q_latent_head, self.latent_predictor, self.q_outputs_head, self.outputs_predictor],
+            "finetune": [self.net, self.representation_head],
+        }[self.stage]
+        if self.hp["undetached_teacher_targets"] and self.stage != "finetune":
+            trained += [self.k_latent_head] + ([self.k_outputs_head] if self.stage == "pretrain_local" else [])
+        self.requires_grad_(False)
+        for module in trained:
+            module.requires_grad_(True)
+
+    def on_stage_start(self, previous_stage: str | None) -> None:
+        if self.stage == "finetune":  # upstream: student and teacher both load the stage-2 student
+            self.teacher.module.load_state_dict(self.net.state_dict())
+
+    # ---- views -------------------------------------------------------------------------------------------
+    def photometric(self, images: torch.Tensor, jitter: float, generator: torch.Generator) -> torch.Tensor:
+        hp = self.hp
+        images = random_intensity_jitter(images, generator, jitter, hp["jitter_probability"])
+        return random_blur(images, generator, tuple(hp["blur_sigma"]), hp["blur_probability"])
+
+    def distillation_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student view, teacher view) of stages 1-2."""
+        augmented = self.photometric(images, self.hp["pretrain_jitter"], self.step_generator())
+        if self.hp["shared_augmented_view"]:
+            return augmented, augmented
+        return (augmented, images) if self.hp["augment_view"] == "student" else (images, augmented)
+
+    # ---- stages 1-2 --------------------------------------------------------------------------------------
+    def update_teacher(self) -> None:
+        self.teacher.update_parameters(self.net)
+        if not (self.hp["undetached_teacher_targets"] and self.spec.spatial_dims == 2):  # 2D code: k-heads by gradient only
+            self.k_latent_head.update_parameters(self.q_latent_head)
+            self.k_outputs_head.update_parameters(self.q_outputs_head)
+
+    def window_embeddings(self, logits: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        """(P * B, C, s, ...) embeddings of all windows, window-major (upstream's concatenation order)."""
+        windows, _ = extract_windows(logits, self.hp["window"], self.hp["window_stride"], self.hp["window_include_last"])
+        return head(windows)
+
+    def local_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_output, the teacher's window keys to enqueue (B, P, C s^d))."""
+        hp, count, windows = self.hp, student_logits.shape[0], self.num_windows
+        student = self.window_embeddings(student_logits, lambda x: self.outputs_predictor(self.q_outputs_head(x)))
+        teacher = self.window_embeddings(teacher_logits, self.k_outputs_head)
+        if not hp["undetached_teacher_targets"]:
+            teacher = teacher.detach()
+        bank = self.window_queue.keys.clone()  # (K, P, E)
+        if hp["literal_local_reshape"]:
+            # Upstream: (P*B, C, s..) -> reshape (B, P, ...) -> reshape (P, B, -1) -> reshape (-1, P) for anchors;
+            # bank (K, P, E) -> transpose (P, K, E) -> reshape (-1, P); keys = reshape (B, P, -1).
+            keys = teacher.reshape(count, windows, -1)
+            student_rows = student.reshape(count, windows, -1).reshape(windows, count, -1).reshape(-1, windows)
+            teacher_rows = keys.reshape(windows, count, -1).reshape(-1, windows)
+            bank_rows = bank.transpose(0, 1).reshape(-1, windows)
+        else:
+            student_rows = student.flatten(1).view(windows, count, -1).transpose(0, 1).reshape(count * windows, -1)
+            keys = teacher.flatten(1).view(windows, count, -1).transpose(0, 1)
+            teacher_rows = keys.reshape(count * windows, -1)
+            bank_rows = bank.reshape(-1, bank.shape[-1])
+        loss = distillation_kl(similarity_logits(student_rows, bank_rows, hp["student_temperature"]),
+                               similarity_logits(teacher_rows, bank_rows, hp["teacher_temperature"]))
+        return loss, keys
+
+    def distillation_losses(self, batch) -> dict[str, torch.Tensor]:
+        hp = self.hp
+        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+        n_labeled = images.shape[0]
+        if "unlabeled" in batch:
+            images = torch.cat([images, batch["unlabeled"]["image"]])
+        student_view, teacher_view = self.distillation_views(images)
+        logits, levels = self.net.forward_features(student_view)
+        with torch.no_grad():
+            self.update_teacher()  # upstream updates the teacher inside the forward, before its pass
+            teacher_logits, teacher_levels = self.teacher.module.forward_features(teacher_view)
+        query = self.latent_predictor(self.q_latent_head(levels[0]))
+        key = self.k_latent_head(teacher_levels[0])
+        if not hp["undetached_teacher_targets"]:
+            key = key.detach()
+        bank = self.latent_queue.keys.clone()
+        latent = distillation_kl(similarity_logits(query, bank, hp["student_temperature"]),
+                                 similarity_logits(key, bank, hp["teacher_temperature"]))
+        losses = {"latent": latent}
+        if self.stage == "pretrain_global":
+            losses["loss"] = hp["latent_weight"] * latent
+            window_keys = None
+        else:
+            output, window_keys = self.local_loss(logits, teacher_logits)
+            supervised = self.supervised_loss(logits[:n_labeled], labels)
+            losses.update(output=output, supervised=supervised,
+                          loss=supervised + hp["latent_weight"] * latent + hp["output_weight"] * output)
+        self.latent_queue.enqueue(key)
+        if window_keys is not None:
+            self.window_queue.enqueue(window_keys)
+        return losses
+
+    # ---- stage 3 -----------------------------------------------------------------------------------------
+    def representation(self, levels: list[torch.Tensor], size) -> torch.Tensor:
+        mode = "trilinear" if self.spec.spatial_dims == 3 else "bilinear"
+        upsampled = [F.interpolate(level, size=size, mode=mode, align_corners=True) for level in levels]
+        return self.representation_head(torch.cat(upsampled, dim=1))
+
+    def mix_unlabeled(self, images, pseudo_labels, confidence, generator):
+        hp = self.hp
+        if hp["mix"] == "cutmix":
+            keep = cutmix_keep_masks(tuple(pseudo_labels.shape), generator, hp["cutmix_depth"], images.device)
+        elif hp["mix"] == "classmix":
+            keep = classmix_keep_masks(pseudo_labels, generator)
+        else:
+            return images, pseudo_labels, confidence
+        return mix_with_next(keep, images, pseudo_labels, confidence)
+
+    def finetune_losses(self, batch) -> dict[str, torch.Tensor]:
+        hp = self.hp
+        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+        n_labeled = images.shape[0]
+        generator = self.step_generator()
+        target_labels, valid = labels, torch.ones_like(labels, dtype=torch.bool)
+        if "unlabeled" in batch:
+            unlabeled = batch["unlabeled"]["image"]
+            with torch.no_grad():
+                confidence, pseudo_labels = torch.softmax(self.teacher(unlabeled), dim=1).max(dim=1)
+            unlabeled, pseudo_labels, confidence = self.mix_unlabeled(unlabeled, pseudo_labels, confidence, generator)
+            unlabeled = self.photometric(unlabeled, hp["finetune_jitter"], generator)
+            images = torch.cat([images, unlabeled])
+            target_labels = torch.cat([labels, pseudo_labels])
+            valid = torch.cat([valid, confidence >= hp["weak_threshold"]])
+        logits, levels = self.net.forward_features(images)
+        supervised = self.supervised_loss(logits[:n_labeled], labels)
+        losses = {"supervised": supervised}
+        total = supervised
+        if "unlabeled" in batch:
+            unsupervised = confidence_weighted_ce(logits[n_labeled:], pseudo_labels, confidence, hp["strong_threshold"])
+            losses["unsupervised"] = unsupervised
+            total = total + unsupervised
+        reco = anatomical_contrast_loss(
+            self.representation(levels, logits.shape[2:]), target_labels, valid, torch.softmax(logits, dim=1),
+            generator, hp["strong_threshold"], hp["reco_temperature"], hp["num_queries"], hp["num_negatives"])
+        losses.update(reco=reco, loss=total + hp["reco_weight"] * reco)
+        return losses
+
+    # ---- Lightning -------------------------------------------------------------------------------------
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        return self.finetune_losses(batch) if self.stage == "finetune" else self.distillation_losses(batch)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.stage == "finetune":  # stages 1-2 update before the teacher pass (inside compute_losses)
+            self.teacher.update_parameters(self.net)

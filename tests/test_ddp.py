@@ -1,0 +1,108 @@
+"""One run on two CPU processes (Lightning DDP over gloo) against the same run on one process.
+
+What must be equal: the split, the global batch, the step count, the config hash (devices are not part of the
+experiment), one run folder and one pair of rows written by rank 0 only, and the test metrics within
+``METRIC_TOLERANCE``. Why not bit-equal training: the U-Net's BatchNorm normalises each rank's half of the
+batch on its own (SyncBatchNorm is CUDA-only), the Dice term of the loss couples the samples of a batch, and the
+ranks draw their augmentation and dropout from generators seeded alike; so the two runs follow different
+trajectories, which part as far as two seeds do once the model starts to segment (README: measured figures).
+The smoke budget used here ends before that, which is what lets the metrics be compared tightly.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+METRIC_TOLERANCE = 0.05  # absolute, on per-case Dice and Jaccard in [0, 1]; HD95/ASD within 5 % of their value
+
+
+def smoke_run(tmp_path: Path, devices: int) -> pd.DataFrame:
+    folder = tmp_path / f"devices{devices}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark", "run", "--dataset", "synthetic_acdc", "--profile", "smoke", "--ratio", "0.2",
+         "--seed", "0", "--devices", str(devices), "--no-progress", "--out", str(folder / "runs"),
+         "--leaderboard-dir", str(folder / "lb"), "--set", "trainer.accelerator=cpu",
+         "--set", "trainer.max_steps=6", "--set", "trainer.val_every=3"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return pd.read_csv(folder / "lb" / "synthetic_acdc.csv")
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_agree_with_one(tmp_path):
+    single, ddp = smoke_run(tmp_path, 1), smoke_run(tmp_path, 2)
+    for rows in (single, ddp):
+        assert rows["checkpoint"].tolist() == ["last", "best"] and (rows["status"] == "ok").all()  # rank 1 wrote nothing
+    assert ddp["devices"].tolist() == [2, 2] and single["devices"].tolist() == [1, 1]
+    for column in ("config_hash", "labeled_cases", "global_batch", "steps", "step", "n_cases"):
+        assert ddp[column].tolist() == single[column].tolist(), column
+    assert len(list((tmp_path / "devices2" / "runs").rglob("config.yaml"))) == 1  # one run folder for both ranks
+
+    for kind in ("last", "best"):
+        cases_1 = pd.read_csv(Path(single["run_dir"][0]) / f"test_per_case_{kind}.csv")
+        cases_2 = pd.read_csv(Path(ddp["run_dir"][0]) / f"test_per_case_{kind}.csv")
+        assert cases_1[["case", "class"]].equals(cases_2[["case", "class"]])
+        for metric in ("dice", "jaccard"):
+            assert (cases_1[metric] - cases_2[metric]).abs().max() <= METRIC_TOLERANCE, (kind, metric)
+        for metric in ("hd95", "asd"):
+            assert ((cases_1[metric] - cases_2[metric]).abs() <= 0.05 * cases_1[metric].abs() + 1e-6).all(), (kind, metric)
+
+    logs_1 = pd.read_csv(next((tmp_path / "devices1" / "runs").rglob("logs/metrics.csv")))
+    logs_2 = pd.read_csv(next((tmp_path / "devices2" / "runs").rglob("logs/metrics.csv")))
+    validated = lambda logs: logs.dropna(subset=["val/dice"])["step"].tolist()  # noqa: E731
+    assert validated(logs_1) == validated(logs_2) and len(validated(logs_1)) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_launch_writes_one_run_folder_and_one_pair_of_rows(tmp_path):
+    """torchrun starts both ranks itself (as on every node of a multi-node job): rank 1 inherits nothing from
+    rank 0, finds its rank in RANK and must neither create a folder nor write rows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         "-m", "benchmark", "run", "--dataset", "synthetic_acdc", "--profile", "smoke", "--ratio", "0.2", "--devices", "2",
+         "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir", str(tmp_path / "lb"),
+         "--set", "trainer.accelerator=cpu"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
+    assert rows["checkpoint"].tolist() == ["last", "best"] and rows["devices"].tolist() == [2, 2]
+    (run_folder,) = (tmp_path / "runs" / "synthetic_acdc" / "supervised").iterdir()
+    assert (run_folder / "result.json").is_file()
+
+
+RANK_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "SLURM_NTASKS", "SLURM_PROCID",
+                  "SLURM_JOB_NAME", "SLURM_NTASKS_PER_NODE")
+
+
+@pytest.mark.parametrize("variables, devices, rank", [
+    ({}, 1, 0),
+    # torchrun (TorchElasticEnvironment), also inside a SLURM allocation: RANK wins
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "3", "GROUP_RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 2, 3),
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, 2, 0),
+    # srun tasks (SLURMEnvironment)
+    ({"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "2", "LOCAL_RANK": "0"}, 2, 2),
+    # an interactive SLURM shell is not an srun launch: Lightning starts the ranks itself
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "bash", "NODE_RANK": "1", "LOCAL_RANK": "0"}, 2, 2),
+    # Lightning's own launcher on the second node: LOCAL_RANK alone would say 0
+    ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, 4, 4),
+    ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, 4, 1),
+])
+def test_rank_detection_follows_lightning_cluster_environments(monkeypatch, variables, devices, rank):
+    from benchmark.run import _global_rank
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert _global_rank(devices) == rank

@@ -1,0 +1,134 @@
+"""Leaderboard reports on a made-up leaderboard with known means, stds and per-case differences."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.cli import main
+from benchmark.leaderboard import append_rows
+from benchmark.report import REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests
+from tests.conftest import PROJECT_ROOT
+
+CASES = ["c1", "c2", "c3", "c4"]
+SUPERVISED_CASE_DICE = [0.5, 0.6, 0.7, 0.8]
+
+
+def row(method, seed, dice, profile="cpu", labeled=7, checkpoint="last", status="ok", digest=None, run_dir=""):
+    return dict(dataset="acdc", method=method, profile=profile, labeled_cases=labeled, seed=seed, checkpoint=checkpoint,
+                dice=dice, jaccard=dice - 0.1, hd95=5.0 + seed, asd=1.0, status=status,
+                config_hash=digest or f"{method[:4]}{profile}{labeled}", run_dir=run_dir, units="voxel")
+
+
+def write_per_case(folder: Path, case_dice: list[float]) -> str:
+    """Each class of a case gets the same Dice, so the case mean is that value."""
+    folder.mkdir(parents=True)
+    rows = [{"case": case, "class": name, "dice": dice, "jaccard": dice, "hd95": 1.0, "asd": 1.0}
+            for case, dice in zip(CASES, case_dice) for name in ("RV", "Myo", "LV")]
+    pd.DataFrame(rows).to_csv(folder / "test_per_case_last.csv", index=False)
+    return str(folder)
+
+
+@pytest.fixture
+def board(tmp_path) -> Path:
+    """cpu profile, 7 labeled: supervised Dice 0.6/0.7/0.8 over seeds 0-2 (mean 70, std 10), mean_teacher 0.7/0.8/0.9
+    (mean 80, std 10) whose per-case Dice beats supervised by 0.01 x (1..12) over the 12 (seed, case) pairs;
+    cps without per-case files; a paper-profile supervised row next to the published 79.41."""
+    folder = tmp_path / "leaderboards"
+    rows = [row("supervised", 0, 0.10)]  # superseded by the later row of the same hash, seed and checkpoint
+    step = 1
+    for seed, (sup, mt) in enumerate([(0.6, 0.7), (0.7, 0.8), (0.8, 0.9)]):
+        sup_dir = write_per_case(tmp_path / "runs" / f"sup{seed}", SUPERVISED_CASE_DICE)
+        differences = [0.01 * (step + i) for i in range(len(CASES))]
+        step += len(CASES)
+        mt_dir = write_per_case(tmp_path / "runs" / f"mt{seed}", [d + x for d, x in zip(SUPERVISED_CASE_DICE, differences)])
+        rows += [row("supervised", seed, sup, run_dir=sup_dir), row("mean_teacher", seed, mt, run_dir=mt_dir)]
+    rows += [row("mean_teacher", 3, 0.0, status="failed"), row("cps", 0, 0.5), row("cps", 1, 0.5),
+             row("supervised", 0, 0.79, profile="paper")]
+    append_rows(folder / "acdc.csv", rows)
+    reported = pd.DataFrame([
+        dict(dataset="acdc", labeled_ratio="10%", labeled_cases=7, method="supervised", method_reported="U-Net (sup. only)",
+             profile="paper", dice=79.41, jaccard=68.11, hd95=9.35, asd=2.70, units="percent/voxel", trust="M", source="SS-Net Tab2"),
+        dict(dataset="acdc", labeled_ratio="10%", labeled_cases=7, method="bcp", method_reported="BCP",
+             profile="paper", dice=88.84, jaccard=80.62, hd95=3.98, asd=1.17, units="percent/voxel", trust="S", source="TraCoCo docs"),
+    ], columns=REPORTED_COLUMNS)
+    reported.to_csv(folder / "reported.csv", index=False)
+    return folder
+
+
+def test_aggregate_means_stds_and_counts(board):
+    from benchmark.leaderboard import read_leaderboard
+
+    summary = aggregate(read_leaderboard(board / "acdc.csv")).set_index(["profile", "method"])
+    assert summary.loc[("cpu", "supervised"), "dice_mean"] == pytest.approx(0.70)
+    assert summary.loc[("cpu", "supervised"), "dice_std"] == pytest.approx(0.10)  # sample std of 0.6, 0.7, 0.8
+    assert summary.loc[("cpu", "supervised"), "n"] == 3 and summary.loc[("cpu", "supervised"), "seeds"] == "0 1 2"
+    assert summary.loc[("cpu", "mean_teacher"), "dice_mean"] == pytest.approx(0.80) and summary.loc[("cpu", "mean_teacher"), "n"] == 3
+    assert summary.loc[("cpu", "mean_teacher"), "hd95_mean"] == pytest.approx(6.0)  # 5 + seed over seeds 0..2
+    assert summary.loc[("cpu", "cps"), "dice_std"] == pytest.approx(0.0)
+    assert summary.loc[("paper", "supervised"), "n"] == 1 and pd.isna(summary.loc[("paper", "supervised"), "dice_std"])
+    assert list(summary.reset_index().query("profile == 'cpu'")["method"])[0] == "supervised"
+
+
+def test_wilcoxon_against_supervised_on_paired_cases(board):
+    from benchmark.leaderboard import read_leaderboard
+
+    tests = paired_tests(read_leaderboard(board / "acdc.csv")).set_index("method")
+    # 12 pairs, all differences positive and of distinct sizes: W- = 0, whose exact two-sided p is 2 / 2**12.
+    assert tests.loc["mean_teacher", "pairs"] == 12
+    assert tests.loc["mean_teacher", "p_value"] == pytest.approx(2 / 2**12)
+    assert tests.loc["mean_teacher", "mean_difference"] == pytest.approx(0.065)  # mean of 0.01 x (1..12)
+    assert tests.loc["cps", "pairs"] == 0 and pd.isna(tests.loc["cps", "p_value"])
+
+
+def test_render_markdown_and_plot(board, tmp_path, capsys):
+    out = tmp_path / "rendered"
+    assert main(["leaderboard", "--dir", str(board), "--out", str(out)]) == 0
+    assert "README.md" in capsys.readouterr().out
+    text = (out / "README.md").read_text()
+    cpu_part, paper_part = text.split("### acdc, `cpu` profile")[1].split("### acdc, `paper` profile")
+    assert "| supervised | 7 | last | 3 | 70.00 ± 10.00 | 60.00 ± 10.00 |" in cpu_part
+    assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part and "| +6.50 | 0.000488 (12) |" in cpu_part
+    assert "79.41" not in cpu_part and "Published" not in cpu_part  # published numbers only beside paper rows
+    paper_rows = paper_part.split("### acdc: published numbers")[0]
+    assert "| supervised | 7 | last | 1 | 79.00 |" in paper_rows and "79.41 [M] U-Net (sup. only), SS-Net Tab2" in paper_rows
+    assert "| 7 (10%) | BCP (`bcp`) | 88.84 |" in text
+    for profile in ("cpu", "paper"):
+        png = out / f"acdc_{profile}_dice.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in text
+    assert not (board / "README.md").exists()
+
+
+def test_unknown_dataset_and_missing_folder(board, tmp_path, capsys):
+    assert main(["leaderboard", "--dir", str(board), "--datasets", "la"]) == 2
+    assert "no leaderboard CSV for la" in capsys.readouterr().err
+    assert main(["leaderboard", "--dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_convert_reported_keeps_sources_and_trust_tags(tmp_path):
+    source = tmp_path / "reported_results.csv"
+    source.write_text(
+        "dataset,labeled_ratio,labeled_cases,method,dice,jaccard,hd95,asd,source\n"
+        "LA,10%,8,MC-Net+,88.96,80.25,7.93,1.86,[V] MC-Net repo performance.txt (MC-Net+ MedIA2022)\n"
+        "ACDC,5%,3,U-Net (sup. only),47.83,37.01,31.16,12.62,[M] SS-Net MICCAI2022 Tab2 - unverified\n"
+        "ACDC,10%,7,SS-Net,86.78,77.67,6.07,1.40,[S] TraCoCo docs/results.md\n"
+    )
+    converted = convert_reported(source, tmp_path / "out" / "reported.csv")
+    assert converted["method"].tolist() == ["mc_net_plus", "supervised", "ss_net"]
+    assert converted["dataset"].tolist() == ["la", "acdc", "acdc"] and converted["trust"].tolist() == ["V", "M", "S"]
+    assert converted["source"][0] == "MC-Net repo performance.txt (MC-Net+ MedIA2022)"
+    assert (converted["profile"] == "paper").all() and converted["dice"][0] == pytest.approx(88.96)
+    assert load_reported(tmp_path / "out" / "reported.csv")["method_reported"][1] == "U-Net (sup. only)"
+
+
+def test_slugs_of_published_method_names():
+    assert [method_slug(n) for n in ("LG-ER-MT", "FBA-Net+", "V-Net (full)", "BCP")] == ["lg_er_mt", "fba_net_plus", "supervised", "bcp"]
+
+
+def test_committed_reported_csv():
+    reported = load_reported(PROJECT_ROOT / "leaderboards" / "reported.csv")
+    assert len(reported) == 83 and set(reported["trust"]) == {"V", "S", "M"}
+    assert set(reported["dataset"]) == {"acdc", "la", "brats2019"} and (reported["source"] != "").all()
+    mc_net_plus_acdc_7 = reported.query("dataset == 'acdc' and method == 'mc_net_plus' and labeled_cases == 7")
+    assert mc_net_plus_acdc_7["dice"].tolist() == [87.10] and mc_net_plus_acdc_7["trust"].tolist() == ["V"]
