@@ -293,11 +293,12 @@ def test_presets_per_family_and_profile():
     la = resolve_config("la", "mcl_cs", "paper", [], defaults)
     assert la["trainer"]["max_steps"] == 15000 and la["optim"]["schedule"] == "poly"
     assert la["method"]["consistency_rampup"] == 40.0 and la["data"]["patch_size"] is None  # LA's 112x112x80
-    # sections of families without a dataset yet apply to that family only
+    # the BraTS and nuclei sections apply to their families only
     brats = resolve_config("brats", "mcl_cs", "paper", [], defaults, family="brats")
-    assert brats["data"]["patch_size"] == [96, 96, 96] and brats["eval"]["stride"] == [64, 64, 64]
+    assert (brats["data"]["unlabeled_batch_size"], brats["trainer"]["max_steps"]) == (2, 30000)
     nuclei = resolve_config("monuseg", "mcl_cs", "paper", [], defaults, family="monuseg")
-    assert nuclei["data"]["patch_size"] == [256, 256]
+    assert (nuclei["data"]["labeled_batch_size"], nuclei["data"]["unlabeled_batch_size"]) == (12, 12)
+    assert resolve_config("monuseg", "mcl_cs", "cpu", [], defaults, family="monuseg")["data"]["unlabeled_batch_size"] == 4
     assert la["eval"]["stride"] is None and cpu["data"]["patch_size"] == [128, 128]
 
 
