@@ -41,7 +41,7 @@ Reconstructed (methods.md section 3, each a hyperparameter below):
     Cost: the head (1x1 convolutions = a per-pixel MLP) runs on the sampled pixels only, not on the whole map;
     the prototype averages up to ``pixel_prototype_samples`` random pixels of the class (null: all of them, as
     ReCo). Both are estimates of the full-map computation, except that the head's batch norm takes its
-    statistics over the sampled pixels. On the ACDC cpu setting the full-map head cost as much as the U-Net;
+    statistics over the sampled pixels (on the ACDC cpu setting the full-map head cost as much as the U-Net);
   * total ``sum_m supervised_m + w_u(t) x sum_m cross_m + w_c(t) x (patch + pixel)``, ``w_u = consistency x r(t)``
     (max 1.0), ``w_c = contrastive_weight x r(t)`` (max 0.1), ``r`` CPS's sigmoid ramp-up (200 x 150 iterations).
   * evaluation with network 1 (``predict_with: average`` for both), as CPS.
@@ -53,8 +53,9 @@ The two readings of "multiscale" (``multiscale``):
     needs no labels and ties the two networks' regions together across perturbations, the class-aware pixel term
     is what gives intra-class compactness / inter-class separability), and it guesses fewer numbers.
   * ``decoder_scales``: the pixel-level contrast at several decoder resolutions (``scale_strides``, default
-    1/4, 1/2 and full resolution, one pixel head per scale and network; labels, confidences and probabilities
-    down-sampled by nearest neighbour), weighted by ``scale_weights`` (1.0 / 0.7 / 0.4 in that order, borrowed
+    1/4, 1/2 and full resolution, one pixel head per scale and network, on the decoder maps of
+    ``forward_features`` (U-Net: the up blocks' outputs; V-Net: upsampled + skip sums, and the last stage at full
+    resolution); labels, confidences and probabilities down-sampled by nearest neighbour), weighted by ``scale_weights`` (1.0 / 0.7 / 0.4 in that order, borrowed
     from the ECCV'22 multi-/cross-scale contrastive segmentation work), "patch-level" being the coarsest scale.
     No pooled patch term.
 

@@ -1,4 +1,5 @@
-"""Batched, dimension-agnostic perturbations of images (noise) and features (channel dropout), drawn from an explicit generator.
+"""Batched, dimension-agnostic perturbations of images (noise) and features (channel dropout), drawn from an
+explicit generator.
 
 Each function perturbs every sample of an ``(N, C, *spatial)`` batch with its own random draw and takes the
 ``generator`` to draw from (a method's ``step_generator()``: different on every DDP rank, repeated on resume).
