@@ -12,9 +12,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
-from benchmark import run as run_module
-from benchmark.config import resolve_config
-from methods.registry import get_method
+from ddp_fit import two_rank_run  # tests/scripts/ddp_fit.py, beside this script
 
 
 def gather(trainer, tensor: torch.Tensor) -> list[list[float]]:
@@ -40,20 +38,4 @@ class StatisticsOnEveryRank(Callback):
             (Path(sys.argv[1]) / "ddp_statistics.json").write_text(json.dumps(report))
 
 
-out = Path(sys.argv[1])
-method = get_method("co_da")
-config = resolve_config("synthetic_acdc", "co_da", "smoke", [
-    "data.ratio=0.5", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3",
-    f"run.out={out / 'runs'}", f"run.leaderboard_dir={out / 'lb'}", "run.progress=false",
-], method.defaults, family="acdc")
-original = run_module.build_trainer
-
-
-def with_statistics_check(*args, **kwargs):
-    trainer, best = original(*args, **kwargs)
-    trainer.callbacks.append(StatisticsOnEveryRank())
-    return trainer, best
-
-
-run_module.build_trainer = with_statistics_check
-run_module.run(config)
+two_rank_run("co_da", StatisticsOnEveryRank(), Path(sys.argv[1]), max_steps=3)
