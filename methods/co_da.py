@@ -8,7 +8,8 @@ init, and B = ``net2``, Xavier init; one forward per model over labeled + unlabe
 * Per model m, running class marginals (buffers, checkpointed, all-reduced over DDP ranks;
   :class:`methods.components.class_statistics.RunningClassMean`): ``pi_L^m`` of its softmax on the labeled pixels
   (``labeled_marginal: ground_truth`` uses the labels' class frequencies instead) and ``pi_U^m`` of its softmax on
-  the unlabeled pixels. Each step first folds the current batch in, then uses the values (as ReMixMatch).
+  the unlabeled pixels. Each step first folds the current batch in, then uses the values (a choice: the first
+  step then aligns with real statistics; at momentum 0.99 the order changes the values by about one batch in 100).
 * Alignment of the pseudo-label SOURCE only, without gradient: ``p~_m = p_m * pi_L^m / pi_U^m`` renormalised over
   the classes per pixel (labeled over unlabeled: a class the model under-predicts on unlabeled data is raised).
   Pseudo-label ``y_m = argmax p~_m``, confidence ``k_m = max p~_m``. The trained logits are never aligned.
