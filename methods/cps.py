@@ -15,7 +15,7 @@ Upstream: HiLab-git/SSL4MIS ``code/train_cross_pseudo_supervision_2D.py`` (ACDC)
 * w(t) = consistency * sigmoid_rampup(iteration // 150, consistency_rampup), consistency 0.1, ramp-up 200 (so
   the ramp-up spans 30000 iterations, upstream's whole run); iteration counted from 0 as upstream.
 * Evaluation with network 1 (upstream tests ``model1``); ``predict_with: average`` averages both networks'
-  probabilities instead.
+  probabilities instead, ``model2`` uses network 2.
 * Without unlabeled data (RATIO=1.0) the pseudo-label terms are absent: both networks train supervised.
 
 Hyperparameters (``method.<key>=...``):
@@ -23,7 +23,7 @@ Hyperparameters (``method.<key>=...``):
   consistency_rampup           200.0  ramp-up length in units of 150 iterations (upstream)
   consistency_rampup_fraction  null   if set, the ramp-up instead lasts this fraction of trainer.max_steps,
                                       counted in steps (the cpu/smoke presets: upstream lengths never finish there)
-  predict_with                 model1 model1 (upstream) | average (mean of both networks' softmax)
+  predict_with                 model1 model1 (upstream) | model2 | average (mean of both networks' softmax)
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from methods.components.ramps import sigmoid_rampup
 from methods.networks import init_weights
 from methods.registry import register
 
-PREDICT_WITH = ("model1", "average")
+PREDICT_WITH = ("model1", "model2", "average")
 
 
 def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def build(self) -> None:
         if self.hp["predict_with"] not in PREDICT_WITH:
             raise UserError(
-                f"unknown method.predict_with '{self.hp['predict_with']}' for cps",
+                f"unknown method.predict_with '{self.hp['predict_with']}' for {self.name}",
                 where=f"known: {', '.join(PREDICT_WITH)}",
             )
         self.net1 = init_weights(self.build_network(), "kaiming")
@@ -75,17 +75,23 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def consistency_weight(self) -> float:
         return self.hp["consistency"] * self.unsupervised_ramp()
 
-    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
-        """Every term of one step (unweighted terms, the weight and the total), from one forward per network."""
-        images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
-        n_labeled = images.shape[0]
+    def forward_networks(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both networks' logits on the labeled images followed by the unlabeled ones: one forward per network
+        over the concatenated batch, so batch norm sees the mixed batch as upstream."""
+        images = batch["labeled"]["image"]
         if "unlabeled" in batch:
             images = torch.cat([images, batch["unlabeled"]["image"]])
-        logits1, logits2 = self.net1(images), self.net2(images)
+        return self.net1(images), self.net2(images)
+
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        """Every term of one step (unweighted terms, the weight and the total), from one forward per network."""
+        labels = batch["labeled"]["label"]
+        n_labeled = labels.shape[0]
+        logits1, logits2 = self.forward_networks(batch)
 
         supervised1 = self.supervised_loss(logits1[:n_labeled], labels)
         supervised2 = self.supervised_loss(logits2[:n_labeled], labels)
-        if images.shape[0] > n_labeled:
+        if logits1.shape[0] > n_labeled:
             pseudo1 = cross_pseudo_loss(logits1[n_labeled:], logits2[n_labeled:])
             pseudo2 = cross_pseudo_loss(logits2[n_labeled:], logits1[n_labeled:])
         else:  # RATIO=1.0: no unlabeled stream, supervised training of both networks
@@ -102,4 +108,6 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp["predict_with"] == "average":
             return average_probability_logits([self.net1(images), self.net2(images)])
+        if self.hp["predict_with"] == "model2":
+            return self.net2(images)
         return self.net1(images)

@@ -1,0 +1,202 @@
+"""Co-DA: co-distribution alignment with a dual-model framework and an over-expectation cross-entropy
+(Wang, Huang, Wu, Cai, Li; Bioengineering 2023, 10(7):869). No official code exists: this follows the
+reconstruction of ../shared/docs/methods.md section 4 (ReMixMatch-style alignment); every open choice is a flag.
+
+On top of cross pseudo supervision (:class:`methods.cps.CrossPseudoSupervision`: models A = ``net1``, Kaiming
+init, and B = ``net2``, Xavier init; one forward per model over labeled + unlabeled images; one optimizer):
+
+* Per model m, running class marginals (buffers, checkpointed, all-reduced over DDP ranks;
+  :class:`methods.components.class_statistics.RunningClassMean`): ``pi_L^m`` of its softmax on the labeled pixels
+  (``labeled_marginal: ground_truth`` uses the labels' class frequencies instead) and ``pi_U^m`` of its softmax on
+  the unlabeled pixels. Each step first folds the current batch in, then uses the values (a choice: the first
+  step then aligns with real statistics; at momentum 0.99 the order changes the values by about one batch in 100).
+* Alignment of the pseudo-label SOURCE only, without gradient: ``p~_m = p_m * pi_L^m / pi_U^m`` renormalised over
+  the classes per pixel (labeled over unlabeled: a class the model under-predicts on unlabeled data is raised).
+  Pseudo-label ``y_m = argmax p~_m``, confidence ``k_m = max p~_m``. The trained logits are never aligned.
+* Over-expectation filter ``M_m`` (``over_expectation``), the two readings of the paper's words:
+  - ``expected_confidence`` (default): ``E_m[c]`` = running mean of ``k_m`` over the unlabeled pixels whose pseudo
+    label is c (a per-class buffer like the marginals); keep pixel i iff ``k_m,i >= E_m[y_m,i]``, i.e. its
+    confidence is OVER the EXPECTATION of its class. A class-adaptive threshold: lower for the hard, rare classes
+    the paper is about. Default because it is the literal reading of the name, the reconstruction's
+    recommendation, and it does not depend on which classes happen to be in one batch.
+  - ``class_quota``: per class c keep the ``round(pi_L^m[c] * N)`` most confident pixels among those labeled c
+    (N = unlabeled pixels of the batch on this rank; all of them if fewer), so the kept pseudo-labels have at most
+    the labeled class shares (DARS-style).
+  - ``none``: keep every pixel (an ablation: alignment without the filter).
+* Over-expectation CE: ``L_oce = sum_i M_B,i CE(f_A(x_u)_i, y_B,i) / sum_i M_B,i`` for model A and the mirror term
+  for B (zero when nothing is kept). Total ``sum_m [L_sup(f_m) + lambda(t) L_oce(f_m)]`` with the suite's
+  ``0.5 (CE + Dice)`` as ``L_sup``; ``lambda(t) = consistency * sigmoid ramp-up`` over the first
+  ``consistency_rampup_fraction`` of the steps (the reconstruction: lambda_max 1, about 40 % of training).
+* Logged each log step (CSV in the run folder, W&B when on): every loss term, the kept fraction per model,
+  per-class training Dice of each model on the labeled batch and, per model and class, ``pi_L``, ``pi_U`` and
+  (expected_confidence) ``E``, so a run shows the alignment at work on the rare classes.
+* Without unlabeled data (RATIO=1.0) both models train supervised; ``pi_L`` is still tracked.
+
+Hyperparameters (``method.<key>=...``):
+  consistency                  1.0    lambda_max, weight of the over-expectation CE after the ramp-up
+  consistency_rampup_fraction  0.4    ramp-up length as a fraction of trainer.max_steps (sigmoid, in steps)
+  consistency_rampup           200.0  used only with consistency_rampup_fraction=null: SSL4MIS's iteration // 150
+  align_distribution           true   false = no alignment (pseudo-labels from the raw softmax): an ablation
+  labeled_marginal             prediction  prediction (the abstract: "marginal predictions on labeled data")
+                                      | ground_truth (class frequencies of the labels)
+  marginal_momentum            0.99   EMA momentum of pi_L and pi_U (ReMixMatch averages ~128 batches)
+  over_expectation             expected_confidence  | class_quota | none (see above)
+  expectation_momentum         0.99   EMA momentum of the per-class expected confidence E
+  predict_with                 average  model1 (A) | model2 (B) | average (mean of both softmax maps). The abstract
+                                      does not say; both models are trained symmetrically as peers, so neither is
+                                      preferred and their average is the steadier prediction (cps keeps model1,
+                                      as its upstream tests).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.errors import UserError
+from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
+from methods.cps import CrossPseudoSupervision
+from methods.registry import register
+
+LABELED_MARGINALS = ("prediction", "ground_truth")
+OVER_EXPECTATION = ("expected_confidence", "class_quota", "none")
+_EPS = 1e-8
+
+
+@torch.no_grad()
+def align_distribution(probabilities: torch.Tensor, labeled_marginal: torch.Tensor,
+                       unlabeled_marginal: torch.Tensor) -> torch.Tensor:
+    """``p * pi_L / pi_U`` per class (channel dim 1), renormalised over the classes per pixel; no gradient."""
+    shape = (1, -1) + (1,) * (probabilities.dim() - 2)
+    ratio = (labeled_marginal / unlabeled_marginal.clamp_min(_EPS)).view(shape)
+    aligned = probabilities.detach() * ratio
+    return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def expected_confidence_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor,
+                             expectation: torch.Tensor) -> torch.Tensor:
+    """Keep a pixel iff its confidence is at least the expected confidence of its pseudo-label's class."""
+    return confidence >= expectation[pseudo_labels]
+
+
+def class_quota_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor, class_shares: torch.Tensor) -> torch.Tensor:
+    """Keep, per class c, the ``round(class_shares[c] * N)`` most confident of the pixels labeled c (N = all
+    pixels given; every pixel of c if there are fewer). Exactly that many even when confidences tie."""
+    flat_confidence, flat_labels = confidence.reshape(-1), pseudo_labels.reshape(-1)
+    quotas = torch.round(class_shares.detach().double() * flat_confidence.numel()).long().tolist()
+    keep = torch.zeros_like(flat_labels, dtype=torch.bool)
+    for label, quota in enumerate(quotas):
+        members = torch.nonzero(flat_labels == label).squeeze(1)
+        count = min(quota, members.numel())
+        if count > 0:
+            keep[members[flat_confidence[members].topk(count).indices]] = True
+    return keep.view_as(pseudo_labels)
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean pixel CE over the kept pixels (``sum M CE / sum M``); zero, with gradient, when nothing is kept."""
+    per_pixel = F.cross_entropy(logits, targets, reduction="none")
+    weights = mask.to(per_pixel.dtype)
+    return (per_pixel * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+class ModelStatistics(nn.Module):
+    """One model's running statistics: labeled and unlabeled class marginals, per-class expected confidence."""
+
+    def __init__(self, num_classes: int, marginal_momentum: float, expectation_momentum: float):
+        super().__init__()
+        self.labeled_marginal = RunningClassMean(num_classes, marginal_momentum)
+        self.unlabeled_marginal = RunningClassMean(num_classes, marginal_momentum)
+        # 0 before the first update: keep everything (the first update happens before the first use anyway).
+        self.expectation = RunningClassMean(num_classes, expectation_momentum, initial=0.0)
+
+
+@register("co_da")
+class CoDistributionAlignment(CrossPseudoSupervision):
+    defaults = {
+        "consistency": 1.0,
+        "consistency_rampup": 200.0,
+        "consistency_rampup_fraction": 0.4,
+        "align_distribution": True,
+        "labeled_marginal": "prediction",
+        "marginal_momentum": 0.99,
+        "over_expectation": "expected_confidence",
+        "expectation_momentum": 0.99,
+        "predict_with": "average",
+    }
+
+    def build(self) -> None:
+        for key, known in (("labeled_marginal", LABELED_MARGINALS), ("over_expectation", OVER_EXPECTATION)):
+            if self.hp[key] not in known:
+                raise UserError(f"unknown method.{key} '{self.hp[key]}' for co_da", where=f"known: {', '.join(known)}")
+        for key in ("marginal_momentum", "expectation_momentum"):
+            if not 0.0 <= self.hp[key] < 1.0:
+                raise UserError(f"method.{key}={self.hp[key]} for co_da is out of range", fix="use a value in [0, 1), e.g. 0.99")
+        super().build()
+        num_classes = self.spec.num_classes
+        self.statistics = nn.ModuleList(
+            ModelStatistics(num_classes, self.hp["marginal_momentum"], self.hp["expectation_momentum"]) for _ in range(2)
+        )
+
+    @torch.no_grad()
+    def pseudo_labels(self, logits: torch.Tensor, statistics: ModelStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned hard pseudo-labels of one model on unlabeled logits and the over-expectation mask to keep."""
+        probabilities = torch.softmax(logits.detach(), dim=1)
+        statistics.unlabeled_marginal.update_marginal(probabilities)
+        if self.hp["align_distribution"]:
+            probabilities = align_distribution(
+                probabilities, statistics.labeled_marginal.value, statistics.unlabeled_marginal.value)
+        confidence, labels = probabilities.max(dim=1)
+        mode = self.hp["over_expectation"]
+        if mode == "expected_confidence":
+            expectation = statistics.expectation.update_per_class_mean(confidence, labels)
+            return labels, expected_confidence_mask(confidence, labels, expectation)
+        if mode == "class_quota":
+            return labels, class_quota_mask(confidence, labels, statistics.labeled_marginal.value)
+        return labels, torch.ones_like(labels, dtype=torch.bool)
+
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        labels = batch["labeled"]["label"]
+        n_labeled = labels.shape[0]
+        logits = self.forward_networks(batch)
+        supervised = [self.supervised_loss(model_logits[:n_labeled], labels) for model_logits in logits]
+
+        monitors: dict[str, torch.Tensor] = {}
+        num_classes = self.spec.num_classes
+        with torch.no_grad():
+            for model, (model_logits, statistics) in enumerate(zip(logits, self.statistics), start=1):
+                labeled_logits = model_logits[:n_labeled].detach()
+                if self.hp["labeled_marginal"] == "ground_truth":
+                    statistics.labeled_marginal.update_marginal(F.one_hot(labels, num_classes).movedim(-1, 1).float())
+                else:
+                    statistics.labeled_marginal.update_marginal(torch.softmax(labeled_logits, dim=1))
+                dice = batch_dice_per_class(labeled_logits.argmax(dim=1), labels, num_classes)
+                for index, class_name in enumerate(self.spec.class_names[1:], start=1):
+                    monitors[f"dice_model{model}_{class_name}"] = dice[index]
+
+        if logits[0].shape[0] > n_labeled:
+            pseudo = [self.pseudo_labels(model_logits[n_labeled:], statistics)
+                      for model_logits, statistics in zip(logits, self.statistics)]
+            # Each model learns from the OTHER model's aligned, filtered pseudo-labels.
+            oce1 = masked_cross_entropy(logits[0][n_labeled:], *pseudo[1])
+            oce2 = masked_cross_entropy(logits[1][n_labeled:], *pseudo[0])
+            for model, (_, keep) in enumerate(pseudo, start=1):
+                monitors[f"kept_fraction_model{model}"] = keep.float().mean()
+        else:  # RATIO=1.0: no unlabeled stream, supervised training of both models
+            oce1 = oce2 = logits[0].new_zeros(())
+
+        for model, statistics in enumerate(self.statistics, start=1):
+            for index, class_name in enumerate(self.spec.class_names):
+                monitors[f"pi_labeled_model{model}_{class_name}"] = statistics.labeled_marginal.value[index].clone()
+                monitors[f"pi_unlabeled_model{model}_{class_name}"] = statistics.unlabeled_marginal.value[index].clone()
+                if self.hp["over_expectation"] == "expected_confidence":
+                    monitors[f"expectation_model{model}_{class_name}"] = statistics.expectation.value[index].clone()
+
+        weight = self.consistency_weight()
+        model1_loss = supervised[0] + weight * oce1
+        model2_loss = supervised[1] + weight * oce2
+        return {
+            "loss": model1_loss + model2_loss, "model1_loss": model1_loss, "model2_loss": model2_loss,
+            "supervised1": supervised[0], "supervised2": supervised[1], "oce1": oce1, "oce2": oce2,
+            "consistency_weight": weight, **monitors,
+        }
