@@ -64,13 +64,16 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
         self.net1 = init_weights(self.build_network(), "kaiming")
         self.net2 = init_weights(self.build_network(), "xavier")
 
-    def consistency_weight(self) -> float:
+    def unsupervised_ramp(self) -> float:
+        """The sigmoid ramp-up factor in [0, 1] of this step (upstream's per-150-iteration one, or a fraction
+        of the run)."""
         fraction = self.hp["consistency_rampup_fraction"]
         if fraction is None:
-            ramp = sigmoid_rampup(self.global_step // 150, self.hp["consistency_rampup"])
-        else:
-            ramp = sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
-        return self.hp["consistency"] * ramp
+            return sigmoid_rampup(self.global_step // 150, self.hp["consistency_rampup"])
+        return sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
+
+    def consistency_weight(self) -> float:
+        return self.hp["consistency"] * self.unsupervised_ramp()
 
     def forward_networks(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Both networks' logits on the labeled images followed by the unlabeled ones: one forward per network
