@@ -84,6 +84,7 @@ def build_datamodule(name: str, config: dict[str, Any], use_unlabeled: bool = Tr
         labeled=data.get("labeled"),
         use_unlabeled=use_unlabeled,
         num_workers=data["num_workers"],
+        cache_decoded=data.get("cache_decoded", True),
         val_holdout=data.get("val_holdout", 0),
         max_eval_cases=data.get("max_eval_cases"),
     )

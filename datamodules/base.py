@@ -135,10 +135,17 @@ def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 class TrainItems(Dataset):
-    """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG."""
+    """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG.
 
-    def __init__(self, items: list[str], load, transform, with_label: bool):
+    With ``cache_decoded`` every item is read and decompressed once, here in the main process, before the loader
+    forks its workers, which then share those pages copy-on-write (h5 gzip decoding was most of an LA batch's
+    cost and competed with the training step for the same cores; ``make perf``, docs/perf.md). Transforms never
+    write into their input and every sample is copied out, so the cached arrays stay as read.
+    """
+
+    def __init__(self, items: list[str], load, transform, with_label: bool, cache_decoded: bool = False):
         self.items, self.load, self.transform, self.with_label = items, load, transform, with_label
+        self.decoded = {item: load(item, with_label) for item in dict.fromkeys(items)} if cache_decoded else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -146,11 +153,12 @@ class TrainItems(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         # The generator is seeded from torch's per-worker stream, which Lightning seeds per (seed, worker, rank).
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
-        image, label = self.load(self.items[index], self.with_label)
+        item = self.items[index]
+        image, label = self.decoded[item] if self.decoded is not None else self.load(item, self.with_label)
         image, label = self.transform(rng, image, label)
-        sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).unsqueeze(0)}
+        sample = {"image": torch.from_numpy(np.array(image, dtype=np.float32, order="C")).unsqueeze(0)}
         if self.with_label:
-            sample["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+            sample["label"] = torch.from_numpy(np.array(label, dtype=np.int64, order="C"))
         return sample
 
 
@@ -192,6 +200,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         labeled: int | None = None,
         use_unlabeled: bool = True,
         num_workers: int = 2,
+        cache_decoded: bool = True,
         val_holdout: int = 0,
         max_eval_cases: int | None = None,
     ):
@@ -209,6 +218,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.max_steps = max_steps
         self.seed = seed
         self.num_workers = num_workers
+        self.cache_decoded = cache_decoded
         self.val_holdout = val_holdout
         self.max_eval_cases = max_eval_cases
         if not self.root.is_dir():
@@ -269,7 +279,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         rank, world_size, start_step = self._world()
         batch = self.per_rank_batch(global_batch, world_size)
         sampler = StepSampler(len(items), batch, self.max_steps, self.seed + (0 if with_label else 7919), rank, world_size, start_step)
-        dataset = TrainItems(items, self.load_item, self.train_transform, with_label)
+        dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.cache_decoded)
         return DataLoader(
             dataset,
             batch_size=batch,
