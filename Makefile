@@ -20,6 +20,7 @@ LEADERBOARD_DIR ?= leaderboards
 WANDB ?= disabled
 OVERRIDES ?=
 PYTEST_ARGS ?=
+PERF_ARGS ?=
 
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
@@ -27,7 +28,7 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench show-config test test-fast list clean
+.PHONY: help setup bench show-config test test-fast list clean perf
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +57,9 @@ test: $(STAMP) ## run the whole test suite (uses ../shared/datasets when present
 
 test-fast: $(STAMP) ## the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+perf: $(STAMP) ## measure the suite's own costs as ratios vs references (~10 min) into perf/report.{json,md}
+	$(PY) -m benchmark.perf --out perf $(PERF_ARGS)
 
 clean: ## remove runs/ and caches (keeps .venv and leaderboards)
 	rm -rf runs .pytest_cache

@@ -19,6 +19,7 @@ from benchmark.metrics import (
     mean_over_cases,
     multiclass_metrics,
 )
+from benchmark.perf.data import perturbed_acdc_prediction
 from tests.conftest import require_real_acdc
 
 ACDC_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ACDC" / "data"
@@ -160,23 +161,13 @@ def acdc_volumes() -> list[Path]:
     return files[:: max(1, len(files) // 3)][:3]
 
 
-def perturbed_acdc_labels(gt: np.ndarray) -> np.ndarray:
-    """RV dilated, myocardium eroded in-plane, LV shifted: three kinds of realistic segmentation error."""
-    pred = np.zeros_like(gt)
-    pred[ndimage.binary_dilation(gt == 1)] = 1
-    in_plane_cross = ndimage.generate_binary_structure(3, 1) & (np.arange(3) == 1)[:, None, None]
-    pred[ndimage.binary_erosion(gt == 2, structure=in_plane_cross)] = 2
-    pred[ndimage.shift(gt == 3, (1, 3, -2), order=0, mode="constant", cval=False)] = 3
-    return pred
-
-
 @pytest.mark.real_data
 @pytest.mark.parametrize("spacing", [None, (10.0, 1.5, 1.5)])
 def test_real_acdc_masks_match_medpy(spacing):
     for path in acdc_volumes():
         with h5py.File(path, "r") as file:
             gt = file["label"][()]
-        pred = perturbed_acdc_labels(gt)
+        pred = perturbed_acdc_prediction(gt)
         ours = multiclass_metrics(pred, gt, num_classes=4, spacing=spacing)
         assert sorted(ours) == [1, 2, 3]
         for c in (1, 2, 3):
