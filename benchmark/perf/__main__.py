@@ -56,11 +56,18 @@ def main(argv=None) -> int:
     parser.add_argument("--acdc-root", default=None, help="the real ACDC copy (default ../shared/datasets/ACDC)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[], help="run only these sections")
     parser.add_argument("--methods", nargs="+", default=None, help="methods for the step and memory sections (default: all registered)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for the timed sections (default 1: on a shared machine a pool of 2+ "
+                             "OpenMP threads stalls whenever one of them is preempted, which swamps every ratio)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     try:
         acdc_root = data.acdc_root(args.acdc_root)
         with tempfile.TemporaryDirectory(prefix="perf-") as work:
             results = measure(args.quick, acdc_root, Path(work), args.only, args.methods)
+        results["threads"] = args.threads
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR

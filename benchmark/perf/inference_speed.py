@@ -26,7 +26,7 @@ def seconds_per_call(net, batch: torch.Tensor, repeats: int) -> float:
 
 
 def run(quick: bool, sliding_window: dict[str, Any] | None) -> dict[str, Any]:
-    size, repeats = ((64, 32), 2) if quick else ((512, 288), 10)
+    size, repeats = ((64, 32), 2) if quick else ((512, 288), 5)
     results: dict[str, Any] = {"2d": {}, "3d": {}}
     for width in (8, 16):
         torch.manual_seed(0)

@@ -48,7 +48,7 @@ def measure(dataset: str, root: Path, method: str, profile: str, batches: int, s
 
 
 def run(acdc_root: Path, la_root: Path, quick: bool) -> dict[str, Any]:
-    profile, batches, steps = ("smoke", 3, 2) if quick else ("cpu", 16, 6)
+    profile, batches, steps = ("smoke", 3, 2) if quick else ("cpu", 8, 4)
     # smoke turns workers off; the default worker count is what is measured.
     workers = ["data.num_workers=2"] if quick else []
     results: dict[str, Any] = {"profile": profile, "datasets": {}}

@@ -19,7 +19,8 @@ def _rss_mb(who: int) -> float:
 
 
 def run_method(method: str, dataset: str, profile: str, steps: int) -> dict[str, Any]:
-    """A whole cpu run of ``steps`` steps (fit, validation, test of last and best) as ``make bench`` does it."""
+    """A whole cpu run of ``steps`` steps (fit, validation, test of last and best) as ``make bench`` does it,
+    with one validation and one test case (peak memory is reached within the first steps and cases)."""
     from benchmark.perf.training_step import method_config
     from benchmark.run import run
 
@@ -77,8 +78,13 @@ def evaluate_la_volume(shape: list[int], width: int) -> dict[str, Any]:
 
 
 def in_subprocess(*args: str) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the thread count make perf runs with
     completed = subprocess.run([sys.executable, "-m", "benchmark.perf.memory", *args], cwd=REPO_ROOT,
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         return {"error": completed.stderr.strip().splitlines()[-1][:300] if completed.stderr.strip() else "failed"}
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -87,7 +93,7 @@ def in_subprocess(*args: str) -> dict[str, Any]:
 def run(acdc_root: Path, quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
     from methods.registry import method_names
 
-    profile, steps = ("smoke", 2) if quick else ("cpu", 20)
+    profile, steps = ("smoke", 2) if quick else ("cpu", 10)
     names = methods or method_names()
     results: dict[str, Any] = {"dataset": "synthetic_acdc", "profile": profile, "steps": steps, "methods": {}}
     for name in names:

@@ -29,7 +29,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Performance report (`make perf`)", "",
         f"Measured {machine['date']} on `{machine['host']}`: {machine['cpu']}, {machine['cpu_count']} cores, "
-        f"torch {machine['torch']} ({machine['torch_threads']} threads), CUDA: {machine['cuda']}. "
+        f"torch {machine['torch']} ({report['threads']} intra-op thread(s) in the timed sections), CUDA: {machine['cuda']}. "
         f"Mode: {'quick (tests only, figures meaningless)' if report['quick'] else 'full'}; "
         f"the run took {report['duration_s']:.0f} s.", "",
         NOISE_NOTE.format(cpu_count=machine["cpu_count"], load=", ".join(map(str, machine["load_average_at_start"]))), "",

@@ -59,14 +59,14 @@ def vnet(width: int) -> torch.nn.Module:
 
 
 def run(la_root, quick: bool, window_batch: int = 4) -> dict[str, Any]:
-    """Full mode: the LA patch and stride on a 148x130x84 crop of an LA-sized volume (12 windows; the whole
-    ~200x150x88 volume has 72, i.e. minutes per pass per method on a shared 2-core CPU), V-Net width 8 (the cpu
-    profile's width; the paper's is 16). Quick mode: a tiny patch, volume and width, for the tests."""
+    """Full mode: the LA patch and stride on a 130x112x84 crop of an LA-sized volume (4 windows = one suite pass
+    of ``window_batch`` 4; the whole ~200x150x88 volume has 72, i.e. many minutes per pass on a shared 2-core CPU),
+    V-Net width 8 (the cpu profile's width; the paper's is 16). Quick mode: a tiny patch, volume and width."""
     _, image, _ = data.la_cases(la_root)[0]
     if quick:
         patch, stride, crop, width = (32, 32, 16), (8, 8, 4), (40, 36, 20), 2
     else:
-        patch, stride, crop, width = LA_PATCH, LA_STRIDE, (148, 130, 84), 8
+        patch, stride, crop, width = LA_PATCH, LA_STRIDE, (130, 112, 84), 8
     volume = np.ascontiguousarray(image[: crop[0], : crop[1], : crop[2]])
     net = vnet(width)
     outputs: dict[str, np.ndarray] = {}
