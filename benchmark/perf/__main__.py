@@ -15,7 +15,7 @@ from benchmark.perf.timing import machine
 SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision")
 
 
-def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None) -> dict:
+def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int) -> dict:
     from benchmark.perf import (inference_speed, loading, memory, metrics_section, precision, sliding_window,
                                 training_step)
 
@@ -30,7 +30,7 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
         "inference_speed": lambda: inference_speed.run(quick, results["sections"].get("sliding_window")),
         "precision": lambda: precision.run(quick),
     }
-    results = {"quick": quick, "machine": machine(), "sections": {}, "section_seconds": {}, "errors": {}}
+    results = {"quick": quick, "threads": threads, "machine": machine(), "sections": {}, "section_seconds": {}, "errors": {}}
     started = time.perf_counter()
     for name in SECTIONS:
         if only and name not in only:
@@ -45,7 +45,8 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
             traceback.print_exc()
             results["errors"][name] = f"{type(error).__name__}: {error}"[:500]
         results["section_seconds"][name] = round(time.perf_counter() - section_started, 1)
-    results["duration_s"] = time.perf_counter() - started
+        results["duration_s"] = time.perf_counter() - started
+        report.write(results, out)  # after every section: a long run killed half way keeps what it measured
     return results
 
 
@@ -66,12 +67,11 @@ def main(argv=None) -> int:
     try:
         acdc_root = data.acdc_root(args.acdc_root)
         with tempfile.TemporaryDirectory(prefix="perf-") as work:
-            results = measure(args.quick, acdc_root, Path(work), args.only, args.methods)
-        results["threads"] = args.threads
+            results = measure(args.quick, acdc_root, Path(work), args.only, args.methods, Path(args.out), args.threads)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    json_path, md_path = report.write(results, Path(args.out))
+    json_path, md_path = report.write(results, Path(args.out))  # the final duration
     print(f"written: {json_path} and {md_path} ({results['duration_s']:.0f} s)")
     return 1 if results["errors"] else 0
 

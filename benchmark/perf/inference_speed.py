@@ -46,6 +46,6 @@ def run(quick: bool, sliding_window: dict[str, Any] | None) -> dict[str, Any]:
         results["3d"]["vnet_sliding_window_section"] = {
             "network": sliding_window["network"], "seconds_per_window": per_window, "windows_per_volume": windows,
             "volumes_per_min": 60.0 / (windows * per_window),
-            "how": "the suite's whole sliding-window pass per window (section sliding_window), times 72 windows",
+            "how": "the suite's whole sliding-window pass per window (section sliding_window, torch's default threads), times 72 windows",
         }
     return results

@@ -15,6 +15,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rss_mb(who: int) -> float:
+    """Peak RSS. For this process from /proc (VmHWM): getrusage's ru_maxrss survives exec, so a subprocess would
+    report the forking parent's size. Loader workers are forks sharing the parent's pages, so theirs include those."""
+    if who == resource.RUSAGE_SELF:
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024.0
+        except (OSError, StopIteration):
+            pass
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 

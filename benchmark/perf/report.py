@@ -64,10 +64,14 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{s['network']}; patch {s['patch']}, stride {s['stride']}. A {s['la_sized_volume_shape']} volume has "
                   f"**{s['windows_la_sized_volume']} windows**; timed on a {s['timed_volume_shape']} crop "
                   f"({s['windows_timed_volume']} windows) to keep the run short.", "",
-                  "| per-window loop (published) s | suite, window_batch " + str(s["window_batch"]) + " s | speed-up (target >= 1.5) | met | max abs prob. difference | label maps equal |",
-                  "| --- | --- | --- | --- | --- | --- |",
-                  f"| {_fmt(s['per_window_loop']['median_s'], 1)} | {_fmt(s['suite_batched']['median_s'], 1)} | {_fmt(s['speedup'])}x | "
-                  f"{_verdict(s['speedup'], TARGETS['sliding_window_speedup'])} | {_fmt(s['max_abs_probability_difference'], 7)} | {s['label_maps_equal']} |", ""]
+                  "| torch threads | per-window loop (published) s | suite, window_batch " + str(s["window_batch"]) + " s | speed-up (target >= 1.5) | met |",
+                  "| --- | --- | --- | --- | --- |"]
+        for threads, r in s["by_threads"].items():
+            default = " (torch's default, the evaluator's)" if int(threads) == s["default_threads"] else ""
+            lines.append(f"| {threads}{default} | {_fmt(r['per_window_loop']['median_s'], 1)} | {_fmt(r['suite_batched']['median_s'], 1)} | "
+                         f"{_fmt(r['speedup'])}x | {_verdict(r['speedup'], TARGETS['sliding_window_speedup'])} |")
+        lines += ["", f"Output: largest probability difference {_fmt(s['max_abs_probability_difference'], 7)}, label maps "
+                  f"equal: {s['label_maps_equal']} (asserted).", ""]
     if "training_step" in sections:
         t = sections["training_step"]
         lines += ["## Training step: suite (Lightning fit, loaders, logging) vs a bare PyTorch loop", "",
@@ -101,7 +105,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Memory (peak RSS, fresh subprocess each)", "",
                   f"A whole `{mem['profile']}` run of {mem['steps']} steps on {mem['dataset']} (fit, validation, test of the "
                   "last and best checkpoints):", "",
-                  "| method | main process MB | largest loader worker MB |", "| --- | --- | --- |"]
+                  "| method | main process MB | largest loader worker MB (includes pages shared with the main process) |", "| --- | --- | --- |"]
         for name, r in mem["methods"].items():
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error']} | |")

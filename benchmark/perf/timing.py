@@ -11,6 +11,9 @@ from typing import Any, Callable
 
 import torch
 
+# torch's own intra-op thread count, read before `make perf` sets its own (what a suite run uses).
+DEFAULT_THREADS = torch.get_num_threads()
+
 
 def interleaved(candidates: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
     """Wall times of each candidate, run in turn ``repeats`` times (A B A B ...), so a load spike on the shared
