@@ -58,7 +58,7 @@ test: $(STAMP) ## run the whole test suite (uses ../shared/datasets when present
 test-fast: $(STAMP) ## the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-perf: $(STAMP) ## measure the suite's own costs as ratios vs references (~10 min) into perf/report.{json,md}
+perf: $(STAMP) ## the suite's own costs as ratios vs same-run references (~20 min on 2 busy cores) -> perf/report.{json,md}
 	$(PY) -m benchmark.perf --out perf $(PERF_ARGS)
 
 clean: ## remove runs/ and caches (keeps .venv and leaderboards)

@@ -87,6 +87,13 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(r['suite_step_median_s'], 3)} | {_fmt(r['bare_step_median_s'], 3)} | "
                          f"{_fmt(r['ratio'], 3)} | {_verdict(r['ratio'], TARGETS['step_ratio'], False)} | "
                          f"{_fmt(r['suite_waiting_for_batch_median_s'], 4)} | {', '.join(_fmt(x, 3) for x in r['ratio_per_round'])} |")
+        measured = [r for r in t["methods"].values() if "error" not in r]
+        if measured:
+            waiting = max(r["suite_waiting_for_batch_median_s"] / r["suite_step_median_s"] for r in measured)
+            lines += ["", f"Waiting for the next batch takes at most {100 * waiting:.1f} % of a suite step, so the loaders "
+                      "are not what a step pays for. On a shared machine one round's ratio moves by tens of percent with "
+                      "the load of the other jobs (in a separate check, two consecutive rounds of MC-Net+ gave 0.99 and "
+                      "3.33); ratios within ~0.2 of 1 are not resolved by this run."]
         lines.append("")
     if "loading" in sections:
         d = sections["loading"]
