@@ -33,6 +33,7 @@ SEEDS ?= 0 1 2
 SHARD ?=
 LAUNCHER ?= local
 SWEEP_ARGS ?=
+PERF_ARGS ?=
 
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
@@ -40,7 +41,7 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean
+.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -87,6 +88,9 @@ test: $(STAMP) ## run the whole test suite (uses ../shared/datasets when present
 
 test-fast: $(STAMP) ## the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+perf: $(STAMP) ## the suite's own costs as ratios vs same-run references (~20 min on 2 busy cores) -> perf/report.{json,md}
+	$(PY) -m benchmark.perf --out perf $(PERF_ARGS)
 
 clean: ## remove runs/ and caches (keeps .venv and leaderboards)
 	rm -rf runs .pytest_cache

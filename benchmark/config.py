@@ -27,7 +27,7 @@ PROFILE_HELP = {
 # Keys that do not change what is computed: left out of the config hash.
 NON_SEMANTIC_KEYS = (
     # The resolved labeled count (data.labeled) is hashed; RATIO is only how it was asked for.
-    ("data", "root"), ("data", "num_workers"), ("data", "ratio"),
+    ("data", "root"), ("data", "num_workers"), ("data", "cache_decoded"), ("data", "ratio"),
     ("trainer", "devices"), ("trainer", "num_nodes"), ("trainer", "accelerator"), ("trainer", "log_every"),
     ("eval", "window_batch"),
     ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "sweep"), ("run", "progress"),

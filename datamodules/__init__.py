@@ -126,6 +126,7 @@ def build_datamodule(
         labeled=data.get("labeled"),
         use_unlabeled=use_unlabeled,
         num_workers=data["num_workers"],
+        cache_decoded=data.get("cache_decoded", True),
         val_holdout=data.get("val_holdout", 0),
         max_eval_cases=data.get("max_eval_cases"),
         labeled_partitions=labeled_partitions,

@@ -167,11 +167,19 @@ def check_stored_dtypes(image: np.ndarray, label: np.ndarray | None, where: str,
 
 
 class TrainItems(Dataset):
-    """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG."""
+    """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG.
 
-    def __init__(self, items: list[str], load, transform, with_label: bool, spatial_dims: int):
+    With ``cache_decoded`` every item is read and decompressed once, here in the main process, before the loader
+    forks its workers, which then share those pages copy-on-write (h5 gzip decoding was most of an LA batch's
+    cost and competed with the training step for the same cores; ``make perf``, docs/perf.md). Transforms never
+    write into their input and every sample is copied out, so the cached arrays stay as read.
+    """
+
+    def __init__(self, items: list[str], load, transform, with_label: bool, spatial_dims: int,
+                 cache_decoded: bool = False):
         self.items, self.load, self.transform, self.with_label = items, load, transform, with_label
         self.spatial_dims = spatial_dims
+        self.decoded = {item: load(item, with_label) for item in dict.fromkeys(items)} if cache_decoded else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,14 +187,15 @@ class TrainItems(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         # The generator is seeded from torch's per-worker stream, which Lightning seeds per (seed, worker, rank).
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
-        image, label = self.load(self.items[index], self.with_label)
+        item = self.items[index]
+        image, label = self.decoded[item] if self.decoded is not None else self.load(item, self.with_label)
         image, label = self.transform(rng, image, label)
-        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        image = torch.from_numpy(np.array(image, dtype=np.float32, order="C"))
         # Single-channel items are (*spatial); multi-channel ones (*spatial, channels), as image files store them.
         image = image.unsqueeze(0) if image.ndim == self.spatial_dims else torch.movedim(image, -1, 0)
         sample = {"image": image}
         if self.with_label:
-            sample["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+            sample["label"] = torch.from_numpy(np.array(label, dtype=np.int64, order="C"))
         return sample
 
 
@@ -228,6 +237,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         labeled: int | None = None,
         use_unlabeled: bool = True,
         num_workers: int = 2,
+        cache_decoded: bool = True,
         val_holdout: int = 0,
         max_eval_cases: int | None = None,
         read_lists: bool = True,
@@ -247,6 +257,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         self.max_steps = max_steps
         self.seed = seed
         self.num_workers = num_workers
+        self.cache_decoded = cache_decoded
         self.val_holdout = val_holdout
         self.max_eval_cases = max_eval_cases
         self.labeled_partitions = labeled_partitions
@@ -394,7 +405,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             sampler = PartitionedStepSampler(self.labeled_partition_sizes, batch, self.max_steps, seed, rank, world_size, start_step)
         else:
             sampler = StepSampler(len(items), batch, self.max_steps, seed, rank, world_size, start_step)
-        dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.spec.spatial_dims)
+        dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.spec.spatial_dims, self.cache_decoded)
         return DataLoader(
             dataset,
             batch_size=batch,

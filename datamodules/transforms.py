@@ -14,13 +14,17 @@ from scipy import ndimage
 
 
 def random_rot_flip(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None):
-    """rot90 by k in {0..3} in the first two axes, then a flip along axis 0 or 1 (SSL4MIS/UA-MT)."""
+    """rot90 by k in {0..3} in the first two axes, then a flip along axis 0 or 1 (SSL4MIS/UA-MT).
+
+    Returns views (no copy): the LA crop that follows copies only the patch instead of the whole volume, and the
+    input, which may be a cached decoded volume, is never written to.
+    """
     k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))
     image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
     if label is not None:
         label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
-    return np.ascontiguousarray(image), None if label is None else np.ascontiguousarray(label)
+    return image, label
 
 
 def random_rotate(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None, max_degrees: int = 20):

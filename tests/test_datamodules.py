@@ -207,3 +207,26 @@ def test_registry_names_and_real_dataset_needs_a_root():
     config = {"data": {"root": None}, "trainer": {}, "run": {}}
     with pytest.raises(UserError, match="needs DATA_ROOT"):
         build_datamodule("acdc", config)
+
+
+@pytest.mark.parametrize("family", ["acdc", "la"])
+def test_cached_decoded_items_give_the_same_batches_and_stay_unchanged(acdc_root, la_root, family):
+    """data.cache_decoded reads every item once; the batches are those of reading the files each time."""
+    make = {"acdc": lambda **o: acdc(acdc_root, labeled=2, **o), "la": lambda **o: la(la_root, labeled=2, **o)}[family]
+    batches = {}
+    for cache in (False, True):
+        torch.manual_seed(0)  # the per-sample RNG is drawn from torch's stream
+        batches[cache] = list(iter(make(cache_decoded=cache, max_steps=6).train_dataloader()))
+    for uncached, cached in zip(batches[False], batches[True]):
+        uncached, cached = (b[0] if isinstance(b, tuple) else b for b in (uncached, cached))
+        for stream in uncached:
+            for key in uncached[stream]:
+                assert torch.equal(uncached[stream][key], cached[stream][key]), (stream, key)
+    datamodule = make(cache_decoded=True, max_steps=6)
+    loader = datamodule.train_dataloader()
+    items = loader.iterables["labeled"].dataset
+    first = items.items[0]
+    before = {k: None if a is None else a.copy() for k, a in zip(("image", "label"), items.decoded[first])}
+    list(iter(loader))
+    for (name, original), now in zip(before.items(), items.decoded[first]):
+        np.testing.assert_array_equal(now, original, err_msg=name)

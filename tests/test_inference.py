@@ -1,45 +1,12 @@
 """Sliding-window inference equals the published per-window loop; slice-wise prediction keeps the case shape."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from benchmark.inference import count_windows, predict_slicewise, sliding_window_probabilities, window_starts
-
-
-def reference_test_single_case(net, image, stride_xy, stride_z, patch_size, num_classes):
-    """UA-MT's test_single_case (code/test_util.py), transcribed with numpy as published: one window at a time."""
-    w, h, d = image.shape
-    pads = [max(p - s, 0) for p, s in zip(patch_size, image.shape)]
-    add_pad = any(pads)
-    lefts = [p // 2 for p in pads]
-    if add_pad:
-        image = np.pad(image, [(l, p - l) for l, p in zip(lefts, pads)], mode="constant", constant_values=0)
-    ww, hh, dd = image.shape
-    sx = math.ceil((ww - patch_size[0]) / stride_xy) + 1
-    sy = math.ceil((hh - patch_size[1]) / stride_xy) + 1
-    sz = math.ceil((dd - patch_size[2]) / stride_z) + 1
-    score_map = np.zeros((num_classes,) + image.shape, dtype=np.float32)
-    cnt = np.zeros(image.shape, dtype=np.float32)
-    for x in range(sx):
-        xs = min(stride_xy * x, ww - patch_size[0])
-        for y in range(sy):
-            ys = min(stride_xy * y, hh - patch_size[1])
-            for z in range(sz):
-                zs = min(stride_z * z, dd - patch_size[2])
-                patch = image[xs : xs + patch_size[0], ys : ys + patch_size[1], zs : zs + patch_size[2]]
-                with torch.no_grad():
-                    y1 = net(torch.from_numpy(patch[None, None].astype(np.float32)))
-                y_soft = torch.softmax(y1, dim=1)[0].numpy()
-                score_map[:, xs : xs + patch_size[0], ys : ys + patch_size[1], zs : zs + patch_size[2]] += y_soft
-                cnt[xs : xs + patch_size[0], ys : ys + patch_size[1], zs : zs + patch_size[2]] += 1
-    score_map = score_map / cnt[None]
-    if add_pad:
-        score_map = score_map[:, lefts[0] : lefts[0] + w, lefts[1] : lefts[1] + h, lefts[2] : lefts[2] + d]
-    return score_map
+from benchmark.perf.sliding_window import published_per_window_loop, vnet
 
 
 @pytest.fixture
@@ -52,10 +19,22 @@ def toy_net():
 @pytest.mark.parametrize("shape", [(30, 27, 21), (14, 30, 9)])  # the second needs padding on two axes
 def test_sliding_window_equals_the_published_loop(toy_net, shape):
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    expected = reference_test_single_case(toy_net, image, 5, 3, (16, 16, 12), 3)
+    expected = published_per_window_loop(toy_net, image, 5, 3, (16, 16, 12), 3)
     got = sliding_window_probabilities(toy_net, image, (16, 16, 12), (5, 5, 3), 3, window_batch=4)
     assert got.shape == (3, *shape)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("window_batch", [1, 3, 8])
+def test_batched_windows_of_a_suite_vnet_equal_the_published_loop(one_torch_thread, window_batch):
+    """The real V-Net (batch norm in eval mode, dropout off): batching windows changes nothing but the speed."""
+    net = vnet(width=2)
+    image = np.random.default_rng(1).normal(size=(40, 37, 20)).astype(np.float32)
+    expected = published_per_window_loop(net, image, 6, 4, (32, 32, 16), 2)
+    got = sliding_window_probabilities(net, image, (32, 32, 16), (6, 6, 4), 2, window_batch=window_batch)
+    assert count_windows(image.shape, (32, 32, 16), (6, 6, 4)) == 3 * 2 * 2
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
+    assert (got.numpy().argmax(0) == expected.argmax(0)).all()
 
 
 def test_window_counting_matches_the_la_protocol():

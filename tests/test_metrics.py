@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from benchmark import metrics as metrics_module
 from benchmark.errors import UserError
 from benchmark.metrics import (
     EMPTY_POLICIES,
@@ -18,6 +19,7 @@ from benchmark.metrics import (
     mean_over_cases,
     multiclass_metrics,
 )
+from benchmark.perf.data import perturbed_acdc_prediction
 from tests.conftest import require_real_acdc
 
 ACDC_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ACDC" / "data"
@@ -84,6 +86,35 @@ def test_random_blobs_match_medpy(ndim, seed):
             assert_matches_medpy(gt, pred, spacing)
 
 
+@pytest.mark.parametrize("distances_by", ["tree", "transform"])
+@pytest.mark.parametrize("seed", range(4))
+def test_both_distance_paths_match_medpy(monkeypatch, distances_by, seed):
+    """The metric picks a k-d tree or a cropped distance transform by box size; both must be medpy-exact."""
+    monkeypatch.setattr(metrics_module, "EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL", 0 if distances_by == "tree" else 10**9)
+    rng = np.random.default_rng(100 + seed)
+    shape = tuple(int(size) for size in rng.integers(20, 40, size=3))
+    gt = random_blobs(rng, shape, blobs=2, holes=2)
+    pred = perturbed(rng, gt)
+    for spacing in (None, tuple(rng.uniform(0.3, 5.0, size=3))):
+        assert_matches_medpy(pred, gt, spacing)
+    for case in ("corner voxel vs ball", "hollow ball vs ball", "one-voxel-thick plane"):
+        assert_matches_medpy(*SPECIAL_CASES[case], (2.5, 0.7, 1.3))
+
+
+def test_distance_path_choice_follows_the_box_size(monkeypatch):
+    """A far stray voxel makes the box large and the surfaces sparse (tree); a compact pair uses the transform."""
+    chosen = []
+    monkeypatch.setattr(metrics_module, "_distances_by_tree", lambda *a: chosen.append("tree") or (np.zeros(1), np.zeros(1)))
+    monkeypatch.setattr(metrics_module, "_distances_by_transform", lambda *a: chosen.append("transform") or (np.zeros(1), np.zeros(1)))
+    compact = ball((40, 40, 40), (20, 20, 20), 8)
+    binary_metrics(compact, ball((40, 40, 40), (21, 20, 20), 8))
+    stray = compact.copy()
+    stray[0, 0, 0] = stray[39, 39, 39] = True
+    small = ball((40, 40, 40), (20, 20, 20), 2)
+    binary_metrics(stray & ~compact | small, small)
+    assert chosen == ["transform", "tree"]
+
+
 def single_voxel(shape, index) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     mask[index] = True
@@ -130,23 +161,13 @@ def acdc_volumes() -> list[Path]:
     return files[:: max(1, len(files) // 3)][:3]
 
 
-def perturbed_acdc_labels(gt: np.ndarray) -> np.ndarray:
-    """RV dilated, myocardium eroded in-plane, LV shifted: three kinds of realistic segmentation error."""
-    pred = np.zeros_like(gt)
-    pred[ndimage.binary_dilation(gt == 1)] = 1
-    in_plane_cross = ndimage.generate_binary_structure(3, 1) & (np.arange(3) == 1)[:, None, None]
-    pred[ndimage.binary_erosion(gt == 2, structure=in_plane_cross)] = 2
-    pred[ndimage.shift(gt == 3, (1, 3, -2), order=0, mode="constant", cval=False)] = 3
-    return pred
-
-
 @pytest.mark.real_data
 @pytest.mark.parametrize("spacing", [None, (10.0, 1.5, 1.5)])
 def test_real_acdc_masks_match_medpy(spacing):
     for path in acdc_volumes():
         with h5py.File(path, "r") as file:
             gt = file["label"][()]
-        pred = perturbed_acdc_labels(gt)
+        pred = perturbed_acdc_prediction(gt)
         ours = multiclass_metrics(pred, gt, num_classes=4, spacing=spacing)
         assert sorted(ours) == [1, 2, 3]
         for c in (1, 2, 3):

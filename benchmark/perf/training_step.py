@@ -1,0 +1,150 @@
+"""Training step: the suite's Lightning fit against a bare PyTorch loop doing the same forward, losses, backward
+and optimizer step on batches already in memory, per registered method.
+
+Suite: ``benchmark.run``'s own pieces (``prepare`` -> DataModule with its default workers, the method,
+``build_trainer`` with its loggers and checkpoint callback), timed by a callback between consecutive
+``on_train_batch_end`` calls, so a step includes fetching its batch, Lightning's loop and logging.
+Bare: the same method class, freshly built with the same seed, its own ``training_step`` (``self.log`` is a no-op
+without a trainer), ``loss.backward()``, the optimizer and scheduler of its ``configure_optimizers`` and its
+``on_train_batch_end`` (EMA teachers), over a few batches drawn from the same loaders beforehand.
+Validation is not part of a step: it runs after the timed steps (report: ``validation`` of the run config).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from benchmark.config import config_hash, resolve_config
+from datamodules import get_dataset
+from methods.registry import get_method
+
+DISTINCT_BATCHES = 4
+
+
+class StepClock(pl.Callback):
+    """Wall-clock of every step: batch end to batch end, and the part spent before the step starts (loading)."""
+
+    def __init__(self):
+        self.batch_starts: list[float] = []
+        self.batch_ends: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch_ends.append(time.perf_counter())
+
+    def step_times(self, warmup: int) -> tuple[list[float], list[float]]:
+        """(whole step, waiting for the batch) per step after ``warmup`` steps."""
+        whole = [b - a for a, b in zip(self.batch_ends[:-1], self.batch_ends[1:])][warmup:]
+        waiting = [s - e for e, s in zip(self.batch_ends[:-1], self.batch_starts[1:])][warmup:]
+        return whole, waiting
+
+
+def method_config(method: str, dataset: str, profile: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
+    entry = get_dataset(dataset)
+    overrides = ["data.ratio=0.2", f"trainer.max_steps={steps}", f"trainer.val_every={steps}", "run.progress=false",
+                 f"run.out={out}", f"run.leaderboard_dir={out}", "data.max_eval_cases=1", *extra]
+    return resolve_config(dataset, method, profile, overrides, get_method(method).defaults, family=entry.family)
+
+
+def suite_steps(config: dict, warmup: int) -> dict[str, list[float]]:
+    from benchmark.run import build_trainer, make_run_dir, prepare
+
+    entry, method_cls, datamodule = prepare(config)
+    digest = config_hash(config)
+    run_dir = make_run_dir(config, digest)
+    pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
+    model = method_cls(entry.spec, config)
+    trainer, _ = build_trainer(config, run_dir, digest)
+    clock = StepClock()
+    trainer.callbacks.append(clock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=datamodule)
+    whole, waiting = clock.step_times(warmup)
+    return {"step": whole, "waiting_for_batch": waiting}
+
+
+def batches_in_memory(datamodule, count: int) -> list[dict]:
+    """``count`` training batches from the DataModule's own loaders, as the fit loop would receive them."""
+    streams = datamodule.train_dataloader().iterables
+    iterators = {name: iter(loader) for name, loader in streams.items()}
+    batches = [{name: next(iterator) for name, iterator in iterators.items()} for _ in range(count)]
+    del iterators  # stops the workers
+    return batches
+
+
+def bare_steps(config: dict, warmup: int, steps: int) -> list[float]:
+    from benchmark.run import prepare
+
+    entry, method_cls, datamodule = prepare(config)
+    batches = batches_in_memory(datamodule, min(DISTINCT_BATCHES, steps))
+    pl.seed_everything(config["run"]["seed"], verbose=False)
+    model = method_cls(entry.spec, config)
+    model.train()
+    optimizers = model.configure_optimizers()
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    times = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "self.log() without a trainer" (logging is what the bare loop leaves out)
+        for index in range(warmup + steps + 1):
+            started = time.perf_counter()
+            batch = batches[index % len(batches)]
+            loss = model.training_step(batch, index)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            model.on_train_batch_end(loss, batch, index)
+            times.append(time.perf_counter() - started)
+    return times[warmup + 1:]
+
+
+def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, rounds: int, extra=()) -> dict[str, Any]:
+    """``rounds`` x (suite fit, bare loop), alternating; ratio of the medians per round, median over rounds."""
+    suite_medians, bare_medians, waiting_medians = [], [], []
+    with tempfile.TemporaryDirectory(prefix="perf-step-") as out:
+        # The suite's steps are counted between batch ends: warmup + steps + 1 steps give `steps` intervals after warmup.
+        config = method_config(method, dataset, profile, warmup + steps + 1, Path(out), list(extra))
+        for _ in range(rounds):
+            suite = suite_steps(config, warmup)
+            bare = bare_steps(config, warmup, steps)
+            suite_medians.append(statistics.median(suite["step"]))
+            waiting_medians.append(statistics.median(suite["waiting_for_batch"]))
+            bare_medians.append(statistics.median(bare))
+    ratios = [s / b for s, b in zip(suite_medians, bare_medians)]
+    return {
+        "suite_step_median_s": statistics.median(suite_medians),
+        "bare_step_median_s": statistics.median(bare_medians),
+        "suite_waiting_for_batch_median_s": statistics.median(waiting_medians),
+        "ratio": statistics.median(ratios), "ratio_per_round": ratios,
+        "batch": {"labeled": config["data"]["labeled_batch_size"],
+                  "unlabeled": config["data"]["unlabeled_batch_size"] if get_method(method).uses_unlabeled else 0},
+        "patch": config["data"]["patch_size"], "base_features": config["model"]["base_features"],
+        "num_workers": config["data"]["num_workers"], "log_every": config["trainer"]["log_every"],
+    }
+
+
+def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
+    from methods.registry import method_names
+
+    names = methods or method_names()
+    # Full mode: 10 steps after 2 warm-up steps, one suite fit and one bare loop per method (~1.5 min per method
+    # on a loaded 2-core machine); the per-step medians make single rounds usable.
+    profile, steps, warmup, rounds = ("smoke", 3, 1, 1) if quick else ("cpu", 10, 2, 1)
+    results: dict[str, Any] = {"dataset": "synthetic_acdc", "profile": profile, "steps_timed": steps,
+                               "warmup_steps": warmup, "rounds": rounds, "methods": {}}
+    for name in names:
+        try:
+            results["methods"][name] = measure(name, "synthetic_acdc", profile, steps, warmup, rounds)
+        except Exception as error:  # a method added by someone else must not sink the whole report
+            results["methods"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return results

@@ -1,0 +1,42 @@
+"""`make perf` in quick mode: every section runs and the report has its structure (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmark.perf.__main__ import SECTIONS, main
+from tests.conftest import require_real_acdc
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
+    acdc = require_real_acdc()
+    assert main(["--quick", "--out", str(tmp_path), "--acdc-root", str(acdc), "--methods", "supervised"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["quick"] is True and report["errors"] == {}
+    assert set(report["sections"]) == set(SECTIONS)
+    sections = report["sections"]
+    metrics = sections["metrics"]
+    assert set(metrics["acdc_per_class"]) == {"RV", "Myo", "LV"}
+    for group in [*metrics["acdc_per_class"].values(), metrics["la_sized"]]:
+        assert max(group["largest_difference_to_medpy"].values()) <= 1e-6
+        assert group["speedup_vs_medpy"] > 0 and "monai_hd95_minus_medpy_hd95" in group
+    window = sections["sliding_window"]
+    assert window["label_maps_equal"] and window["windows_la_sized_volume"] == 72 and window["speedup"] > 0
+    step = sections["training_step"]["methods"]["supervised"]
+    assert step["ratio"] > 0 and step["bare_step_median_s"] > 0
+    for per_method in sections["loading"]["datasets"].values():
+        assert set(per_method) == {"supervised", "mean_teacher"}
+        assert all(r["loader_speed_over_step"] > 0 for r in per_method.values())
+    memory = sections["memory"]
+    assert memory["methods"]["supervised"]["peak_rss_mb"] > 0
+    assert memory["evaluation_largest_acdc_test_volume"]["peak_rss_mb"] > 0
+    assert memory["evaluation_la_protocol_volume"]["peak_rss_mb"] > 0
+    assert sections["inference_speed"]["3d"]["vnet_base_features_16"]["windows_per_volume"] == 72
+    assert sections["precision"]["resolved_trainer_precision"] == ["32-true"]
+    markdown = (tmp_path / "report.md").read_text()
+    for heading in ("## Metrics", "## Sliding window", "## Training step", "## Data loading", "## Memory",
+                    "## Inference speed", "## Mixed precision"):
+        assert heading in markdown
