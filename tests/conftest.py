@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,15 @@ def run_smoke(tmp_path: Path, *args: str) -> int:
 
     return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
                  "--leaderboard-dir", str(tmp_path / "lb"), *args])
+
+
+def run_two_rank_script(script: str, out_dir: Path, master_port: int, timeout: int = 600) -> None:
+    """Run ``tests/scripts/<script> OUT_DIR``, which fits on 2 gloo ranks and writes what the test compares.
+
+    PYTHONPATH: a script run by path must import this checkout's packages, not an installed copy of another one.
+    One OpenMP thread per rank: two spinning pools on two cores slow a step down by an order of magnitude.
+    """
+    env = {**os.environ, "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "scripts" / script), str(out_dir)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]

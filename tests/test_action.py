@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +28,7 @@ from methods.components.ema import make_ema_teacher
 from methods.components.memory_bank import MemoryQueue
 from methods.components.mixing import classmix_keep_masks, cutmix_keep_masks, mix_with_next
 from methods.registry import get_method
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import run_two_rank_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -381,10 +378,7 @@ def test_bad_stage_settings_give_one_message_and_exit_2(tmp_path, capsys, args, 
 
 @pytest.mark.slow
 def test_two_process_ddp_stages_keep_identical_memory_banks_on_every_rank(tmp_path):
-    env = {**os.environ, "MASTER_PORT": "29537", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "scripts" / "ddp_queue_check.py"), str(tmp_path)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_rank_script("ddp_queue_check.py", tmp_path, master_port=29537)
     records = json.loads((tmp_path / "queues.json").read_text())
     assert [r["stage"] for r in records] == ["pretrain_local"]
     for record in records:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -24,7 +21,7 @@ from methods.co_da import (
 )
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.registry import get_method
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import run_two_rank_script
 from tests.test_cps_mcnet import batch_for, has_grad, make_method, no_grad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -305,11 +302,7 @@ def test_cli_smoke_run_logs_the_monitors_and_checkpoints_the_statistics(tmp_path
 
 @pytest.mark.slow
 def test_two_process_ddp_statistics_are_identical_on_every_rank(tmp_path):
-    # PYTHONPATH: a script run by path imports the package from this checkout, not from an installed copy.
-    env = {**os.environ, "MASTER_PORT": "29541", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "scripts" / "ddp_co_da_check.py"), str(tmp_path)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_rank_script("ddp_co_da_check.py", tmp_path, master_port=29541, timeout=300)
     report = json.loads((tmp_path / "ddp_statistics.json").read_text())
     assert report["world_size"] == 2
     # the ranks trained on different unlabeled images ...

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from benchmark.config import resolve_config
 from datamodules import get_dataset
 from methods.components.ema import make_ema_teacher, ssl4mis_ema
 from methods.registry import get_method
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import run_two_rank_script
 
 
 def make_method(name: str, dataset="synthetic_acdc", overrides=(), patch=(32, 32)):
@@ -138,10 +135,7 @@ def test_ua_mt_uncertainty_is_the_entropy_of_the_mean_of_t_passes(monkeypatch):
 
 @pytest.mark.slow
 def test_two_process_ddp_teacher_is_identical_on_every_rank(tmp_path):
-    env = {**os.environ, "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "scripts" / "ddp_teacher_check.py"), str(tmp_path)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_rank_script("ddp_teacher_check.py", tmp_path, master_port=29533, timeout=300)
     checksums = json.loads((tmp_path / "checksums.json").read_text())
     assert checksums["world_size"] == 2
     assert checksums["teacher"][0] == checksums["teacher"][1]
