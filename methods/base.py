@@ -183,12 +183,22 @@ class SemiSupervisedMethod(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- validation on whole cases ----------------------------------------------------------------
+    def monitored_predictors(self) -> dict[str, Any]:
+        """Extra predictors whose validation Dice is logged as ``val/dice_<name>`` beside the model-selection one
+        (e.g. each network of a two-network method, so a run shows when one of them lags). Never used for selection."""
+        return {}
+
     def on_validation_epoch_start(self) -> None:
         self._val_scores = []
+        self._monitored_scores = {name: [] for name in self.monitored_predictors()}
 
     def validation_step(self, case: dict[str, Any], batch_idx: int) -> None:
-        prediction = self.evaluator.predict(self.predict_logits, np.asarray(case["image"]), device=self.device)
-        self._val_scores.append(self.evaluator.dice_per_class(prediction, np.asarray(case["label"])))
+        image, label = np.asarray(case["image"]), np.asarray(case["label"])
+        prediction = self.evaluator.predict(self.predict_logits, image, device=self.device)
+        self._val_scores.append(self.evaluator.dice_per_class(prediction, label))
+        for name, predictor in self.monitored_predictors().items():
+            prediction = self.evaluator.predict(predictor, image, device=self.device)
+            self._monitored_scores[name].append(self.evaluator.dice_per_class(prediction, label))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_scores:
@@ -198,3 +208,5 @@ class SemiSupervisedMethod(pl.LightningModule):
         self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1, sync_dist=True)
         for index, class_name in enumerate(self.evaluator.score_names):
             self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1, sync_dist=True)
+        for name, monitored in self._monitored_scores.items():
+            self.log(f"val/dice_{name}", float(np.mean(monitored)), batch_size=1, sync_dist=True)

@@ -105,6 +105,10 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
             "consistency_weight": weight,
         }
 
+    def monitored_predictors(self) -> dict:
+        # Each network's own validation Dice (cheap next to training): shows when one network lags the other.
+        return {"net1": self.net1, "net2": self.net2}
+
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp["predict_with"] == "average":
             return average_probability_logits([self.net1(images), self.net2(images)])
