@@ -51,3 +51,31 @@ def test_hash_ignores_seed_paths_and_devices_but_not_hyperparameters():
     other = resolve_config("acdc", "supervised", "cpu", ["optim.lr=0.02"])
     assert config_hash(base) == config_hash(same) != config_hash(other)
     assert config_hash(base) != config_hash(resolve_config("acdc", "supervised", "smoke"))
+
+
+def committed_leaderboard_experiments():
+    """(dataset, method, profile, labeled, hash) of every committed leaderboard row that ran to the end."""
+    import pandas as pd
+    from pathlib import Path
+
+    experiments = set()
+    for csv in sorted((Path(__file__).resolve().parent.parent / "leaderboards").glob("*.csv")):
+        if csv.name == "reported.csv":
+            continue
+        rows = pd.read_csv(csv, dtype=str)
+        rows = rows[rows["status"] == "ok"]
+        for row in rows.itertuples():
+            experiments.add((row.dataset, row.method, row.profile, int(row.labeled_cases), row.config_hash))
+    return sorted(experiments)
+
+
+@pytest.mark.parametrize("dataset,method,profile,labeled,digest", committed_leaderboard_experiments())
+def test_committed_rows_keep_the_hash_of_their_default_config(dataset, method, profile, labeled, digest):
+    # A config key added later must be hash-neutral at its default (config.HASH_NEUTRAL_VALUES), or every
+    # committed row silently stops counting as done and `make sweep` re-runs it.
+    from methods.registry import get_method
+    from datamodules import get_dataset
+
+    config = resolve_config(dataset, method, profile, [f"data.labeled={labeled}"], get_method(method).defaults,
+                            family=get_dataset(dataset).family)
+    assert config_hash(config) == digest
