@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -34,6 +35,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from benchmark.config import PER_STAGE, config_hash, merge
+from benchmark.distributed import broadcast_from_rank_zero, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable
@@ -202,6 +204,35 @@ def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:
     return int(state.get("global_step", -1))
 
 
+def load_weights_from_rank_zero(model: pl.LightningModule, checkpoint: Path) -> int:
+    """:func:`load_weights` on rank 0, its weights broadcast to the other ranks (which may not see rank 0's disk:
+    other nodes); returns the checkpoint's global step."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return load_weights(model, checkpoint)
+    payload = None
+    if rank == 0:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        payload = (state["state_dict"], int(state.get("global_step", -1)))
+    state_dict, step = broadcast_from_rank_zero(payload)
+    model.load_state_dict(state_dict)
+    return step
+
+
+def evaluate_spread(evaluator: Evaluator, model: pl.LightningModule, cases, progress: bool, desc: str) -> pd.DataFrame:
+    """Per-case metrics of all ``cases``, each rank scoring its share; the full table (in the cases' order) on every
+    rank."""
+    share = type(cases)(my_share(cases.case_ids), cases.load_case)
+    per_case = evaluator.evaluate(model.predict_logits, share, progress=progress, device=model.device, desc=desc)
+    parts = gather_to_all(per_case)
+    if len(parts) == 1:
+        return per_case
+    order = {case_id: index for index, case_id in enumerate(cases.case_ids)}
+    merged = pd.concat(parts, ignore_index=True)
+    # A stable sort on the case's position keeps each case's class rows in their order.
+    return merged.iloc[merged["case"].map(order).argsort(kind="stable")].reset_index(drop=True)
+
+
 def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None:
     """Start a stage from ``checkpoint``'s weights (if any); returns the stage that wrote it (None if unknown)."""
     if checkpoint is None:
@@ -297,9 +328,9 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
         stage_steps[stage] = trainer.global_step
         previous_checkpoint = last_checkpoint
-    if not trainer.is_global_zero:
-        return []
     if not config["run"]["test"]:
+        if not trainer.is_global_zero:
+            return []
         best_score = best_callback.best_model_score
         validation = {"best_dice": None if best_score is None else float(best_score), "steps": trainer.global_step}
         (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": [], "validation": validation}, indent=1))
@@ -307,17 +338,22 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
     if multi_stage:
         base_row["stage_steps"] = "+".join(str(steps) for steps in stage_steps.values())
 
+    # Every rank scores its share of the test cases with rank 0's weights; rank 0 gathers, writes and returns rows.
     evaluator = Evaluator.from_config(spec, config)
     model.eval()
     device = model.device
     test_cases = datamodule.cases("test")
-    checkpoints = {"last": last_checkpoint}
-    if best_callback.best_model_path:
-        checkpoints["best"] = Path(best_callback.best_model_path)
+    if len(test_cases) < trainer.world_size:
+        raise UserError(f"the test set has {len(test_cases)} cases, fewer than the {trainer.world_size} devices that share it",
+                        fix="use fewer DEVICES")
+    checkpoints = broadcast_from_rank_zero(
+        {"last": last_checkpoint, **({"best": Path(best_callback.best_model_path)} if best_callback.best_model_path else {})})
     rows, results = [], {}
     for kind, path in checkpoints.items():
-        step = load_weights(model, path)
-        per_case = evaluator.evaluate(model.predict_logits, test_cases, progress=config["run"]["progress"], device=device, desc=f"test ({kind})")
+        step = load_weights_from_rank_zero(model, path)
+        per_case = evaluate_spread(evaluator, model, test_cases, progress=config["run"]["progress"], desc=f"test ({kind})")
+        if not trainer.is_global_zero:
+            continue
         per_case.to_csv(run_dir / f"test_per_case_{kind}.csv", index=False)
         summary = summarize(per_case)
         results[kind] = {"step": step, **summary}
@@ -328,6 +364,8 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
+    if not trainer.is_global_zero:
+        return []
     for logger in trainer.loggers:
         for kind, summary in results.items():
             logger.log_metrics({f"test_{kind}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=trainer.global_step)

@@ -428,7 +428,15 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         return Cases(ids, self.load_case)
 
     def _case_loader(self, stage: str) -> DataLoader:
-        return DataLoader(self.cases(stage), batch_size=None, collate_fn=_as_is, num_workers=min(self.num_workers, 1))
+        # Under DDP each rank loads and scores its own share of the cases; the method gathers the scores.
+        rank, world_size, _ = self._world()
+        cases = self.cases(stage)
+        if len(cases) < world_size:
+            # A rank without a case would skip the evaluation loop and leave the others waiting in the gather.
+            raise UserError(f"the {stage} set has {len(cases)} cases, fewer than the {world_size} devices that share it",
+                            fix="use fewer DEVICES (or more evaluation cases: data.max_eval_cases)")
+        share = Cases(cases.case_ids[rank::world_size], cases.load_case)
+        return DataLoader(share, batch_size=None, collate_fn=_as_is, num_workers=min(self.num_workers, 1))
 
     def val_dataloader(self):
         return self._case_loader("val")

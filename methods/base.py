@@ -17,6 +17,7 @@ import torch
 
 from pytorch_lightning.utilities import rank_zero_warn
 
+from benchmark.distributed import gather_to_all
 from benchmark.errors import NonFiniteLossError, UserError
 from benchmark.evaluation import Evaluator
 from datamodules.spec import DatasetSpec
@@ -148,6 +149,14 @@ class SemiSupervisedMethod(pl.LightningModule):
         """Sigmoid ramp-up on ``global_step // divisor`` (SSL4MIS passes iteration // 150)."""
         return sigmoid_rampup(self.global_step // divisor, length)
 
+    def on_train_start(self) -> None:
+        # seed_everything seeds every DDP rank alike, so the global torch generator (dropout masks, and the
+        # augmentation of a loader without worker processes) would draw the same numbers on every rank for
+        # different samples. Rank 0 keeps its stream, so a one-device run is unchanged. (Loader workers are seeded
+        # per rank by Lightning already.)
+        if self.global_rank > 0:
+            torch.manual_seed((self.config["run"]["seed"] * 1_000_003 + self.global_rank * 10_007 + 1) % 2**63)
+
     def step_generator(self) -> torch.Generator:
         """Randomness for this training step (noise, mixing boxes): seeded by (seed, rank, step), so every DDP
         rank draws differently (one global seed would give every rank the same noise, ecosystem.md B4) and a
@@ -201,12 +210,16 @@ class SemiSupervisedMethod(pl.LightningModule):
             self._monitored_scores[name].append(self.evaluator.dice_per_class(prediction, label))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_scores:
+        # Under DDP each rank scored its share of the cases (the DataModule's case loader); every rank gathers all
+        # scores, so the logged mean (and the best-checkpoint choice made from it) is the same everywhere.
+        scores = [case for part in gather_to_all(self._val_scores) for case in part]
+        monitored = {name: [case for part in gather_to_all(values) for case in part]
+                     for name, values in self._monitored_scores.items()}
+        if not scores:
             return
-        scores = np.asarray(self._val_scores)  # (cases, foreground classes)
-        # Every rank scores all validation cases (identical values); sync_dist only keeps Lightning from warning.
+        scores = np.asarray(scores)  # (cases, foreground classes)
         self.log("val/dice", float(scores.mean()), prog_bar=True, batch_size=1, sync_dist=True)
         for index, class_name in enumerate(self.evaluator.score_names):
             self.log(f"val/dice_{class_name}", float(scores[:, index].mean()), batch_size=1, sync_dist=True)
-        for name, monitored in self._monitored_scores.items():
-            self.log(f"val/dice_{name}", float(np.mean(monitored)), batch_size=1, sync_dist=True)
+        for name, values in monitored.items():
+            self.log(f"val/dice_{name}", float(np.mean(values)), batch_size=1, sync_dist=True)

@@ -3,13 +3,14 @@
 What must be equal: the split, the global batch, the step count, the config hash (devices are not part of the
 experiment), one run folder and one pair of rows written by rank 0 only, and the test metrics within
 ``METRIC_TOLERANCE``. Why not bit-equal training: the U-Net's BatchNorm normalises each rank's half of the
-batch on its own (SyncBatchNorm is CUDA-only), the Dice term of the loss couples the samples of a batch, and the
-ranks draw their augmentation and dropout from generators seeded alike; so the two runs follow different
+batch on its own (SyncBatchNorm is CUDA-only), the Dice term of the loss couples the samples of a batch, and each
+rank draws its own augmentation and dropout (methods/base.py on_train_start); so the two runs follow different
 trajectories, which part as far as two seeds do once the model starts to segment (README: measured figures).
 The smoke budget used here ends before that, which is what lets the metrics be compared tightly.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, run_two_rank_script
 
 METRIC_TOLERANCE = 0.05  # absolute, on per-case Dice and Jaccard in [0, 1]; HD95/ASD within 5 % of their value
 
@@ -106,3 +107,19 @@ def test_rank_detection_follows_lightning_cluster_environments(monkeypatch, vari
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     assert _global_rank(devices) == rank
+
+
+@pytest.mark.slow
+def test_validation_and_test_cases_are_spread_over_the_ranks_and_gathered(tmp_path):
+    run_two_rank_script("ddp_spread_eval.py", tmp_path, master_port=29541)
+    seen = [json.loads((tmp_path / f"seen_rank{rank}.json").read_text()) for rank in (0, 1)]
+    split = json.loads(next((tmp_path / "runs").rglob("split.json")).read_text())
+    val_cases, test_cases = split["val"][:4], split["test"][:4]
+    # One validation (at step 2): each rank scored every other case, together all of them once.
+    assert seen[0]["val"] == val_cases[0::2] and seen[1]["val"] == val_cases[1::2]
+    # Two test evaluations (last and best checkpoints), each spread the same way.
+    assert seen[0]["test"] == [test_cases[0::2]] * 2 and seen[1]["test"] == [test_cases[1::2]] * 2
+    rows = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
+    assert rows["checkpoint"].tolist() == ["last", "best"] and (rows["n_cases"] == 4).all()
+    per_case = pd.read_csv(Path(rows["run_dir"][0]) / "test_per_case_last.csv")
+    assert list(dict.fromkeys(per_case["case"])) == test_cases  # gathered in the split's order

@@ -1,0 +1,47 @@
+"""The few collective operations evaluation needs under DDP, as no-ops in a single process.
+
+Validation and test cases are spread over the ranks (rank r scores cases r, r + world, ...) and the per-case
+results gathered, so every rank ends with all of them; weights that only rank 0 can read (its best checkpoint,
+on its own disk) are broadcast from it. ``torch.distributed`` object collectives pickle their payloads, which is
+fine for per-case scores and one network's state dict, and works over gloo (CPU) and NCCL alike.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the initialised process group ((0, 1) without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """This rank's items: every world-th, from its rank on (balanced to one item, order kept)."""
+    rank, world = rank_and_world()
+    return list(items[rank::world])
+
+
+def gather_to_all(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the others pass anything, e.g. None)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return value
+    holder = [value if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
