@@ -266,7 +266,7 @@ def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=N
     A submitit task keeps them: there every task is one rank of the run."""
     from benchmark.tune import LAUNCHER_VARIABLES
 
-    hidden = set(LAUNCHER_VARIABLES) | {"TORCHELASTIC_RUN_ID"} if own_job else set()
+    hidden = set(LAUNCHER_VARIABLES) if own_job else set()
     env = {key: value for key, value in os.environ.items() if key not in hidden}
     # The run imports this very copy of the suite, even when another copy is installed in the environment.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

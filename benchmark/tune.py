@@ -261,7 +261,8 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
 
 # A worker started as one task of a multi-task launch (srun -n 4, torchrun) must not hand its rank to the trial:
 # Lightning would take the trial for one rank of a bigger job. A trial is a job of its own on this machine.
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+# TORCHELASTIC_RUN_ID is what Lightning's TorchElasticEnvironment detects torchrun by.
+LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                       "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS")
 
 

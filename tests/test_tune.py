@@ -319,3 +319,14 @@ def test_hyperband_resources_follow_the_validation_schedule(tmp_path):
     pruner = make_pruner(settings)
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
     assert (pruner._min_resource, pruner._max_resource) == (250, 2500)
+
+
+def test_trials_do_not_inherit_the_launcher_environment_of_a_torchrun_or_srun_parent(monkeypatch):
+    # A trial is its own run: inheriting TORCHELASTIC_RUN_ID or SLURM_PROCID would make Lightning take the
+    # parent's rank for its own.
+    from benchmark.tune import _trial_environment
+
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "SLURM_PROCID", "MASTER_PORT"):
+        monkeypatch.setenv(name, "3")
+    environment = _trial_environment()
+    assert not {"TORCHELASTIC_RUN_ID", "RANK", "SLURM_PROCID", "MASTER_PORT"} & set(environment)
