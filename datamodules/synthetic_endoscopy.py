@@ -39,16 +39,16 @@ def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
 def _tissue(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) float RGB in [0, 1]: reddish tissue with a coarse texture (noise drawn at 1/8 size, then
     repeated: cheap enough for full 1920x1080 frames)."""
-    coarse = rng.normal(0, 1, (shape[0] // 8 + 1, shape[1] // 8 + 1))
+    coarse = rng.normal(0, 1, (shape[0] // 8 + 1, shape[1] // 8 + 1)).astype(np.float32)
     texture = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[: shape[0], : shape[1]]
-    base = np.array([rng.uniform(0.55, 0.8), rng.uniform(0.15, 0.3), rng.uniform(0.15, 0.3)])
+    base = np.array([rng.uniform(0.55, 0.8), rng.uniform(0.15, 0.3), rng.uniform(0.15, 0.3)], np.float32)
     return np.clip(base[None, None, :] * (1 + 0.15 * texture[..., None]), 0, 1)
 
 
 def _instrument_parts(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 part labels of one bar entering from the left or right edge: shaft, wrist, then claspers."""
     height, width = shape
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    rows, cols = np.arange(height, dtype=np.float32)[:, None], np.arange(width, dtype=np.float32)[None, :]
     from_left = rng.random() < 0.5
     start = np.array([rng.uniform(0.2, 0.8) * height, -0.05 * width if from_left else 1.05 * width])
     tip = np.array([rng.uniform(0.3, 0.7) * height, rng.uniform(0.35, 0.65) * width])
