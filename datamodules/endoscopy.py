@@ -294,8 +294,15 @@ class EndoVis17DataModule(EndoscopyDataModule):
         return {"train": [("train", n) for n in rest[:-1]], "val": [("train", rest[-1])], "test": test}
 
     def read_split(self):
+        roles = self.sequence_roles()
+        absent = sorted({split for sequences in roles.values() for split, _ in sequences if not (self.root / split).is_dir()})
+        if absent:  # one problem, not one per sequence: DATA_ROOT is most likely the wrong folder
+            report(UserError(f"EndoVis 2017 folder {' and '.join(f'{a}/' for a in absent)} is missing", where=str(self.root),
+                             fix="DATA_ROOT is the folder holding train/instrument_dataset_1 .. 8 (and test/ for the released "
+                                 "test set)"))
+            return ListedData([], [], [], 0)
         frames = {role: [f for split, number in sequences for f in self.sequence_frames(split, number)]
-                  for role, sequences in self.sequence_roles().items()}
+                  for role, sequences in roles.items()}
         self.check_frame_sizes()
         units = [(frame, [frame]) for frame in frames["train"]]
         return ListedData(units, frames["val"], frames["test"], listed_units=len(units))

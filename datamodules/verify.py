@@ -12,7 +12,9 @@ Two levels, both run through the dataset's own DataModule, so the verifier check
   (``check_sample``, e.g. ACDC stores float32 images in [0, 1] and uint8 labels).
 
 A new family gets all of this by implementing the DataModule's ``read_split`` with ``read_list`` /
-``check_files_exist`` and its loaders; it may add ``check_sample`` and ``case_unit``.
+``check_files_exist`` and its loaders; it may add ``check_sample`` and ``case_unit``. A family with its own data
+options (EndoVis 2017: fold, crop, test set) is verified with the options a run would use (``--set data.KEY=VALUE``,
+defaults otherwise).
 """
 from __future__ import annotations
 

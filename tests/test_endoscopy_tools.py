@@ -225,9 +225,18 @@ def test_endovis_layout_errors(endovis_copy):
 
 
 def test_endovis_released_test_set_missing(endovis_copy):
-    shutil.rmtree(endovis_copy / "test")
-    with pytest.raises(UserError, match="'test/instrument_dataset_9' lacks left_frames and ground_truth/"):
+    shutil.rmtree(endovis_copy / "test/instrument_dataset_10")
+    with pytest.raises(UserError, match="'test/instrument_dataset_10' lacks left_frames and ground_truth/"):
         datamodule("endovis17", endovis_copy, ratio=0.5, options={**NOT_CROPPED, "test_set": "released"})
+    shutil.rmtree(endovis_copy / "test")
+    with pytest.raises(UserError, match="EndoVis 2017 folder test/ is missing"):
+        datamodule("endovis17", endovis_copy, ratio=0.5, options={**NOT_CROPPED, "test_set": "released"})
+
+
+def test_endovis_wrong_root_is_one_problem(endovis_root):
+    with pytest.raises(UserError, match="EndoVis 2017 folder train/ is missing") as error:
+        datamodule("endovis17", endovis_root / "train", ratio=0.5, options=NOT_CROPPED)
+    assert "problems with the data" not in error.value.message
 
 
 def test_endovis_unreadable_frame_names_the_file(endovis_copy):
