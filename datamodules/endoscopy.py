@@ -17,9 +17,11 @@ Kvasir-instrument ships PNG masks (0/255) and only ``train.txt`` (472 ids) and `
     root/train/instrument_dataset_N/ground_truth/<Instrument>_labels/frame000.png      one folder per instrument
     root/test/instrument_dataset_{9,10}/left_frames/...  + ground_truth/<folder>/...  (only for data.test_set=released)
 
-The masks of every ``ground_truth`` sub-folder are merged into one binary tool mask (value > 0), as ternaus's
-``prepare_data.py`` does in effect (it means to leave out ``Other_labels`` but tests the folder list's repr, so it
-never does: every folder is merged, and so here). ``data.crop_black_borders`` (default true) cuts the black
+The masks of the robotic instruments (every ``ground_truth`` sub-folder but ``Other_labels``) are merged into one
+binary tool mask (value > 0: shaft, wrist and claspers alike), as ternaus's ``prepare_data.py`` does: "Other" marks
+non-robotic tools (a laparoscopic instrument, an ultrasound probe), labelled by the challenge so that methods learn
+not to take them for robotic instruments; they count as background. (An early version of that script meant to skip
+them but tested the folder list's repr, which never matched, so it merged them.) ``data.crop_black_borders`` (default true) cuts the black
 borders off, ``[28:1052, 320:1600]`` of a 1080x1920 frame -> 1280x1024 (ternaus; the challenge's own advice), images
 and masks alike; false for frames that are already cropped. The standard 4-fold cross-validation on the 8 training
 sequences (ternaus ``prepare_train_val.py``): ``data.fold`` k in 0..3 tests on sequences FOLDS[k]
@@ -259,6 +261,8 @@ ENDOVIS_FULL_FRAME = (1080, 1920)
 # ternaus prepare_data.py: h_start 28, w_start 320, 1024 x 1280 (the challenge: "crop from the pixel (320, 28)").
 ENDOVIS_BLACK_BORDER_CROP = (slice(28, 28 + 1024), slice(320, 320 + 1280))
 ENDOVIS_FRAMES_PER_SEQUENCE = 225
+# Label folders of other, non-robotic tools ("Other_labels"): background in the binary task (ternaus).
+ENDOVIS_NON_ROBOTIC = "Other"
 
 
 def endovis_sequence_folder(number: int) -> str:
@@ -378,6 +382,8 @@ class EndoVis17DataModule(EndoscopyDataModule):
             sequence, name = frame.rsplit("/", 1)
             mask = np.zeros(image.shape[1:], np.uint8)
             for labels in self._label_folders[sequence]:
+                if ENDOVIS_NON_ROBOTIC in labels.name:
+                    continue
                 path = labels / f"{name}.png"
                 instrument = read_grey(path, "label")
                 if instrument.shape != mask.shape:

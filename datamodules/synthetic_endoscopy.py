@@ -116,7 +116,7 @@ def write_endovis17_layout(root: str | Path, frames_per_sequence: int = 3, shape
             Image.fromarray(image, "RGB").save(folder / "left_frames" / name)
             Image.fromarray(image[:, ::-1].copy(), "RGB").save(folder / "right_frames" / name)
             for index, (labels, parts) in enumerate(zip(instrument_folders, instruments)):
-                if index > 0 and frame % 2:  # the second instrument leaves the view in every other frame
+                if index > 0 and frame % 2:  # only the first instrument stays in view in odd frames
                     parts = np.zeros_like(parts)
                 Image.fromarray(parts, "L").save(folder / "ground_truth" / labels / name)
     return root
