@@ -199,8 +199,9 @@ class EndoscopyDataModule(SemiSupervisedDataModule):
         else:
             count = max(1, round(fraction * len(ids)))
         if not 0 < count < len(ids):
-            raise UserError(f"holding out {count} of the {len(ids)} training {self.spec.labeled_unit}s for validation "
-                            "leaves none to train on", where=str(source), fix="choose a smaller data.val_holdout or data.val_fraction")
+            raise UserError(f"cannot hold out {count} of the {len(ids)} training {self.spec.labeled_unit}s for validation: "
+                            "at least one must validate and one train", where=str(source),
+                            fix="choose data.val_holdout (a count) or data.val_fraction (a share) accordingly")
         return ids[:-count], ids[-count:]
 
 
@@ -377,6 +378,12 @@ class EndoVis17DataModule(EndoscopyDataModule):
 
     def read_image_and_mask(self, frame: str, with_label: bool = True):
         image = read_rgb(self.image_path(frame))
+        crop = self.options["crop_black_borders"]
+        if crop and image.shape[1:] != ENDOVIS_FULL_FRAME:
+            raise UserError(
+                f"the frame is {image.shape[1]}x{image.shape[2]}; the black-border crop [28:1052, 320:1600] needs the "
+                f"{ENDOVIS_FULL_FRAME[0]}x{ENDOVIS_FULL_FRAME[1]} frames of the download", where=str(self.image_path(frame)),
+                fix="set data.crop_black_borders=false for frames that are already cropped (or restore the original frame)")
         mask = None
         if with_label:
             sequence, name = frame.rsplit("/", 1)
@@ -390,18 +397,10 @@ class EndoVis17DataModule(EndoscopyDataModule):
                     raise UserError(f"frame {mask.shape} and label {instrument.shape} differ in size", where=str(path),
                                     fix="the label must be this frame's, at the frame's size")
                 mask |= instrument > 0  # parts (shaft, wrist, claspers) and instruments all become "tool"
-        if self.options["crop_black_borders"]:
-            if image.shape[1:] != ENDOVIS_FULL_FRAME:
-                raise UserError(
-                    f"the frame is {image.shape[1]}x{image.shape[2]}; the black-border crop [28:1052, 320:1600] needs the "
-                    f"{ENDOVIS_FULL_FRAME[0]}x{ENDOVIS_FULL_FRAME[1]} frames of the download", where=str(self.image_path(frame)),
-                    fix="set data.crop_black_borders=false for frames that are already cropped (or restore the original frame)")
+        if crop:
             image = image[(slice(None), *ENDOVIS_BLACK_BORDER_CROP)]
             mask = None if mask is None else mask[ENDOVIS_BLACK_BORDER_CROP]
         return image, mask
-
-    def describe(self, kind, name):
-        return str(self.image_path(name))
 
     # -- labeled frames, notes and the leaderboard
     def select_labeled(self, units, count):

@@ -95,7 +95,7 @@ def test_kvasir_instrument_validates_on_the_last_ids_of_train_txt(instrument_roo
     assert dm.split.test == lines(instrument_root / "test.txt") and dm.split.total_units == 9
     assert datamodule("kvasir_instrument", instrument_root, labeled=3, val_holdout=4).split.val == train[-4:]
     assert datamodule("kvasir_instrument", instrument_root, labeled=3, options={"val_fraction": 0.3}).split.val == train[-3:]
-    with pytest.raises(UserError, match="leaves none to train on"):
+    with pytest.raises(UserError, match="cannot hold out 10 of the 10 training images"):
         datamodule("kvasir_instrument", instrument_root, labeled=1, val_holdout=10)
 
 
