@@ -15,6 +15,9 @@ def add_parser(commands) -> None:
     verify.add_argument("root", help="the dataset folder (what DATA_ROOT would be)")
     verify.add_argument("--layout-only", action="store_true", help="lists and file existence only (what every run checks)")
     verify.add_argument("--all", action="store_true", help="print every problem (default: the first 20)")
+    verify.add_argument("--set", dest="options", action="append", default=[], metavar="data.KEY=VALUE",
+                        help="one of the dataset's own data options, as for a run (endovis17: data.fold=1, "
+                             "data.crop_black_borders=false, data.test_set=released); repeatable")
 
     from datamodules.convert import CONVERTERS
 
@@ -30,8 +33,8 @@ def command_data(args: argparse.Namespace) -> int:
         from datamodules import get_dataset
         from datamodules.verify import format_report, verify
 
-        get_dataset(args.dataset)  # an unknown name is a usage error, not a data problem
-        result = verify(args.dataset, args.root, deep=not args.layout_only)
+        entry = get_dataset(args.dataset)  # an unknown name is a usage error, not a data problem
+        result = verify(args.dataset, args.root, deep=not args.layout_only, options=data_options(args.dataset, entry, args.options))
         print(format_report(result, max_problems=10**9 if args.all else 20))
         return 0 if result.ok else EXIT_USER_ERROR
     from datamodules.convert import CONVERTERS
@@ -41,3 +44,19 @@ def command_data(args: argparse.Namespace) -> int:
     print(f"check it: python -m benchmark data verify {CONVERTERS[args.kind].dataset} {args.target}")
     return 0
 
+
+
+def data_options(dataset: str, entry, overrides: list[str]) -> dict:
+    """The dataset's data options with ``--set data.KEY=VALUE`` applied, type-checked by the run's own config
+    machinery against the dataset's preset (so the verifier reads the split a run with the same options reads)."""
+    from benchmark.config import parse_override, resolve_config
+    from benchmark.errors import UserError
+
+    known = entry.datamodule.data_options
+    for text in overrides:
+        path, _ = parse_override(text)
+        if path[0] != "data" or len(path) != 2 or path[1] not in known:
+            raise UserError(f"'{text}' is not a data option of {dataset}",
+                            fix=f"its options: {', '.join(f'data.{k}' for k in sorted(known)) or 'none'}")
+    data = resolve_config(dataset, "supervised", "paper", overrides, family=entry.family)["data"]
+    return {key: data[key] for key in known if key in data}

@@ -285,6 +285,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         "git_rev": git_revision(), "torch": torch.__version__, "lightning": pl.__version__, "host": socket.gethostname(),
         "run_dir": str(run_dir),
     }
+    base_row.update(datamodule.leaderboard_fields())
     if multi_stage:
         base_row["stages"] = "+".join(stages)
     leaderboard = Path(config["run"]["leaderboard_dir"]) / f"{config['dataset']}.csv"

@@ -15,7 +15,17 @@ from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
 from datamodules.cadis import CADIS_SPECS, CaDISDataModule
-from datamodules.endoscopy import KVASIR_SEG_SPEC, KvasirDataModule
+from datamodules.endoscopy import (
+    ART_NET_SPEC,
+    ENDOVIS17_SPEC,
+    KVASIR_INSTRUMENT_SPEC,
+    KVASIR_SEG_SPEC,
+    ROBOTOOL_SPEC,
+    EndoVis17DataModule,
+    ImageMaskFoldersDataModule,
+    KvasirDataModule,
+    KvasirInstrumentDataModule,
+)
 from datamodules.la import LA_SPEC, LADataModule
 from datamodules.nuclei import DSB_SPEC, NUCLEI_SPEC, DSB2018DataModule, MoNuSegDataModule
 from datamodules.spec import DatasetSpec
@@ -65,6 +75,24 @@ DATASETS: dict[str, DatasetEntry] = {
     "kvasir_seg": DatasetEntry(
         KvasirDataModule, KVASIR_SEG_SPEC, "kvasir_seg",
         layout_hint="images/<id>.jpg, masks/<id>.jpg and train.txt, val.txt, test.txt (Kvasir layout)",
+    ),
+    # The other endoscopy sets follow Kvasir-SEG's protocol (MMS), so they share its presets (family kvasir_seg);
+    # configs/datasets/<name>.yaml holds what differs.
+    "kvasir_instrument": DatasetEntry(
+        KvasirInstrumentDataModule, KVASIR_INSTRUMENT_SPEC, "kvasir_seg",
+        layout_hint="images/<uuid>.jpg, masks/<uuid>.png and train.txt, test.txt (Kvasir-instrument download)",
+    ),
+    "endovis17": DatasetEntry(
+        EndoVis17DataModule, ENDOVIS17_SPEC, "kvasir_seg",
+        layout_hint="train/instrument_dataset_1..8, each with left_frames/ and ground_truth/<Instrument>_labels/",
+    ),
+    "art_net": DatasetEntry(
+        ImageMaskFoldersDataModule, ART_NET_SPEC, "kvasir_seg",
+        layout_hint="train/ and test/, each with image/ and mask/ of the same file names (as packaged by MMS)",
+    ),
+    "robotool": DatasetEntry(
+        ImageMaskFoldersDataModule, ROBOTOOL_SPEC, "kvasir_seg",
+        layout_hint="train/ and test/, each with image/ and mask/ of the same file names (as packaged by MMS)",
     ),
     # Synthetic stand-ins: same loaders, smaller images, no published labeled-count table (ratios round).
     "synthetic_acdc": DatasetEntry(
@@ -130,6 +158,7 @@ def build_datamodule(
         val_holdout=data.get("val_holdout", 0),
         max_eval_cases=data.get("max_eval_cases"),
         labeled_partitions=labeled_partitions,
+        options={key: data[key] for key in entry.datamodule.data_options if key in data},
     )
 
 

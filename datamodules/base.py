@@ -223,6 +223,11 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
     ``load_item`` (one training item as arrays), ``train_transform`` and ``load_case``.
     """
 
+    # Keys of the config's data section that only this family reads, with their defaults (EndoVis 2017:
+    # {"fold": 0, ...}). The family's preset declares the same keys, so ``--set data.<key>=...`` is type-checked
+    # like any other key; ``build_datamodule`` and the verifier pass them as ``options``.
+    data_options: dict[str, Any] = {}
+
     def __init__(
         self,
         spec: DatasetSpec,
@@ -242,8 +247,16 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         max_eval_cases: int | None = None,
         read_lists: bool = True,
         labeled_partitions: int = 1,
+        options: dict[str, Any] | None = None,
     ):
         super().__init__()
+        unknown = sorted(set(options or {}) - set(self.data_options))
+        if unknown:
+            raise UserError(
+                f"{spec.name} has no data option {', '.join(unknown)}",
+                fix=f"its options: {', '.join(sorted(self.data_options)) or 'none'}",
+            )
+        self.options = {**self.data_options, **(options or {})}
         self.spec = spec
         self.root = Path(root)
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -273,8 +286,8 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         listed = self.check_layout().raise_if_any_and_return()
         units, val_cases, test_cases = listed.units, listed.val, listed.test
         count = resolve_labeled_count(spec, len(units), ratio, labeled, listed.listed_units)
-        labeled_units = units[:count]
-        unlabeled_units = units[count:] if use_unlabeled else []
+        labeled_units, unlabeled_units = self.select_labeled(units, count)
+        unlabeled_units = unlabeled_units if use_unlabeled else []
         self.split = Split(
             labeled_units=[unit for unit, _ in labeled_units],
             labeled=[item for _, items in labeled_units for item in items],
@@ -327,9 +340,18 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """A whole case: {"case", "image" ((*spatial) or (channels, *spatial)), "label" (*spatial), "spacing"}."""
         raise NotImplementedError
 
+    def select_labeled(self, units: list[tuple[str, list[str]]], count: int):
+        """(labeled units, unlabeled units): by default the first ``count`` units in list order (the published
+        convention of list-based sets); a family may spread them instead (EndoVis 2017: evenly over its frames)."""
+        return units[:count], units[count:]
+
     def split_notes(self, split: Split) -> list[str]:
         """Facts about the split worth writing down with the run (split.json), e.g. CaDIS's labeled videos."""
         return []
+
+    def leaderboard_fields(self) -> dict[str, Any]:
+        """Columns a leaderboard row of this data needs beyond the shared ones (EndoVis 2017: its fold)."""
+        return {}
 
     # ---- verification hooks (datamodules/verify.py; defaults fit most families) ------------------------
     def describe(self, kind: str, name: str) -> str:

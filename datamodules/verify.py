@@ -12,7 +12,9 @@ Two levels, both run through the dataset's own DataModule, so the verifier check
   (``check_sample``, e.g. ACDC stores float32 images in [0, 1] and uint8 labels).
 
 A new family gets all of this by implementing the DataModule's ``read_split`` with ``read_list`` /
-``check_files_exist`` and its loaders; it may add ``check_sample`` and ``case_unit``.
+``check_files_exist`` and its loaders; it may add ``check_sample`` and ``case_unit``. A family with its own data
+options (EndoVis 2017: fold, crop, test set) is verified with the options a run would use (``--set data.KEY=VALUE``,
+defaults otherwise).
 """
 from __future__ import annotations
 
@@ -48,23 +50,24 @@ class Verification:
                 f"{len(self.listed.test)} test cases")
 
 
-def open_for_verification(dataset: str, root: str | Path) -> SemiSupervisedDataModule:
-    """The dataset's DataModule on ``root`` without reading its lists (the verifier reads them, collecting)."""
+def open_for_verification(dataset: str, root: str | Path, options: dict | None = None) -> SemiSupervisedDataModule:
+    """The dataset's DataModule on ``root`` without reading its lists (the verifier reads them, collecting).
+    ``options``: the family's data options (EndoVis 2017: fold, crop, test set); their defaults otherwise."""
     from datamodules import get_dataset
 
     entry = get_dataset(dataset)
     return entry.datamodule(
         entry.spec, Path(root), patch_size=entry.spec.patch_size, labeled_batch_size=1, unlabeled_batch_size=1,
-        max_steps=1, seed=0, ratio=1.0, num_workers=0, read_lists=False,
+        max_steps=1, seed=0, ratio=1.0, num_workers=0, read_lists=False, options=options,
     )
 
 
 def verify(dataset: str, root: str | Path, deep: bool = True,
-           progress: Callable[[int, int], None] | None = None) -> Verification:
+           progress: Callable[[int, int], None] | None = None, options: dict | None = None) -> Verification:
     """Check ``root`` as dataset ``dataset``; every problem is collected, nothing raises for bad data."""
     root = Path(root)
     try:
-        module = open_for_verification(dataset, root)
+        module = open_for_verification(dataset, root, options)
     except UserError as error:  # e.g. the root does not exist
         checks = Checks()
         checks.problem(error.what, error.where, error.fix)
