@@ -128,6 +128,14 @@ def _cell(value) -> str:
     return str(value)
 
 
+PER_CASE_FOLDER = "per_case"
+
+
+def per_case_archive(leaderboard_dir: Path, dataset: str, run_name: str, checkpoint: str) -> Path:
+    """Where a run's per-case test metrics are kept beside the leaderboard (small CSVs, committed with it)."""
+    return Path(leaderboard_dir) / PER_CASE_FOLDER / dataset / f"{run_name}_{checkpoint}.csv"
+
+
 def check_writable(folder: Path) -> None:
     """Fail before training, not after hours of it, when results could not be written."""
     folder = Path(folder)

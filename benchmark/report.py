@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import UserError
-from benchmark.leaderboard import read_leaderboard
+from benchmark.leaderboard import per_case_archive, read_leaderboard
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 GROUP_KEYS = ["dataset", "profile", "method", "labeled_cases", "checkpoint", "config_hash"]
@@ -119,21 +119,24 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- paired tests against the supervised baseline ---------------------------------------------------------
-def per_case_dice(run_dir: str, checkpoint: str, base: Path) -> pd.Series | None:
-    """Mean Dice over the foreground classes per test case, or None without a per-case file."""
+def per_case_dice(run_dir: str, checkpoint: str, base: Path, archive: Path | None = None) -> pd.Series | None:
+    """Mean Dice over the foreground classes per test case, or None without a per-case file: the run folder's
+    own, else the copy archived beside the leaderboard (``archive`` = (leaderboard folder, dataset))."""
     if not run_dir:
         return None
     folder = Path(run_dir)
     if not folder.is_absolute():
         folder = base / folder
     path = folder / f"test_per_case_{checkpoint}.csv"
+    if not path.is_file() and archive is not None:
+        path = per_case_archive(archive[0], archive[1], folder.name, checkpoint)
     if not path.is_file():
         return None
     per_case = pd.read_csv(path)
     return per_case.groupby("case", sort=False)["dice"].mean()
 
 
-def paired_tests(table: pd.DataFrame, base: Path = Path(".")) -> pd.DataFrame:
+def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
     """One Wilcoxon signed-rank test per non-baseline group of ``aggregate``: per-case Dice of the method's run
     against the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind, pooled over
     the seeds both have. Columns: the GROUP_KEYS, pairs, mean_difference (method - supervised), p_value."""
@@ -151,8 +154,9 @@ def paired_tests(table: pd.DataFrame, base: Path = Path(".")) -> pd.DataFrame:
             split = tuple(row[k] for k in split_keys)
             if split not in baseline.index:
                 continue
-            ours = per_case_dice(row["run_dir"], row["checkpoint"], base)
-            theirs = per_case_dice(baseline.loc[split, "run_dir"], row["checkpoint"], base)
+            archive = None if leaderboard_dir is None else (leaderboard_dir, row["dataset"])
+            ours = per_case_dice(row["run_dir"], row["checkpoint"], base, archive)
+            theirs = per_case_dice(baseline.loc[split, "run_dir"], row["checkpoint"], base, archive)
             if ours is None or theirs is None:
                 continue
             paired = pd.concat([ours.rename("ours"), theirs.rename("theirs")], axis=1, join="inner")
@@ -284,7 +288,7 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
     for dataset, path in csvs.items():
         table = read_leaderboard(path)
         summary = aggregate(table)
-        tests = paired_tests(table, base=folder.parent)
+        tests = paired_tests(table, base=folder.parent, leaderboard_dir=folder)
         sections += ["", f"## {dataset}"]
         if summary.empty:
             sections += ["", "No finished runs yet."]

@@ -38,7 +38,7 @@ from benchmark.config import PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
-from benchmark.leaderboard import append_rows, check_writable
+from benchmark.leaderboard import append_rows, check_writable, per_case_archive
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
@@ -356,6 +356,10 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         if not trainer.is_global_zero:
             continue
         per_case.to_csv(run_dir / f"test_per_case_{kind}.csv", index=False)
+        # A copy beside the leaderboard, so its paired tests can be recomputed from the repository alone.
+        archived = per_case_archive(leaderboard.parent, config["dataset"], run_dir.name, kind)
+        archived.parent.mkdir(parents=True, exist_ok=True)
+        per_case.to_csv(archived, index=False)
         summary = summarize(per_case)
         results[kind] = {"step": step, **summary}
         rss, gpu = peak_memory()

@@ -82,6 +82,23 @@ def test_wilcoxon_against_supervised_on_paired_cases(board):
     assert tests.loc["cps", "pairs"] == 0 and pd.isna(tests.loc["cps", "p_value"])
 
 
+def test_paired_tests_fall_back_to_the_per_case_copies_beside_the_leaderboard(board):
+    # A clone of the repository has the leaderboard and its per_case/ copies, not the run folders.
+    import shutil
+
+    from benchmark.leaderboard import per_case_archive, read_leaderboard
+
+    table = read_leaderboard(board / "acdc.csv")
+    for run_dir in filter(None, table["run_dir"].unique()):
+        archived = per_case_archive(board, "acdc", Path(run_dir).name, "last")
+        archived.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(Path(run_dir) / "test_per_case_last.csv", archived)
+    assert paired_tests(table).set_index("method").loc["mean_teacher", "pairs"] == 0  # run folders emptied
+    tests = paired_tests(table, leaderboard_dir=board).set_index("method")
+    assert tests.loc["mean_teacher", "pairs"] == 12
+    assert tests.loc["mean_teacher", "p_value"] == pytest.approx(2 / 2**12)
+
+
 def test_render_markdown_and_plot(board, tmp_path, capsys):
     out = tmp_path / "rendered"
     assert main(["leaderboard", "--dir", str(board), "--out", str(out)]) == 0

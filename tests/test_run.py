@@ -32,6 +32,9 @@ def check_finished_run(tmp_path: Path, dataset: str) -> pd.DataFrame:
         assert (run_dir / name).is_file(), name
     per_case = pd.read_csv(run_dir / "test_per_case_last.csv")
     assert per_case["dice"].between(0, 1).all() and not per_case.isna().any().any()
+    for kind in ("last", "best"):  # the copies the leaderboard keeps for its paired tests
+        archived = tmp_path / "lb" / "per_case" / dataset / f"{run_dir.name}_{kind}.csv"
+        assert archived.read_bytes() == (run_dir / f"test_per_case_{kind}.csv").read_bytes()
     result = json.loads((run_dir / "result.json").read_text())
     assert result["config_hash"] == table["config_hash"][0]
     return table
