@@ -36,7 +36,7 @@ NON_SEMANTIC_KEYS = (
 # Keys added after leaderboard rows existed: at these values they are left out of the hash, so the hashes of
 # earlier rows stay valid (a sweep still recognises them as done).
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
-                       ("trainer", "on_nonfinite_loss"): "stop"}
+                       ("trainer", "on_nonfinite_loss"): "stop", ("method", "network_inits"): ["kaiming", "xavier"]}
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"
 

@@ -42,6 +42,7 @@ Hyperparameters (``method.<key>=...``):
   marginal_momentum            0.99   EMA momentum of pi_L and pi_U (ReMixMatch averages ~128 batches)
   over_expectation             expected_confidence  | class_quota | none (see above)
   expectation_momentum         0.99   EMA momentum of the per-class expected confidence E
+  network_inits                [kaiming, xavier]  CPS's re-initialisation of A and B (methods/cps.py)
   predict_with                 average  model1 (A) | model2 (B) | average (mean of both softmax maps). The abstract
                                       does not say; both models are trained symmetrically as peers, so neither is
                                       preferred and their average is the steadier prediction (cps keeps model1,
@@ -123,6 +124,7 @@ class CoDistributionAlignment(CrossPseudoSupervision):
         "over_expectation": "expected_confidence",
         "expectation_momentum": 0.99,
         "predict_with": "average",
+        "network_inits": ["kaiming", "xavier"],  # CPS's (see methods/cps.py)
     }
 
     def build(self) -> None:

@@ -24,6 +24,12 @@ Hyperparameters (``method.<key>=...``):
   consistency_rampup_fraction  null   if set, the ramp-up instead lasts this fraction of trainer.max_steps,
                                       counted in steps (the cpu/smoke presets: upstream lengths never finish there)
   predict_with                 model1 model1 (upstream) | model2 | average (mean of both networks' softmax)
+  network_inits                [kaiming, xavier]  re-initialisation of network 1 and network 2 (upstream's);
+                                      ``default`` keeps PyTorch's layer defaults (what single-network methods get).
+                                      Upstream's schemes draw conv weights 2.4x (Kaiming) and 1.7x (Xavier) larger
+                                      than the defaults; behind batch norm that divides the effective learning rate
+                                      by about their square, which a 30000-iteration run absorbs and a short one
+                                      does not (README, leaderboards/README.md: the CPS investigation).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.components.ramps import sigmoid_rampup
-from methods.networks import init_weights
+from methods.networks import INIT_SCHEMES, init_weights
 from methods.registry import register
 
 PREDICT_WITH = ("model1", "model2", "average")
@@ -53,6 +59,7 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
         "consistency_rampup": 200.0,
         "consistency_rampup_fraction": None,
         "predict_with": "model1",
+        "network_inits": ["kaiming", "xavier"],
     }
 
     def build(self) -> None:
@@ -61,8 +68,12 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
                 f"unknown method.predict_with '{self.hp['predict_with']}' for {self.name}",
                 where=f"known: {', '.join(PREDICT_WITH)}",
             )
-        self.net1 = init_weights(self.build_network(), "kaiming")
-        self.net2 = init_weights(self.build_network(), "xavier")
+        inits = list(self.hp["network_inits"])
+        if len(inits) != 2 or not set(inits) <= {*INIT_SCHEMES, "default"}:
+            raise UserError(f"method.network_inits={self.hp['network_inits']} for {self.name}",
+                            fix=f"give two of: {', '.join((*INIT_SCHEMES, 'default'))}, e.g. [kaiming, xavier]")
+        self.net1, self.net2 = (self.build_network() if scheme == "default" else init_weights(self.build_network(), scheme)
+                                for scheme in inits)
 
     def unsupervised_ramp(self) -> float:
         """The sigmoid ramp-up factor in [0, 1] of this step (upstream's per-150-iteration one, or a fraction

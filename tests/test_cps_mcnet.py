@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmark.config import resolve_config
+from benchmark.errors import UserError
 from datamodules import get_dataset
 from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
 from methods.losses.consistency import mutual_consistency_loss, sharpen
@@ -227,3 +228,27 @@ def test_labeled_only_batch_trains(name, dataset):
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()
+
+
+@pytest.mark.parametrize("method", ["cps", "co_da", "mcl_cs"])
+def test_network_inits_flag_chooses_each_networks_initialisation(method):
+    from benchmark.config import resolve_config
+    from datamodules import get_dataset
+    from methods.networks import build_network
+    from methods.registry import get_method
+
+    def conv_std(network):
+        return torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Conv2d)]).std().item()
+
+    def built(inits):
+        overrides = [] if inits is None else [f"method.network_inits=[{inits}]"]
+        config = resolve_config("synthetic_acdc", method, "smoke", overrides, get_method(method).defaults, family="acdc")
+        return get_method(method)(get_dataset("synthetic_acdc").spec, config)
+
+    reference = conv_std(build_network(2, 1, 4, base_features=4))  # PyTorch's layer defaults
+    upstream = built(None)  # Kaiming for network 1, Xavier for network 2: larger weights than the defaults
+    assert conv_std(upstream.net1) > 2 * reference and conv_std(upstream.net2) > 1.3 * reference
+    plain = built("default, default")
+    assert conv_std(plain.net1) == pytest.approx(reference, rel=0.15) and conv_std(plain.net2) == pytest.approx(reference, rel=0.15)
+    with pytest.raises(UserError, match="network_inits"):
+        built("kaiming, orthogonal")
