@@ -251,6 +251,9 @@ def plot_dice(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
+# Hand-written reading of the tables, kept beside the CSVs and placed above the generated tables.
+READING_FILE = "reading.md"
+
 PROFILE_NOTES = {
     "paper": "the published protocol: comparable with the published numbers beside it",
     "cpu": "a reduced protocol for 2-core CPUs: compare methods with each other, never with published numbers",
@@ -285,6 +288,10 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         "beside `paper`-profile rows; their trust tags: "
         + "; ".join(f"[{tag}] {meaning}" for tag, meaning in TRUST_TAGS.items()) + ".",
     ]
+    reading = folder / READING_FILE
+    if reading.is_file():
+        # The hand-written reading of the tables (what beats what, what differs from the papers) goes first.
+        sections += ["", reading.read_text().strip()]
     for dataset, path in csvs.items():
         table = read_leaderboard(path)
         summary = aggregate(table)

@@ -149,3 +149,11 @@ def test_committed_reported_csv():
     assert set(reported["dataset"]) == {"acdc", "la", "brats2019"} and (reported["source"] != "").all()
     mc_net_plus_acdc_7 = reported.query("dataset == 'acdc' and method == 'mc_net_plus' and labeled_cases == 7")
     assert mc_net_plus_acdc_7["dice"].tolist() == [87.10] and mc_net_plus_acdc_7["trust"].tolist() == ["V"]
+
+
+def test_the_hand_written_reading_goes_above_the_generated_tables(board):
+    from benchmark.report import READING_FILE, render_leaderboards
+
+    (board / READING_FILE).write_text("## Reading\n\nMean Teacher beats supervised by 10 points.\n")
+    text = render_leaderboards(board)[0].read_text()
+    assert text.index("Mean Teacher beats supervised") < text.index("### acdc, `cpu` profile")
