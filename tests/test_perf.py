@@ -27,6 +27,7 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     assert window["label_maps_equal"] and window["windows_la_sized_volume"] == 72 and window["speedup"] > 0
     step = sections["training_step"]["methods"]["supervised"]
     assert step["ratio"] > 0 and step["bare_step_median_s"] > 0
+    assert step["cpu_ratio"] > 0 and step["suite_cpu_step_median_s"] > 0 and step["bare_cpu_step_median_s"] > 0
     for per_method in sections["loading"]["datasets"].values():
         assert set(per_method) == {"supervised", "mean_teacher"}
         assert all(r["loader_speed_over_step"] > 0 for r in per_method.values())

@@ -34,18 +34,24 @@ class StepClock(pl.Callback):
     def __init__(self):
         self.batch_starts: list[float] = []
         self.batch_ends: list[float] = []
+        self.cpu_at_batch_ends: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.batch_starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batch_ends.append(time.perf_counter())
+        self.cpu_at_batch_ends.append(time.process_time())
 
     def step_times(self, warmup: int) -> tuple[list[float], list[float]]:
         """(whole step, waiting for the batch) per step after ``warmup`` steps."""
         whole = [b - a for a, b in zip(self.batch_ends[:-1], self.batch_ends[1:])][warmup:]
         waiting = [s - e for e, s in zip(self.batch_ends[:-1], self.batch_starts[1:])][warmup:]
         return whole, waiting
+
+    def cpu_times(self, warmup: int) -> list[float]:
+        """CPU time of this process per step (loader workers are other processes) after ``warmup`` steps."""
+        return [b - a for a, b in zip(self.cpu_at_batch_ends[:-1], self.cpu_at_batch_ends[1:])][warmup:]
 
 
 def method_config(method: str, dataset: str, profile: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
@@ -70,7 +76,7 @@ def suite_steps(config: dict, warmup: int) -> dict[str, list[float]]:
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=datamodule)
     whole, waiting = clock.step_times(warmup)
-    return {"step": whole, "waiting_for_batch": waiting}
+    return {"step": whole, "waiting_for_batch": waiting, "cpu": clock.cpu_times(warmup)}
 
 
 def batches_in_memory(datamodule, count: int) -> list[dict]:
@@ -82,7 +88,7 @@ def batches_in_memory(datamodule, count: int) -> list[dict]:
     return batches
 
 
-def bare_steps(config: dict, warmup: int, steps: int) -> list[float]:
+def bare_steps(config: dict, warmup: int, steps: int) -> dict[str, list[float]]:
     from benchmark.run import prepare
 
     entry, method_cls, datamodule = prepare(config)
@@ -92,11 +98,11 @@ def bare_steps(config: dict, warmup: int, steps: int) -> list[float]:
     model.train()
     optimizers = model.configure_optimizers()
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    times = []
+    times, cpu_times = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "self.log() without a trainer" (logging is what the bare loop leaves out)
         for index in range(warmup + steps + 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             batch = batches[index % len(batches)]
             loss = model.training_step(batch, index)
             optimizer.zero_grad(set_to_none=True)
@@ -105,12 +111,13 @@ def bare_steps(config: dict, warmup: int, steps: int) -> list[float]:
             scheduler.step()
             model.on_train_batch_end(loss, batch, index)
             times.append(time.perf_counter() - started)
-    return times[warmup + 1:]
+            cpu_times.append(time.process_time() - cpu_started)
+    return {"step": times[warmup + 1:], "cpu": cpu_times[warmup + 1:]}
 
 
 def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, rounds: int, extra=()) -> dict[str, Any]:
     """``rounds`` x (suite fit, bare loop), alternating; ratio of the medians per round, median over rounds."""
-    suite_medians, bare_medians, waiting_medians = [], [], []
+    suite_medians, bare_medians, waiting_medians, suite_cpu_medians, bare_cpu_medians = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="perf-step-") as out:
         # The suite's steps are counted between batch ends: warmup + steps + 1 steps give `steps` intervals after warmup.
         config = method_config(method, dataset, profile, warmup + steps + 1, Path(out), list(extra))
@@ -119,13 +126,21 @@ def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, ro
             bare = bare_steps(config, warmup, steps)
             suite_medians.append(statistics.median(suite["step"]))
             waiting_medians.append(statistics.median(suite["waiting_for_batch"]))
-            bare_medians.append(statistics.median(bare))
+            bare_medians.append(statistics.median(bare["step"]))
+            suite_cpu_medians.append(statistics.median(suite["cpu"]))
+            bare_cpu_medians.append(statistics.median(bare["cpu"]))
     ratios = [s / b for s, b in zip(suite_medians, bare_medians)]
+    cpu_ratios = [s / b for s, b in zip(suite_cpu_medians, bare_cpu_medians)]
     return {
         "suite_step_median_s": statistics.median(suite_medians),
         "bare_step_median_s": statistics.median(bare_medians),
         "suite_waiting_for_batch_median_s": statistics.median(waiting_medians),
         "ratio": statistics.median(ratios), "ratio_per_round": ratios,
+        # CPU time of the training process per step: what the suite itself costs, far less disturbed by other jobs
+        # than wall time on a shared machine (loading runs in worker processes and shows in the waiting column).
+        "suite_cpu_step_median_s": statistics.median(suite_cpu_medians),
+        "bare_cpu_step_median_s": statistics.median(bare_cpu_medians),
+        "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_per_round": cpu_ratios,
         "batch": {"labeled": config["data"]["labeled_batch_size"],
                   "unlabeled": config["data"]["unlabeled_batch_size"] if get_method(method).uses_unlabeled else 0},
         "patch": config["data"]["patch_size"], "base_features": config["model"]["base_features"],
