@@ -3,7 +3,8 @@
 Each training stage keeps two full-state checkpoints in ``<stage dir>/checkpoints/``:
 
 - ``resume.ckpt``, rewritten at every validation while the stage trains (model, optimizer, scheduler, loop
-  counters, callbacks and the global random states): what ``--resume`` continues from;
+  counters, callbacks and the global random states): what ``--resume`` continues from. A stage that validates
+  only at its end (ACTION's pretraining stages) writes it every ``trainer.val_every`` steps of the run instead;
 - ``last.ckpt``, written once the stage has trained all its steps. Its presence marks the stage as finished
   (``resume.ckpt`` is then deleted), and the next stage or the test starts from it.
 
@@ -77,17 +78,31 @@ def best_validation_score(path: Path) -> float | None:
     return None
 
 
-def checkpoint_callbacks(stage_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint, "RandomStates"]:
-    """(best on validation, resumable state at every validation, the random states they carry).
+def checkpoint_callbacks(stage_dir: Path, every_n_steps: int | None = None) -> tuple[ModelCheckpoint, ModelCheckpoint, "RandomStates"]:
+    """(best on validation, resumable state, the random states they carry).
 
-    The resumable one comes after the best one in the Trainer's list, so it saves the best one's updated state.
+    The resumable state is saved at every validation, or every ``every_n_steps`` steps for a stage that validates
+    only at its end. It comes after the best one in the Trainer's list, so it saves the best one's updated state.
     Fixed names (no version counter): a resumed run overwrites its own files."""
     folder = checkpoint_folder(stage_dir)
     best = ModelCheckpoint(dirpath=folder, filename=BEST_NAME, monitor="val/dice", mode="max", save_top_k=1,
                            enable_version_counter=False)
-    resumable = ModelCheckpoint(dirpath=folder, filename=Path(RESUME_CHECKPOINT).stem, monitor=None, save_top_k=1,
-                                save_on_train_epoch_end=False, enable_version_counter=False)
+    resumable_name = dict(dirpath=folder, filename=Path(RESUME_CHECKPOINT).stem, monitor=None, save_top_k=1, enable_version_counter=False)
+    if every_n_steps is None:
+        resumable = ModelCheckpoint(**resumable_name, save_on_train_epoch_end=False)
+    else:
+        resumable = BetweenValidations(**resumable_name, every_n_train_steps=every_n_steps)
     return best, resumable, RandomStates()
+
+
+class BetweenValidations(ModelCheckpoint):
+    """Every n training steps, except the final one (its validation and last.ckpt follow). Saved right after a
+    step that no validation follows (the stage validates only at its end), so the random states it carries are
+    those the next step starts from."""
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step < trainer.max_steps:
+            super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 class RandomStates(pl.Callback):

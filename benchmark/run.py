@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -299,11 +300,13 @@ def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
 
 
 def build_trainer(
-    config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = ()
+    config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = (), checkpoint_every: int | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """The Trainer of one stage; its resumable checkpoint is saved at every validation, or every
+    ``checkpoint_every`` steps if given (a stage that validates only at its end)."""
     trainer_cfg = config["trainer"]
     devices, num_nodes = int(trainer_cfg["devices"]), int(trainer_cfg["num_nodes"])
-    best, resumable, random_states = checkpoint_callbacks(run_dir)
+    best, resumable, random_states = checkpoint_callbacks(run_dir, checkpoint_every)
     trainer = pl.Trainer(
         accelerator=trainer_cfg["accelerator"],
         devices=devices,
@@ -328,17 +331,39 @@ def build_trainer(
     return trainer, best
 
 
-def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule, resume_from: Path | None) -> None:
+def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule, stage_dir: Path, resume_from: Path | None) -> None:
     """``trainer.fit``, continuing from ``resume_from`` (a full-state checkpoint, loaded weights-only) if given."""
     if resume_from is None:
         trainer.fit(model, datamodule=datamodule)
         return
+    metrics = stage_dir / "logs" / "metrics.csv"
+    interrupted = metrics.with_name("metrics.interrupted.csv")
+    if trainer.is_global_zero:
+        if interrupted.is_file():  # an earlier resume was killed too
+            join_interrupted_metrics(interrupted, metrics)
+        if metrics.is_file():
+            metrics.replace(interrupted)  # Lightning's CSV logger deletes the metrics.csv it finds
     with warnings.catch_warnings():
-        # Both are wrong here: the samplers continue the exact stream at the restored step (datamodules/samplers.py),
-        # and Lightning 2.6's CSV logger appends to the earlier metrics.csv rather than deleting it.
+        # Expected or wrong when resuming: the samplers continue the exact stream at the restored step
+        # (datamodules/samplers.py), the checkpoints and logs found are this run's own (the logs are joined below).
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
         warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from), weights_only=True)
+    if trainer.is_global_zero and interrupted.is_file():
+        join_interrupted_metrics(interrupted, metrics)
+
+
+def join_interrupted_metrics(interrupted: Path, metrics: Path) -> None:
+    """One metrics.csv again: the interrupted part's rows before the first step the resumed part logged (the
+    steps between the checkpoint and the kill were trained again), then the resumed part's rows."""
+    before = pd.read_csv(interrupted)
+    after = pd.read_csv(metrics) if metrics.is_file() else before.iloc[:0]
+    if len(after):
+        before = before[before["step"] < after["step"].min()]
+    with replaced_atomically(metrics) as out:
+        pd.concat([before, after], ignore_index=True).to_csv(out, index=False)
+    interrupted.unlink()
 
 
 def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:
@@ -404,7 +429,11 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         model.on_stage_start(init_stage(model, previous_checkpoint))
         # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
         # validation scores an unfinished model.
-        trainer, _ = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else ())
+        # A stage that validates only at its end (ACTION's pretraining) still leaves a resumable checkpoint every
+        # val_every steps of the run.
+        validates_only_at_end = staged["trainer"]["val_every"] >= staged["trainer"]["max_steps"]
+        checkpoint_every = min(config["trainer"]["val_every"], staged["trainer"]["max_steps"]) if validates_only_at_end else None
+        trainer, _ = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else (), checkpoint_every)
         # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
         # the same split.
         same_loaders = staged["data"] == config["data"] and staged["trainer"]["max_steps"] == config["trainer"]["max_steps"]
@@ -412,7 +441,7 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
             config["dataset"], staged, use_unlabeled=method_cls.uses_unlabeled)
         resume_checkpoint = folder.resume_checkpoint(stage)
         try:
-            fit(trainer, model, stage_data, resume_checkpoint)
+            fit(trainer, model, stage_data, stage_dir, resume_checkpoint)
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as error:
