@@ -58,9 +58,17 @@ def read_checkpoint(path: Path, what: str, map_location=None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except FileNotFoundError as error:
         raise UserError(f"{what} does not exist", where=str(path), fix="give the path of an existing .ckpt file") from error
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except pickle.UnpicklingError as error:
         raise UserError(
-            f"cannot read {what}: damaged, or not a checkpoint of this suite ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
+            f"refusing to load {what}: it holds Python objects other than tensors and plain values, which a "
+            "weights-only load refuses (unpickling them could run code)",
+            where=str(path),
+            fix="give a .ckpt written by this suite (only a file from a source you trust could be loaded otherwise, by hand)",
+        ) from error
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        reason = str(error).split(". ")[0].splitlines()[0][:200]
+        raise UserError(
+            f"cannot read {what}: damaged, or not a checkpoint ({type(error).__name__}: {reason})",
             where=str(path),
             fix="give a .ckpt written by this suite; a damaged resume.ckpt can be deleted to restart its stage",
         ) from error

@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is reported like every other user error: one message, exit code 2."""
 
     def error(self, message: str):
-        raise UserError(message[:1].upper() + message[1:], where=f"the command line of `{self.prog}`",
+        raise UserError(message, where=f"the command line of `{self.prog}`",
                         fix=f"`{self.prog} --help` lists the options")
 
 

@@ -336,6 +336,8 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule, stage_dir: P
     if resume_from is None:
         trainer.fit(model, datamodule=datamodule)
         return
+    # Read once before anything in the folder changes: a damaged file stops the resume with the folder as it was.
+    read_checkpoint(resume_from, "the checkpoint to resume from")
     metrics = stage_dir / "logs" / "metrics.csv"
     interrupted = metrics.with_name("metrics.interrupted.csv")
     if trainer.is_global_zero:
@@ -378,13 +380,30 @@ def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None
     if checkpoint is None:
         return None
     state = read_checkpoint(checkpoint, f"the checkpoint stage {model.stage!r} starts from")
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError) as error:
-        raise UserError(f"cannot start stage {model.stage!r} of {model.name} from this checkpoint: {str(error)[:300]}",
-                        where=str(checkpoint),
-                        fix="give a checkpoint of the same method, dataset and model settings (run.init_from)") from error
+    weights = state.get("state_dict") if isinstance(state, dict) else None
+    mismatch = "it holds no state_dict" if not isinstance(weights, dict) else state_dict_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise UserError(f"the checkpoint does not fit stage {model.stage!r} of {model.name}: {mismatch}", where=str(checkpoint),
+                        fix="give a checkpoint of the same method, dataset and model settings (run.init_from)")
+    model.load_state_dict(weights)
     return state.get("hyper_parameters", {}).get("config", {}).get("run", {}).get("stage")
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str | None:
+    """What keeps ``given`` from loading into a module whose state is ``expected`` (None if it loads), in one line."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [key for key in expected if key in given and tuple(getattr(given[key], "shape", ())) != tuple(expected[key].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {key}: {list(given[key].shape)} in the checkpoint, "
+                     f"{list(expected[key].shape)} in this model)")
+    return ", ".join(parts) or None
 
 
 def peak_memory() -> tuple[float, float]:
