@@ -5,7 +5,8 @@ row for every dataset, an earlier finished run folder), runs ``python -m benchma
 (``benchmark.cli.main``) and records the exit code, the error output and every file of the workspace before and
 after. ``tests/test_bad_input_catalogue.py`` asserts, for every case: exit code 2, one message with what, where
 and how to fix, and nothing already on disk changed. ``python -m tests.bad_input_catalogue --markdown`` runs the
-same cases and prints the table of docs/reliability.md (what was tried, the message printed, the exit code).
+same cases and prints the table of docs/reliability.md (what was tried, the message printed, the exit code);
+``--update docs/reliability.md`` writes it between the table's markers there.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import html
 import io
 import os
 import re
@@ -431,21 +433,44 @@ def run_case(case: Case, sources: Sources, folder: Path) -> Outcome:
 def markdown(outcomes: list[Outcome]) -> str:
     rows = ["| case | what was tried | message printed | exit |", "| --- | --- | --- | --- |"]
     for outcome in outcomes:
-        message = outcome.message.replace("|", "\\|").replace("\n", "<br>")
+        message = html.escape(outcome.message, quote=False).replace("|", "&#124;").replace("\n", "<br>")
         rows.append(f"| `{outcome.case.name}` | {outcome.case.tried} | <code>{message}</code> | {outcome.code} |")
     return "\n".join(rows)
+
+
+TABLE_START, TABLE_END = "<!-- bad-input catalogue: start -->", "<!-- bad-input catalogue: end -->"
+
+
+def update_document(path: Path, table: str) -> None:
+    """Replace the text between the table markers of ``path`` by ``table``."""
+    text = path.read_text()
+    head, _, rest = text.partition(TABLE_START)
+    _, _, tail = rest.partition(TABLE_END)
+    if not rest or TABLE_END not in rest:
+        raise SystemExit(f"{path} lacks the markers {TABLE_START} ... {TABLE_END}")
+    path.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
+
+
+def documented_cases(path: Path) -> list[str]:
+    """The case names of the table in ``path`` (first column), in order."""
+    table = path.read_text().partition(TABLE_START)[2].partition(TABLE_END)[0]
+    return re.findall(r"^\| `([^`]+)` \|", table, flags=re.MULTILINE)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the catalogue table (docs/reliability.md)")
+    parser.add_argument("--update", type=Path, default=None, metavar="DOC", help="write the table into DOC between its markers")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     with tempfile.TemporaryDirectory(prefix="bad-input-") as temporary:
         os.environ.setdefault("SSL_BENCH_CACHE", str(Path(temporary) / "synthetic-cache"))
         sources = build_sources(Path(temporary) / "sources")
         outcomes = [run_case(case, sources, Path(temporary) / case.name) for case in CASES]
-    if args.markdown:
+    if args.update:
+        update_document(args.update, markdown(outcomes))
+        print(f"written: {args.update}")
+    elif args.markdown:
         print(markdown(outcomes))
     else:
         for outcome in outcomes:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from benchmark.errors import EXIT_USER_ERROR
-from tests.bad_input_catalogue import CASES, build_sources, run_case
+from tests.bad_input_catalogue import CASES, build_sources, documented_cases, run_case
+from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,6 +22,11 @@ def sources(tmp_path_factory, acdc_root, la_root):
 
 def test_the_catalogue_covers_at_least_25_distinct_cases():
     assert len(CASES) >= 25 and len({case.name for case in CASES}) == len(CASES)
+
+
+def test_the_documented_table_lists_exactly_these_cases():
+    """docs/reliability.md is written by `python -m tests.bad_input_catalogue --update docs/reliability.md`."""
+    assert documented_cases(PROJECT_ROOT / "docs" / "reliability.md") == [case.name for case in CASES]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
