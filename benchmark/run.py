@@ -446,12 +446,12 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
         model = method_cls(spec, staged)
         model.on_stage_start(init_stage(model, previous_checkpoint))
-        # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
-        # validation scores an unfinished model.
         # A stage that validates only at its end (ACTION's pretraining) still leaves a resumable checkpoint every
         # val_every steps of the run.
         validates_only_at_end = staged["trainer"]["val_every"] >= staged["trainer"]["max_steps"]
         checkpoint_every = min(config["trainer"]["val_every"], staged["trainer"]["max_steps"]) if validates_only_at_end else None
+        # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
+        # validation scores an unfinished model.
         trainer, _ = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else (), checkpoint_every)
         # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
         # the same split.

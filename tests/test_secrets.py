@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from pathlib import Path
 
 import pytest
 
