@@ -431,16 +431,19 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
     """Train the stages in order; on a resume, skip the finished ones and continue the interrupted one."""
     init_from = config["run"].get("init_from")
     previous_checkpoint = Path(init_from) if init_from else None
+    rank_zero = _global_rank(int(config["trainer"]["devices"])) == 0
     trained = Trained()
     for stage in stages:
         last_checkpoint = folder.last_checkpoint(stage)
+        stage_dir = folder.stage_dir(stage)
         if last_checkpoint.is_file():  # finished before this resume
+            if rank_zero:  # left if the run was killed between writing last.ckpt and deleting it
+                (checkpoint_folder(stage_dir) / RESUME_CHECKPOINT).unlink(missing_ok=True)
             trained = Trained(trained.stage_steps | {stage: checkpoint_step(last_checkpoint)})
             previous_checkpoint = last_checkpoint
             continue
-        stage_dir = folder.stage_dir(stage)
         staged = stage_config(config, stage)
-        if folder.multi_stage and _global_rank(int(config["trainer"]["devices"])) == 0:
+        if folder.multi_stage and rank_zero:
             stage_dir.mkdir(exist_ok=True)
             write_text_atomically(stage_dir / "config.yaml", yaml.safe_dump({**staged, "config_hash": digest}, sort_keys=False))
         pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
