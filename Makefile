@@ -26,6 +26,8 @@ WORKERS ?= 1
 STORAGE ?=
 STUDY ?=
 FROM_STUDY ?=
+# An interrupted run folder to continue (make bench ... RESUME=runs/<dataset>/<method>/<run>): same variables as the run.
+RESUME ?=
 # Variables of a sweep (`python -m benchmark sweep`): the grid, a shard of it and where its runs execute.
 METHODS ?= supervised
 RATIOS ?= $(RATIO)
@@ -46,7 +48,7 @@ RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES OUT LEADERBOARD_DIR WANDB OVERRIDES"
-	@echo "  tune: TRIALS WORKERS STORAGE(sqlite|journal|postgresql://...) STUDY; bench: FROM_STUDY"
+	@echo "  tune: TRIALS WORKERS STORAGE(sqlite|journal|postgresql://...) STUDY; bench: FROM_STUDY RESUME(an interrupted run folder)"
 	@echo "  sweep:     METHODS RATIOS SEEDS SHARD(i/n) LAUNCHER(local|slurm|submitit-local) SWEEP_ARGS (e.g. --slurm-partition gpu)"
 
 $(STAMP): setup.cfg pyproject.toml
@@ -59,7 +61,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP) ## create .venv and install the suite with its dependencies
 
 bench: $(STAMP) ## train and test one run, e.g. make bench METHOD=supervised RATIO=0.2 (synthetic data by default)
-	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)")
+	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") $(if $(RESUME),--resume "$(RESUME)")
 
 tune: $(STAMP) ## Optuna search on validation Dice, e.g. make tune METHOD=cps RATIO=0.1 TRIALS=50 WORKERS=2
 	$(PY) -m benchmark tune $(RUN_ARGS) --trials $(TRIALS) --workers $(WORKERS) \

@@ -1,6 +1,7 @@
 """Command line: ``python -m benchmark run|sweep|leaderboard|tune|list|score|data`` (the Makefile wraps the same commands).
 
-User errors (bad paths, names, values) print one message and exit with code 2; nothing is written for them.
+User errors (bad paths, names, values, command lines) print one message (what, where, how to fix) and exit with
+code 2; nothing already on disk is changed by them.
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossErro
 
 EXIT_SOME_RUNS_FAILED = 1
 WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported like every other user error: one message, exit code 2."""
+
+    def error(self, message: str):
+        raise UserError(message, where=f"the command line of `{self.prog}`",
+                        fix=f"`{self.prog} --help` lists the options")
 
 
 def _number(kind):
@@ -45,7 +54,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m benchmark", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train one method on one dataset split and test it (a leaderboard row)")
@@ -53,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from-study", default=None, metavar="STUDY",
                      help="train with the best trial of an Optuna study: its folder (runs/tune/<study>) or STORAGE_URL#STUDY_NAME")
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue this interrupted run folder from its last checkpoint (give the run's other options "
+                          "too: the config hash and seed must match); a finished run only gets its missing rows written")
 
     tune = commands.add_parser("tune", help="Optuna search of a method's hyperparameters on validation Dice (never test)")
     add_run_options(tune)
@@ -164,7 +176,7 @@ def command_run(args: argparse.Namespace) -> int:
         return 0
     from benchmark.run import run
 
-    rows = run(config)
+    rows = run(config, resume=args.resume)
     if rows:
         print_summary(rows)
     return 0
@@ -253,12 +265,12 @@ def command_score(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from benchmark.data_commands import command_data
 
     handlers = {"run": command_run, "sweep": command_sweep, "leaderboard": command_leaderboard, "tune": command_tune,
                 "list": command_list, "score": command_score, "data": command_data}
     try:
+        args = build_parser().parse_args(argv)
         return handlers[args.command](args)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)

@@ -9,6 +9,7 @@ of these, in the same order -> overrides
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from importlib import resources
@@ -37,6 +38,7 @@ NON_SEMANTIC_KEYS = (
 # earlier rows stay valid (a sweep still recognises them as done).
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
                        ("trainer", "on_nonfinite_loss"): "stop", ("method", "network_inits"): ["kaiming", "xavier"]}
+OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"
 
@@ -68,21 +70,29 @@ def merge(base: dict, update: dict) -> dict:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise UserError(f"override '{text}' is not of the form section.key=value", fix="e.g. trainer.max_steps=500")
+        raise UserError(f"override '{text}' is not of the form section.key=value", where=OVERRIDE_OPTION, fix="e.g. trainer.max_steps=500")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if len(path) < 2:
-        raise UserError(f"override key '{key}' must name a section and a key", fix="e.g. optim.lr=0.005 or method.ema_decay=0.999")
+        raise UserError(f"override key '{key}' must name a section and a key", where=OVERRIDE_OPTION,
+                        fix="e.g. optim.lr=0.005 or method.ema_decay=0.999")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise UserError(f"cannot parse the value of override '{text}' ({error})") from error
+        raise UserError(f"cannot parse the value of override '{text}' ({error})", where=OVERRIDE_OPTION,
+                        fix="quote lists and strings as YAML, e.g. data.patch_size=[64,64]") from error
     return path, value
+
+
+# Keys that take values of more than one type (Lightning's Trainer(deterministic=True | False | "warn")).
+FLEXIBLE_KEYS = {"trainer.deterministic": (bool, str)}
 
 
 def _checked_value(key: str, old: Any, new: Any) -> Any:
     """The override's value if its type fits the existing one (int for int, number for float, ...)."""
     if old is None or new is None:
+        return new
+    if key in FLEXIBLE_KEYS and isinstance(new, FLEXIBLE_KEYS[key]):
         return new
     expected = None
     if isinstance(old, bool):
@@ -99,7 +109,8 @@ def _checked_value(key: str, old: Any, new: Any) -> Any:
     elif isinstance(old, list):
         expected = "a list like [64, 64]" if not isinstance(new, list) else None
     if expected:
-        raise UserError(f"override {key}={new!r} has the wrong type: expected {expected} (current value {old!r})")
+        raise UserError(f"override {key}={new!r} has the wrong type: expected {expected} (current value {old!r})",
+                        where=OVERRIDE_OPTION, fix=f"give {expected}, e.g. {key}={old}")
     return new
 
 
@@ -107,7 +118,7 @@ def _apply_per_stage_override(config: dict, path: list[str], value: Any) -> None
     """``per_stage.<stage>.<section>.<key>``: the key must exist in the main config (its type is checked
     against the main value); the stage's section is created if needed. Stage names are checked by the run."""
     if len(path) < 4:
-        raise UserError(f"override key '{'.'.join(path)}' must read {PER_STAGE}.<stage>.<section>.<key>",
+        raise UserError(f"override key '{'.'.join(path)}' must read {PER_STAGE}.<stage>.<section>.<key>", where=OVERRIDE_OPTION,
                         fix=f"e.g. {PER_STAGE}.finetune.trainer.max_steps=500")
     main = config
     for part in path[2:]:
@@ -143,7 +154,10 @@ def _unknown_key(path: list[str], config: dict) -> UserError:
     section = config.get(path[0])
     known = sorted(section) if isinstance(section, dict) else sorted(config)
     where = f"keys of '{path[0]}': {', '.join(known)}" if isinstance(section, dict) else f"sections: {', '.join(known)}"
-    return UserError(f"unknown config key '{'.'.join(path)}'", where=where, fix="`python -m benchmark run --show-config ...` prints every key")
+    close = difflib.get_close_matches(path[1] if isinstance(section, dict) and len(path) > 1 else path[0], known, n=1)
+    hint = f"did you mean {path[0] + '.' if isinstance(section, dict) else ''}{close[0]}? " if close else ""
+    return UserError(f"unknown config key '{'.'.join(path)}'", where=where,
+                     fix=f"{hint}`python -m benchmark run --show-config ...` prints every key")
 
 
 def resolve_config(

@@ -1,8 +1,9 @@
 """Leaderboard CSVs: one row per finished (or failed) run and checkpoint kind, appended atomically.
 
-Every append takes an exclusive lock on a sidecar ``.lock`` file, reads the current table, writes the new table
-to a temporary file in the same folder, fsyncs it and renames it over the old one. A reader or a run killed at
-any point therefore sees either the old or the new table, never a half row; concurrent writers serialise.
+Every append takes an exclusive lock on a sidecar ``.lock`` file, reads the current table and replaces the file
+with the new table in one step (benchmark/atomic.py: a temporary file in the same folder, fsynced, renamed). A
+reader or a run killed at any point therefore sees either the old or the new table, never a half row; concurrent
+writers serialise. A full disk or a read-only folder is a UserError and leaves the table as it was.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
+from benchmark.atomic import remove_stale_temporaries, replaced_atomically
 from benchmark.errors import UserError
 
 # The interface columns (issue-level contract) come first, in this order; per-class Dice and provenance follow.
@@ -82,6 +84,16 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
     return table
 
 
+def recorded_rows(path: Path, run_dir: Path | None) -> list[dict]:
+    """The ``ok`` rows a run folder wrote (of every folder if ``run_dir`` is None); a run writes its rows in one
+    append, so all of them or none."""
+    table = read_leaderboard(path)
+    if "run_dir" not in table.columns:
+        return []
+    ok = table["status"] == "ok"
+    return table[ok if run_dir is None else ok & (table["run_dir"] == str(run_dir))].to_dict("records")
+
+
 def _ordered_columns(existing: list[str], rows: list[dict]) -> list[str]:
     columns = list(existing) or list(CORE_COLUMNS)
     for name in CORE_COLUMNS + [k for row in rows for k in row if k.startswith("dice_")] + EXTRA_COLUMNS:
@@ -108,16 +120,9 @@ def append_rows(path: Path, rows: Iterable[dict]) -> None:
             writer.writerow({c: record.get(c, "") for c in columns})
         for row in rows:
             writer.writerow({c: _cell(row.get(c, "")) for c in columns})
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as out:
-                out.write(buffer.getvalue())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        remove_stale_temporaries(path.parent, path.name)  # of writers killed while they held the lock
+        with replaced_atomically(path) as out:
+            out.write(buffer.getvalue())
 
 
 def _cell(value) -> str:

@@ -13,19 +13,34 @@ The run folder holds the resolved config, the split, Lightning's CSV logs, the c
 both checkpoints and result.json. Only rank 0 evaluates and writes; under DDP (``trainer.devices > 1``) Lightning
 re-launches this same command once per rank, and the ranks agree on the run folder through an environment
 variable set before the launch.
+
+Killed runs and ``--resume RUN_DIR`` (benchmark/checkpoints.py has the files): every validation rewrites the
+stage's resumable full-state checkpoint; a resumed run (same config hash and seed, checked) skips the stages whose
+``last.ckpt`` exists, continues the interrupted one from its ``resume.ckpt`` (or starts it over if it never
+validated) and then tests and writes the rows, unless the leaderboard already holds this folder's rows. Data
+order, augmentation and the global random states are restored, so on CPU the resumed run ends with the very
+metrics of an uninterrupted one. A run folder is held by one process at a time (a lock the kernel drops when
+the process dies), so two resumes of one folder cannot both run it.
+
+A fresh run stopped by bad input (a UserError) before it wrote any checkpoint removes its folder again; later,
+the folder stays and the message says how to resume it once the input is fixed.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import platform
 import resource
+import shutil
 import socket
 import subprocess
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -34,11 +49,16 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from benchmark.config import PER_STAGE, config_hash, merge
+from benchmark.atomic import remove_stale_temporaries, replaced_atomically, write_text_atomically
+from benchmark.checkpoints import (
+    BEST_NAME, LAST_CHECKPOINT, RESUME_CHECKPOINT, AtomicCheckpointIO, best_validation_score, checkpoint_callbacks,
+    checkpoint_folder, checkpoint_step, read_checkpoint,
+)
+from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
-from benchmark.leaderboard import append_rows, check_writable, per_case_archive
+from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
@@ -89,7 +109,12 @@ def prepare(config: dict[str, Any]):
         trainer["val_every"] = trainer["max_steps"]
     check_writable(Path(config["run"]["out"]))
     check_writable(Path(config["run"]["leaderboard_dir"]))
+    read_leaderboard(leaderboard_path(config))  # a damaged CSV stops the run now, not after training
     return entry, method_cls, datamodule
+
+
+def leaderboard_path(config: dict[str, Any]) -> Path:
+    return Path(config["run"]["leaderboard_dir"]) / f"{config['dataset']}.csv"
 
 
 def plan_stages(method_cls, config: dict[str, Any]) -> list[str]:
@@ -103,10 +128,12 @@ def plan_stages(method_cls, config: dict[str, Any]) -> list[str]:
                         fix="run.stages takes one stage or a list of them, e.g. run.stages=" + declared[-1])
     positions = [declared.index(name) for name in chosen]
     if not chosen or positions != sorted(set(positions)):
-        raise UserError(f"run.stages={asked!r} must name distinct stages in their order: {', '.join(declared)}")
+        raise UserError(f"run.stages={asked!r} must name distinct stages in their order", where=f"stages of {config['method_name']}: {', '.join(declared)}",
+                        fix="e.g. run.stages=" + declared[-1])
     init_from = config["run"].get("init_from")
     if init_from is not None and not Path(init_from).is_file():
-        raise UserError(f"run.init_from checkpoint not found: {init_from}", fix="give the path of a .ckpt file (e.g. <run>/<stage>/checkpoints/last.ckpt)")
+        raise UserError("run.init_from checkpoint not found", where=str(init_from),
+                        fix="give the path of a .ckpt file (e.g. <run>/<stage>/checkpoints/last.ckpt)")
     if positions[0] > 0 and init_from is None:
         raise UserError(f"stage {chosen[0]!r} continues from stage {declared[positions[0] - 1]!r} but no checkpoint was given",
                         fix=f"set run.init_from=<run>/{declared[positions[0] - 1]}/checkpoints/last.ckpt")
@@ -131,7 +158,7 @@ def make_run_dir(config: dict[str, Any], digest: str) -> Path:
     if rank != 0 and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"L{config['data']['labeled']}_s{config['run']['seed']}_{digest}_{stamp}_{os.getpid()}"
+    name = f"{run_dir_prefix(config, digest)}_{stamp}_{os.getpid()}"
     run_dir = Path(config["run"]["out"]).resolve() / config["dataset"] / config["method_name"] / name
     if rank != 0:
         return run_dir.with_name(f"{name}_rank{rank}")
@@ -140,11 +167,117 @@ def make_run_dir(config: dict[str, Any], digest: str) -> Path:
     return run_dir
 
 
+def run_dir_prefix(config: dict[str, Any], digest: str) -> str:
+    """What every run folder of one (config hash, seed) starts with: ``L<labeled>_s<seed>_<hash>``."""
+    return f"L{config['data']['labeled']}_s{config['run']['seed']}_{digest}"
+
+
+# ---- resuming a run folder -----------------------------------------------------------------------------------
+def check_resumable(run_dir: Path, config: dict[str, Any], digest: str) -> Path:
+    """``run_dir`` if it is a run folder of this very configuration and seed; otherwise a UserError saying what differs."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    stored_file = run_dir / "config.yaml"
+    if not stored_file.is_file():
+        raise UserError("--resume needs a run folder (one that holds config.yaml)", where=str(run_dir),
+                        fix="give the folder a run printed as 'run folder:' (runs/<dataset>/<method>/L<n>_s<seed>_<hash>_...)")
+    try:
+        stored = yaml.safe_load(stored_file.read_text()) or {}
+    except (yaml.YAMLError, OSError) as error:
+        raise UserError(f"cannot read the run folder's config.yaml ({error})", where=str(stored_file),
+                        fix="start a new run (without --resume)") from error
+    stored_hash = stored.pop("config_hash", None)
+    stored_seed = stored.get("run", {}).get("seed")
+    if stored_hash != digest or stored_seed != config["run"]["seed"]:
+        raise UserError(
+            f"the run folder holds another configuration (config {stored_hash}, seed {stored_seed}) than this command "
+            f"(config {digest}, seed {config['run']['seed']}); differences: {config_differences(stored, config)}",
+            where=str(run_dir),
+            fix="repeat the options of the original run (its config.yaml holds them) with --resume, or drop --resume to start a new run",
+        )
+    return run_dir
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any], shown: int = 5) -> str:
+    """The semantic keys (and the seed) whose values differ, as ``key: stored -> current``."""
+    ignored = {".".join(key) for key in NON_SEMANTIC_KEYS} - {"run.seed"}
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+    old, new = flat(stored), flat(current)
+    differing = [key for key in sorted(set(old) | set(new)) if key not in ignored and old.get(key) != new.get(key)]
+    text = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in differing[:shown])
+    return (text + (f" and {len(differing) - shown} more" if len(differing) > shown else "")) or "none in the values (a different suite version?)"
+
+
+def unfinished_run_folder(config: dict[str, Any], digest: str) -> Path | None:
+    """The newest folder of this configuration and seed that a killed run left with a checkpoint but without its
+    rows in the leaderboard (what a sweep resumes instead of training again), or None."""
+    parent = Path(config["run"]["out"]).resolve() / config["dataset"] / config["method_name"]
+    finished = {row["run_dir"] for row in recorded_rows(leaderboard_path(config), None)}
+    candidates = [folder for folder in parent.glob(f"{run_dir_prefix(config, digest)}_*")
+                  if (folder / "config.yaml").is_file() and str(folder) not in finished and any(folder.rglob("*.ckpt"))]
+    return max(candidates, key=lambda folder: folder.stat().st_mtime, default=None)
+
+
+@contextmanager
+def holding_run_folder(run_dir: Path) -> Iterator[None]:
+    """One process per run folder (a fresh run, or a resume of it): an exclusive lock on ``<run_dir>/.lock``,
+    which the kernel releases when the process ends, however it ends."""
+    descriptor = os.open(run_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError("the run folder is in use by another process (a run or another --resume of it)", where=str(run_dir),
+                            fix=f"wait for that process to end (`fuser {run_dir / '.lock'}` names it); a killed one frees the folder at once") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+@dataclass
+class RunFolder:
+    """Where a run's stages keep their files: ``<run>/<stage>/`` for multi-stage methods, the run folder itself otherwise."""
+
+    path: Path
+    multi_stage: bool
+    resumed: bool
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage if self.multi_stage else self.path
+
+    def last_checkpoint(self, stage: str) -> Path:
+        return checkpoint_folder(self.stage_dir(stage)) / LAST_CHECKPOINT
+
+    def resume_checkpoint(self, stage: str) -> Path | None:
+        path = checkpoint_folder(self.stage_dir(stage)) / RESUME_CHECKPOINT
+        return path if path.is_file() else None
+
+    def has_checkpoints(self) -> bool:
+        return any(self.path.rglob("*.ckpt"))
+
+
+def stopped_by_user_error(error: UserError, folder: RunFolder) -> UserError:
+    """The error to report for a run stopped by bad input. A fresh run without any checkpoint yet leaves nothing
+    behind (its folder is removed); otherwise the folder stays and the message says how to continue it."""
+    if not folder.resumed and not folder.has_checkpoints():
+        shutil.rmtree(folder.path, ignore_errors=True)
+        return error
+    keep = (f"the run folder keeps its checkpoints: once this is fixed, repeat the same command with "
+            f"`--resume {folder.path}` (make: RESUME={folder.path}) to continue without training again")
+    return UserError(error.what, error.where, f"{error.fix}; {keep}" if error.fix else keep)
+
+
+# ---- one run --------------------------------------------------------------------------------------------------
 def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="logs")]
     mode = config["run"]["wandb"]
     if mode not in ("disabled", "offline", "online"):
-        raise UserError(f"run.wandb must be disabled, offline or online (got {mode!r})")
+        raise UserError(f"run.wandb must be disabled, offline or online (got {mode!r})", where="WANDB= (--wandb, run.wandb)",
+                        fix="e.g. WANDB=offline")
     if mode != "disabled":
         from pytorch_lightning.loggers import WandbLogger
 
@@ -166,14 +299,15 @@ def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     return loggers
 
 
+
 def build_trainer(
-    config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = ()
+    config: dict[str, Any], run_dir: Path, digest: str, callbacks: Sequence[pl.Callback] = (), checkpoint_every: int | None = None
 ) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """The Trainer of one stage; its resumable checkpoint is saved at every validation, or every
+    ``checkpoint_every`` steps if given (a stage that validates only at its end)."""
     trainer_cfg = config["trainer"]
     devices, num_nodes = int(trainer_cfg["devices"]), int(trainer_cfg["num_nodes"])
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/dice", mode="max", save_top_k=1
-    )
+    best, resumable, random_states = checkpoint_callbacks(run_dir, checkpoint_every)
     trainer = pl.Trainer(
         accelerator=trainer_cfg["accelerator"],
         devices=devices,
@@ -188,7 +322,8 @@ def build_trainer(
         # The DataModule's own step-indexed samplers are already per rank (ecosystem.md B1).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[best, *overlay_callbacks(config), *callbacks],
+        callbacks=[random_states, best, resumable, *overlay_callbacks(config), *callbacks],
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,
         log_every_n_steps=trainer_cfg["log_every"],
@@ -197,9 +332,46 @@ def build_trainer(
     return trainer, best
 
 
+def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule, stage_dir: Path, resume_from: Path | None) -> None:
+    """``trainer.fit``, continuing from ``resume_from`` (a full-state checkpoint, loaded weights-only) if given."""
+    if resume_from is None:
+        trainer.fit(model, datamodule=datamodule)
+        return
+    # Read once before anything in the folder changes: a damaged file stops the resume with the folder as it was.
+    read_checkpoint(resume_from, "the checkpoint to resume from")
+    metrics = stage_dir / "logs" / "metrics.csv"
+    interrupted = metrics.with_name("metrics.interrupted.csv")
+    if trainer.is_global_zero:
+        if interrupted.is_file():  # an earlier resume was killed too
+            join_interrupted_metrics(interrupted, metrics)
+        if metrics.is_file():
+            metrics.replace(interrupted)  # Lightning's CSV logger deletes the metrics.csv it finds
+    with warnings.catch_warnings():
+        # Expected or wrong when resuming: the samplers continue the exact stream at the restored step
+        # (datamodules/samplers.py), the checkpoints and logs found are this run's own (the logs are joined below).
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended")
+        warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from), weights_only=True)
+    if trainer.is_global_zero and interrupted.is_file():
+        join_interrupted_metrics(interrupted, metrics)
+
+
+def join_interrupted_metrics(interrupted: Path, metrics: Path) -> None:
+    """One metrics.csv again: the interrupted part's rows before the first step the resumed part logged (the
+    steps between the checkpoint and the kill were trained again), then the resumed part's rows."""
+    before = pd.read_csv(interrupted)
+    after = pd.read_csv(metrics) if metrics.is_file() else before.iloc[:0]
+    if len(after):
+        before = before[before["step"] < after["step"].min()]
+    with replaced_atomically(metrics) as out:
+        pd.concat([before, after], ignore_index=True).to_csv(out, index=False)
+    interrupted.unlink()
+
+
 def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:
     """Weights only (no pickled code from disk); returns the checkpoint's global step."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(checkpoint, "a checkpoint of this run")
     model.load_state_dict(state["state_dict"])
     return int(state.get("global_step", -1))
 
@@ -212,7 +384,7 @@ def load_weights_from_rank_zero(model: pl.LightningModule, checkpoint: Path) -> 
         return load_weights(model, checkpoint)
     payload = None
     if rank == 0:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = read_checkpoint(checkpoint, "a checkpoint of this run")
         payload = (state["state_dict"], int(state.get("global_step", -1)))
     state_dict, step = broadcast_from_rank_zero(payload)
     model.load_state_dict(state_dict)
@@ -237,13 +409,31 @@ def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None
     """Start a stage from ``checkpoint``'s weights (if any); returns the stage that wrote it (None if unknown)."""
     if checkpoint is None:
         return None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError) as error:
-        raise UserError(f"cannot start stage {model.stage!r} of {model.name} from {checkpoint}: {str(error)[:300]}",
-                        fix="give a checkpoint of the same method, dataset and model settings") from error
+    state = read_checkpoint(checkpoint, f"the checkpoint stage {model.stage!r} starts from")
+    weights = state.get("state_dict") if isinstance(state, dict) else None
+    mismatch = "it holds no state_dict" if not isinstance(weights, dict) else state_dict_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise UserError(f"the checkpoint does not fit stage {model.stage!r} of {model.name}: {mismatch}", where=str(checkpoint),
+                        fix="give a checkpoint of the same method, dataset and model settings (run.init_from)")
+    model.load_state_dict(weights)
     return state.get("hyper_parameters", {}).get("config", {}).get("run", {}).get("stage")
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str | None:
+    """What keeps ``given`` from loading into a module whose state is ``expected`` (None if it loads), in one line."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [key for key in expected if key in given and tuple(getattr(given[key], "shape", ())) != tuple(expected[key].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        key = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (e.g. {key}: {list(given[key].shape)} in the checkpoint, "
+                     f"{list(expected[key].shape)} in this model)")
+    return ", ".join(parts) or None
 
 
 def peak_memory() -> tuple[float, float]:
@@ -252,11 +442,133 @@ def peak_memory() -> tuple[float, float]:
     return rss_mb, gpu_mb
 
 
-def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[dict[str, Any]]:
-    """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks).
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Trained:
+    """What training in this process left for the test: the final stage's model and trainer (None when a resume
+    found every stage finished) and each stage's steps."""
+
+    stage_steps: dict[str, int] = field(default_factory=dict)
+    model: pl.LightningModule | None = None
+    trainer: pl.Trainer | None = None
+
+
+def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder: RunFolder, digest: str,
+                 callbacks: Sequence[pl.Callback], record_failure) -> Trained:
+    """Train the stages in order; on a resume, skip the finished ones and continue the interrupted one."""
+    init_from = config["run"].get("init_from")
+    previous_checkpoint = Path(init_from) if init_from else None
+    rank_zero = _global_rank(int(config["trainer"]["devices"])) == 0
+    trained = Trained()
+    for stage in stages:
+        last_checkpoint = folder.last_checkpoint(stage)
+        stage_dir = folder.stage_dir(stage)
+        if last_checkpoint.is_file():  # finished before this resume
+            if rank_zero:  # left if the run was killed between writing last.ckpt and deleting it
+                (checkpoint_folder(stage_dir) / RESUME_CHECKPOINT).unlink(missing_ok=True)
+            trained = Trained(trained.stage_steps | {stage: checkpoint_step(last_checkpoint)})
+            previous_checkpoint = last_checkpoint
+            continue
+        staged = stage_config(config, stage)
+        if folder.multi_stage and rank_zero:
+            stage_dir.mkdir(exist_ok=True)
+            write_text_atomically(stage_dir / "config.yaml", yaml.safe_dump({**staged, "config_hash": digest}, sort_keys=False))
+        pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
+        model = method_cls(spec, staged)
+        model.on_stage_start(init_stage(model, previous_checkpoint))
+        # A stage that validates only at its end (ACTION's pretraining) still leaves a resumable checkpoint every
+        # val_every steps of the run.
+        validates_only_at_end = staged["trainer"]["val_every"] >= staged["trainer"]["max_steps"]
+        checkpoint_every = min(config["trainer"]["val_every"], staged["trainer"]["max_steps"]) if validates_only_at_end else None
+        # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
+        # validation scores an unfinished model.
+        trainer, _ = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else (), checkpoint_every)
+        # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
+        # the same split.
+        same_loaders = staged["data"] == config["data"] and staged["trainer"]["max_steps"] == config["trainer"]["max_steps"]
+        stage_data = datamodule if same_loaders else build_datamodule(
+            config["dataset"], staged, use_unlabeled=method_cls.uses_unlabeled)
+        resume_checkpoint = folder.resume_checkpoint(stage)
+        try:
+            fit(trainer, model, stage_data, stage_dir, resume_checkpoint)
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as error:
+            if trainer.is_global_zero:
+                record_failure(error, stage, sum(trained.stage_steps.values()) + trainer.global_step)
+            raise
+        # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
+        # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
+        trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state
+        if trainer.is_global_zero:
+            (checkpoint_folder(stage_dir) / RESUME_CHECKPOINT).unlink(missing_ok=True)  # last.ckpt supersedes it
+        trained = Trained(trained.stage_steps | {stage: trainer.global_step}, model, trainer)
+        previous_checkpoint = last_checkpoint
+    return trained
+
+
+def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder, stage: str, trained: Trained,
+                         base_row: dict[str, Any], digest: str, started: float, rank_zero: bool) -> tuple[list[dict], dict]:
+    """Test the final stage's last and best checkpoints: (leaderboard rows, summaries); writes the per-case CSVs.
+
+    Under DDP every rank scores its share of the test cases with rank 0's weights; rank 0 gathers and writes
+    (the other ranks return no rows)."""
+    staged = stage_config(config, stage)
+    model = trained.model if trained.model is not None else method_cls(spec, staged)
+    evaluator = Evaluator.from_config(spec, config)
+    model.eval()
+    device = model.device
+    test_cases = datamodule.cases("test")
+    world_size = rank_and_world()[1]
+    if len(test_cases) < world_size:
+        raise UserError(f"the test set has {len(test_cases)} cases, fewer than the {world_size} devices that share it",
+                        fix="use fewer DEVICES")
+    checkpoints = {"last": folder.last_checkpoint(stage)}
+    best = checkpoint_folder(folder.stage_dir(stage)) / f"{BEST_NAME}.ckpt"
+    if best.is_file():
+        checkpoints["best"] = best
+    checkpoints = broadcast_from_rank_zero(checkpoints)  # rank 0's view of its folder
+    rows, results = [], {}
+    for kind, path in checkpoints.items():
+        step = load_weights_from_rank_zero(model, path)
+        per_case = evaluate_spread(evaluator, model, test_cases, progress=config["run"]["progress"], desc=f"test ({kind})")
+        if not rank_zero:
+            continue
+        with replaced_atomically(folder.path / f"test_per_case_{kind}.csv") as out:
+            per_case.to_csv(out, index=False)
+        summary = summarize(per_case)
+        results[kind] = {"step": step, **summary}
+        rss, gpu = peak_memory()
+        rows.append({
+            **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
+            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(time.time() - started, 1),
+            "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1), "finished_at": now_utc(),
+        })
+    if not rank_zero:
+        return [], {}
+    loggers = trained.trainer.loggers if trained.trainer is not None else build_loggers(staged, folder.stage_dir(stage), digest)
+    for logger in loggers:
+        for kind, summary in results.items():
+            logger.log_metrics({f"test_{kind}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+                               step=trained.stage_steps[stage])
+        logger.finalize("success")
+    if config["run"]["wandb"] != "disabled":
+        import wandb
+
+        wandb.finish()  # several runs in one process (sweeps) must not log into one W&B run
+    return rows, results
+
+
+def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
+    """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks, and for
+    a resumed run whose rows the leaderboard already holds).
 
     ``run.test=false`` stops after training and validation (tuning trials: the test set is never looked at) and
-    writes no leaderboard row; ``callbacks`` are added to the Trainer's (the tuner's validation reporter)."""
+    writes no leaderboard row; ``callbacks`` are added to the Trainer's (the tuner's validation reporter);
+    ``resume`` is a run folder of this configuration and seed to continue (``--resume``)."""
     started = time.time()
     devices = int(config["trainer"]["devices"])
     if devices > 1 and not torch.cuda.is_available():
@@ -265,14 +577,34 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     entry, method_cls, datamodule = prepare(config)
     stages = plan_stages(method_cls, config)
-    multi_stage = len(method_cls.stages) > 1
-    spec = entry.spec
     digest = config_hash(config)
-    run_dir = make_run_dir(config, digest)
-    is_rank_zero = _global_rank(devices) == 0
-    if is_rank_zero:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "config_hash": digest}, sort_keys=False))
-        datamodule.split.write(run_dir / "split.json")
+    rank_zero = _global_rank(devices) == 0
+    run_dir = check_resumable(Path(resume), config, digest) if resume is not None else make_run_dir(config, digest)
+    folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=resume is not None)
+    with holding_run_folder(run_dir) if rank_zero else nullcontext():
+        try:
+            return run_in_folder(config, digest, entry.spec, method_cls, datamodule, stages, folder, callbacks, rank_zero, started)
+        except UserError as error:
+            if not rank_zero:
+                raise
+            reported = stopped_by_user_error(error, folder)
+            if reported is error:
+                raise
+            raise reported from error
+
+
+def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: RunFolder, callbacks, rank_zero: bool,
+                  started: float) -> list[dict[str, Any]]:
+    leaderboard = leaderboard_path(config)
+    if rank_zero and folder.resumed:
+        remove_stale_temporaries(folder.path, recursive=True)  # left by writers killed in this folder
+        recorded = recorded_rows(leaderboard, folder.path)
+        if recorded:
+            print(f"run folder {folder.path} is finished: the leaderboard {leaderboard} holds its {len(recorded)} row(s); nothing to do")
+            return []
+    if rank_zero and not folder.resumed:
+        write_text_atomically(folder.path / "config.yaml", yaml.safe_dump({**config, "config_hash": digest}, sort_keys=False))
+        datamodule.split.write(folder.path / "split.json")
 
     base_row = {
         "dataset": config["dataset"], "method": config["method_name"], "profile": config["profile"],
@@ -283,103 +615,57 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = ()) -> list[d
         "devices": config["trainer"]["devices"],
         "global_batch": config["data"]["labeled_batch_size"] + (config["data"]["unlabeled_batch_size"] if datamodule.has_unlabeled else 0),
         "git_rev": git_revision(), "torch": torch.__version__, "lightning": pl.__version__, "host": socket.gethostname(),
-        "run_dir": str(run_dir),
+        "run_dir": str(folder.path),
     }
     base_row.update(datamodule.leaderboard_fields())
-    if multi_stage:
+    if folder.multi_stage:
         base_row["stages"] = "+".join(stages)
-    leaderboard = Path(config["run"]["leaderboard_dir"]) / f"{config['dataset']}.csv"
-    init_from = config["run"].get("init_from")
-    previous_checkpoint = Path(init_from) if init_from else None
-    stage_steps: dict[str, int] = {}
-    for stage in stages:
-        # A multi-stage run keeps each stage's config, logs and checkpoints in its own sub-folder.
-        stage_dir = run_dir / stage if multi_stage else run_dir
-        staged = stage_config(config, stage)
-        if multi_stage and is_rank_zero:
-            stage_dir.mkdir(exist_ok=True)
-            (stage_dir / "config.yaml").write_text(yaml.safe_dump({**staged, "config_hash": digest}, sort_keys=False))
-        pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
-        model = method_cls(spec, staged)
-        model.on_stage_start(init_stage(model, previous_checkpoint))
-        # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
-        # validation scores an unfinished model.
-        trainer, best_callback = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else ())
-        # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
-        # the same split.
-        same_loaders = staged["data"] == config["data"] and staged["trainer"]["max_steps"] == config["trainer"]["max_steps"]
-        stage_data = datamodule if same_loaders else build_datamodule(
-            config["dataset"], staged, use_unlabeled=method_cls.uses_unlabeled)
-        try:
-            trainer.fit(model, datamodule=stage_data)
-        except (KeyboardInterrupt, UserError):
-            raise
-        except Exception as error:
-            if trainer.is_global_zero and config["run"]["test"]:
-                failed = {**base_row, "checkpoint": "none", "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
-                          "steps": sum(stage_steps.values()) + trainer.global_step, "wall_time_s": round(time.time() - started, 1),
-                          "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                if multi_stage:
-                    failed["error"] = f"stage {stage}: {failed['error']}"[:500]
-                append_rows(leaderboard, [failed])
-            raise
-        # Saved here rather than by ModelCheckpoint(save_last=True), which skips the final step when the last
-        # validation does not improve the monitored score. A collective call under DDP; rank 0 writes.
-        last_checkpoint = stage_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(last_checkpoint, weights_only=False)  # full state: a later --resume needs the loops
-        stage_steps[stage] = trainer.global_step
-        previous_checkpoint = last_checkpoint
+
+    def record_failure(error: Exception, stage: str, steps: int) -> None:
+        if not config["run"]["test"]:
+            return
+        message = f"{type(error).__name__}: {error}"
+        append_rows(leaderboard, [{
+            **base_row, "checkpoint": "none", "status": "failed", "steps": steps, "finished_at": now_utc(),
+            "error": (f"stage {stage}: {message}" if folder.multi_stage else message)[:500],
+            "wall_time_s": round(time.time() - started, 1),
+        }])
+
+    trained = train_stages(config, method_cls, spec, datamodule, stages, folder, digest, callbacks, record_failure)
+    final_stage = stages[-1]
+    result_file = folder.path / "result.json"
     if not config["run"]["test"]:
-        if not trainer.is_global_zero:
+        if not rank_zero:
             return []
-        best_score = best_callback.best_model_score
-        validation = {"best_dice": None if best_score is None else float(best_score), "steps": trainer.global_step}
-        (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": [], "validation": validation}, indent=1))
+        validation = {"best_dice": best_validation_score(folder.last_checkpoint(final_stage)), "steps": trained.stage_steps[final_stage]}
+        write_text_atomically(result_file, json.dumps({"config_hash": digest, "rows": [], "validation": validation}, indent=1))
         return []
-    if multi_stage:
-        base_row["stage_steps"] = "+".join(str(steps) for steps in stage_steps.values())
-
-    # Every rank scores its share of the test cases with rank 0's weights; rank 0 gathers, writes and returns rows.
-    evaluator = Evaluator.from_config(spec, config)
-    model.eval()
-    device = model.device
-    test_cases = datamodule.cases("test")
-    if len(test_cases) < trainer.world_size:
-        raise UserError(f"the test set has {len(test_cases)} cases, fewer than the {trainer.world_size} devices that share it",
-                        fix="use fewer DEVICES")
-    checkpoints = broadcast_from_rank_zero(
-        {"last": last_checkpoint, **({"best": Path(best_callback.best_model_path)} if best_callback.best_model_path else {})})
-    rows, results = [], {}
-    for kind, path in checkpoints.items():
-        step = load_weights_from_rank_zero(model, path)
-        per_case = evaluate_spread(evaluator, model, test_cases, progress=config["run"]["progress"], desc=f"test ({kind})")
-        if not trainer.is_global_zero:
-            continue
-        per_case.to_csv(run_dir / f"test_per_case_{kind}.csv", index=False)
-        # A copy beside the leaderboard, so its paired tests can be recomputed from the repository alone.
-        archived = per_case_archive(leaderboard.parent, config["dataset"], run_dir.name, kind)
-        archived.parent.mkdir(parents=True, exist_ok=True)
-        per_case.to_csv(archived, index=False)
-        summary = summarize(per_case)
-        results[kind] = {"step": step, **summary}
-        rss, gpu = peak_memory()
-        rows.append({
-            **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
-            "steps": sum(stage_steps.values()), "wall_time_s": round(time.time() - started, 1),
-            "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
-    if not trainer.is_global_zero:
-        return []
-    for logger in trainer.loggers:
-        for kind, summary in results.items():
-            logger.log_metrics({f"test_{kind}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-        logger.finalize("success")
-    if config["run"]["wandb"] != "disabled":
-        import wandb
-
-        wandb.finish()  # several runs in one process (sweeps) must not log into one W&B run
-    stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(run_dir / name)} for name, steps in stage_steps.items()]} if multi_stage else {}
-    (run_dir / "result.json").write_text(json.dumps({"config_hash": digest, "rows": rows, "test": results, **stage_record}, indent=1, default=str))
+    if folder.multi_stage:
+        base_row["stage_steps"] = "+".join(str(steps) for steps in trained.stage_steps.values())
+    # Rank 0 decides (other nodes may not see its folder); every rank then takes part in the test or none does.
+    if broadcast_from_rank_zero(rank_zero and folder.resumed and result_file.is_file()):
+        if not rank_zero:
+            return []
+        # Killed after testing, before its rows reached the leaderboard: the rows are in result.json.
+        rows = json.loads(result_file.read_text())["rows"]
+    else:
+        rows, results = evaluate_checkpoints(config, spec, method_cls, datamodule, folder, final_stage, trained, base_row,
+                                             digest, started, rank_zero)
+        if not rank_zero:
+            return []
+        stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(folder.stage_dir(name))}
+                                   for name, steps in trained.stage_steps.items()]} if folder.multi_stage else {}
+        write_text_atomically(result_file, json.dumps({"config_hash": digest, "rows": rows, "test": results, "resumed": folder.resumed,
+                                                       **stage_record}, indent=1, default=str))
     append_rows(leaderboard, rows)
+    archive_per_case(leaderboard, config["dataset"], folder.path, [row["checkpoint"] for row in rows])
     return rows
+
+
+def archive_per_case(leaderboard: Path, dataset: str, run_dir: Path, kinds: list[str]) -> None:
+    """Copy the run's per-case test metrics beside the leaderboard once its rows are there, so the paired tests
+    of ``make leaderboard`` can be recomputed from the repository alone (the run folders stay local)."""
+    for kind in kinds:
+        archived = per_case_archive(leaderboard.parent, dataset, run_dir.name, kind)
+        with replaced_atomically(archived, "wb") as out:
+            out.write((run_dir / f"test_per_case_{kind}.csv").read_bytes())

@@ -6,8 +6,10 @@ How a sweep stays fair, resumable and safe to run several times at once:
   would get (``cli.config_from_args`` then ``run.prepare``), so its config hash is the hash the run will write.
   Bad input (unknown method, empty grid, missing data, damaged or locked leaderboard) stops the sweep here,
   before anything trains.
-- **Skip what is done.** A point is done when the leaderboard holds a row with status ``ok`` for the same
-  dataset, config hash and seed. Failed rows do not count: the next sweep retries them.
+- **Skip what is done, resume what was cut short.** A point is done when the leaderboard holds a row with
+  status ``ok`` for the same dataset, config hash and seed. Failed rows do not count: the next sweep retries
+  them. A point whose run was killed (its folder holds a checkpoint but its rows are missing) continues from
+  that checkpoint (``run --resume``) rather than training from the start.
 - **One runner per point.** Before a point runs, the sweep takes an exclusive ``flock`` claim on
   ``<leaderboard_dir>/.claims/<dataset>-<hash>-s<seed>.lock`` and re-reads the leaderboard. Two sweeps over one
   grid therefore never run a point twice; the kernel drops the claim of a killed sweep, so no stale claim blocks a
@@ -333,6 +335,18 @@ def settle(options: SweepOptions, planned: PlannedRun, rows_before: int, code: i
     return Outcome("failed", reason)
 
 
+def resumed_argv(planned: PlannedRun) -> list[str]:
+    """The point's command line, continuing the folder a killed run of it left (``--resume``) if there is one.
+    Called while holding the point's claim, so no other sweep runs or resumes that folder meanwhile."""
+    from benchmark.run import unfinished_run_folder
+
+    folder = unfinished_run_folder(planned.config, planned.config_hash)
+    if folder is None:
+        return planned.argv
+    say(f"resume {planned.point.describe()} from {folder}")
+    return [*planned.argv, "--resume", str(folder)]
+
+
 def say(message: str) -> None:
     print(f"[sweep] {message}", flush=True)
 
@@ -344,11 +358,12 @@ def execute_local(options: SweepOptions, planned: PlannedRun, total: int) -> Out
         if planned.key in done_keys(options.leaderboard):
             return Outcome("done")
         rows_before = row_count(options.leaderboard, planned.key)
+        argv = resumed_argv(planned)
         if options.in_process:
             say(f"start {planned.describe(total)} in-process")
-            code, tail = run_in_process(planned.argv)
+            code, tail = run_in_process(argv)
         else:
-            code, tail = run_subprocess(planned.argv, keep_fds=(descriptor,),
+            code, tail = run_subprocess(argv, keep_fds=(descriptor,),
                                         on_start=lambda p: say(f"start {planned.describe(total)} pid={p.pid}"))
         return settle(options, planned, rows_before, code, tail)
 
@@ -421,7 +436,7 @@ def execute_submitit(options: SweepOptions, runs: list[PlannedRun], total: int, 
                     report(planned, outcomes[planned.index], total)
                     continue
                 rows_before = row_count(options.leaderboard, planned.key)
-                job = executor.submit(job_main, planned.argv)
+                job = executor.submit(job_main, resumed_argv(planned))
                 say(f"start {planned.describe(total)} job={job.job_id}")
                 in_flight[planned.index] = (job, planned, context, rows_before)
             time.sleep(1.0 if in_flight else 0)

@@ -133,6 +133,7 @@ def resolve_root(name: str, root: str | Path | None) -> Path:
         return ensure_synthetic(name)
     raise UserError(
         f"dataset '{name}' needs DATA_ROOT (the folder holding {entry.layout_hint})",
+        where="DATA_ROOT= (--data-root, data.root) is not set",
         fix=f"e.g. make bench DATASET={name} DATA_ROOT=/path/to/{name.upper()}",
     )
 

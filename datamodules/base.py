@@ -19,9 +19,10 @@ import torch
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from benchmark.atomic import write_text_atomically
 from benchmark.errors import UserError
-from datamodules.checks import Checks, collecting, report
-from datamodules.samplers import PartitionedStepSampler, StepSampler
+from datamodules.checks import Checks, check_arrays, collecting, report
+from datamodules.samplers import PartitionedStepSampler, PositionedEpoch, StepSampler
 from datamodules.spec import DatasetSpec
 
 
@@ -66,7 +67,10 @@ class Split:
         return len(self.labeled_units)
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+        write_text_atomically(path, json.dumps(asdict(self), indent=1))
+
+
+RATIO_OPTION, LABELED_OPTION = "RATIO= (--ratio, data.ratio)", "LABELED= (--labeled, data.labeled)"
 
 
 def resolve_labeled_count(
@@ -80,17 +84,18 @@ def resolve_labeled_count(
     """
     if labeled is not None:
         if isinstance(labeled, bool) or not isinstance(labeled, int):
-            raise UserError(f"LABELED must be a whole number, got {labeled!r}", fix="e.g. LABELED=7")
+            raise UserError(f"LABELED must be a whole number, got {labeled!r}", where=LABELED_OPTION, fix="e.g. LABELED=7")
         if not 1 <= labeled <= total_units:
             raise UserError(
                 f"LABELED={labeled} is impossible for {spec.name}: it has {total_units} training {spec.labeled_unit}s",
-                fix=f"choose 1 <= LABELED <= {total_units}",
+                where=LABELED_OPTION, fix=f"choose 1 <= LABELED <= {total_units}",
             )
         return labeled
     if ratio is None:
-        raise UserError("neither RATIO nor LABELED was given", fix="e.g. RATIO=0.1 or LABELED=7")
+        raise UserError("neither RATIO nor LABELED was given", where=f"{RATIO_OPTION}, {LABELED_OPTION}", fix="e.g. RATIO=0.1 or LABELED=7")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise UserError(f"RATIO must be a number in (0, 1], got {ratio!r}", fix="e.g. RATIO=0.1; 1.0 is full supervision")
+        raise UserError(f"RATIO must be a number in (0, 1], got {ratio!r}", where=RATIO_OPTION,
+                        fix="e.g. RATIO=0.1; 1.0 is full supervision")
     ratio = float(ratio)
     if ratio == 1.0:
         return total_units
@@ -169,6 +174,12 @@ def check_stored_dtypes(image: np.ndarray, label: np.ndarray | None, where: str,
 class TrainItems(Dataset):
     """Training samples of one stream: ``load(item)`` gives arrays, ``transform`` augments with an explicit RNG.
 
+    The loader's sampler (``PositionedEpoch``) hands out ``(dataset index, draw number)`` pairs; the draw number is
+    the sample's place in the global stream, and the augmentation's generator is seeded by (stream seed, draw
+    number). A sample's augmentation is therefore a pure function of the seed and its place, like the sample
+    itself (samplers.py): the same with any number of loader workers or DDP ranks, and a run resumed at step k
+    draws exactly what the uninterrupted run drew from step k on.
+
     With ``cache_decoded`` every item is read and decompressed once, here in the main process, before the loader
     forks its workers, which then share those pages copy-on-write (h5 gzip decoding was most of an LA batch's
     cost and competed with the training step for the same cores; ``make perf``, docs/perf.md). Transforms never
@@ -176,17 +187,17 @@ class TrainItems(Dataset):
     """
 
     def __init__(self, items: list[str], load, transform, with_label: bool, spatial_dims: int,
-                 cache_decoded: bool = False):
+                 cache_decoded: bool = False, seed: int = 0):
         self.items, self.load, self.transform, self.with_label = items, load, transform, with_label
-        self.spatial_dims = spatial_dims
+        self.spatial_dims, self.seed = spatial_dims, seed
         self.decoded = {item: load(item, with_label) for item in dict.fromkeys(items)} if cache_decoded else None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        # The generator is seeded from torch's per-worker stream, which Lightning seeds per (seed, worker, rank).
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, draw = key
+        rng = np.random.default_rng((self.seed, draw))
         item = self.items[index]
         image, label = self.decoded[item] if self.decoded is not None else self.load(item, self.with_label)
         image, label = self.transform(rng, image, label)
@@ -366,6 +377,24 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         """Format-specific checks of one loaded item ("item") or case ("case"), e.g. the stored dtypes. The
         verifier already checks shapes, channels, finiteness and label values against the spec."""
 
+    # ---- what a run reads, checked ----------------------------------------------------------------------
+    def check_loaded(self, kind: str, name: str, image, label, with_label: bool = True) -> None:
+        """A UserError naming the file when a loaded sample would crash training or be scored wrongly (wrong
+        axes, empty, NaN/inf, label shape or values): the verifier's array checks, applied to what a run reads."""
+        checks = Checks()
+        check_arrays(self.spec, kind, self.describe(kind, name), image, label, checks, with_label)
+        checks.raise_if_any()
+
+    def load_checked_item(self, item: str, with_label: bool):
+        image, label = self.load_item(item, with_label)
+        self.check_loaded("item", item, image, label, with_label)
+        return image, label
+
+    def load_checked_case(self, case_id: str) -> dict[str, Any]:
+        case = self.load_case(case_id)
+        self.check_loaded("case", case_id, case["image"], case["label"])
+        return case
+
     def check_layout(self) -> "CheckedLayout":
         """The cheap checks (lists, named files exist, no case in two splits), every problem collected."""
         with collecting() as checks:
@@ -427,11 +456,12 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
             sampler = PartitionedStepSampler(self.labeled_partition_sizes, batch, self.max_steps, seed, rank, world_size, start_step)
         else:
             sampler = StepSampler(len(items), batch, self.max_steps, seed, rank, world_size, start_step)
-        dataset = TrainItems(items, self.load_item, self.train_transform, with_label, self.spec.spatial_dims, self.cache_decoded)
+        dataset = TrainItems(items, self.load_checked_item, self.train_transform, with_label, self.spec.spatial_dims,
+                             self.cache_decoded, seed)
         return DataLoader(
             dataset,
             batch_size=batch,
-            sampler=sampler,
+            sampler=PositionedEpoch(sampler),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
@@ -447,7 +477,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         ids = {"val": self.split.val, "test": self.split.test}[stage]
         if self.max_eval_cases:
             ids = ids[: self.max_eval_cases]
-        return Cases(ids, self.load_case)
+        return Cases(ids, self.load_checked_case)
 
     def _case_loader(self, stage: str) -> DataLoader:
         # Under DDP each rank loads and scores its own share of the cases; the method gathers the scores.

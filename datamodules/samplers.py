@@ -11,6 +11,10 @@ optimizer steps, and the sample drawn at (step, position in the global batch) is
 
 So N ranks see exactly the batches one device would see with the same global batch, every sample is used once
 per pass before any repeats, and resuming at step k continues the very same stream (no replay, no skip).
+
+Each drawn sample also has a draw number, its position in the global stream (``draws()``); the DataModule seeds
+the sample's augmentation with it, so augmentations share these guarantees. ``PositionedEpoch`` is what the
+DataLoader gets: the whole budget as one epoch, started at the sampler's step.
 """
 from __future__ import annotations
 
@@ -55,14 +59,25 @@ class StepSampler(Sampler[int]):
 
     def index_at(self, step: int, position: int) -> int:
         """Dataset index at ``position`` of this rank's part of global batch ``step``."""
-        global_position = (step * self.world_size + self.rank) * self.batch_size + position
-        pass_index, offset = divmod(global_position, self.dataset_size)
+        pass_index, offset = divmod(self.draw_number(step, position), self.dataset_size)
         return int(self._permutation(pass_index)[offset])
 
-    def __iter__(self) -> Iterator[int]:
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size
+
+    def draw_number(self, step: int, position: int) -> int:
+        """The sample's position in the global stream: the same on one device and on any number of ranks."""
+        return (step * self.world_size + self.rank) * self.batch_size + position
+
+    def draws(self) -> Iterator[tuple[int, int]]:
+        """(dataset index, draw number) of this rank's share of global batches ``start_step .. total_steps - 1``."""
         for step in range(self.start_step, self.total_steps):
             for position in range(self.batch_size):
-                yield self.index_at(step, position)
+                yield self.index_at(step, position), self.draw_number(step, position)
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.draws())
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.batch_size
@@ -90,11 +105,38 @@ class PartitionedStepSampler(Sampler[int]):
         ]
         self.share, self.total_steps, self.start_step = share, total_steps, start_step
 
-    def __iter__(self) -> Iterator[int]:
+    @property
+    def samples_per_step(self) -> int:
+        return self.share * len(self.samplers)
+
+    def draws(self) -> Iterator[tuple[int, int]]:
+        """(dataset index, draw number); partition p's draws are its own stream's numbers interleaved (n P + p)."""
+        parts = len(self.samplers)
         for step in range(self.start_step, self.total_steps):
-            for offset, sampler in zip(self.offsets, self.samplers):
+            for part, (offset, sampler) in enumerate(zip(self.offsets, self.samplers)):
                 for position in range(self.share):
-                    yield offset + sampler.index_at(step, position)
+                    yield offset + sampler.index_at(step, position), sampler.draw_number(step, position) * parts + part
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.draws())
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.share * len(self.samplers)
+
+
+class PositionedEpoch(Sampler[tuple[int, int]]):
+    """The whole training budget as one epoch, positioned at the step sampler's ``start_step``.
+
+    Yields the remaining ``(dataset index, draw number)`` pairs, but its length is that of the whole epoch:
+    Lightning restores a resumed run's batch counters to the checkpoint's step and ends the epoch when they
+    reach the loader's length, so that length must count the batches before the resume too (with the remaining
+    count it would end the epoch early and start another one over the same steps)."""
+
+    def __init__(self, sampler: StepSampler | PartitionedStepSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.sampler.draws()
+
+    def __len__(self) -> int:
+        return self.sampler.total_steps * self.sampler.samples_per_step

@@ -6,10 +6,11 @@ Two levels, both run through the dataset's own DataModule, so the verifier check
   files exist and hold plain names, every file they name exists, no case is in two splits; a note when the counts
   differ from the published set.
 - **deep** (``deep=True``): every training item and every val/test case is loaded with the family's loaders and
-  checked against the spec: readable (a truncated h5 is a problem naming the file), numeric and finite, the
-  expected number of axes and channels, image and label of the same spatial shape, integer labels with values in
-  ``0 .. num_classes - 1`` (plus the spec's ignore index), and the family's format specifics
-  (``check_sample``, e.g. ACDC stores float32 images in [0, 1] and uint8 labels).
+  checked against the spec: readable (a truncated h5 is a problem naming the file), numeric and finite, not
+  empty, the expected number of axes and channels, image and label of the same spatial shape, integer labels
+  with values in ``0 .. num_classes - 1`` (plus the spec's ignore index) (``checks.check_arrays``, which every run
+  also applies to each sample it reads), and the family's format specifics (``check_sample``, e.g. ACDC stores
+  float32 images in [0, 1] and uint8 labels).
 
 A new family gets all of this by implementing the DataModule's ``read_split`` with ``read_list`` /
 ``check_files_exist`` and its loaders; it may add ``check_sample`` and ``case_unit``. A family with its own data
@@ -26,7 +27,7 @@ import numpy as np
 
 from benchmark.errors import UserError
 from datamodules.base import ListedData, SemiSupervisedDataModule
-from datamodules.checks import Checks
+from datamodules.checks import Checks, check_arrays
 
 
 @dataclass
@@ -95,49 +96,11 @@ def check_samples(module: SemiSupervisedDataModule, listed: ListedData, checks: 
         except UserError as error:
             checks.problem(error.what, error.where, error.fix)
         else:
-            if check_arrays(module, kind, name, image, label, checks):
+            if check_arrays(module.spec, kind, module.describe(kind, name), image, label, checks):
                 module.check_sample(kind, name, image, label, checks)
         if progress is not None:
             progress(index + 1, total)
     return total
-
-
-def check_arrays(module: SemiSupervisedDataModule, kind: str, name: str, image, label, checks: Checks) -> bool:
-    """Shape, channel, dtype and value checks every family shares. Returns whether the sample is usable."""
-    spec = module.spec
-    where = module.describe(kind, name)
-    spatial = 3 if kind == "case" and spec.eval_mode == "slicewise" else spec.spatial_dims
-    multi = spec.in_channels > 1
-    layout = ("(*spatial, channels)" if kind == "item" else "(channels, *spatial)") if multi else "(*spatial)"
-    image, label = np.asarray(image), None if label is None else np.asarray(label)
-    before = len(checks.problems)
-    fix = "re-create the file in the dataset's published format (or convert the raw data: `python -m benchmark data convert`)"
-    if not (np.issubdtype(image.dtype, np.number) and np.isfinite(image).all()):
-        checks.problem(f"the image is not numeric and finite (dtype {image.dtype})", where, fix)
-    if image.ndim != spatial + multi or (multi and image.shape[-1 if kind == "item" else 0] != spec.in_channels):
-        checks.problem(
-            f"the image has shape {image.shape}; {spec.name} expects {spatial} spatial axes"
-            + (f" and {spec.in_channels} channels, {layout}" if multi else ""), where, fix)
-        return False
-    spatial_shape = (image.shape[:-1] if kind == "item" else image.shape[1:]) if multi else image.shape
-    if label is None:
-        checks.problem("no label was loaded", where, fix)
-        return False
-    if label.shape != spatial_shape:
-        checks.problem(f"image and label shapes differ: image {image.shape}, label {label.shape}", where, fix)
-        return False
-    if not np.issubdtype(label.dtype, np.integer):
-        checks.problem(f"the label has dtype {label.dtype}; labels are whole class numbers", where, fix)
-        return len(checks.problems) == before
-    allowed = set(range(spec.num_classes)) | ({spec.ignore_index} if spec.ignore_index is not None else set())
-    found = {int(v) for v in np.unique(label)}
-    bad = sorted(found - allowed)
-    if bad:
-        checks.problem(
-            f"the label has values {bad} outside the {spec.num_classes} classes 0..{spec.num_classes - 1}"
-            + (f" (and ignore {spec.ignore_index})" if spec.ignore_index is not None else ""),
-            where, "check that this is the right dataset name for the folder, or re-create the label file")
-    return len(checks.problems) == before
 
 
 def format_report(result: Verification, max_problems: int = 20) -> str:

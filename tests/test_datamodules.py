@@ -147,7 +147,7 @@ def test_la_crop_pads_volumes_smaller_than_the_patch(tmp_path):
     assert batch["labeled"]["image"].shape == (2, 1, 32, 32, 32)
 
 
-# ---- bad input -----------------------------------------------------------------------------------
+# ---- bad input (the DataModule's own errors; through the CLI: tests/test_bad_input_catalogue.py) ---------------
 def test_missing_data_root(tmp_path):
     with pytest.raises(UserError, match="does not exist") as error:
         acdc(tmp_path / "nowhere", ratio=0.1)

@@ -25,12 +25,16 @@ def test_append_creates_then_extends_with_the_union_of_columns(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+ROWS_PER_WRITER = 50
+
+
 def _writer(path, worker):
-    for i in range(25):
+    for i in range(ROWS_PER_WRITER):
         append_rows(path, [row(worker * 100 + i)])
 
 
 def test_concurrent_writers_lose_no_rows(tmp_path):
+    """4 processes appending 50 rows each to one leaderboard: exactly 200 well-formed rows."""
     path = tmp_path / "acdc.csv"
     context = multiprocessing.get_context("fork")
     workers = [context.Process(target=_writer, args=(path, w)) for w in range(4)]
@@ -38,8 +42,12 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
         w.start()
     for w in workers:
         w.join()
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    lines = path.read_text().splitlines()
+    assert all(line.count(",") == lines[0].count(",") for line in lines)  # no value holds a comma: fields per line
     table = pd.read_csv(path)
-    assert len(table) == 100 and table["seed"].is_unique
+    assert len(table) == 4 * ROWS_PER_WRITER and table["seed"].is_unique and not table.isna()[CORE_COLUMNS].any().any()
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_damaged_csv_is_reported_and_left_alone(tmp_path):

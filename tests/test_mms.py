@@ -237,8 +237,7 @@ def test_labeled_partitions_split_whole_units_in_list_order(acdc_root):
     first_part = dm.labeled_partition_sizes[0]
     # round(3 / 2) = 2 patients for network 1, 1 for network 2; no patient straddles the parts
     assert len(set(patients[:first_part])) == 2 and set(patients[:first_part]).isdisjoint(patients[first_part:])
-    sampler = dm._stream(dm.split.labeled, True, 4).sampler
-    indices = list(sampler)
+    indices = [index for index, _draw in dm._stream(dm.split.labeled, True, 4).sampler]
     for step in range(6):
         batch = indices[step * 4 : step * 4 + 4]
         assert all(i < first_part for i in batch[:2]) and all(i >= first_part for i in batch[2:])

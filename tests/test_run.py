@@ -55,24 +55,7 @@ def test_smoke_fit_3d_writes_a_row(tmp_path):
     assert table["labeled_cases"][0] == 2 and "dice_LA" in table.columns
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "mean_teachr"], "unknown method 'mean_teachr'"),
-    (["--dataset", "acdcc"], "unknown dataset 'acdcc'"),
-    (["--profile", "gpu"], "unknown profile 'gpu'"),
-    (["--ratio", "1.5"], "RATIO must be a number in (0, 1]"),
-    (["--ratio", "0"], "RATIO must be a number in (0, 1]"),
-    (["--labeled", "500"], "LABELED=500 is impossible"),
-    (["--dataset", "acdc"], "needs DATA_ROOT"),
-    (["--dataset", "acdc", "--data-root", "/nonexistent/ACDC"], "/nonexistent/ACDC"),
-    (["--set", "trainer.max_steps=many"], "expected a whole number"),
-    (["--set", "trainer.max_stepz=3"], "unknown config key"),
-])
-def test_bad_input_gives_one_message_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
-    assert run_cli(tmp_path, *(["--ratio", "0.2"] if "--ratio" not in args and "--labeled" not in args else []), *args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
-    assert not (tmp_path / "lb").exists() or not list((tmp_path / "lb").glob("*.csv"))
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+# Bad input through this CLI (names, values, paths, data, checkpoints): tests/test_bad_input_catalogue.py.
 
 
 def test_list_commands(capsys):

@@ -121,10 +121,10 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on_and_a_resume_retrie
 
     real_run = run_module.run
 
-    def run_failing_seed_0(config):
+    def run_failing_seed_0(config, **options):
         if config["run"]["seed"] == 0:
             raise RuntimeError("boom in seed 0")
-        return real_run(config)
+        return real_run(config, **options)
 
     monkeypatch.setattr(run_module, "run", run_failing_seed_0)
     assert sweep_cli(tmp_path, "--seeds", "0", "1", "--in-process") == 1

@@ -94,7 +94,7 @@ def test_wrong_number_of_axes(acdc_copy):
     rewrite_h5(path, image=image[None], label=label[None])
     result = verify("acdc", acdc_copy)
     assert [p.what for p in result.checks.problems] == [
-        f"the image has shape {(1, *image.shape)}; acdc expects 2 spatial axes"]
+        f"the image has shape {(1, *image.shape)}; acdc expects 2 spatial axes (a 3-D file given to a 2-D dataset?)"]
 
 
 def test_bad_label_value(acdc_copy, capsys):
