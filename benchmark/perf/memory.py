@@ -93,9 +93,10 @@ def in_subprocess(*args: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the thread count make perf runs with
     completed = subprocess.run([sys.executable, "-m", "benchmark.perf.memory", *args], cwd=REPO_ROOT,
                                capture_output=True, text=True, env=env)
-    if completed.returncode != 0:
-        return {"error": completed.stderr.strip().splitlines()[-1][:300] if completed.stderr.strip() else "failed"}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    lines = completed.stdout.strip().splitlines()
+    if completed.returncode != 0 or not lines:  # (Lightning turns a SIGTERM into a clean exit without output)
+        return {"error": completed.stderr.strip().splitlines()[-1][:300] if completed.stderr.strip() else "failed without output"}
+    return json.loads(lines[-1])
 
 
 def run(acdc_root: Path, quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
