@@ -155,16 +155,31 @@ def make_run_dir(config: dict[str, Any], digest: str) -> Path:
     Ranks started by torchrun or srun on other nodes do not inherit rank 0's environment; they write nothing
     (Lightning's loggers and checkpoint saving are rank-zero only), so they get a path that is never created."""
     rank = _global_rank(int(config["trainer"]["devices"]))
-    if rank != 0 and os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])
+    inherited = inherited_run_dir()
+    if rank != 0 and inherited is not None:
+        return inherited
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{run_dir_prefix(config, digest)}_{stamp}_{os.getpid()}"
     run_dir = Path(config["run"]["out"]).resolve() / config["dataset"] / config["method_name"] / name
     if rank != 0:
         return run_dir.with_name(f"{name}_rank{rank}")
     run_dir.mkdir(parents=True, exist_ok=False)
-    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP ranks Lightning launches
     return run_dir
+
+
+def share_run_dir_with_ranks(run_dir: Path) -> None:
+    """Tell the DDP ranks Lightning launches from this process (its children) which folder is the run's."""
+    os.environ[RUN_DIR_ENV] = f"{os.getpid()}:{run_dir}"
+
+
+def inherited_run_dir() -> Path | None:
+    """The run folder of the rank 0 that launched this process, if it did. The variable names its process id:
+    the same variable inherited by anything else (a torchrun started from a process that once ran a run, e.g. a
+    test session) would otherwise send this rank into a stale folder."""
+    launcher_pid, _, path = os.environ.get(RUN_DIR_ENV, "").partition(":")
+    if path and launcher_pid == str(os.getppid()):
+        return Path(path)
+    return None
 
 
 def run_dir_prefix(config: dict[str, Any], digest: str) -> str:
@@ -580,6 +595,8 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
     digest = config_hash(config)
     rank_zero = _global_rank(devices) == 0
     run_dir = check_resumable(Path(resume), config, digest) if resume is not None else make_run_dir(config, digest)
+    if rank_zero:
+        share_run_dir_with_ranks(run_dir)
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=resume is not None)
     with holding_run_folder(run_dir) if rank_zero else nullcontext():
         try:

@@ -111,7 +111,7 @@ def test_rank_detection_follows_lightning_cluster_environments(monkeypatch, vari
 
 @pytest.mark.slow
 def test_validation_and_test_cases_are_spread_over_the_ranks_and_gathered(tmp_path):
-    run_two_rank_script("ddp_spread_eval.py", tmp_path, master_port=29541)
+    run_two_rank_script("ddp_spread_eval.py", tmp_path, master_port=29543)
     seen = [json.loads((tmp_path / f"seen_rank{rank}.json").read_text()) for rank in (0, 1)]
     split = json.loads(next((tmp_path / "runs").rglob("split.json")).read_text())
     val_cases, test_cases = split["val"][:4], split["test"][:4]
@@ -123,3 +123,17 @@ def test_validation_and_test_cases_are_spread_over_the_ranks_and_gathered(tmp_pa
     assert rows["checkpoint"].tolist() == ["last", "best"] and (rows["n_cases"] == 4).all()
     per_case = pd.read_csv(Path(rows["run_dir"][0]) / "test_per_case_last.csv")
     assert list(dict.fromkeys(per_case["case"])) == test_cases  # gathered in the split's order
+
+
+def test_a_rank_only_takes_the_run_folder_of_the_process_that_launched_it(monkeypatch, tmp_path):
+    # A test session (or any shell) that once ran a run keeps the variable; a torchrun started from it must not
+    # send its ranks into that stale folder.
+    from benchmark.run import RUN_DIR_ENV, inherited_run_dir, share_run_dir_with_ranks
+
+    monkeypatch.setenv(RUN_DIR_ENV, "")
+    share_run_dir_with_ranks(tmp_path)
+    assert inherited_run_dir() is None  # set by this process: only its children take it
+    monkeypatch.setenv(RUN_DIR_ENV, f"{os.getppid()}:{tmp_path}")
+    assert inherited_run_dir() == tmp_path
+    monkeypatch.setenv(RUN_DIR_ENV, f"{os.getppid() + 1}:{tmp_path}")
+    assert inherited_run_dir() is None
