@@ -38,7 +38,7 @@ def measure(dataset: str, root: Path, method: str, profile: str, batches: int, s
         total = SKIPPED_BATCHES + 1 + batches + steps + 8
         config = method_config(method, dataset, profile, total, Path(out), [f"data.root={root}", *extra])
         per_batch = loader_batch_seconds(config, batches)
-        step = statistics.median(bare_steps(config, warmup=2, steps=steps))
+        step = statistics.median(bare_steps(config, warmup=2, steps=steps)["step"])
     return {
         "method": method, "num_workers": config["data"]["num_workers"],
         "batch": {"labeled": config["data"]["labeled_batch_size"], "unlabeled": config["data"]["unlabeled_batch_size"]},
