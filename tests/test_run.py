@@ -143,3 +143,18 @@ def test_score_command_scores_a_folder(tmp_path, capsys):
     assert class1["dice"].iloc[0] == pytest.approx(2 * 432 / (552 + 432), abs=1e-6)
     assert "case01" in capsys.readouterr().out
     assert main(["score", str(tmp_path / "missing"), str(tmp_path / "gt")]) == 2
+
+
+def test_reevaluate_reproduces_the_row_and_evaluates_the_other_network(tmp_path, capsys):
+    from benchmark.reevaluate import main as reevaluate_main
+
+    assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--method", "cps") == 0
+    table = check_finished_run(tmp_path, "synthetic_acdc")
+    run_dir = Path(table["run_dir"][0])
+    before = sorted(p.name for p in (tmp_path / "lb").iterdir())
+    assert reevaluate_main([str(run_dir)]) == 0
+    assert f"dice={table['dice'][0]:.4f}" in capsys.readouterr().out  # its own settings: the row's number
+    assert reevaluate_main([str(run_dir), "--set", "method.predict_with=model2"]) == 0
+    assert "method.predict_with=model2" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == before and len(list(run_dir.glob("reevaluated_last_*.csv"))) == 2
+    assert reevaluate_main([str(tmp_path)]) == 2  # not a run folder
