@@ -11,6 +11,8 @@ from typing import Any, Sequence, TypeVar
 
 import torch.distributed as dist
 
+from benchmark.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -25,6 +27,13 @@ def my_share(items: Sequence[T]) -> list[T]:
     """This rank's items: every world-th, from its rank on (balanced to one item, order kept)."""
     rank, world = rank_and_world()
     return list(items[rank::world])
+
+
+def check_shareable(case_count: int, world_size: int, stage: str) -> None:
+    """A rank without a case would skip the evaluation loop and leave the others waiting in the gather."""
+    if case_count < world_size:
+        raise UserError(f"the {stage} set has {case_count} cases, fewer than the {world_size} devices that share it",
+                        fix="use fewer DEVICES (or more evaluation cases: data.max_eval_cases)")
 
 
 def gather_to_all(value: Any) -> list[Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark.checkpoints import BEST_NAME, checkpoint_folder, read_checkpoint
+from benchmark.checkpoints import read_checkpoint
 from benchmark.config import apply_overrides
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
@@ -38,8 +38,7 @@ def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last") ->
     method_cls = get_method(config["method_name"])
     final_stage = method_cls.stages[-1]
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=True)
-    path = folder.last_checkpoint(final_stage) if checkpoint == "last" else \
-        checkpoint_folder(folder.stage_dir(final_stage)) / f"{BEST_NAME}.ckpt"
+    path = folder.last_checkpoint(final_stage) if checkpoint == "last" else folder.best_checkpoint(final_stage)
     config["run"]["out"] = str(run_dir.parent)  # prepare() checks it is writable; nothing is written there
     entry, method_cls, datamodule = prepare(config)
     model = method_cls(entry.spec, stage_config(config, final_stage))

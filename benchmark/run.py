@@ -55,7 +55,7 @@ from benchmark.checkpoints import (
     checkpoint_folder, checkpoint_step, read_checkpoint,
 )
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
-from benchmark.distributed import broadcast_from_rank_zero, gather_to_all, my_share, rank_and_world
+from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
@@ -266,6 +266,10 @@ class RunFolder:
 
     def last_checkpoint(self, stage: str) -> Path:
         return checkpoint_folder(self.stage_dir(stage)) / LAST_CHECKPOINT
+
+    def best_checkpoint(self, stage: str) -> Path:
+        """Where the best-on-validation checkpoint of ``stage`` is (it exists once a validation ran)."""
+        return checkpoint_folder(self.stage_dir(stage)) / f"{BEST_NAME}.ckpt"
 
     def resume_checkpoint(self, stage: str) -> Path | None:
         path = checkpoint_folder(self.stage_dir(stage)) / RESUME_CHECKPOINT
@@ -535,14 +539,10 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
     model = trained.model if trained.model is not None else method_cls(spec, staged)
     evaluator = Evaluator.from_config(spec, config)
     model.eval()
-    device = model.device
     test_cases = datamodule.cases("test")
-    world_size = rank_and_world()[1]
-    if len(test_cases) < world_size:
-        raise UserError(f"the test set has {len(test_cases)} cases, fewer than the {world_size} devices that share it",
-                        fix="use fewer DEVICES")
+    check_shareable(len(test_cases), rank_and_world()[1], "test")
     checkpoints = {"last": folder.last_checkpoint(stage)}
-    best = checkpoint_folder(folder.stage_dir(stage)) / f"{BEST_NAME}.ckpt"
+    best = folder.best_checkpoint(stage)
     if best.is_file():
         checkpoints["best"] = best
     checkpoints = broadcast_from_rank_zero(checkpoints)  # rank 0's view of its folder

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.atomic import write_text_atomically
+from benchmark.distributed import check_shareable
 from benchmark.errors import UserError
 from datamodules.checks import Checks, check_arrays, collecting, report
 from datamodules.samplers import PartitionedStepSampler, PositionedEpoch, StepSampler
@@ -483,10 +484,7 @@ class SemiSupervisedDataModule(pl.LightningDataModule):
         # Under DDP each rank loads and scores its own share of the cases; the method gathers the scores.
         rank, world_size, _ = self._world()
         cases = self.cases(stage)
-        if len(cases) < world_size:
-            # A rank without a case would skip the evaluation loop and leave the others waiting in the gather.
-            raise UserError(f"the {stage} set has {len(cases)} cases, fewer than the {world_size} devices that share it",
-                            fix="use fewer DEVICES (or more evaluation cases: data.max_eval_cases)")
+        check_shareable(len(cases), world_size, stage)
         share = Cases(cases.case_ids[rank::world_size], cases.load_case)
         return DataLoader(share, batch_size=None, collate_fn=_as_is, num_workers=min(self.num_workers, 1))
 
