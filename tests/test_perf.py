@@ -37,7 +37,25 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     assert memory["evaluation_la_protocol_volume"]["peak_rss_mb"] > 0
     assert sections["inference_speed"]["3d"]["vnet_base_features_16"]["windows_per_volume"] == 72
     assert sections["precision"]["resolved_trainer_precision"] == ["32-true"]
+    cost = sections["paper_cost"]["protocols"]["acdc"]["methods"]["supervised"]
+    assert cost["run_pflop"] > 0 and cost["supervised_runs"] == 1.0 and cost["stages"]["train"]["steps"] == 30000
     markdown = (tmp_path / "report.md").read_text()
     for heading in ("## Metrics", "## Sliding window", "## Training step", "## Data loading", "## Memory",
-                    "## Inference speed", "## Mixed precision"):
+                    "## Inference speed", "## Mixed precision", "## Compute of a `paper`-profile run"):
         assert heading in markdown
+
+
+def test_paper_cost_counts_what_the_method_computes(one_torch_thread):
+    """CPS trains two networks on labeled + unlabeled halves of equal size: exactly 4x supervised-only's counted
+    compute per step (convolutions are linear in the batch; the losses add no counted operations)."""
+    from benchmark.perf import paper_cost
+
+    result = paper_cost.run(True, ["supervised", "cps"])["protocols"]["acdc"]["methods"]
+    supervised, cps = result["supervised"], result["cps"]
+    assert cps["stages"]["train"]["batch"] == {"labeled": 2, "unlabeled": 2}
+    assert supervised["stages"]["train"]["batch"] == {"labeled": 2, "unlabeled": 0}
+    assert cps["stages"]["train"]["step_tflop"] == pytest.approx(4 * supervised["stages"]["train"]["step_tflop"], rel=1e-12)
+    assert cps["supervised_runs"] == pytest.approx(4.0)
+    assert cps["stages"]["train"]["steps"] == 30000  # the paper budget, not a CPU one
+    hours = cps["hours_at_assumed_tflops"]
+    assert hours["10.0"] == pytest.approx(4 * hours["40.0"])

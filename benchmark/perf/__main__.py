@@ -12,12 +12,12 @@ from benchmark.errors import EXIT_USER_ERROR, UserError
 from benchmark.perf import data, report
 from benchmark.perf.timing import machine
 
-SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision")
+SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision", "paper_cost")
 
 
 def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int) -> dict:
-    from benchmark.perf import (inference_speed, loading, memory, metrics_section, precision, sliding_window,
-                                training_step)
+    from benchmark.perf import (inference_speed, loading, memory, metrics_section, paper_cost, precision,
+                                sliding_window, training_step)
 
     la_root = data.write_la_sized(work / "la-sized", n_train=3 if quick else 6, n_test=1 if quick else 2,
                                   shape=(48, 40, 24) if quick else data.LA_SIZED_SHAPE)
@@ -29,6 +29,7 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
         "memory": lambda: memory.run(acdc_root, quick, methods),
         "inference_speed": lambda: inference_speed.run(quick, results["sections"].get("sliding_window")),
         "precision": lambda: precision.run(quick),
+        "paper_cost": lambda: paper_cost.run(quick, methods),
     }
     results = {"quick": quick, "threads": threads, "machine": machine(), "sections": {}, "section_seconds": {}, "errors": {}}
     started = time.perf_counter()
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="perf", help="folder for report.json and report.md (default perf/)")
     parser.add_argument("--acdc-root", default=None, help="the real ACDC copy (default ../shared/datasets/ACDC)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=[], help="run only these sections")
-    parser.add_argument("--methods", nargs="+", default=None, help="methods for the step and memory sections (default: all registered)")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods for the step, memory and paper_cost sections (default: all registered)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for the timed sections (default 1: on a shared machine a pool of 2+ "
                              "OpenMP threads stalls whenever one of them is preempted, which swamps every ratio)")

@@ -151,6 +151,35 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{p['how_to_enable_on_gpu']}. Informative, on this CPU: a bf16-autocast training step takes "
                   f"{_fmt(p['cpu_bf16_autocast_step_over_fp32'])}x the fp32 one ({p['cpu_step']}).", "",
                   p["gpu_expectation"], ""]
+    if "paper_cost" in sections:
+        c = sections["paper_cost"]
+        low, high = (str(t) for t in c["assumed_tflops"])
+        lines += ["## Compute of a `paper`-profile run (expected GPU time)", "",
+                  "Counted, not timed: FLOPs of one training step (torch's FlopCounterMode around the method's own "
+                  "training_step and backward, convolutions and matrix products, 2 per multiply-add) at the paper "
+                  "protocol's patch, batch and width, times the paper's steps per stage. Hours = FLOPs / a sustained "
+                  f"throughput; {low} and {high} TFLOP/s bracket what fp32/TF32 training of these small networks "
+                  "typically sustains on an A100-class GPU (not measured here). Element-wise work (batch norm, "
+                  "activations: memory-bound, and a large share of a narrow U-Net's GPU time), data loading and "
+                  "validation are not counted, so the hours are lower bounds of the compute alone. The column "
+                  "'supervised runs' is the run's counted compute over supervised-only's: time one supervised paper "
+                  "run on your GPU and multiply for an estimate of the others.", ""]
+        for protocol in c["protocols"].values():
+            lines += [f"**{protocol['label']}**", "",
+                      f"| method | patch, width | batch (labeled+unlabeled) | TFLOP per step | steps | PFLOP per run | supervised runs | h at {low} TFLOP/s | h at {high} TFLOP/s |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for name, r in protocol["methods"].items():
+                if "error" in r:
+                    lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
+                    continue
+                stages = r["stages"].values()
+                batch = ", ".join(f"{s['batch']['labeled']}+{s['batch']['unlabeled']}" for s in stages)
+                per_step = ", ".join(_fmt(s["step_tflop"], 3) for s in stages)
+                steps = " + ".join(str(s["steps"]) for s in stages)
+                hours = r["hours_at_assumed_tflops"]
+                lines.append(f"| {name} | {r['patch']}, {r['base_features']} | {batch} | {per_step} | {steps} | "
+                             f"{_fmt(r['run_pflop'], 1)} | {_fmt(r.get('supervised_runs'), 1)} | {_fmt(hours[low], 2)} | {_fmt(hours[high], 2)} |")
+            lines.append("")
     if report.get("errors"):
         lines += ["## Sections that failed", ""] + [f"- {name}: {error}" for name, error in report["errors"].items()] + [""]
     return "\n".join(lines)
