@@ -401,7 +401,9 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         grid = self.patch_grid(strong)
         anchors = _flatten_cells(self.patch_heads[anchor_side](strong, grid))
         with torch.no_grad():
-            keys = _flatten_cells(self.patch_heads[other](outputs[other]["bottleneck"][n_labeled:], grid))
+            # detach(): the same values; a view of a grad-requiring tensor made under no_grad would still say
+            # requires_grad without a grad_fn, which torch's FlopCounterMode (make perf's paper_cost) rejects.
+            keys = _flatten_cells(self.patch_heads[other](outputs[other]["bottleneck"][n_labeled:].detach(), grid))
         n_unlabeled = strong.shape[0]
         cells = torch.arange(anchors.shape[0], device=anchors.device).view(n_unlabeled, *grid)
         # A cell mostly inside the CutMix box shows the partner image there: its positive is the partner's cell.
