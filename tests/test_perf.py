@@ -59,3 +59,12 @@ def test_paper_cost_counts_what_the_method_computes(one_torch_thread):
     assert cps["stages"]["train"]["steps"] == 30000  # the paper budget, not a CPU one
     hours = cps["hours_at_assumed_tflops"]
     assert hours["10.0"] == pytest.approx(4 * hours["40.0"])
+
+
+def test_paper_cost_on_la_uses_the_la_budgets_and_skips_2d_methods(one_torch_thread):
+    from benchmark.perf import paper_cost
+
+    result = paper_cost.run(True, ["supervised", "mean_teacher", "mms"], ["la"])["protocols"]["la"]["methods"]
+    assert result["supervised"]["stages"]["train"]["steps"] == 6000  # UA-MT's LA budget
+    assert result["mean_teacher"]["supervised_runs"] > 1
+    assert "2-D only" in result["mms"]["not_applicable"]

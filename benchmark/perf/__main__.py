@@ -15,7 +15,8 @@ from benchmark.perf.timing import machine
 SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision", "paper_cost")
 
 
-def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int) -> dict:
+def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int,
+            cost_protocols: list[str] | None = None) -> dict:
     from benchmark.perf import (inference_speed, loading, memory, metrics_section, paper_cost, precision,
                                 sliding_window, training_step)
 
@@ -29,7 +30,7 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
         "memory": lambda: memory.run(acdc_root, quick, methods),
         "inference_speed": lambda: inference_speed.run(quick, results["sections"].get("sliding_window")),
         "precision": lambda: precision.run(quick),
-        "paper_cost": lambda: paper_cost.run(quick, methods),
+        "paper_cost": lambda: paper_cost.run(quick, methods, cost_protocols),
     }
     results = {"quick": quick, "threads": threads, "machine": machine(), "sections": {}, "section_seconds": {}, "errors": {}}
     started = time.perf_counter()
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for the timed sections (default 1: on a shared machine a pool of 2+ "
                              "OpenMP threads stalls whenever one of them is preempted, which swamps every ratio)")
+    parser.add_argument("--cost-protocols", nargs="+", choices=("acdc", "la"), default=None,
+                        help="protocols the paper_cost section counts (default: acdc; la costs tens of CPU minutes)")
     args = parser.parse_args(argv)
     import torch
 
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
     try:
         acdc_root = data.acdc_root(args.acdc_root)
         with tempfile.TemporaryDirectory(prefix="perf-") as work:
-            results = measure(args.quick, acdc_root, Path(work), args.only, args.methods, Path(args.out), args.threads)
+            results = measure(args.quick, acdc_root, Path(work), args.only, args.methods, Path(args.out), args.threads,
+                              args.cost_protocols)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR

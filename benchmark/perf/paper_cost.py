@@ -32,8 +32,14 @@ ASSUMED_TFLOPS = (10.0, 40.0)
 PROTOCOLS = {
     # name: (synthetic set of the family, the family's paper patch, label)
     "acdc": ("synthetic_acdc", [256, 256], "ACDC (SSL4MIS protocol)"),
+    "la": ("synthetic_la", [112, 112, 80], "LA (UA-MT protocol)"),
 }
-QUICK_PATCH = {"acdc": [96, 96]}  # the smallest patch that still holds one of ACTION's 2-D paper windows
+# Counted by default: ACDC. LA on request (--cost-protocols acdc la): one step of ACTION's 3-D stage 3 alone is
+# about 40 TFLOP (its 3x3x3 head reads a 496-channel hypercolumn at full resolution, ~8 GB for the batch), which
+# is tens of minutes on a CPU core.
+DEFAULT_PROTOCOLS = ("acdc",)
+# Quick mode (tests): the smallest patches that still hold one of ACTION's paper windows (64^2 / 20^3).
+QUICK_PATCH = {"acdc": [96, 96], "la": [32, 32, 32]}
 
 
 def protocol_config(method: str, protocol: str, out: Path, quick: bool) -> dict[str, Any]:
@@ -64,8 +70,13 @@ def step_flops(config: dict[str, Any]) -> int:
 
 
 def measure(method: str, protocol: str, quick: bool) -> dict[str, Any]:
+    from benchmark.errors import UserError
     from benchmark.run import plan_stages, stage_config
 
+    try:
+        get_method(method).check_dataset(get_dataset(PROTOCOLS[protocol][0]).spec)
+    except UserError as error:  # e.g. a 2-D method on LA
+        return {"not_applicable": error.message}
     with tempfile.TemporaryDirectory(prefix="perf-cost-") as out:
         config = protocol_config(method, protocol, Path(out), quick)
         stages = {}
@@ -82,11 +93,12 @@ def measure(method: str, protocol: str, quick: bool) -> dict[str, Any]:
                 "hours_at_assumed_tflops": {str(t): run_pflop * 1e3 / t / 3600 for t in ASSUMED_TFLOPS}}
 
 
-def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
+def run(quick: bool, methods: list[str] | None = None, protocols: list[str] | None = None) -> dict[str, Any]:
     from methods.registry import method_names
 
     results: dict[str, Any] = {"assumed_tflops": list(ASSUMED_TFLOPS), "protocols": {}}
-    for protocol, (_, _, label) in PROTOCOLS.items():
+    for protocol in protocols or DEFAULT_PROTOCOLS:
+        label = PROTOCOLS[protocol][2]
         per_method = {}
         for name in methods or method_names():
             try:

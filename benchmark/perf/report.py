@@ -169,8 +169,9 @@ def markdown(report: dict[str, Any]) -> str:
                       f"| method | patch, width | batch (labeled+unlabeled) | TFLOP per step | steps | PFLOP per run | supervised runs | h at {low} TFLOP/s | h at {high} TFLOP/s |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
             for name, r in protocol["methods"].items():
-                if "error" in r:
-                    lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
+                if "error" in r or "not_applicable" in r:
+                    why = f"error: {r['error']}" if "error" in r else f"not applicable ({r['not_applicable']})"
+                    lines.append(f"| {name} | {why} | | | | | | | |")
                     continue
                 stages = r["stages"].values()
                 batch = ", ".join(f"{s['batch']['labeled']}+{s['batch']['unlabeled']}" for s in stages)
