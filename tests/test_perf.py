@@ -28,6 +28,7 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     step = sections["training_step"]["methods"]["supervised"]
     assert step["ratio"] > 0 and step["bare_step_median_s"] > 0
     assert step["cpu_ratio"] > 0 and step["suite_cpu_step_median_s"] > 0 and step["bare_cpu_step_median_s"] > 0
+    assert 0 < step["framework"]["framework_python_s_per_step"] and 0 < step["framework"]["share_of_profiled_step"] < 1
     for per_method in sections["loading"]["datasets"].values():
         assert set(per_method) == {"supervised", "mean_teacher"}
         assert all(r["loader_speed_over_step"] > 0 for r in per_method.values())

@@ -83,24 +83,30 @@ def markdown(report: dict[str, Any]) -> str:
                   "process's CPU time (what the suite's own machinery costs; loading runs in worker processes and "
                   "shows as waiting). On a shared machine the CPU-time ratio is the one to trust: other jobs stretch "
                   "wall time, not the CPU time a step consumes.", "",
-                  "| method | suite step s | bare step s | wall ratio | suite CPU s | bare CPU s | CPU-time ratio (target <= 1.10) | met | suite: waiting for the batch s | wall ratio per round |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | suite step s | bare step s | wall ratio | suite CPU s | bare CPU s | CPU-time ratio (target <= 1.10) | met | framework Python per step (profiled) | suite: waiting for the batch s | wall ratio per round |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in t["methods"].items():
             if "error" in r:
-                lines.append(f"| {name} | error: {r['error']} | | | | | | | | |")
+                lines.append(f"| {name} | error: {r['error']} | | | | | | | | | |")
                 continue
+            framework = r.get("framework")
+            framework_cell = (f"{1000 * framework['framework_python_s_per_step']:.0f} ms = "
+                              f"{100 * framework['share_of_profiled_step']:.1f} %" if framework else "–")
             cpu_ratio = r.get("cpu_ratio")  # reports written before CPU time was measured have only wall time
             lines.append(f"| {name} | {_fmt(r['suite_step_median_s'], 3)} | {_fmt(r['bare_step_median_s'], 3)} | "
                          f"{_fmt(r['ratio'], 3)} | {_fmt(r.get('suite_cpu_step_median_s'), 3)} | {_fmt(r.get('bare_cpu_step_median_s'), 3)} | "
                          f"{_fmt(cpu_ratio, 3)} | {_verdict(cpu_ratio if cpu_ratio is not None else r['ratio'], TARGETS['step_ratio'], False)} | "
-                         f"{_fmt(r['suite_waiting_for_batch_median_s'], 4)} | {', '.join(_fmt(x, 3) for x in r['ratio_per_round'])} |")
+                         f"{framework_cell} | {_fmt(r['suite_waiting_for_batch_median_s'], 4)} | {', '.join(_fmt(x, 3) for x in r['ratio_per_round'])} |")
         measured = [r for r in t["methods"].values() if "error" not in r]
         if measured:
             waiting = max(r["suite_waiting_for_batch_median_s"] / r["suite_step_median_s"] for r in measured)
             lines += ["", f"Waiting for the next batch takes at most {100 * waiting:.1f} % of a suite step, so the loaders "
                       "are not what a step pays for. On a shared machine one round's wall ratio moves by tens of percent "
                       "with the load of the other jobs (in a separate check, two consecutive rounds of MC-Net+ gave 0.99 "
-                      "and 3.33); wall ratios within ~0.2 of 1 are not resolved by this run."]
+                      "and 3.33); wall ratios within ~0.2 of 1 are not resolved by this run. The profiled column is "
+                      "the load-robust figure: the Python time Lightning's and the suite's own code (loop, logging, "
+                      "callbacks) takes per step, from a second suite fit with its steps after warm-up under cProfile, "
+                      "and its share of everything profiled in those steps."]
         lines.append("")
     if "loading" in sections:
         d = sections["loading"]

@@ -11,6 +11,9 @@ Validation is not part of a step: it runs after the timed steps (report: ``valid
 """
 from __future__ import annotations
 
+import copy
+import cProfile
+import pstats
 import statistics
 import tempfile
 import time
@@ -79,6 +82,57 @@ def suite_steps(config: dict, warmup: int) -> dict[str, list[float]]:
     return {"step": whole, "waiting_for_batch": waiting, "cpu": clock.cpu_times(warmup)}
 
 
+# Code that is the suite's or Lightning's own (not the method's maths): its Python time is the framework overhead.
+FRAMEWORK_FILES = ("pytorch_lightning", "lightning_utilities", "lightning_fabric", "torchmetrics", "/benchmark/",
+                   "/logging/", "/csv.py", "wandb")
+
+
+class ProfiledSteps(pl.Callback):
+    """cProfile from the start of batch ``first`` to the end of the fit's last batch (the steps, not setup/teardown)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.profile = first, last, cProfile.Profile()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.first:
+            self.profile.enable()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.last + 1:  # global_step counts optimizer steps taken, so last + 1 here
+            self.profile.disable()
+
+
+def framework_share(config: dict, warmup: int) -> dict[str, float]:
+    """A second suite fit, its steps after ``warmup`` under cProfile: the Python time spent in Lightning's and the
+    suite's own code per step.
+
+    Load-robust where the timed ratio is not: it counts what the framework executes, not how long the machine took.
+    cProfile's per-call cost inflates Python-heavy code, so it overstates the overhead rather than hiding it. Not
+    counted: tensor operations the framework calls (they are attributed to torch's built-ins)."""
+    from benchmark.run import build_trainer, make_run_dir, prepare
+
+    config = copy.deepcopy(config)
+    config["run"]["out"] = str(Path(config["run"]["out"]) / "profiled")  # run folders are named to the second
+    entry, method_cls, datamodule = prepare(config)
+    digest = config_hash(config)
+    run_dir = make_run_dir(config, digest)
+    pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
+    model = method_cls(entry.spec, config)
+    trainer, _ = build_trainer(config, run_dir, digest)
+    last = config["trainer"]["max_steps"] - 1
+    profiled = ProfiledSteps(warmup, last)
+    trainer.callbacks.append(profiled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=datamodule)
+    stats = pstats.Stats(profiled.profile).stats
+    total = sum(entry[2] for entry in stats.values())
+    framework = sum(entry[2] for key, entry in stats.items() if any(part in key[0] for part in FRAMEWORK_FILES))
+    steps = last - warmup + 1
+    return {"framework_python_s_per_step": framework / steps, "profiled_steps": steps,
+            "share_of_profiled_step": framework / total}
+
+
 def batches_in_memory(datamodule, count: int) -> list[dict]:
     """``count`` training batches from the DataModule's own loaders, as the fit loop would receive them."""
     streams = datamodule.train_dataloader().iterables
@@ -129,6 +183,7 @@ def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, ro
             bare_medians.append(statistics.median(bare["step"]))
             suite_cpu_medians.append(statistics.median(suite["cpu"]))
             bare_cpu_medians.append(statistics.median(bare["cpu"]))
+        framework = framework_share(config, warmup)
     ratios = [s / b for s, b in zip(suite_medians, bare_medians)]
     cpu_ratios = [s / b for s, b in zip(suite_cpu_medians, bare_cpu_medians)]
     return {
@@ -141,6 +196,7 @@ def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, ro
         "suite_cpu_step_median_s": statistics.median(suite_cpu_medians),
         "bare_cpu_step_median_s": statistics.median(bare_cpu_medians),
         "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_per_round": cpu_ratios,
+        "framework": framework,
         "batch": {"labeled": config["data"]["labeled_batch_size"],
                   "unlabeled": config["data"]["unlabeled_batch_size"] if get_method(method).uses_unlabeled else 0},
         "patch": config["data"]["patch_size"], "base_features": config["model"]["base_features"],
