@@ -55,6 +55,18 @@ def test_smoke_fit_3d_writes_a_row(tmp_path):
     assert table["labeled_cases"][0] == 2 and "dice_LA" in table.columns
 
 
+def test_training_values_are_logged_on_the_logger_steps_only(tmp_path):
+    """log_losses skips the steps Lightning would not write (it decides with its own should_update_logs), so the
+    CSV must still hold every step Lightning writes: steps 2, 5 and 8 of 9 with log_every 3 (Lightning counts from
+    1: step index s is written when (s + 1) % 3 == 0)."""
+    assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--method", "mean_teacher",
+                   "--set", "trainer.max_steps=9", "--set", "trainer.log_every=3", "--set", "trainer.val_every=9") == 0
+    run_dir = Path(pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")["run_dir"][0])
+    logged = pd.read_csv(run_dir / "logs" / "metrics.csv")
+    for column in ("train/loss", "train/supervised", "train/consistency"):
+        assert logged.loc[logged[column].notna(), "step"].tolist() == [2, 5, 8], column
+
+
 # Bad input through this CLI (names, values, paths, data, checkpoints): tests/test_bad_input_catalogue.py.
 
 
