@@ -37,7 +37,8 @@ NON_SEMANTIC_KEYS = (
 # Keys added after leaderboard rows existed: at these values they are left out of the hash, so the hashes of
 # earlier rows stay valid (a sweep still recognises them as done).
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
-                       ("trainer", "on_nonfinite_loss"): "stop", ("method", "network_inits"): ["kaiming", "xavier"]}
+                       ("trainer", "on_nonfinite_loss"): "stop", ("method", "network_inits"): ["kaiming", "xavier"],
+                       ("method", "network_init"): "default"}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"

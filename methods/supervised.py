@@ -1,16 +1,29 @@
-"""Supervised-only baseline: the labeled stream, CE + Dice. With RATIO=1.0 it is the full-supervision bound."""
+"""Supervised-only baseline: the labeled stream, CE + Dice. With RATIO=1.0 it is the full-supervision bound.
+
+``method.network_init`` (default ``default``: PyTorch's own init) re-initialises the network with one of CPS's
+schemes (``kaiming``, ``xavier``; methods/networks/base.py ``init_weights``). It isolates what an initialisation
+does without any cross supervision: CPS-family methods give their networks these schemes, and at short budgets
+the Kaiming-initialised one trails (leaderboards/reading.md).
+"""
 from __future__ import annotations
 
+from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
+from methods.networks.base import INIT_SCHEMES, init_weights
 from methods.registry import register
 
 
 @register("supervised")
 class Supervised(SemiSupervisedMethod):
     uses_unlabeled = False
+    defaults = {"network_init": "default"}
 
     def build(self) -> None:
-        self.net = self.build_network()
+        scheme = self.hp["network_init"]
+        if scheme not in (*INIT_SCHEMES, "default"):
+            raise UserError(f"unknown method.network_init '{scheme}' for {self.name}",
+                            fix=f"give one of: {', '.join((*INIT_SCHEMES, 'default'))}")
+        self.net = self.build_network() if scheme == "default" else init_weights(self.build_network(), scheme)
 
     def compute_losses(self, batch):
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]

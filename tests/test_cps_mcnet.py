@@ -252,3 +252,25 @@ def test_network_inits_flag_chooses_each_networks_initialisation(method):
     assert conv_std(plain.net1) == pytest.approx(reference, rel=0.15) and conv_std(plain.net2) == pytest.approx(reference, rel=0.15)
     with pytest.raises(UserError, match="network_inits"):
         built("kaiming, orthogonal")
+
+
+def test_supervised_network_init_isolates_an_initialisation_without_cross_supervision():
+    """supervised's method.network_init applies CPS's schemes to its one network; default keeps PyTorch's."""
+    from benchmark.config import config_hash, resolve_config
+    from methods.networks import build_network
+
+    def conv_std(network):
+        return torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Conv2d)]).std().item()
+
+    reference = conv_std(build_network(2, 1, 4, base_features=4))
+    assert conv_std(make_method("supervised").net) == pytest.approx(reference, rel=0.15)
+    assert conv_std(make_method("supervised", overrides=["method.network_init=kaiming"]).net) > 2 * reference
+    assert conv_std(make_method("supervised", overrides=["method.network_init=xavier"]).net) > 1.3 * reference
+    with pytest.raises(UserError, match="network_init"):
+        make_method("supervised", overrides=["method.network_init=orthogonal"])
+
+    def digest(overrides):
+        return config_hash(resolve_config("synthetic_acdc", "supervised", "smoke", overrides, get_method("supervised").defaults, family="acdc"))
+
+    # The default is hash-neutral (rows written before the flag keep their hash); another scheme is another config.
+    assert digest(["method.network_init=default"]) == digest([]) != digest(["method.network_init=kaiming"])
