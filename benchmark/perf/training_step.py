@@ -169,12 +169,19 @@ def bare_steps(config: dict, warmup: int, steps: int) -> dict[str, list[float]]:
     return {"step": times[warmup + 1:], "cpu": cpu_times[warmup + 1:]}
 
 
-def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, rounds: int, extra=()) -> dict[str, Any]:
-    """``rounds`` x (suite fit, bare loop), alternating; ratio of the medians per round, median over rounds."""
+def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, rounds: int, extra=(),
+            stage: str | None = None) -> dict[str, Any]:
+    """``rounds`` x (suite fit, bare loop), alternating; ratio of the medians per round, median over rounds.
+    ``stage``: the stage of a multi-stage method to time, with its own per-stage settings (batch, budget)."""
+    from benchmark.run import stage_config
+
     suite_medians, bare_medians, waiting_medians, suite_cpu_medians, bare_cpu_medians = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="perf-step-") as out:
         # The suite's steps are counted between batch ends: warmup + steps + 1 steps give `steps` intervals after warmup.
         config = method_config(method, dataset, profile, warmup + steps + 1, Path(out), list(extra))
+        if stage is not None:
+            config = stage_config(config, stage)
+            config["trainer"]["max_steps"] = config["trainer"]["val_every"] = warmup + steps + 1
         for _ in range(rounds):
             suite = suite_steps(config, warmup)
             bare = bare_steps(config, warmup, steps)
@@ -214,8 +221,12 @@ def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"dataset": "synthetic_acdc", "profile": profile, "steps_timed": steps,
                                "warmup_steps": warmup, "rounds": rounds, "methods": {}}
     for name in names:
-        try:
-            results["methods"][name] = measure(name, "synthetic_acdc", profile, steps, warmup, rounds)
-        except Exception as error:  # a method added by someone else must not sink the whole report
-            results["methods"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        stages = get_method(name).stages
+        # A multi-stage method's stages cost very differently (ACTION's stage 3 adds a full-resolution head).
+        for stage in stages if len(stages) > 1 else [None]:
+            key = name if stage is None else f"{name} ({stage})"
+            try:
+                results["methods"][key] = measure(name, "synthetic_acdc", profile, steps, warmup, rounds, stage=stage)
+            except Exception as error:  # a method added by someone else must not sink the whole report
+                results["methods"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
     return results
