@@ -69,3 +69,11 @@ def test_paper_cost_on_la_uses_the_la_budgets_and_skips_2d_methods(one_torch_thr
     assert result["supervised"]["stages"]["train"]["steps"] == 6000  # UA-MT's LA budget
     assert result["mean_teacher"]["supervised_runs"] > 1
     assert "2-D only" in result["mms"]["not_applicable"]
+
+
+def test_training_step_times_each_stage_of_a_multi_stage_method(one_torch_thread):
+    from benchmark.perf import training_step
+
+    methods = training_step.run(True, ["action"])["methods"]
+    assert list(methods) == ["action (pretrain_global)", "action (pretrain_local)", "action (finetune)"]
+    assert all("error" not in r and r["cpu_ratio"] > 0 for r in methods.values())
