@@ -50,7 +50,9 @@ class SemiSupervisedMethod(pl.LightningModule):
         super().__init__()
         self.spec = spec
         self.config = config
-        self.hp = dict(config["method"])
+        # Defaults under the config's values: a config written before a hyperparameter existed (an old run folder
+        # being resumed or re-evaluated, a hand-built config) gets the default, which hash-neutral keys assume.
+        self.hp = {**self.defaults, **config["method"]}
         self.stage = config["run"].get("stage") or self.stages[0]
         if self.stage not in self.stages:
             raise ValueError(f"{type(self).__name__} has no stage '{self.stage}' (stages: {', '.join(self.stages)})")
