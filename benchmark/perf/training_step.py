@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from benchmark.config import config_hash, resolve_config
 from datamodules import get_dataset
@@ -64,7 +63,9 @@ def method_config(method: str, dataset: str, profile: str, steps: int, out: Path
     return resolve_config(dataset, method, profile, overrides, get_method(method).defaults, family=entry.family)
 
 
-def suite_steps(config: dict, warmup: int) -> dict[str, list[float]]:
+def suite_fit(config: dict, callback: pl.Callback) -> None:
+    """One fit through ``benchmark.run``'s own pieces (DataModule, method, trainer with its loggers and
+    checkpointing), with ``callback`` added to the trainer's."""
     from benchmark.run import build_trainer, make_run_dir, prepare
 
     entry, method_cls, datamodule = prepare(config)
@@ -73,11 +74,15 @@ def suite_steps(config: dict, warmup: int) -> dict[str, list[float]]:
     pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
     model = method_cls(entry.spec, config)
     trainer, _ = build_trainer(config, run_dir, digest)
-    clock = StepClock()
-    trainer.callbacks.append(clock)
+    trainer.callbacks.append(callback)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, datamodule=datamodule)
+
+
+def suite_steps(config: dict, warmup: int) -> dict[str, list[float]]:
+    clock = StepClock()
+    suite_fit(config, clock)
     whole, waiting = clock.step_times(warmup)
     return {"step": whole, "waiting_for_batch": waiting, "cpu": clock.cpu_times(warmup)}
 
@@ -109,22 +114,11 @@ def framework_share(config: dict, warmup: int) -> dict[str, float]:
     Load-robust where the timed ratio is not: it counts what the framework executes, not how long the machine took.
     cProfile's per-call cost inflates Python-heavy code, so it overstates the overhead rather than hiding it. Not
     counted: tensor operations the framework calls (they are attributed to torch's built-ins)."""
-    from benchmark.run import build_trainer, make_run_dir, prepare
-
     config = copy.deepcopy(config)
     config["run"]["out"] = str(Path(config["run"]["out"]) / "profiled")  # run folders are named to the second
-    entry, method_cls, datamodule = prepare(config)
-    digest = config_hash(config)
-    run_dir = make_run_dir(config, digest)
-    pl.seed_everything(config["run"]["seed"], workers=True, verbose=False)
-    model = method_cls(entry.spec, config)
-    trainer, _ = build_trainer(config, run_dir, digest)
     last = config["trainer"]["max_steps"] - 1
     profiled = ProfiledSteps(warmup, last)
-    trainer.callbacks.append(profiled)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, datamodule=datamodule)
+    suite_fit(config, profiled)
     stats = pstats.Stats(profiled.profile).stats
     total = sum(entry[2] for entry in stats.values())
     framework = sum(entry[2] for key, entry in stats.items() if any(part in key[0] for part in FRAMEWORK_FILES))
