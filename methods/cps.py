@@ -40,7 +40,7 @@ from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.components.ramps import sigmoid_rampup
-from methods.networks import INIT_SCHEMES, init_weights
+from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
 PREDICT_WITH = ("model1", "model2", "average")
@@ -69,11 +69,10 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
                 where=f"known: {', '.join(PREDICT_WITH)}",
             )
         inits = list(self.hp["network_inits"])
-        if len(inits) != 2 or not set(inits) <= {*INIT_SCHEMES, "default"}:
+        if len(inits) != 2 or not set(inits) <= set(INIT_CHOICES):
             raise UserError(f"method.network_inits={self.hp['network_inits']} for {self.name}",
-                            fix=f"give two of: {', '.join((*INIT_SCHEMES, 'default'))}, e.g. [kaiming, xavier]")
-        self.net1, self.net2 = (self.build_network() if scheme == "default" else init_weights(self.build_network(), scheme)
-                                for scheme in inits)
+                            fix=f"give two of: {', '.join(INIT_CHOICES)}, e.g. [kaiming, xavier]")
+        self.net1, self.net2 = (init_weights(self.build_network(), scheme) for scheme in inits)
 
     def unsupervised_ramp(self) -> float:
         """The sigmoid ramp-up factor in [0, 1] of this step (upstream's per-150-iteration one, or a fraction

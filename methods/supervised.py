@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
-from methods.networks.base import INIT_SCHEMES, init_weights
+from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
 
@@ -20,10 +20,9 @@ class Supervised(SemiSupervisedMethod):
 
     def build(self) -> None:
         scheme = self.hp["network_init"]
-        if scheme not in (*INIT_SCHEMES, "default"):
-            raise UserError(f"unknown method.network_init '{scheme}' for {self.name}",
-                            fix=f"give one of: {', '.join((*INIT_SCHEMES, 'default'))}")
-        self.net = self.build_network() if scheme == "default" else init_weights(self.build_network(), scheme)
+        if scheme not in INIT_CHOICES:
+            raise UserError(f"unknown method.network_init '{scheme}' for {self.name}", fix=f"give one of: {', '.join(INIT_CHOICES)}")
+        self.net = init_weights(self.build_network(), scheme)
 
     def compute_losses(self, batch):
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]

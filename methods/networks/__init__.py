@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from methods.networks import unet2d, vnet
 from methods.networks.base import (
+    INIT_CHOICES,
     INIT_SCHEMES,
     UP_MODES,
     NetworkConfigError,
@@ -18,6 +19,7 @@ from methods.networks.base import (
 )
 
 __all__ = [
+    "INIT_CHOICES",
     "INIT_SCHEMES",
     "NETWORKS",
     "UP_MODES",

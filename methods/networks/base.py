@@ -139,6 +139,8 @@ class SegmentationNetwork(nn.Module):
 
 
 INIT_SCHEMES = ("kaiming", "xavier")
+# What a method may ask for: a scheme, or "default" (PyTorch's own layer init, left as built).
+INIT_CHOICES = (*INIT_SCHEMES, "default")
 
 
 def init_weights(module: nn.Module, scheme: str, generator: torch.Generator | None = None) -> nn.Module:
@@ -156,8 +158,10 @@ def init_weights(module: nn.Module, scheme: str, generator: torch.Generator | No
 
     CPS gives its two networks different schemes so they start apart. Both 2-D and 3-D layer types are
     handled here; a network only contains one kind, so this equals whichever upstream function applies.
-    Draws from the global torch RNG unless ``generator`` is given.
+    Draws from the global torch RNG unless ``generator`` is given; ``default`` leaves ``module`` as built.
     """
+    if scheme == "default":
+        return module
     if scheme == "kaiming":
         def draw(weight: torch.Tensor) -> None:
             nn.init.kaiming_normal_(weight, generator=generator)
