@@ -12,9 +12,7 @@ import torch
 import yaml
 
 from benchmark.cli import main
-from benchmark.config import resolve_config
 from benchmark.errors import UserError
-from datamodules import get_dataset
 from methods.action import (
     anatomical_contrast_loss,
     confidence_weighted_ce,
@@ -27,20 +25,14 @@ from methods.action import (
 from methods.components.ema import make_ema_teacher
 from methods.components.memory_bank import MemoryQueue
 from methods.components.mixing import classmix_keep_masks, cutmix_keep_masks, mix_with_next
-from methods.registry import get_method
 from tests.conftest import run_two_rank_script
+from tests.method_helpers import build_method
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_action(stage: str, dataset: str = "synthetic_acdc", overrides=()):
-    entry = get_dataset(dataset)
-    config = resolve_config(dataset, "action", "smoke", list(overrides), get_method("action").defaults, family=entry.family)
-    config["run"]["stage"] = stage
-    model = get_method("action")(entry.spec, config)
-    model.log = model.log_dict = lambda *a, **k: None
-    model.train()
-    return model
+    return build_method("action", dataset, overrides, stage=stage, seed=None).train()
 
 
 def smoke_batch(dataset: str, labeled: int = 2, unlabeled: int = 2):

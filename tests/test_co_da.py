@@ -22,7 +22,7 @@ from methods.co_da import (
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.registry import get_method
 from tests.conftest import run_two_rank_script
-from tests.test_cps_mcnet import batch_for, has_grad, make_method, no_grad
+from tests.method_helpers import build_method, has_grad, no_grad, random_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,7 +57,7 @@ def test_alignment_raises_a_rare_class_towards_its_labeled_share_by_hand():
 
 
 def test_method_aligns_with_the_labeled_over_the_unlabeled_marginal_of_the_batch():
-    model = make_method("co_da", dataset="synthetic_la", overrides=["method.over_expectation=none"])
+    model = build_method("co_da", dataset="synthetic_la", overrides=["method.over_expectation=none"])
     statistics = model.statistics[0]
     statistics.labeled_marginal.value.copy_(torch.tensor([0.5, 0.5]))
     logits = as_logits([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1]], spatial=(1, 1))
@@ -83,7 +83,7 @@ def test_expected_confidence_filter_keeps_pixels_at_or_over_their_class_expectat
 
 
 def test_expected_confidence_through_the_method_uses_the_running_class_means():
-    model = make_method("co_da", overrides=["method.align_distribution=false"])  # 4 classes
+    model = build_method("co_da", overrides=["method.align_distribution=false"])  # 4 classes
     statistics = model.statistics[1]
     pixels = [[0.9, 0.05, 0.03, 0.02], [0.6, 0.2, 0.1, 0.1],     # class 0, confidences 0.9 and 0.6: mean 0.75
               [0.2, 0.7, 0.05, 0.05], [0.3, 0.5, 0.1, 0.1],      # class 1, 0.7 and 0.5: mean 0.6
@@ -115,7 +115,7 @@ def test_class_quota_filter_keeps_the_most_confident_up_to_the_labeled_share():
 
 
 def test_class_quota_through_the_method_uses_the_labeled_marginal():
-    model = make_method("co_da", overrides=["method.align_distribution=false", "method.over_expectation=class_quota"])
+    model = build_method("co_da", overrides=["method.align_distribution=false", "method.over_expectation=class_quota"])
     statistics = model.statistics[0]
     statistics.labeled_marginal.value.copy_(torch.tensor([0.5, 0.25, 0.25, 0.0]))
     # N = 4 pixels: quotas 2, 1, 1, 0
@@ -168,8 +168,8 @@ def test_batch_dice_per_class_by_hand():
 
 
 def test_ground_truth_labeled_marginal_is_the_label_frequency():
-    model = make_method("co_da", overrides=["method.labeled_marginal=ground_truth"], patch=(16, 16))
-    batch = batch_for(model, n_unlabeled=0)
+    model = build_method("co_da", overrides=["method.labeled_marginal=ground_truth"], patch=(16, 16))
+    batch = random_batch(model, n_unlabeled=0)
     model.compute_losses(batch)
     frequency = torch.bincount(batch["labeled"]["label"].flatten(), minlength=4).float() / batch["labeled"]["label"].numel()
     for statistics in model.statistics:
@@ -177,16 +177,16 @@ def test_ground_truth_labeled_marginal_is_the_label_frequency():
 
 
 def test_statistics_are_buffers_that_survive_a_state_dict_round_trip():
-    model = make_method("co_da", patch=(32, 32))
+    model = build_method("co_da", patch=(32, 32))
     model.train()
     for _ in range(2):
-        model.compute_losses(batch_for(model))
+        model.compute_losses(random_batch(model))
     state = model.state_dict()
     names = [f"statistics.{m}.{s}.{b}" for m in (0, 1) for s in ("labeled_marginal", "unlabeled_marginal", "expectation")
              for b in ("value", "updates")]
     assert all(name in state for name in names)
     assert state["statistics.0.unlabeled_marginal.updates"].tolist() == [2, 2, 2, 2]
-    fresh = make_method("co_da", patch=(32, 32))
+    fresh = build_method("co_da", patch=(32, 32))
     assert not torch.equal(fresh.statistics[0].unlabeled_marginal.value, model.statistics[0].unlabeled_marginal.value)
     fresh.load_state_dict(state)
     for name in names:
@@ -200,9 +200,9 @@ def test_statistics_are_buffers_that_survive_a_state_dict_round_trip():
 
 @pytest.mark.parametrize("over_expectation", ["expected_confidence", "class_quota"])
 def test_each_model_learns_from_the_other_and_the_total_reaches_both(over_expectation):
-    model = make_method("co_da", overrides=[f"method.over_expectation={over_expectation}"], patch=(32, 32))
+    model = build_method("co_da", overrides=[f"method.over_expectation={over_expectation}"], patch=(32, 32))
     model.train()
-    losses = model.compute_losses(batch_for(model))
+    losses = model.compute_losses(random_batch(model))
     assert losses["oce1"].item() > 0 and losses["oce2"].item() > 0
     assert 0 < losses["kept_fraction_model1"].item() < 1 and 0 < losses["kept_fraction_model2"].item() < 1
     for term, reached, untouched in (("oce1", model.net1, model.net2), ("oce2", model.net2, model.net1),
@@ -217,8 +217,8 @@ def test_each_model_learns_from_the_other_and_the_total_reaches_both(over_expect
 
 
 def test_logged_monitors_name_every_class():
-    model = make_method("co_da", patch=(16, 16))
-    losses = model.compute_losses(batch_for(model))
+    model = build_method("co_da", patch=(16, 16))
+    losses = model.compute_losses(random_batch(model))
     for model_index in (1, 2):
         for name in ("RV", "Myo", "LV"):
             assert f"dice_model{model_index}_{name}" in losses
@@ -230,15 +230,15 @@ def test_logged_monitors_name_every_class():
 
 
 def test_full_supervision_trains_both_models_without_pseudo_terms():
-    model = make_method("co_da", patch=(16, 16))
-    losses = model.compute_losses(batch_for(model, n_unlabeled=0))
+    model = build_method("co_da", patch=(16, 16))
+    losses = model.compute_losses(random_batch(model, n_unlabeled=0))
     assert losses["oce1"].item() == 0 and losses["oce2"].item() == 0 and "kept_fraction_model1" not in losses
     assert model.statistics[0].unlabeled_marginal.updates.sum().item() == 0
     assert model.statistics[0].labeled_marginal.updates.tolist() == [1, 1, 1, 1]
 
 
 def test_predict_with_model1_model2_or_average():
-    model = make_method("co_da", patch=(32, 32))
+    model = build_method("co_da", patch=(32, 32))
     assert model.hp["predict_with"] == "average"
     model.eval()
     images = torch.randn(1, 1, 32, 32)
@@ -255,7 +255,7 @@ def test_predict_with_model1_model2_or_average():
                                       "method.labeled_marginal=prior", "method.marginal_momentum=1.0"])
 def test_bad_options_are_user_errors(override):
     with pytest.raises(UserError, match=override.split(".")[1].split("=")[0]):
-        make_method("co_da", overrides=[override])
+        build_method("co_da", overrides=[override])
 
 
 def test_paper_presets_per_family_and_an_unknown_family_section_is_inert():
@@ -293,7 +293,7 @@ def test_cli_smoke_run_logs_the_monitors_and_checkpoints_the_statistics(tmp_path
         assert logged[column].notna().sum() == 4, column  # smoke: 4 steps, logged every step
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["state_dict"]["statistics.1.unlabeled_marginal.updates"].tolist() == [4, 4, 4, 4]
-    model = make_method("co_da")
+    model = build_method("co_da")
     load_weights(model, run_dir / "checkpoints" / "last.ckpt")
     saved = checkpoint["state_dict"]["statistics.0.labeled_marginal.value"]
     assert torch.equal(model.statistics[0].labeled_marginal.value, saved)

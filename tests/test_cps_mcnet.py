@@ -9,47 +9,15 @@ import torch
 
 from benchmark.config import resolve_config
 from benchmark.errors import UserError
-from datamodules import get_dataset
 from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
 from methods.losses.consistency import mutual_consistency_loss, sharpen
 from methods.mc_net_plus import MCNetPlus, binary_dice_loss, foreground_dice_loss, mcnet_dice_loss
+from methods.networks import build_network
 from methods.registry import get_method
+from tests.method_helpers import build_method, has_grad, no_grad, random_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_method(name, dataset="synthetic_acdc", overrides=(), patch=None, profile="smoke"):
-    entry = get_dataset(dataset)
-    config = resolve_config(dataset, name, profile, list(overrides), get_method(name).defaults, family=entry.family)
-    if patch is not None:
-        config["data"]["patch_size"] = list(patch)
-    torch.manual_seed(0)
-    model = get_method(name)(entry.spec, config)
-    model.log = model.log_dict = lambda *a, **k: None
-    return model
-
-
-def batch_for(model, n_labeled=2, n_unlabeled=2):
-    shape = tuple(model.config["data"]["patch_size"])
-    labels = torch.randint(0, model.spec.num_classes, (n_labeled, *shape))
-    labeled = {"image": torch.randn(n_labeled, 1, *shape), "label": labels}
-    batch = {"labeled": labeled}
-    if n_unlabeled:
-        batch["unlabeled"] = {"image": torch.randn(n_unlabeled, 1, *shape)}
-    return batch
-
-
-def grads(module):
-    return [p.grad for p in module.parameters()]
-
-
-def has_grad(module) -> bool:
-    return any(g is not None and g.abs().sum() > 0 for g in grads(module))
-
-
-def no_grad(module) -> bool:
-    return all(g is None or g.abs().sum() == 0 for g in grads(module))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,8 +81,8 @@ def test_mcnet_dice_losses_by_hand():
 
 
 def test_rampups_follow_upstream_and_the_budget_fraction():
-    cps = make_method("cps", overrides=["method.consistency_rampup_fraction=null"])
-    mc = make_method("mc_net_plus", dataset="synthetic_la", overrides=["method.consistency_rampup_fraction=null"])
+    cps = build_method("cps", overrides=["method.consistency_rampup_fraction=null"])
+    mc = build_method("mc_net_plus", dataset="synthetic_la", overrides=["method.consistency_rampup_fraction=null"])
     with mock.patch.object(type(cps), "global_step", new_callable=mock.PropertyMock) as step:
         step.return_value = 3000  # SSL4MIS: 0.1 * ramp(3000 // 150 = 20, 200)
         assert cps.consistency_weight() == pytest.approx(0.1 * math.exp(-5 * (1 - 20 / 200) ** 2))
@@ -126,7 +94,7 @@ def test_rampups_follow_upstream_and_the_budget_fraction():
         step.return_value = 5999
         assert mc.consistency_weight() == pytest.approx(1.0)
     overrides = ["method.consistency_rampup_fraction=0.4", "trainer.max_steps=1000"]
-    fraction = make_method("mc_net_plus", overrides=overrides)
+    fraction = build_method("mc_net_plus", overrides=overrides)
     with mock.patch.object(type(fraction), "global_step", new_callable=mock.PropertyMock) as step:
         step.return_value = 200
         assert fraction.consistency_weight() == pytest.approx(0.1 * math.exp(-5 * 0.5**2))
@@ -155,9 +123,9 @@ def test_presets_per_family_and_profile():
 
 
 def test_cps_pseudo_terms_route_to_their_own_network_and_the_total_reaches_everything():
-    model = make_method("cps", patch=(32, 32))
+    model = build_method("cps", patch=(32, 32))
     model.train()
-    batch = batch_for(model)
+    batch = random_batch(model)
     losses = model.compute_losses(batch)
     assert losses["pseudo1"].item() > 0 and losses["pseudo2"].item() > 0
     losses["pseudo1"].backward(retain_graph=True)
@@ -175,7 +143,7 @@ def test_cps_pseudo_terms_route_to_their_own_network_and_the_total_reaches_every
 
 
 def test_cps_networks_start_apart_and_predict_with_model1_or_average():
-    model = make_method("cps", patch=(32, 32))
+    model = build_method("cps", patch=(32, 32))
     w1 = next(p for n, p in model.net1.named_parameters() if n.endswith("weight") and p.dim() == 4)
     w2 = next(p for n, p in model.net2.named_parameters() if n.endswith("weight") and p.dim() == 4)
     assert w1.std() > w2.std()  # Kaiming (gain sqrt 2, fan-in) vs Xavier (gain 1, fan-in + fan-out)
@@ -187,14 +155,14 @@ def test_cps_networks_start_apart_and_predict_with_model1_or_average():
         mean = (torch.softmax(model.net1(images), 1) + torch.softmax(model.net2(images), 1)) / 2
         assert torch.allclose(torch.softmax(model.predict_logits(images), 1), mean, atol=1e-6)
     with pytest.raises(Exception, match="predict_with"):
-        make_method("cps", overrides=["method.predict_with=model3"])
+        build_method("cps", overrides=["method.predict_with=model3"])
 
 
 def test_mcnet_consistency_reaches_encoder_and_all_three_decoders():
-    model = make_method("mc_net_plus", patch=(32, 32))
+    model = build_method("mc_net_plus", patch=(32, 32))
     model.train()
     assert model.net.num_decoders == 3
-    losses = model.compute_losses(batch_for(model))
+    losses = model.compute_losses(random_batch(model))
     losses["consistency"].backward(retain_graph=True)
     for part in (model.net.encoder, *model.net.decoders):
         assert has_grad(part)
@@ -205,7 +173,7 @@ def test_mcnet_consistency_reaches_encoder_and_all_three_decoders():
 
 
 def test_mcnet_supervised_term_is_upstream_dice_per_dimension():
-    model = make_method("mc_net_plus", dataset="synthetic_la", patch=(16, 16, 16))
+    model = build_method("mc_net_plus", dataset="synthetic_la", patch=(16, 16, 16))
     model.train()
     logits = [torch.randn(2, 2, 16, 16, 16) for _ in range(3)]
     labels = torch.randint(0, 2, (1, 16, 16, 16))
@@ -222,28 +190,22 @@ def test_mcnet_supervised_term_is_upstream_dice_per_dimension():
 
 @pytest.mark.parametrize("name, dataset", [("cps", "synthetic_acdc"), ("mc_net_plus", "synthetic_la")])
 def test_labeled_only_batch_trains(name, dataset):
-    model = make_method(name, dataset=dataset)
+    model = build_method(name, dataset=dataset)
     model.train()
-    batch = batch_for(model, n_labeled=1 if dataset == "synthetic_la" else 2, n_unlabeled=0)
+    batch = random_batch(model, n_labeled=1 if dataset == "synthetic_la" else 2, n_unlabeled=0)
     loss = model.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()
 
 
+def conv_std(network) -> float:
+    return torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Conv2d)]).std().item()
+
+
 @pytest.mark.parametrize("method", ["cps", "co_da", "mcl_cs"])
 def test_network_inits_flag_chooses_each_networks_initialisation(method):
-    from benchmark.config import resolve_config
-    from datamodules import get_dataset
-    from methods.networks import build_network
-    from methods.registry import get_method
-
-    def conv_std(network):
-        return torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Conv2d)]).std().item()
-
     def built(inits):
-        overrides = [] if inits is None else [f"method.network_inits=[{inits}]"]
-        config = resolve_config("synthetic_acdc", method, "smoke", overrides, get_method(method).defaults, family="acdc")
-        return get_method(method)(get_dataset("synthetic_acdc").spec, config)
+        return build_method(method, overrides=[] if inits is None else [f"method.network_inits=[{inits}]"])
 
     reference = conv_std(build_network(2, 1, 4, base_features=4))  # PyTorch's layer defaults
     upstream = built(None)  # Kaiming for network 1, Xavier for network 2: larger weights than the defaults
@@ -256,18 +218,14 @@ def test_network_inits_flag_chooses_each_networks_initialisation(method):
 
 def test_supervised_network_init_isolates_an_initialisation_without_cross_supervision():
     """supervised's method.network_init applies CPS's schemes to its one network; default keeps PyTorch's."""
-    from benchmark.config import config_hash, resolve_config
-    from methods.networks import build_network
-
-    def conv_std(network):
-        return torch.cat([m.weight.flatten() for m in network.modules() if isinstance(m, torch.nn.Conv2d)]).std().item()
+    from benchmark.config import config_hash
 
     reference = conv_std(build_network(2, 1, 4, base_features=4))
-    assert conv_std(make_method("supervised").net) == pytest.approx(reference, rel=0.15)
-    assert conv_std(make_method("supervised", overrides=["method.network_init=kaiming"]).net) > 2 * reference
-    assert conv_std(make_method("supervised", overrides=["method.network_init=xavier"]).net) > 1.3 * reference
+    assert conv_std(build_method("supervised").net) == pytest.approx(reference, rel=0.15)
+    assert conv_std(build_method("supervised", overrides=["method.network_init=kaiming"]).net) > 2 * reference
+    assert conv_std(build_method("supervised", overrides=["method.network_init=xavier"]).net) > 1.3 * reference
     with pytest.raises(UserError, match="network_init"):
-        make_method("supervised", overrides=["method.network_init=orthogonal"])
+        build_method("supervised", overrides=["method.network_init=orthogonal"])
 
     def digest(overrides):
         return config_hash(resolve_config("synthetic_acdc", "supervised", "smoke", overrides, get_method("supervised").defaults, family="acdc"))

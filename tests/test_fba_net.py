@@ -10,39 +10,11 @@ import torch
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
-from datamodules import get_dataset
 from methods.fba_net import ContrastiveModule, FBANet, FBANetPlus, sim_max_loss, sim_min_loss
-from methods.registry import get_method
+from tests.method_helpers import build_method, has_grad, random_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_method(name, dataset="synthetic_la", overrides=(), patch=None):
-    entry = get_dataset(dataset)
-    config = resolve_config(dataset, name, "smoke", list(overrides), get_method(name).defaults, family=entry.family)
-    if patch is not None:
-        config["data"]["patch_size"] = list(patch)
-    torch.manual_seed(0)
-    model = get_method(name)(entry.spec, config)
-    model.log = model.log_dict = lambda *a, **k: None
-    return model
-
-
-def batch_for(model, n_labeled=2, n_unlabeled=2):
-    shape = tuple(model.config["data"]["patch_size"])
-    labels = torch.randint(0, model.spec.num_classes, (n_labeled, *shape))
-    return {"labeled": {"image": torch.randn(n_labeled, 1, *shape), "label": labels},
-            "unlabeled": {"image": torch.randn(n_unlabeled, 1, *shape)}}
-
-
-def reached(module) -> bool:
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,7 +91,7 @@ def test_contrastive_module_shapes_2d_per_class_and_3d_binary():
 
 
 def test_linear_size_follows_the_patch_and_inference_ignores_it():
-    model = make_method("fba_net_plus", patch=(32, 32, 16))
+    model = build_method("fba_net_plus", "synthetic_la", patch=(32, 32, 16))
     assert [m.num_voxels for m in model.contrastive_modules] == [16 * 16 * 8] * 3
     assert model.contrastive_modules[0].fg_projection[0].in_features == 2048
     la = resolve_config("la", "fba_net_plus", "paper", method_defaults=FBANetPlus.defaults, family="la")
@@ -135,26 +107,26 @@ def test_linear_size_follows_the_patch_and_inference_ignores_it():
 
 
 def test_fba_net_plus_terms_reach_what_they_should_3d():
-    model = make_method("fba_net_plus", patch=(32, 32, 16))
+    model = build_method("fba_net_plus", "synthetic_la", patch=(32, 32, 16))
     model.train()
-    logits = model.net.forward_all(batch_for(model)["labeled"]["image"].repeat(2, 1, 1, 1, 1))
+    logits = model.net.forward_all(random_batch(model)["labeled"]["image"].repeat(2, 1, 1, 1, 1))
     labels = torch.randint(0, 2, (2, 32, 32, 16))
     supervised, consistency = model.mcnet_losses(logits, labels)
     contrastive = model.contrastive_terms(logits)
     for term in (supervised, consistency):
         term.backward(retain_graph=True)
-        assert reached(model.net.encoder) and all(reached(d) for d in model.net.decoders)
-        assert not any(reached(m) for m in model.contrastive_modules)
+        assert has_grad(model.net.encoder) and all(has_grad(d) for d in model.net.decoders)
+        assert not any(has_grad(m) for m in model.contrastive_modules)
         model.zero_grad(set_to_none=True)
     for index, term in enumerate(contrastive):  # decoder d's term: its module, its decoder, the shared encoder
         term.backward(retain_graph=True)
-        assert reached(model.net.encoder) and reached(model.net.decoders[index])
-        assert reached(model.contrastive_modules[index].fg_projection)
-        assert reached(model.contrastive_modules[index].bg_projection)
+        assert has_grad(model.net.encoder) and has_grad(model.net.decoders[index])
+        assert has_grad(model.contrastive_modules[index].fg_projection)
+        assert has_grad(model.contrastive_modules[index].bg_projection)
         others = [i for i in range(3) if i != index]
-        assert not any(reached(model.net.decoders[i]) or reached(model.contrastive_modules[i]) for i in others)
+        assert not any(has_grad(model.net.decoders[i]) or has_grad(model.contrastive_modules[i]) for i in others)
         model.zero_grad(set_to_none=True)
-    losses = model.compute_losses(batch_for(model))
+    losses = model.compute_losses(random_batch(model))
     assert set(losses) == {"loss", "supervised", "consistency", "consistency_weight", "contrastive"}
     losses["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -163,13 +135,13 @@ def test_fba_net_plus_terms_reach_what_they_should_3d():
 
 @pytest.mark.parametrize("name", ["fba_net_plus", "fba_net"])
 def test_per_class_contrast_reaches_encoder_decoders_and_projection_2d(name):
-    model = make_method(name, dataset="synthetic_acdc", patch=(32, 32))
+    model = build_method(name, dataset="synthetic_acdc", patch=(32, 32))
     model.train()
     assert model.per_class and model.net.num_decoders == (3 if name == "fba_net_plus" else 1)
-    losses = model.compute_losses(batch_for(model))
+    losses = model.compute_losses(random_batch(model))
     losses["contrastive"].backward(retain_graph=True)
-    assert reached(model.net.encoder) and all(reached(d) for d in model.net.decoders)
-    assert all(reached(m.projection) and reached(m.head) for m in model.contrastive_modules)
+    assert has_grad(model.net.encoder) and all(has_grad(d) for d in model.net.decoders)
+    assert all(has_grad(m.projection) and has_grad(m.head) for m in model.contrastive_modules)
     model.zero_grad(set_to_none=True)
     losses["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -177,14 +149,14 @@ def test_per_class_contrast_reaches_encoder_decoders_and_projection_2d(name):
 
 
 def test_single_decoder_loss_is_dice_plus_contrast():
-    model = make_method("fba_net", patch=(32, 32, 16))
+    model = build_method("fba_net", "synthetic_la", patch=(32, 32, 16))
     model.train()
     assert model.net.num_decoders == 1 and not model.per_class and "consistency" not in model.hp
-    losses = model.compute_losses(batch_for(model))
+    losses = model.compute_losses(random_batch(model))
     assert set(losses) == {"loss", "supervised", "contrastive"}
     assert losses["loss"].item() == pytest.approx(losses["supervised"].item() + losses["contrastive"].item(), rel=1e-5)
     with pytest.raises(Exception, match="contrast"):
-        make_method("fba_net", overrides=["method.contrast=pixel"])
+        build_method("fba_net", "synthetic_la", overrides=["method.contrast=pixel"])
 
 
 def test_presets():

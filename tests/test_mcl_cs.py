@@ -22,27 +22,9 @@ from methods.mcl_cs import (
     sample_pixels,
 )
 from methods.registry import get_method
-from tests.test_cps_mcnet import make_method as build_method
+from tests.method_helpers import build_method, has_grad, random_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_method(dataset="synthetic_acdc", overrides=(), profile="smoke"):
-    return build_method("mcl_cs", dataset, overrides, profile=profile)
-
-
-def batch_for(model, n_labeled=2, n_unlabeled=2):
-    shape = tuple(model.config["data"]["patch_size"])
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.randint(0, model.spec.num_classes, (n_labeled, *shape), generator=generator)
-    batch = {"labeled": {"image": torch.randn(n_labeled, 1, *shape, generator=generator), "label": labels}}
-    if n_unlabeled:
-        batch["unlabeled"] = {"image": torch.randn(n_unlabeled, 1, *shape, generator=generator)}
-    return batch
-
-
-def gradient_reaches(module) -> bool:
-    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def generator(seed=0):
@@ -183,7 +165,7 @@ def test_noise_is_clamped_per_sample():
 
 
 def test_strong_view_without_intensity_changes_is_the_cutmixed_image():
-    model = make_method(overrides=["method.noise_max_std=0.0", "method.jitter_probability=0.0",
+    model = build_method("mcl_cs", overrides=["method.noise_max_std=0.0", "method.jitter_probability=0.0",
                                    "method.blur_probability=0.0"])
     images = torch.randn(3, 1, 32, 32, generator=generator(1))
     boxes = cutmix_box_masks(3, (32, 32), generator(4), probability=1.0)
@@ -195,12 +177,12 @@ def test_strong_view_pseudo_labels_are_mixed_with_the_image_boxes(monkeypatch):
     """The strong-view cross-supervision gets the other network's pseudo-labels CutMixed with the image's box."""
     import methods.mcl_cs as module
 
-    model = make_method(overrides=["method.pseudo_label_threshold=0.0", "method.cutmix_probability=1.0"])
+    model = build_method("mcl_cs", overrides=["method.pseudo_label_threshold=0.0", "method.cutmix_probability=1.0"])
     recorded = {"boxes": [], "ce": []}
     real_masks, real_ce = module.cutmix_box_masks, module.masked_cross_entropy
     monkeypatch.setattr(module, "cutmix_box_masks", lambda *a, **k: recorded["boxes"].append(real_masks(*a, **k)) or recorded["boxes"][-1])
     monkeypatch.setattr(module, "masked_cross_entropy", lambda logits, pseudo, keep: recorded["ce"].append(pseudo) or real_ce(logits, pseudo, keep))
-    model.compute_losses(batch_for(model, n_unlabeled=3))
+    model.compute_losses(random_batch(model, n_unlabeled=3, generator=generator(1)))
     (boxes,) = recorded["boxes"]
     assert boxes.any()
     fp_pseudo_of_net2, strong_pseudo_of_net2 = recorded["ce"][0], recorded["ce"][1]  # network 1's two terms
@@ -212,7 +194,7 @@ def test_strong_view_pseudo_labels_are_mixed_with_the_image_boxes(monkeypatch):
 
 
 def test_feature_perturbation_decodes_a_dropped_copy_in_the_same_pass():
-    model = make_method()
+    model = build_method("mcl_cs")
     net = model.net1
     labeled, unlabeled = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
     perturbed = model.forward_network(net, labeled, unlabeled, None, generator(1))
@@ -230,8 +212,8 @@ def test_feature_perturbation_decodes_a_dropped_copy_in_the_same_pass():
 
 @pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
 def test_every_term_reaches_what_it_should_and_nothing_else(dataset):
-    model = make_method(dataset, overrides=["method.pseudo_label_threshold=0.0"])
-    batch = batch_for(model)
+    model = build_method("mcl_cs", dataset, overrides=["method.pseudo_label_threshold=0.0"])
+    batch = random_batch(model, generator=generator(1))
     parts = {
         "net1": model.net1, "net2": model.net2,
         "net1.decoder": model.net1.decoders, "net2.decoder": model.net2.decoders,
@@ -253,31 +235,31 @@ def test_every_term_reaches_what_it_should_and_nothing_else(dataset):
         losses = model.compute_losses(batch)
         assert losses[term].requires_grad and losses[term].item() != 0.0
         losses[term].backward()
-        got = {name for name, part in parts.items() if gradient_reaches(part)}
+        got = {name for name, part in parts.items() if has_grad(part)}
         assert got == reached, term
 
 
 def test_decoder_scales_trains_one_pixel_head_per_scale_and_has_no_patch_term():
-    model = make_method(overrides=["method.multiscale=decoder_scales"])
+    model = build_method("mcl_cs", overrides=["method.multiscale=decoder_scales"])
     assert model.patch_heads is None and list(model.pixel_heads[0]) == ["4", "2", "1"]
-    losses = model.compute_losses(batch_for(model))
+    losses = model.compute_losses(random_batch(model, generator=generator(1)))
     assert "patch_contrast" not in losses
     losses["pixel_contrast"].backward()
-    assert all(gradient_reaches(head) for heads in model.pixel_heads for head in heads.values())
-    assert gradient_reaches(model.net1.decoders) and gradient_reaches(model.net2.decoders)
+    assert all(has_grad(head) for heads in model.pixel_heads for head in heads.values())
+    assert has_grad(model.net1.decoders) and has_grad(model.net2.decoders)
 
 
 def test_without_unlabeled_data_every_head_stays_in_the_graph():
-    model = make_method("synthetic_la")
-    losses = model.compute_losses(batch_for(model, n_unlabeled=0))
+    model = build_method("mcl_cs", "synthetic_la")
+    losses = model.compute_losses(random_batch(model, n_unlabeled=0, generator=generator(1)))
     assert losses["cross_strong1"].item() == 0.0 and losses["patch_contrast"].item() == 0.0
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())  # DDP needs every parameter used
 
 
 def test_the_threshold_masks_unconfident_pseudo_labels():
-    model = make_method(overrides=["method.pseudo_label_threshold=1.0"])  # nothing is that confident
-    losses = model.compute_losses(batch_for(model))
+    model = build_method("mcl_cs", overrides=["method.pseudo_label_threshold=1.0"])  # nothing is that confident
+    losses = model.compute_losses(random_batch(model, generator=generator(1)))
     assert all(losses[k].item() == 0.0 for k in ("cross_strong1", "cross_fp1", "cross_strong2", "cross_fp2"))
 
 
@@ -309,4 +291,4 @@ def test_presets_per_family_and_profile():
 ])
 def test_bad_settings_are_user_errors(override):
     with pytest.raises(UserError):
-        make_method(overrides=[override])
+        build_method("mcl_cs", overrides=[override])

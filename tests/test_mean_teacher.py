@@ -7,20 +7,9 @@ import math
 import pytest
 import torch
 
-from benchmark.config import resolve_config
-from datamodules import get_dataset
 from methods.components.ema import make_ema_teacher, ssl4mis_ema
-from methods.registry import get_method
 from tests.conftest import run_two_rank_script
-
-
-def make_method(name: str, dataset="synthetic_acdc", overrides=(), patch=(32, 32)):
-    entry = get_dataset(dataset)
-    config = resolve_config(dataset, name, "smoke", list(overrides), get_method(name).defaults, family=entry.family)
-    config["data"]["patch_size"] = list(patch)
-    model = get_method(name)(entry.spec, config)
-    model.log = model.log_dict = lambda *a, **k: None
-    return model
+from tests.method_helpers import build_method
 
 
 def test_ema_follows_ssl4mis_alpha():
@@ -39,7 +28,7 @@ def test_ema_follows_ssl4mis_alpha():
 
 
 def test_mean_teacher_consistency_by_hand():
-    model = make_method("mean_teacher", overrides=["method.noise_std=0.0"])
+    model = build_method("mean_teacher", overrides=["method.noise_std=0.0"], patch=(32, 32))
     model.train()
     unlabeled = torch.rand(2, 1, 32, 32)
     student_logits = torch.randn(2, 4, 32, 32)
@@ -53,7 +42,7 @@ def test_mean_teacher_consistency_by_hand():
 
 
 def test_teacher_noise_is_clamped_and_differs_per_rank_and_step():
-    model = make_method("mean_teacher", overrides=["method.noise_std=10.0"])
+    model = build_method("mean_teacher", overrides=["method.noise_std=10.0"], patch=(32, 32))
     images = torch.zeros(1, 1, 8, 8)
     noisy = model.teacher_input(images)
     assert noisy.abs().max().item() == pytest.approx(0.2)
@@ -66,7 +55,7 @@ def test_teacher_noise_is_clamped_and_differs_per_rank_and_step():
 def test_consistency_term_trains_the_student_not_the_teacher(name):
     # UA-MT: a threshold above ln 4 so that an untrained teacher's uncertain pixels still count.
     extra = ["method.threshold_start=10.0", "method.threshold_end=10.0"] if name == "ua_mt" else []
-    model = make_method(name, overrides=["method.consistency_start_step=0", *extra])
+    model = build_method(name, overrides=["method.consistency_start_step=0", *extra], patch=(32, 32))
     model.train()
     unlabeled = torch.rand(2, 1, 32, 32)
     with torch.no_grad():  # make the teacher differ from the student so the consistency is non-zero
@@ -81,7 +70,7 @@ def test_consistency_term_trains_the_student_not_the_teacher(name):
 
 
 def test_teacher_is_updated_after_each_step():
-    model = make_method("mean_teacher")
+    model = build_method("mean_teacher", patch=(32, 32))
     before = [p.clone() for p in model.teacher.parameters()]
     with torch.no_grad():
         for p in model.net.parameters():
@@ -93,21 +82,22 @@ def test_teacher_is_updated_after_each_step():
 
 
 def test_consistency_weight_schedule():
-    model = make_method("mean_teacher", overrides=["method.consistency_start_step=10", "method.consistency_rampup=40.0"])
+    model = build_method("mean_teacher", overrides=["method.consistency_start_step=10", "method.consistency_rampup=40.0"],
+                         patch=(32, 32))
     assert model.consistency_weight() == 0.0  # step 0 < start
     model.hp["consistency_start_step"] = 0
     assert model.consistency_weight() == pytest.approx(0.1 * math.exp(-5))
 
 
 def test_ua_mt_threshold_uses_ln_classes_or_the_faithful_ln2():
-    model = make_method("ua_mt")
+    model = build_method("ua_mt", patch=(32, 32))
     assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(4))
     model.hp["entropy_of_two_classes"] = True
     assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
 
 
 def test_ua_mt_masked_consistency_by_hand(monkeypatch):
-    model = make_method("ua_mt", overrides=["method.noise_std=0.0"])
+    model = build_method("ua_mt", overrides=["method.noise_std=0.0"], patch=(32, 32))
     model.eval()  # deterministic teacher
     unlabeled = torch.rand(1, 1, 32, 32)
     uncertainty = torch.full((1, 1, 32, 32), 10.0)
@@ -123,7 +113,7 @@ def test_ua_mt_masked_consistency_by_hand(monkeypatch):
 
 
 def test_ua_mt_uncertainty_is_the_entropy_of_the_mean_of_t_passes(monkeypatch):
-    model = make_method("ua_mt")
+    model = build_method("ua_mt", patch=(32, 32))
     outputs = iter([torch.log(torch.tensor([0.9, 0.1])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1),
                     torch.log(torch.tensor([0.5, 0.5])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1)])
     monkeypatch.setattr(model.teacher, "forward", lambda x: next(outputs))

@@ -2,6 +2,7 @@
 the labeled halves, presets and smoke fits."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -11,22 +12,16 @@ import torch
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
-from datamodules import get_dataset
 from methods.components.strong_augment import grid_mask
 from methods.mms import foreground_logits, pixel_info_nce, structure_loss
 from methods.registry import get_method
+from tests.method_helpers import build_method
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_mms(dataset="synthetic_kvasir", overrides=(), patch=(32, 32)):
-    entry = get_dataset(dataset)
-    config = resolve_config(dataset, "mms", "smoke", list(overrides), get_method("mms").defaults, family=entry.family)
-    config["data"]["patch_size"] = list(patch)
-    torch.manual_seed(0)
-    model = get_method("mms")(entry.spec, config)
-    model.log = model.log_dict = lambda *a, **k: None
-    return model
+# MMS is a binary endoscopy method; its tests run at 32 x 32.
+make_mms = functools.partial(build_method, "mms", dataset="synthetic_kvasir", patch=(32, 32))
 
 
 def batch_for(model, n_labeled=2, n_unlabeled=2):
@@ -160,7 +155,7 @@ def grads(model, term):
 
 @pytest.mark.parametrize("dataset", ["synthetic_kvasir", "synthetic_acdc"])
 def test_intended_mode_reaches_both_networks_and_both_heads(dataset):
-    model = make_mms(dataset)
+    model = make_mms(dataset=dataset)
     model.train()
     assert grads(model, "supervised") == {"net1", "net2"}
     assert grads(model, "consistency") == {"net1", "net2"}
