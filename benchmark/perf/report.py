@@ -78,7 +78,8 @@ def markdown(report: dict[str, Any]) -> str:
         t = sections["training_step"]
         lines += ["## Training step: suite (Lightning fit, loaders, logging) vs a bare PyTorch loop", "",
                   f"{t['dataset']}, `{t['profile']}` profile, {t['steps_timed']} steps timed after {t['warmup_steps']} "
-                  f"warm-up steps, {t['rounds']} alternating rounds. Two ratios, each the median over rounds of "
+                  f"warm-up steps, {t['rounds']} alternating round(s), up to 3 for a method whose CPU-time ratio is over "
+                  "the target after one (the column per round shows them). Two ratios, each the median over rounds of "
                   "median suite step / median bare step: of wall time (what a user waits) and of the training "
                   "process's CPU time (what the suite's own machinery costs; loading runs in worker processes and "
                   "shows as waiting). On a shared machine the CPU-time ratio is the one to trust: other jobs stretch "
