@@ -171,7 +171,8 @@ def test_contrast_stops_sending_gradient_after_the_first_sgd_steps(name, dataset
     """Upstream's behaviour, reported in leaderboards/reading.md, not a property to keep at any cost: the term is
     live at initialisation, and one or two SGD steps at lr 0.01 push its similarities onto the 5e-4 / 0.9995 clamp
     (3-D: foreground and background embeddings orthogonal; 2-D: all class embeddings parallel), where it sends no
-    gradient for the rest of training. A change to the module that keeps it alive makes this test fail, on purpose."""
+    gradient until the other losses move the logits off it. A change to the module that keeps it alive makes this
+    test fail, on purpose."""
     model = build_method(name, dataset, profile="cpu", patch=patch)
     batch = random_batch(model, n_per_stream, n_per_stream, generator=torch.Generator().manual_seed(0))
     assert contrast_gradient_after_sgd_steps(model, batch, 0) > 1.0
