@@ -7,8 +7,8 @@
   ``reported.csv`` stand beside the reproduced ones (never beside the reduced ``cpu``/``smoke`` protocols);
 - ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
 - in the tables, a paired Wilcoxon signed-rank test of each method against ``supervised`` on the same split
-  (labeled count), seed and checkpoint kind: the pairs are the per-case Dice of the two runs' test cases
-  (``test_per_case_<checkpoint>.csv`` in the run folders), pooled over the seeds both have.
+  (labeled count), seed and checkpoint kind: one pair per test case, the per-case Dice of the two runs
+  (``test_per_case_<checkpoint>.csv`` in the run folders), its difference averaged over the seeds both have.
 
 Only rows with status ``ok`` count; a repeated (config hash, seed, checkpoint) keeps its latest row. Rows of one
 method with different config hashes (other overrides, changed presets) are different experiments and get
@@ -138,8 +138,10 @@ def per_case_dice(run_dir: str, checkpoint: str, base: Path, archive: Path | Non
 
 def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
     """One Wilcoxon signed-rank test per non-baseline group of ``aggregate``: per-case Dice of the method's run
-    against the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind, pooled over
-    the seeds both have. Columns: the GROUP_KEYS, pairs, mean_difference (method - supervised), p_value."""
+    against the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind. A case's
+    difference is averaged over the seeds both have, so each test case is one pair: pooled (case, seed) pairs
+    would treat one patient's repeated measurements under several seeds as independent cases.
+    Columns: the GROUP_KEYS, pairs (cases), seeds, mean_difference (method - supervised), p_value."""
     from scipy.stats import wilcoxon
 
     rows = finished_rows(table)
@@ -149,7 +151,8 @@ def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: P
     baseline = rows[rows["method"] == BASELINE].drop_duplicates(split_keys, keep="last").set_index(split_keys)
     results = []
     for key, group in rows[rows["method"] != BASELINE].groupby(GROUP_KEYS, sort=False, dropna=False):
-        differences = []
+        by_case: dict[str, list[float]] = {}
+        seeds = set()
         for _, row in group.iterrows():
             split = tuple(row[k] for k in split_keys)
             if split not in baseline.index:
@@ -160,16 +163,18 @@ def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: P
             if ours is None or theirs is None:
                 continue
             paired = pd.concat([ours.rename("ours"), theirs.rename("theirs")], axis=1, join="inner")
-            differences.extend((paired["ours"] - paired["theirs"]).tolist())
-        differences = np.asarray(differences, dtype=float)
+            for case, difference in (paired["ours"] - paired["theirs"]).items():
+                by_case.setdefault(case, []).append(float(difference))
+            seeds.add(row["seed"])
+        differences = np.asarray([np.mean(values) for values in by_case.values()], dtype=float)
         p_value = np.nan
         if differences.size and np.any(differences != 0):
             p_value = float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
         elif differences.size:
             p_value = 1.0  # identical predictions on every case
-        results.append({**dict(zip(GROUP_KEYS, key)), "pairs": int(differences.size),
+        results.append({**dict(zip(GROUP_KEYS, key)), "pairs": int(differences.size), "seeds": len(seeds),
                         "mean_difference": float(differences.mean()) if differences.size else np.nan, "p_value": p_value})
-    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "mean_difference", "p_value"])
+    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "seeds", "mean_difference", "p_value"])
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------
@@ -187,7 +192,7 @@ def _published(reported: pd.DataFrame, dataset: str, method: str, labeled: int) 
 
 def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.DataFrame | None) -> str:
     headers = ["Method", "Labeled", "Checkpoint", "n", "Dice %", "Jaccard %", "HD95", "ASD", "ΔDice vs supervised",
-               "Wilcoxon p (pairs)", "Config"]
+               "Wilcoxon p (cases × seeds)", "Config"]
     if reported is not None:
         headers.append("Published Dice % [trust] (source)")
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -201,7 +206,7 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
                 test = indexed.loc[key]
                 if test["pairs"]:
                     difference = f"{test['mean_difference'] * 100:+.2f}"
-                    p_text = f"{test['p_value']:.3g} ({int(test['pairs'])})"
+                    p_text = f"{test['p_value']:.3g} ({int(test['pairs'])} × {int(test['seeds'])})"
         cells = [row.method, str(row.labeled_cases), row.checkpoint, str(row.n),
                  _mean_std(row.dice_mean, row.dice_std, 100, 2), _mean_std(row.jaccard_mean, row.jaccard_std, 100, 2),
                  _mean_std(row.hd95_mean, row.hd95_std, 1, 2), _mean_std(row.asd_mean, row.asd_std, 1, 2),
@@ -284,8 +289,8 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         "the mean over cases of the mean over foreground classes; HD95 and ASD in voxels (pixels for 2D sets) unless "
         "the config says otherwise. `last` = the final weights, `best` = the best validation Dice. "
         "ΔDice and the Wilcoxon signed-rank p-value compare per-case Dice with the `supervised` run of the same "
-        "split, seed and checkpoint kind (pairs = cases x seeds). Published numbers (reported.csv) appear only "
-        "beside `paper`-profile rows; their trust tags: "
+        "split, seed and checkpoint kind: one pair per test case, its difference averaged over the seeds both have. "
+        "Published numbers (reported.csv) appear only beside `paper`-profile rows; their trust tags: "
         + "; ".join(f"[{tag}] {meaning}" for tag, meaning in TRUST_TAGS.items()) + ".",
     ]
     reading = folder / READING_FILE

@@ -33,7 +33,8 @@ def write_per_case(folder: Path, case_dice: list[float]) -> str:
 @pytest.fixture
 def board(tmp_path) -> Path:
     """cpu profile, 7 labeled: supervised Dice 0.6/0.7/0.8 over seeds 0-2 (mean 70, std 10), mean_teacher 0.7/0.8/0.9
-    (mean 80, std 10) whose per-case Dice beats supervised by 0.01 x (1..12) over the 12 (seed, case) pairs;
+    (mean 80, std 10) whose per-case Dice beats supervised by 0.01 x (1..12) over the 12 (seed, case) pairs
+    (seed 0: cases 1-4, seed 1: 5-8, seed 2: 9-12);
     cps without per-case files; a paper-profile supervised row next to the published 79.41."""
     folder = tmp_path / "leaderboards"
     rows = [row("supervised", 0, 0.10)]  # superseded by the later row of the same hash, seed and checkpoint
@@ -75,10 +76,12 @@ def test_wilcoxon_against_supervised_on_paired_cases(board):
     from benchmark.leaderboard import read_leaderboard
 
     tests = paired_tests(read_leaderboard(board / "acdc.csv")).set_index("method")
-    # 12 pairs, all differences positive and of distinct sizes: W- = 0, whose exact two-sided p is 2 / 2**12.
-    assert tests.loc["mean_teacher", "pairs"] == 12
-    assert tests.loc["mean_teacher", "p_value"] == pytest.approx(2 / 2**12)
-    assert tests.loc["mean_teacher", "mean_difference"] == pytest.approx(0.065)  # mean of 0.01 x (1..12)
+    # One pair per case, its difference averaged over the 3 seeds: case i gets 0.01 x mean(1+i, 5+i, 9+i) =
+    # 0.01 x (5+i), i = 0..3. Four positive differences of distinct sizes: W- = 0, exact two-sided p = 2 / 2**4.
+    # Pooling the 12 (seed, case) pairs instead would treat the same 4 patients as 12 independent cases.
+    assert tests.loc["mean_teacher", "pairs"] == len(CASES) == 4 and tests.loc["mean_teacher", "seeds"] == 3
+    assert tests.loc["mean_teacher", "p_value"] == pytest.approx(2 / 2**4)
+    assert tests.loc["mean_teacher", "mean_difference"] == pytest.approx(0.065)  # mean of 0.01 x (5..8)
     assert tests.loc["cps", "pairs"] == 0 and pd.isna(tests.loc["cps", "p_value"])
 
 
@@ -95,8 +98,8 @@ def test_paired_tests_fall_back_to_the_per_case_copies_beside_the_leaderboard(bo
         shutil.move(Path(run_dir) / "test_per_case_last.csv", archived)
     assert paired_tests(table).set_index("method").loc["mean_teacher", "pairs"] == 0  # run folders emptied
     tests = paired_tests(table, leaderboard_dir=board).set_index("method")
-    assert tests.loc["mean_teacher", "pairs"] == 12
-    assert tests.loc["mean_teacher", "p_value"] == pytest.approx(2 / 2**12)
+    assert tests.loc["mean_teacher", "pairs"] == 4 and tests.loc["mean_teacher", "seeds"] == 3
+    assert tests.loc["mean_teacher", "p_value"] == pytest.approx(2 / 2**4)
 
 
 def test_render_markdown_and_plot(board, tmp_path, capsys):
@@ -106,7 +109,7 @@ def test_render_markdown_and_plot(board, tmp_path, capsys):
     text = (out / "README.md").read_text()
     cpu_part, paper_part = text.split("### acdc, `cpu` profile")[1].split("### acdc, `paper` profile")
     assert "| supervised | 7 | last | 3 | 70.00 ± 10.00 | 60.00 ± 10.00 |" in cpu_part
-    assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part and "| +6.50 | 0.000488 (12) |" in cpu_part
+    assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part and "| +6.50 | 0.125 (4 × 3) |" in cpu_part
     assert "79.41" not in cpu_part and "Published" not in cpu_part  # published numbers only beside paper rows
     paper_rows = paper_part.split("### acdc: published numbers")[0]
     assert "| supervised | 7 | last | 1 | 79.00 |" in paper_rows and "79.41 [M] U-Net (sup. only), SS-Net Tab2" in paper_rows
