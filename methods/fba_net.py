@@ -42,8 +42,9 @@ with B = 4, the floor). The per-class module (not divided by N, as upstream) sta
 and one or two steps make them parallel (every SimMin entry at 0.9995: the loss reads 6.3049 with B = 16). Either
 way the clamp then passes no gradient (LA patch 112x112x80 and ACDC 128x128 / 256x256 measured alike). Only the
 other losses, by moving the logits, can bring entries off the clamp: on real ACDC (7 patients, cpu preset) fba_net's
-term read 6.3049 for all 2500 steps, while fba_net_plus's three terms (3 x 6.3049 at first) partly came off it from
-step ~200 (9.46 at step 400-1700, 4.2 from step 2000; leaderboards/reading.md).
+term read 6.3049 for all 2500 steps of seed 0; in seed 1 it jumped at step ~200 to its floor (0.0005: every entry at
+the clamp the loss wants, again no gradient) and stayed there; fba_net_plus's three terms (3 x 6.3049 at first)
+partly came off it from step ~200 (9.46 at steps 400-1700, 4.2 from step 2000; leaderboards/reading.md).
 
 Upstream choices exposed as flags (the intended behaviour is the default):
 * ``detach_sharpened_targets`` (from MC-Net+): true = soft pseudo-labels; upstream false (gradient through them).
