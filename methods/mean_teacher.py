@@ -29,8 +29,11 @@ class MeanTeacher(SemiSupervisedMethod):
         self.net = self.build_network()
         self.teacher = make_ema_teacher(self.net, self.hp["ema_decay"])
 
-    def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(images.shape, generator=self.step_generator(), device=images.device) * self.hp["noise_std"]
+    def teacher_input(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``images`` + clamped Gaussian noise. Without ``generator``, this step's own stream (the same noise on every
+        call within a step); a method that needs several different draws in one step passes one generator."""
+        generator = self.step_generator() if generator is None else generator
+        noise = torch.randn(images.shape, generator=generator, device=images.device) * self.hp["noise_std"]
         return images + noise.clamp(-self.hp["noise_clamp"], self.hp["noise_clamp"])
 
     def consistency_weight(self) -> float:

@@ -7,6 +7,10 @@ to 1.0 of the maximum entropy over the whole training budget enter the consisten
 
 Upstream uses ``ln 2`` as the maximum entropy even for SSL4MIS's 4-class ACDC script; the maximum entropy of C
 classes is ``ln C`` (the intended threshold, default). ``entropy_of_two_classes: true`` reproduces the code.
+
+Unlike SSL4MIS's Mean Teacher, its UA-MT scripts (2D and 3D) have no 1000-iteration delay before the consistency:
+``consistency_start_step`` is 0 here on every dataset and profile. The consistency pass and each of the T/2
+uncertainty passes draw their own input noise, as upstream's fresh ``randn_like`` per pass does.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from methods.registry import register
 class UncertaintyAwareMeanTeacher(MeanTeacher):
     defaults = {
         **MeanTeacher.defaults,
+        "consistency_start_step": 0,  # SSL4MIS train_uncertainty_aware_mean_teacher_2D.py has no delay
         "uncertainty_passes": 8,
         "threshold_start": 0.75,
         "threshold_end": 1.0,
@@ -36,23 +41,25 @@ class UncertaintyAwareMeanTeacher(MeanTeacher):
         return (start + (end - start) * ramp) * math.log(classes)
 
     @torch.no_grad()
-    def teacher_uncertainty(self, unlabeled: torch.Tensor) -> torch.Tensor:
-        """Entropy (B, 1, *S) of the mean softmax over T noisy passes, two copies per forward as upstream."""
+    def teacher_uncertainty(self, unlabeled: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Entropy (B, 1, *S) of the mean softmax over T noisy passes, two copies per forward as upstream; every pass
+        draws new noise from ``generator``."""
         passes = self.hp["uncertainty_passes"]
         if passes % 2:
             raise ValueError("uncertainty_passes must be even (UA-MT runs T/2 forwards of a doubled batch)")
         doubled = unlabeled.repeat(2, *([1] * (unlabeled.ndim - 1)))
         mean_probabilities = 0
         for _ in range(passes // 2):
-            probabilities = torch.softmax(self.teacher(self.teacher_input(doubled)), dim=1)
+            probabilities = torch.softmax(self.teacher(self.teacher_input(doubled, generator)), dim=1)
             mean_probabilities = mean_probabilities + probabilities.reshape(2, *unlabeled.shape[:1], *probabilities.shape[1:]).sum(0)
         mean_probabilities = mean_probabilities / passes
         return -(mean_probabilities * torch.log(mean_probabilities + 1e-6)).sum(dim=1, keepdim=True)
 
     def consistency_loss(self, student_logits: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
+        generator = self.step_generator()  # one stream for the step: the T/2 + 1 teacher inputs differ
         with torch.no_grad():
-            teacher_probabilities = torch.softmax(self.teacher(self.teacher_input(unlabeled)), dim=1)
-            mask = (self.teacher_uncertainty(unlabeled) < self.uncertainty_threshold()).float()
+            teacher_probabilities = torch.softmax(self.teacher(self.teacher_input(unlabeled, generator)), dim=1)
+            mask = (self.teacher_uncertainty(unlabeled, generator) < self.uncertainty_threshold()).float()
         distance = (torch.softmax(student_logits, dim=1) - teacher_probabilities) ** 2
         self._certain_fraction = float(mask.mean())
         return torch.sum(mask * distance) / (2 * torch.sum(mask) + 1e-16)

@@ -102,7 +102,7 @@ def test_ua_mt_masked_consistency_by_hand(monkeypatch):
     unlabeled = torch.rand(1, 1, 32, 32)
     uncertainty = torch.full((1, 1, 32, 32), 10.0)
     uncertainty[..., :16] = 0.0  # certain on the left half only
-    monkeypatch.setattr(model, "teacher_uncertainty", lambda x: uncertainty)
+    monkeypatch.setattr(model, "teacher_uncertainty", lambda x, generator: uncertainty)
     student_logits = torch.randn(1, 4, 32, 32)
     got = model.consistency_loss(student_logits, unlabeled)
     with torch.no_grad():
@@ -118,9 +118,44 @@ def test_ua_mt_uncertainty_is_the_entropy_of_the_mean_of_t_passes(monkeypatch):
                     torch.log(torch.tensor([0.5, 0.5])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1)])
     monkeypatch.setattr(model.teacher, "forward", lambda x: next(outputs))
     model.hp["uncertainty_passes"] = 4
-    entropy = model.teacher_uncertainty(torch.zeros(1, 1, 1, 1))
+    entropy = model.teacher_uncertainty(torch.zeros(1, 1, 1, 1), model.step_generator())
     mean = torch.tensor([0.7, 0.3])
     assert entropy.item() == pytest.approx(-(mean * torch.log(mean + 1e-6)).sum().item(), rel=1e-5)
+
+
+def test_ua_mt_draws_new_teacher_noise_for_every_pass(monkeypatch):
+    # Upstream draws a fresh randn_like for the consistency input and for each of the T/2 doubled passes; one
+    # step's stream re-seeded per call would give all T/2 passes the same noise and understate the uncertainty.
+    model = build_method("ua_mt", patch=(8, 8))
+    model.train()
+    inputs = []
+
+    def record(x):
+        inputs.append(x.clone())
+        return torch.zeros(x.shape[0], 4, *x.shape[2:])
+
+    monkeypatch.setattr(model.teacher, "forward", record)
+    unlabeled = torch.zeros(2, 1, 8, 8)
+    model.consistency_loss(torch.zeros(2, 4, 8, 8), unlabeled)
+    copies = [inputs[0]] + [half for doubled in inputs[1:] for half in doubled.chunk(2)]
+    assert len(inputs) == 1 + 4 and len(copies) == 9  # the consistency pass, then T/2 passes of two copies
+    assert all(not torch.equal(a, b) for i, a in enumerate(copies) for b in copies[i + 1:])
+    assert all(c.abs().max() <= 0.2 + 1e-6 for c in copies)
+
+
+def test_ua_mt_consistency_has_no_delay_on_any_dataset_or_profile():
+    # SSL4MIS's UA-MT scripts have no `iter_num < 1000` switch; its Mean Teacher 2D script has.
+    from benchmark.config import PROFILES, resolve_config
+    from datamodules import DATASETS, get_dataset
+    from methods.registry import get_method
+
+    for dataset in DATASETS:
+        for profile in PROFILES:
+            config = resolve_config(dataset, "ua_mt", profile, [], get_method("ua_mt").defaults,
+                                    family=get_dataset(dataset).family)
+            assert config["method"]["consistency_start_step"] == 0, (dataset, profile)
+    teacher = resolve_config("acdc", "mean_teacher", "paper", [], get_method("mean_teacher").defaults, family="acdc")
+    assert teacher["method"]["consistency_start_step"] == 1000
 
 
 @pytest.mark.slow
