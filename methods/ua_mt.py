@@ -8,7 +8,7 @@ to 1.0 of the maximum entropy over the whole training budget enter the consisten
 Upstream uses ``ln 2`` as the maximum entropy even for SSL4MIS's 4-class ACDC script; the maximum entropy of C
 classes is ``ln C`` (the intended threshold, default). ``entropy_of_two_classes: true`` reproduces the code.
 
-Unlike SSL4MIS's Mean Teacher, its UA-MT scripts (2D and 3D) have no 1000-iteration delay before the consistency:
+Unlike SSL4MIS's Mean Teacher 2D script, its UA-MT 2D script has no 1000-iteration delay before the consistency:
 ``consistency_start_step`` is 0 here on every dataset and profile. The consistency pass and each of the T/2
 uncertainty passes draw their own input noise, as upstream's fresh ``randn_like`` per pass does.
 """
