@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
+from benchmark.config import PROFILES, resolve_config
+from datamodules import DATASETS, get_dataset
 from methods.components.ema import make_ema_teacher, ssl4mis_ema
+from methods.registry import get_method
 from tests.conftest import run_two_rank_script
 from tests.method_helpers import build_method
 
@@ -144,11 +147,7 @@ def test_ua_mt_draws_new_teacher_noise_for_every_pass(monkeypatch):
 
 
 def test_ua_mt_consistency_has_no_delay_on_any_dataset_or_profile():
-    # SSL4MIS's UA-MT scripts have no `iter_num < 1000` switch; its Mean Teacher 2D script has.
-    from benchmark.config import PROFILES, resolve_config
-    from datamodules import DATASETS, get_dataset
-    from methods.registry import get_method
-
+    # SSL4MIS's UA-MT 2D script has no `iter_num < 1000` switch; its Mean Teacher 2D script has.
     for dataset in DATASETS:
         for profile in PROFILES:
             config = resolve_config(dataset, "ua_mt", profile, [], get_method("ua_mt").defaults,
