@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,12 @@ def read_checkpoint(path: Path, what: str, map_location=None) -> dict[str, Any]:
         ) from error
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(read_checkpoint(path, "a finished stage's checkpoint").get("global_step", -1))
+def checkpoint_step_and_seconds(path: Path) -> tuple[int, float]:
+    """A finished stage's global step and the run's wall seconds when it was saved (0 if saved before the
+    run clock was kept in checkpoints)."""
+    checkpoint = read_checkpoint(path, "a finished stage's checkpoint")
+    seconds = checkpoint.get("callbacks", {}).get(RunClock.__qualname__, {}).get("seconds", 0.0)
+    return int(checkpoint.get("global_step", -1)), float(seconds)
 
 
 def best_validation_score(path: Path) -> float | None:
@@ -152,3 +157,31 @@ class RandomStates(pl.Callback):
         random.setstate((version, tuple(internal), gauss))
         if "cuda" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunClock(pl.Callback):
+    """The run's wall time across invocations: the seconds recorded in the checkpoint a resume starts from, plus
+    this invocation's. Without it a resumed run's ``wall_time_s`` would count its last invocation only.
+
+    Every checkpoint stores ``seconds()`` at its saving (Lightning saves a callback's ``state_dict``); loading a
+    resume checkpoint, or a finished stage's ``last.ckpt`` that a resume skips, carries that value over. Steps
+    trained after the last checkpoint of a killed invocation are not counted there: they are trained again, and
+    counted, by the resume. One clock serves all stages of a run; a checkpoint written before this clock existed
+    carries nothing (its run's earlier time is then missing, as before)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.carried = 0.0
+
+    def seconds(self) -> float:
+        return self.carried + time.time() - self.started
+
+    def carry(self, seconds: float) -> None:
+        """Continue from a checkpoint saved ``seconds`` into the run: this invocation's time is added to them."""
+        self.carried = float(seconds)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.carry(state_dict.get("seconds", 0.0))

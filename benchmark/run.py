@@ -34,7 +34,6 @@ import resource
 import shutil
 import socket
 import subprocess
-import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -51,8 +50,8 @@ from pytorch_lightning.loggers import CSVLogger
 
 from benchmark.atomic import remove_stale_temporaries, replaced_atomically, write_text_atomically
 from benchmark.checkpoints import (
-    BEST_NAME, LAST_CHECKPOINT, RESUME_CHECKPOINT, AtomicCheckpointIO, best_validation_score, checkpoint_callbacks,
-    checkpoint_folder, checkpoint_step, read_checkpoint,
+    BEST_NAME, LAST_CHECKPOINT, RESUME_CHECKPOINT, AtomicCheckpointIO, RunClock, best_validation_score,
+    checkpoint_callbacks, checkpoint_folder, checkpoint_step_and_seconds, read_checkpoint,
 )
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
@@ -476,8 +475,9 @@ class Trained:
 
 
 def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder: RunFolder, digest: str,
-                 callbacks: Sequence[pl.Callback], record_failure) -> Trained:
-    """Train the stages in order; on a resume, skip the finished ones and continue the interrupted one."""
+                 callbacks: Sequence[pl.Callback], record_failure, clock: RunClock) -> Trained:
+    """Train the stages in order; on a resume, skip the finished ones and continue the interrupted one (the
+    clock carries on from the latest checkpoint it starts from)."""
     init_from = config["run"].get("init_from")
     previous_checkpoint = Path(init_from) if init_from else None
     rank_zero = _global_rank(int(config["trainer"]["devices"])) == 0
@@ -488,7 +488,9 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         if last_checkpoint.is_file():  # finished before this resume
             if rank_zero:  # left if the run was killed between writing last.ckpt and deleting it
                 (checkpoint_folder(stage_dir) / RESUME_CHECKPOINT).unlink(missing_ok=True)
-            trained = Trained(trained.stage_steps | {stage: checkpoint_step(last_checkpoint)})
+            step, seconds = checkpoint_step_and_seconds(last_checkpoint)
+            clock.carry(seconds)  # superseded by the interrupted stage's resume.ckpt, if it has one
+            trained = Trained(trained.stage_steps | {stage: step})
             previous_checkpoint = last_checkpoint
             continue
         staged = stage_config(config, stage)
@@ -504,7 +506,8 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         checkpoint_every = min(config["trainer"]["val_every"], staged["trainer"]["max_steps"]) if validates_only_at_end else None
         # Extra callbacks (the tuner's validation reporter) watch the final stage only: the earlier stages'
         # validation scores an unfinished model.
-        trainer, _ = build_trainer(staged, stage_dir, digest, callbacks if stage == stages[-1] else (), checkpoint_every)
+        trainer, _ = build_trainer(staged, stage_dir, digest, (*(callbacks if stage == stages[-1] else ()), clock),
+                                   checkpoint_every)
         # A stage with its own data settings or budget (the samplers are step-indexed) gets its own loaders over
         # the same split.
         same_loaders = staged["data"] == config["data"] and staged["trainer"]["max_steps"] == config["trainer"]["max_steps"]
@@ -530,7 +533,7 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
 
 
 def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder, stage: str, trained: Trained,
-                         base_row: dict[str, Any], digest: str, started: float, rank_zero: bool) -> tuple[list[dict], dict]:
+                         base_row: dict[str, Any], digest: str, clock: RunClock, rank_zero: bool) -> tuple[list[dict], dict]:
     """Test the final stage's last and best checkpoints: (leaderboard rows, summaries); writes the per-case CSVs.
 
     Under DDP every rank scores its share of the test cases with rank 0's weights; rank 0 gathers and writes
@@ -559,7 +562,7 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
         rss, gpu = peak_memory()
         rows.append({
             **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
-            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(time.time() - started, 1),
+            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(clock.seconds(), 1),
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1), "finished_at": now_utc(),
         })
     if not rank_zero:
@@ -584,7 +587,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
     ``run.test=false`` stops after training and validation (tuning trials: the test set is never looked at) and
     writes no leaderboard row; ``callbacks`` are added to the Trainer's (the tuner's validation reporter);
     ``resume`` is a run folder of this configuration and seed to continue (``--resume``)."""
-    started = time.time()
+    clock = RunClock()
     devices = int(config["trainer"]["devices"])
     if devices > 1 and not torch.cuda.is_available():
         # CPU DDP: every rank's OpenMP pool defaults to all cores; oversubscribed spinning pools slow a step
@@ -600,7 +603,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=resume is not None)
     with holding_run_folder(run_dir) if rank_zero else nullcontext():
         try:
-            return run_in_folder(config, digest, entry.spec, method_cls, datamodule, stages, folder, callbacks, rank_zero, started)
+            return run_in_folder(config, digest, entry.spec, method_cls, datamodule, stages, folder, callbacks, rank_zero, clock)
         except UserError as error:
             if not rank_zero:
                 raise
@@ -611,7 +614,7 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
 
 
 def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: RunFolder, callbacks, rank_zero: bool,
-                  started: float) -> list[dict[str, Any]]:
+                  clock: RunClock) -> list[dict[str, Any]]:
     leaderboard = leaderboard_path(config)
     if rank_zero and folder.resumed:
         remove_stale_temporaries(folder.path, recursive=True)  # left by writers killed in this folder
@@ -645,10 +648,11 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
         append_rows(leaderboard, [{
             **base_row, "checkpoint": "none", "status": "failed", "steps": steps, "finished_at": now_utc(),
             "error": (f"stage {stage}: {message}" if folder.multi_stage else message)[:500],
-            "wall_time_s": round(time.time() - started, 1),
+            "wall_time_s": round(clock.seconds(), 1),
         }])
 
-    trained = train_stages(config, method_cls, spec, datamodule, stages, folder, digest, callbacks, record_failure)
+    trained = train_stages(config, method_cls, spec, datamodule, stages, folder, digest, callbacks, record_failure,
+                           clock)
     final_stage = stages[-1]
     result_file = folder.path / "result.json"
     if not config["run"]["test"]:
@@ -667,7 +671,7 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
         rows = json.loads(result_file.read_text())["rows"]
     else:
         rows, results = evaluate_checkpoints(config, spec, method_cls, datamodule, folder, final_stage, trained, base_row,
-                                             digest, started, rank_zero)
+                                             digest, clock, rank_zero)
         if not rank_zero:
             return []
         stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(folder.stage_dir(name))}

@@ -213,6 +213,30 @@ def kill_and_resume(workspace: Path, options: list[str], point: str | None, n: i
     return run_dir
 
 
+def set_run_clock(checkpoint: Path, seconds: float) -> None:
+    """Pretend the run had been going for ``seconds`` when ``checkpoint`` was saved (a value no real run of these
+    reaches, so the row shows whether the resume carried it over)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert "RunClock" in state["callbacks"], f"{checkpoint} does not carry the run clock"
+    state["callbacks"]["RunClock"]["seconds"] = seconds
+    torch.save(state, checkpoint)
+
+
+def resumed_wall_times(workspace: Path, options: list[str], run_dir: Path) -> tuple[list[float], float]:
+    """Resume ``run_dir``: (its rows' wall_time_s, how long the resume took, measured around the child)."""
+    started = time.monotonic()
+    assert in_child(workspace, options, "--resume", str(run_dir)) == 0
+    took = time.monotonic() - started
+    table = check_leaderboard(workspace / "lb" / "synthetic_acdc.csv")
+    return [float(seconds) for seconds in table.loc[table["run_dir"] == str(run_dir), "wall_time_s"]], took
+
+
+def assert_carried(wall_times: list[float], took: float, carried: float) -> None:
+    """Both rows (last, best) count the carried seconds plus at most the resume's own time."""
+    assert len(wall_times) == 2, wall_times
+    assert all(carried < seconds <= carried + took for seconds in wall_times), (wall_times, carried, took)
+
+
 # ---- the tests -----------------------------------------------------------------------------------------------
 def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted):
     run_dir = kill_and_resume(tmp_path, KILLABLE_RUN, "training", 25)
@@ -220,6 +244,16 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result(tmp_path, 
     assert not (run_dir / "checkpoints" / "resume.ckpt").exists()  # superseded by last.ckpt
     metrics = pd.read_csv(run_dir / "logs" / "metrics.csv")
     assert metrics["val/dice"].notna().sum() >= 4  # the logs continue where the checkpoint was
+
+
+def test_a_resumed_run_counts_the_time_before_its_checkpoint(tmp_path, uninterrupted):
+    """wall_time_s = the run's seconds when its resume.ckpt was saved + the resume's own, not the resume's only."""
+    assert in_child(tmp_path, KILLABLE_RUN, point="training", n=25) == -signal.SIGKILL
+    run_dir = run_folders(tmp_path)[0]
+    set_run_clock(run_dir / "checkpoints" / "resume.ckpt", 10_000.0)
+    wall_times, took = resumed_wall_times(tmp_path, KILLABLE_RUN, run_dir)
+    assert_carried(wall_times, took, 10_000.0)
+    assert_same(outcome(run_dir), uninterrupted, "resumed with a carried clock")  # the clock does not touch training
 
 
 def test_a_run_killed_before_its_row_writes_it_once_on_resume_and_a_finished_run_is_left_alone(tmp_path, uninterrupted, capsys):
@@ -239,10 +273,24 @@ def test_a_multi_stage_run_resumes_in_the_interrupted_stage(tmp_path):
     run_dir = run_folders(tmp_path)[0]
     first_stage = run_dir / "pretrain_global" / "checkpoints" / "last.ckpt"
     assert first_stage.is_file() and (run_dir / "pretrain_local" / "checkpoints" / "resume.ckpt").is_file()
+    # The interrupted stage's resume.ckpt holds the run's latest time; the finished stage's last.ckpt an earlier one.
+    set_run_clock(first_stage, 10_000.0)
+    set_run_clock(run_dir / "pretrain_local" / "checkpoints" / "resume.ckpt", 20_000.0)
     finished_at = first_stage.stat().st_mtime_ns
-    assert in_child(tmp_path, KILLABLE_STAGES, "--resume", str(run_dir)) == 0
+    wall_times, took = resumed_wall_times(tmp_path, KILLABLE_STAGES, run_dir)
     assert first_stage.stat().st_mtime_ns == finished_at  # the finished stage was not trained again
     assert_same(outcome(run_dir, "finetune"), expected, "ACTION killed in pretrain_local")
+    assert_carried(wall_times, took, 20_000.0)
+
+
+def test_a_stage_started_over_on_resume_carries_the_time_of_the_finished_stages(tmp_path):
+    """Killed before the interrupted stage saved anything: the clock continues from the finished stage's last.ckpt."""
+    assert in_child(tmp_path, KILLABLE_STAGES, point="training_stage", n=3) == -signal.SIGKILL
+    run_dir = run_folders(tmp_path)[0]
+    set_run_clock(run_dir / "pretrain_global" / "checkpoints" / "last.ckpt", 10_000.0)
+    (run_dir / "pretrain_local" / "checkpoints" / "resume.ckpt").unlink()  # as if killed before its first save
+    wall_times, took = resumed_wall_times(tmp_path, KILLABLE_STAGES, run_dir)
+    assert_carried(wall_times, took, 10_000.0)
 
 
 def test_the_sweep_resumes_an_unfinished_run_folder(tmp_path, capsys):
