@@ -24,7 +24,9 @@ from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
 
 
-def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last") -> tuple[dict, Path]:
+def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "last"):
+    """(config, dataset entry, datamodule, model with the checkpoint's weights, the checkpoint's step) of a run
+    folder; for multi-stage methods the final stage. ``overrides`` must not change the weights (loaded as saved)."""
     from benchmark.run import RunFolder, prepare, stage_config
     from methods.registry import get_method
 
@@ -42,7 +44,14 @@ def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last") ->
     config["run"]["out"] = str(run_dir.parent)  # prepare() checks it is writable; nothing is written there
     entry, method_cls, datamodule = prepare(config)
     model = method_cls(entry.spec, stage_config(config, final_stage))
-    model.load_state_dict(read_checkpoint(path, f"the {checkpoint} checkpoint of this run")["state_dict"])
+    state = read_checkpoint(path, f"the {checkpoint} checkpoint of this run")
+    model.load_state_dict(state["state_dict"])
+    return config, entry, datamodule, model, int(state.get("global_step", 0))
+
+
+def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last") -> tuple[dict, Path]:
+    run_dir = Path(run_dir).resolve()
+    config, entry, datamodule, model, _ = load_finished_run(run_dir, overrides, checkpoint)
     model.eval()
     per_case = Evaluator.from_config(entry.spec, config).evaluate(model.predict_logits, datamodule.cases("test"),
                                                                  progress=False, desc=f"test ({checkpoint})")

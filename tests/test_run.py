@@ -170,3 +170,34 @@ def test_reevaluate_reproduces_the_row_and_evaluates_the_other_network(tmp_path,
     assert "method.predict_with=model2" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == before and len(list(run_dir.glob("reevaluated_last_*.csv"))) == 2
     assert reevaluate_main([str(tmp_path)]) == 2  # not a run folder
+
+
+def test_gradients_reports_each_terms_gradient_per_module(tmp_path, capsys):
+    from benchmark.gradients import gradient_norms, main as gradients_main
+
+    assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--method", "fba_net") == 0
+    table = check_finished_run(tmp_path, "synthetic_acdc")
+    run_dir = Path(table["run_dir"][0])
+    norms, step = gradient_norms(run_dir, "last", batches=2)
+    assert step == table["steps"][0]
+    assert {"loss", "supervised", "contrastive"} <= set(norms.index)
+    assert list(norms.columns) == ["value", "net", "contrastive_modules"]
+    # The Dice term never reaches the contrastive modules (they read the logits, the Dice does not read them);
+    # it does train the network. The contrast trains its own modules.
+    assert norms.loc["supervised", "contrastive_modules"] == 0 and norms.loc["supervised", "net"] > 0
+    assert norms.loc["contrastive", "contrastive_modules"] > 0
+    assert gradients_main([str(run_dir), "--batches", "1"]) == 0
+    assert f"(last, step {step})" in capsys.readouterr().out
+    assert gradients_main([str(tmp_path)]) == 2  # not a run folder
+    assert gradients_main([str(run_dir), "--batches", "0"]) == 2
+
+
+def test_at_step_makes_ramp_ups_read_the_checkpoints_step_without_a_trainer():
+    import pytorch_lightning as pl
+
+    from benchmark.gradients import at_step
+
+    model = pl.LightningModule()
+    assert model.global_step == 0  # Lightning's value without a Trainer
+    at_step(model, 1500)
+    assert model.global_step == 1500 and isinstance(model, pl.LightningModule)
