@@ -174,9 +174,11 @@ def command_run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
+    from benchmark.distributed import release_process_group
     from benchmark.run import run
 
     rows = run(config, resume=args.resume)
+    release_process_group()
     if rows:
         print_summary(rows)
     return 0

@@ -54,3 +54,15 @@ def broadcast_from_rank_zero(value: Any) -> Any:
     holder = [value if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if this process has one, once its run has finished.
+
+    Lightning leaves it alive, and at interpreter exit gloo's worker threads can then abort the process ("terminate
+    called without an active exception", SIGABRT; pytorch/pytorch#190489): torchrun reports a finished run, rows
+    written, as failed. Only after success: a rank that failed may leave others inside a collective, and destroying
+    the group under them can deadlock (torchtitan calls it on success only, for the same reason).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

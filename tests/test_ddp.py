@@ -137,3 +137,28 @@ def test_a_rank_only_takes_the_run_folder_of_the_process_that_launched_it(monkey
     assert inherited_run_dir() == tmp_path
     monkeypatch.setenv(RUN_DIR_ENV, f"{os.getppid() + 1}:{tmp_path}")
     assert inherited_run_dir() is None
+
+
+def test_a_finished_run_releases_its_process_group_and_a_failed_one_does_not(tmp_path, monkeypatch):
+    """Left alive, gloo's threads can abort a finished rank at exit (torchrun then reports the run as failed);
+    destroying it under a failed rank's partners could deadlock them instead."""
+    import torch.distributed as dist
+
+    from benchmark.cli import main
+    from benchmark.errors import UserError
+
+    args = ["run", "--dataset", "synthetic_acdc", "--profile", "smoke", "--ratio", "0.2", "--no-progress",
+            "--out", str(tmp_path / "runs"), "--leaderboard-dir", str(tmp_path / "lb")]
+
+    def failing_run(config, resume=None):
+        raise UserError("a rank failed")
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        monkeypatch.setattr("benchmark.run.run", failing_run)
+        assert main(args) == 2 and dist.is_initialized()
+        monkeypatch.setattr("benchmark.run.run", lambda config, resume=None: [])
+        assert main(args) == 0 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
