@@ -51,9 +51,12 @@ def gradient_norms(run_dir: Path, checkpoint: str = "last", batches: int = 4) ->
                 continue
             row = sums.setdefault(term, {"value": 0.0, **{name: 0.0 for name in modules}})
             row["value"] += float(value.detach())
+            # One backward pass per term over every module's parameters, then split per module.
+            grads = iter(torch.autograd.grad(value, [p for params in modules.values() for p in params],
+                                             retain_graph=True, allow_unused=True))
             for name, params in modules.items():
-                grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-                row[name] += float(torch.sqrt(sum(((g.double() ** 2).sum() for g in grads if g is not None),
+                module_grads = [next(grads) for _ in params]
+                row[name] += float(torch.sqrt(sum(((g.double() ** 2).sum() for g in module_grads if g is not None),
                                                   torch.zeros((), dtype=torch.float64))))
         taken += 1
         if taken == batches:
