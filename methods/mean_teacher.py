@@ -2,8 +2,9 @@
 
 The student sees one batch of labeled + unlabeled images (one forward, so BatchNorm sees the mixed batch); the EMA
 teacher sees the unlabeled images with clamped Gaussian noise. Consistency is the MSE between the two softmax maps,
-weighted by ``consistency * sigmoid_rampup(step // 150, consistency_rampup)`` and switched on at
-``consistency_start_step`` (SSL4MIS's 2D scripts: ``if iter_num < 1000: consistency_loss = 0``).
+weighted by ``consistency * sigmoid_rampup(step // 150, consistency_rampup)`` (or over
+``consistency_rampup_fraction`` of the run's steps) and switched on at ``consistency_start_step`` (SSL4MIS's 2D
+scripts: ``if iter_num < 1000: consistency_loss = 0``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
+from methods.components.ramps import sigmoid_rampup
 from methods.registry import register
 
 
@@ -20,6 +22,9 @@ class MeanTeacher(SemiSupervisedMethod):
         "ema_decay": 0.99,
         "consistency": 0.1,
         "consistency_rampup": 200.0,  # in units of 150 iterations (SSL4MIS passes iteration // 150)
+        # If set, the ramp-up instead lasts this fraction of trainer.max_steps (counted in steps), for families whose
+        # budgets differ per data set (the endoscopy sets' paper runs are 11 682 to 27 819 steps).
+        "consistency_rampup_fraction": None,
         "consistency_start_step": 1000,
         "noise_std": 0.1,
         "noise_clamp": 0.2,
@@ -39,7 +44,10 @@ class MeanTeacher(SemiSupervisedMethod):
     def consistency_weight(self) -> float:
         if self.global_step < self.hp["consistency_start_step"]:
             return 0.0
-        return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"])
+        fraction = self.hp["consistency_rampup_fraction"]
+        if fraction is None:
+            return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"])
+        return self.hp["consistency"] * sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
 
     def consistency_loss(self, student_logits: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -81,18 +81,21 @@ def test_committed_rows_keep_the_hash_of_their_default_config(dataset, method, p
     assert config_hash(config) == digest
 
 
-def test_cpu_consistency_ramp_ups_and_delays_fit_the_cpu_budget():
-    # A cpu preset scaled for one family's budget does not carry to another: on Kvasir-SEG's 1500 steps Mean
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def test_consistency_ramp_ups_and_delays_fit_the_budget(profile):
+    # A preset sized for one family's budget does not carry to another: on Kvasir-SEG's 1500 cpu steps Mean
     # Teacher kept the paper's 200 x 150 ramp-up and 1000-step delay (weight 0.1 % of its maximum at the end) and
-    # FBA-Net+ its 40 x 150 (6 %). Every real data set's cpu run must reach the full weight within its budget
-    # (ramp-ups count 150-iteration units as SSL4MIS does, or a fraction of max_steps) and start it early.
+    # FBA-Net+ its 40 x 150 (6 %); on the endoscopy sets' paper budgets (11 682 to 27 819 steps) SSL4MIS's
+    # 30 000-iteration ramp-up ended at 15-97 %. Every method on every real data set must reach its full weight
+    # within the run (ramp-ups count 150-iteration units as SSL4MIS does, or a fraction of max_steps) and start
+    # it early (SSL4MIS's Mean Teacher delay is 1000 of 30 000 iterations).
     from datamodules import dataset_names, get_dataset
     from methods.registry import get_method, method_names
 
     too_late = []
     for dataset in (name for name in dataset_names() if not name.startswith("synthetic")):
         for method in method_names():
-            config = resolve_config(dataset, method, "cpu", [], get_method(method).defaults,
+            config = resolve_config(dataset, method, profile, [], get_method(method).defaults,
                                     family=get_dataset(dataset).family)
             hp, steps = config["method"], config["trainer"]["max_steps"]
             if "consistency_rampup" in hp:
@@ -100,6 +103,6 @@ def test_cpu_consistency_ramp_ups_and_delays_fit_the_cpu_budget():
                 length = fraction * steps if fraction is not None else hp["consistency_rampup"] * 150
                 if length > steps:
                     too_late.append(f"{method} on {dataset}: ramp-up {length:.0f} steps > {steps}")
-            if hp.get("consistency_start_step", 0) > 0.05 * steps:
+            if hp.get("consistency_start_step", 0) > 0.1 * steps:
                 too_late.append(f"{method} on {dataset}: delay {hp['consistency_start_step']} of {steps} steps")
     assert not too_late, "\n".join(too_late)

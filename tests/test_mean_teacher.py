@@ -92,6 +92,20 @@ def test_consistency_weight_schedule():
     assert model.consistency_weight() == pytest.approx(0.1 * math.exp(-5))
 
 
+def test_consistency_ramp_up_over_a_fraction_of_the_run():
+    # The endoscopy paper presets ramp over the whole run (fraction 1.0) whatever each set's budget; the weight
+    # then follows the step itself, not SSL4MIS's step // 150.
+    from unittest import mock
+
+    model = build_method("mean_teacher", overrides=["method.consistency_start_step=0", "trainer.max_steps=1000",
+                                                    "method.consistency_rampup_fraction=1.0"], patch=(32, 32))
+    with mock.patch.object(type(model), "global_step", new_callable=mock.PropertyMock) as step:
+        step.return_value = 149  # 149 // 150 = 0 would give exp(-5); by steps it is exp(-5 (1 - 0.149)^2)
+        assert model.consistency_weight() == pytest.approx(0.1 * math.exp(-5 * (1 - 0.149) ** 2))
+        step.return_value = 1000
+        assert model.consistency_weight() == pytest.approx(0.1)
+
+
 def test_ua_mt_threshold_uses_ln_classes_or_the_faithful_ln2():
     model = build_method("ua_mt", patch=(32, 32))
     assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(4))
