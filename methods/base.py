@@ -147,9 +147,13 @@ class SemiSupervisedMethod(pl.LightningModule):
     def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.supervised_criterion(logits, labels)
 
-    def rampup(self, length: float, divisor: int = 150) -> float:
-        """Sigmoid ramp-up on ``global_step // divisor`` (SSL4MIS passes iteration // 150)."""
-        return sigmoid_rampup(self.global_step // divisor, length)
+    def rampup(self, length: float, divisor: int = 150, fraction: float | None = None, step_offset: int = 0) -> float:
+        """Sigmoid ramp-up on ``(global_step + step_offset) // divisor`` up to ``length`` (SSL4MIS passes
+        iteration // 150), or, with ``fraction``, on the step itself over that fraction of trainer.max_steps (the
+        cpu presets, whose budgets are far shorter than the 150-iteration units assume)."""
+        if fraction is not None:
+            return sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
+        return sigmoid_rampup((self.global_step + step_offset) // divisor, length)
 
     def on_train_start(self) -> None:
         # seed_everything seeds every DDP rank alike, so the global torch generator (dropout masks, and the

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
-from methods.components.ramps import sigmoid_rampup
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
@@ -77,10 +76,7 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def unsupervised_ramp(self) -> float:
         """The sigmoid ramp-up factor in [0, 1] of this step (upstream's per-150-iteration one, or a fraction
         of the run)."""
-        fraction = self.hp["consistency_rampup_fraction"]
-        if fraction is None:
-            return sigmoid_rampup(self.global_step // 150, self.hp["consistency_rampup"])
-        return sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
+        return self.rampup(self.hp["consistency_rampup"], fraction=self.hp["consistency_rampup_fraction"])
 
     def consistency_weight(self) -> float:
         return self.hp["consistency"] * self.unsupervised_ramp()

@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
-from methods.components.ramps import sigmoid_rampup
 from methods.losses.consistency import mutual_consistency_loss
 from methods.registry import register
 
@@ -106,13 +105,9 @@ class MCNetPlus(SemiSupervisedMethod):
 
     # ---- the pieces (FBA-Net+ reuses them) --------------------------------------------------------
     def consistency_weight(self) -> float:
-        fraction = self.hp["consistency_rampup_fraction"]
-        if fraction is None:
-            # upstream increments iter_num before computing the weight: (iteration + 1) // 150
-            ramp = sigmoid_rampup((self.global_step + 1) // 150, self.hp["consistency_rampup"])
-        else:
-            ramp = sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
-        return self.hp["consistency"] * ramp
+        # upstream increments iter_num before computing the weight: (iteration + 1) // 150
+        return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"], step_offset=1,
+                                                    fraction=self.hp["consistency_rampup_fraction"])
 
     def decoder_supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The supervised loss of one decoder on labeled logits (before ``supervised_weight``)."""

@@ -12,7 +12,6 @@ import torch
 
 from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
-from methods.components.ramps import sigmoid_rampup
 from methods.registry import register
 
 
@@ -44,10 +43,8 @@ class MeanTeacher(SemiSupervisedMethod):
     def consistency_weight(self) -> float:
         if self.global_step < self.hp["consistency_start_step"]:
             return 0.0
-        fraction = self.hp["consistency_rampup_fraction"]
-        if fraction is None:
-            return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"])
-        return self.hp["consistency"] * sigmoid_rampup(self.global_step, fraction * self.config["trainer"]["max_steps"])
+        return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"],
+                                                    fraction=self.hp["consistency_rampup_fraction"])
 
     def consistency_loss(self, student_logits: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
