@@ -387,6 +387,21 @@ def join_interrupted_metrics(interrupted: Path, metrics: Path) -> None:
     interrupted.unlink()
 
 
+def append_test_metrics(metrics: Path, test_metrics: list[dict[str, float]], step: int) -> None:
+    """Append the test summaries (one row each) to a stage's metrics.csv, replacing those of an earlier attempt.
+
+    Written here rather than through the CSVLogger: after a resume its writer knows only the columns it logged
+    itself, and on a new column it rewrites the joined file with those alone (it raises on the interrupted part's
+    columns, having truncated the file); a run resumed after its training logs nothing, so every column is new."""
+    logged = pd.read_csv(metrics) if metrics.is_file() else pd.DataFrame()
+    earlier_test = [column for column in logged.columns if column.startswith("test_")]
+    if earlier_test:  # a resume after the test had logged (killed before its row was written)
+        logged = logged[logged[earlier_test].isna().all(axis=1)].drop(columns=earlier_test)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(metrics) as out:
+        pd.concat([logged, pd.DataFrame([{**row, "step": step} for row in test_metrics])], ignore_index=True).to_csv(out, index=False)
+
+
 def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:
     """Weights only (no pickled code from disk); returns the checkpoint's global step."""
     state = read_checkpoint(checkpoint, "a checkpoint of this run")
@@ -567,12 +582,17 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
         })
     if not rank_zero:
         return [], {}
+    step = trained.stage_steps[stage]
+    test_metrics = [{f"test_{kind}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+                    for kind, summary in results.items()]
+    append_test_metrics(folder.stage_dir(stage) / "logs" / "metrics.csv", test_metrics, step)
     loggers = trained.trainer.loggers if trained.trainer is not None else build_loggers(staged, folder.stage_dir(stage), digest)
     for logger in loggers:
-        for kind, summary in results.items():
-            logger.log_metrics({f"test_{kind}/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
-                               step=trained.stage_steps[stage])
-        logger.finalize("success")
+        # The CSV file was written above; a CSVLogger also deletes the metrics.csv it finds when it first logs.
+        if not isinstance(logger, CSVLogger):
+            for metrics in test_metrics:
+                logger.log_metrics(metrics, step=step)
+        logger.finalize("success")  # a CSVLogger that never logged does nothing here
     if config["run"]["wandb"] != "disabled":
         import wandb
 

@@ -104,6 +104,10 @@ def arm(point: str, n: int) -> None:
         dying_on_call(SemiSupervisedMethod, "validation_step", n)
     elif point == "checkpoint":
         die_while_writing_a_checkpoint(n)
+    elif point == "last_checkpoint":  # trained and validated to the end, its resume.ckpt saved, not its last.ckpt
+        import pytorch_lightning as pl
+
+        dying_on_call(pl.Trainer, "save_checkpoint", 1, when=lambda self, path, *a, **k: Path(path).name == "last.ckpt")
     elif point == "testing":  # testing the last (n = 1) or the best (n = 2) checkpoint
         dying_on_call(Evaluator, "evaluate", n)
     elif point == "result_json":  # tested, result.json complete but not yet in place, no row yet
@@ -161,20 +165,30 @@ def run_folders(workspace: Path) -> list[Path]:
 class Outcome:
     test: dict
     weights: dict[str, torch.Tensor]
+    log: pd.DataFrame
     seconds: float = 0.0  # how long the run took in a forked child
 
 
 def outcome(run_dir: Path, final_stage: str | None = None) -> Outcome:
-    """The test summaries of result.json and the final weights (the final stage's last.ckpt)."""
+    """The test summaries of result.json, the final weights (the final stage's last.ckpt) and its training log
+    (metrics.csv: the training and validation values by step; the test summaries logged once)."""
     stage_dir = run_dir / final_stage if final_stage else run_dir
     state = torch.load(stage_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    return Outcome(json.loads((run_dir / "result.json").read_text())["test"], state)
+    test = json.loads((run_dir / "result.json").read_text())["test"]
+    log = pd.read_csv(stage_dir / "logs" / "metrics.csv")
+    for kind, summary in test.items():
+        logged = log[f"test_{kind}/dice"].dropna().tolist()
+        assert logged == [summary["dice"]], f"{run_dir}: metrics.csv logs test_{kind}/dice as {logged}, not once"
+    trained = [column for column in log.columns if column.startswith(("train/", "val/"))]
+    log = log[["step", *sorted(trained)]].dropna(how="all", subset=trained)
+    return Outcome(test, state, log.sort_values(["step", *sorted(trained)], ignore_index=True))
 
 
 def assert_same(resumed: Outcome, uninterrupted: Outcome, what: str) -> None:
     assert resumed.test == uninterrupted.test, f"{what}: test metrics differ"
     differing = [name for name, tensor in uninterrupted.weights.items() if not torch.equal(tensor, resumed.weights[name])]
     assert not differing, f"{what}: weights differ in {differing[:3]}"
+    pd.testing.assert_frame_equal(resumed.log, uninterrupted.log, check_exact=True, obj=f"{what}: the training log")
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +260,15 @@ def test_a_run_killed_in_training_resumes_to_the_uninterrupted_result(tmp_path, 
     assert metrics["val/dice"].notna().sum() >= 4  # the logs continue where the checkpoint was
 
 
+@pytest.mark.parametrize("point", ["last_checkpoint", "testing"])
+def test_a_run_killed_after_its_training_resumes_with_its_whole_training_log(tmp_path, uninterrupted, point):
+    """The resume trains nothing (from the final resume.ckpt) or nothing at all (from last.ckpt): metrics.csv keeps
+    the killed part's log, and the test summaries are logged once (Lightning's CSV logger, resumed, would
+    truncate the joined file or delete it)."""
+    run_dir = kill_and_resume(tmp_path, KILLABLE_RUN, point, 1)
+    assert_same(outcome(run_dir), uninterrupted, f"killed at {point}")
+
+
 def test_a_resumed_run_counts_the_time_before_its_checkpoint(tmp_path, uninterrupted):
     """wall_time_s = the run's seconds when its resume.ckpt was saved + the resume's own, not the resume's only."""
     assert in_child(tmp_path, KILLABLE_RUN, point="training", n=25) == -signal.SIGKILL
@@ -310,7 +333,8 @@ def test_the_sweep_resumes_an_unfinished_run_folder(tmp_path, capsys):
 
 
 # The points a run is killed at: each kind once, then random ones, with a random occurrence each time.
-POINT_RANGES = {"loading": (1, 8), "training": (1, 39), "validation": (1, 8), "checkpoint": (1, 5), "testing": (1, 2),
+POINT_RANGES = {"loading": (1, 8), "training": (1, 39), "validation": (1, 8), "checkpoint": (1, 5), "last_checkpoint": (1, 1),
+                "testing": (1, 2),
                 "result_json": (1, 1), "writing_row": (1, 1), "after_row": (1, 1)}
 KILLS = 12
 
