@@ -375,15 +375,23 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule, stage_dir: P
         join_interrupted_metrics(interrupted, metrics)
 
 
+def read_log(metrics: Path) -> pd.DataFrame:
+    """A metrics.csv's rows; none if it is missing or empty. Lightning's CSV writer truncates the file before it
+    writes it again under a wider header, so a kill can leave it empty; the log must not stop a resume."""
+    try:
+        return pd.read_csv(metrics)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["step"])
+
+
 def join_interrupted_metrics(interrupted: Path, metrics: Path) -> None:
     """One metrics.csv again: the interrupted part's rows before the first step the resumed part logged (the
     steps between the checkpoint and the kill were trained again), then the resumed part's rows."""
-    before = pd.read_csv(interrupted)
-    after = pd.read_csv(metrics) if metrics.is_file() else before.iloc[:0]
+    before, after = read_log(interrupted), read_log(metrics)
     if len(after):
         before = before[before["step"] < after["step"].min()]
     with replaced_atomically(metrics) as out:
-        pd.concat([before, after], ignore_index=True).to_csv(out, index=False)
+        pd.concat([part for part in (before, after) if len(part)] or [after], ignore_index=True).to_csv(out, index=False)
     interrupted.unlink()
 
 
@@ -393,13 +401,14 @@ def append_test_metrics(metrics: Path, test_metrics: list[dict[str, float]], ste
     Written here rather than through the CSVLogger: after a resume its writer knows only the columns it logged
     itself, and on a new column it rewrites the joined file with those alone (it raises on the interrupted part's
     columns, having truncated the file); a run resumed after its training logs nothing, so every column is new."""
-    logged = pd.read_csv(metrics) if metrics.is_file() else pd.DataFrame()
+    logged = read_log(metrics)
     earlier_test = [column for column in logged.columns if column.startswith("test_")]
     if earlier_test:  # a resume after the test had logged (killed before its row was written)
         logged = logged[logged[earlier_test].isna().all(axis=1)].drop(columns=earlier_test)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(metrics) as out:
-        pd.concat([logged, pd.DataFrame([{**row, "step": step} for row in test_metrics])], ignore_index=True).to_csv(out, index=False)
+        tested = pd.DataFrame([{**row, "step": step} for row in test_metrics])
+        (pd.concat([logged, tested], ignore_index=True) if len(logged) else tested).to_csv(out, index=False)
 
 
 def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:

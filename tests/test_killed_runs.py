@@ -269,6 +269,33 @@ def test_a_run_killed_after_its_training_resumes_with_its_whole_training_log(tmp
     assert_same(outcome(run_dir), uninterrupted, f"killed at {point}")
 
 
+def test_a_run_whose_log_a_kill_left_empty_resumes_and_logs_from_its_checkpoint(tmp_path, uninterrupted):
+    """Lightning's CSV writer truncates metrics.csv before writing it again under a wider header: a kill in between
+    leaves it empty. The resume must not fail on the log; it keeps what the resumed part logs."""
+    assert in_child(tmp_path, KILLABLE_RUN, point="training", n=25) == -signal.SIGKILL
+    run_dir = run_folders(tmp_path)[0]
+    (run_dir / "logs" / "metrics.csv").write_bytes(b"")
+    assert in_child(tmp_path, KILLABLE_RUN, "--resume", str(run_dir)) == 0
+    resumed = outcome(run_dir)
+    assert resumed.test == uninterrupted.test
+    expected = uninterrupted.log[uninterrupted.log["step"] >= resumed.log["step"].min()].reset_index(drop=True)
+    assert resumed.log["step"].min() == 20  # from the checkpoint of step 20 on
+    pd.testing.assert_frame_equal(resumed.log, expected, check_exact=True)
+
+
+def test_joining_a_log_tolerates_an_empty_or_missing_part(tmp_path):
+    from benchmark.run import join_interrupted_metrics
+
+    interrupted, metrics = tmp_path / "metrics.interrupted.csv", tmp_path / "metrics.csv"
+    interrupted.write_text("")
+    metrics.write_text("step,train/loss\n5,0.5\n")
+    join_interrupted_metrics(interrupted, metrics)
+    assert pd.read_csv(metrics).to_dict("list") == {"step": [5], "train/loss": [0.5]} and not interrupted.exists()
+    metrics.replace(interrupted)  # a resume that logged nothing: the interrupted part is the whole log
+    join_interrupted_metrics(interrupted, metrics)
+    assert pd.read_csv(metrics).to_dict("list") == {"step": [5], "train/loss": [0.5]}
+
+
 def test_a_resumed_run_counts_the_time_before_its_checkpoint(tmp_path, uninterrupted):
     """wall_time_s = the run's seconds when its resume.ckpt was saved + the resume's own, not the resume's only."""
     assert in_child(tmp_path, KILLABLE_RUN, point="training", n=25) == -signal.SIGKILL
