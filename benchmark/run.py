@@ -390,8 +390,9 @@ def join_interrupted_metrics(interrupted: Path, metrics: Path) -> None:
     before, after = read_log(interrupted), read_log(metrics)
     if len(after):
         before = before[before["step"] < after["step"].min()]
+    parts = [part for part in (before, after) if len(part)] or [after]  # pandas warns on concatenating empty frames
     with replaced_atomically(metrics) as out:
-        pd.concat([part for part in (before, after) if len(part)] or [after], ignore_index=True).to_csv(out, index=False)
+        pd.concat(parts, ignore_index=True).to_csv(out, index=False)
     interrupted.unlink()
 
 
