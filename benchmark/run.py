@@ -384,15 +384,20 @@ def read_log(metrics: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=["step"])
 
 
+def stack_logs(*parts: pd.DataFrame) -> pd.DataFrame:
+    """The parts' rows in order, under the union of their columns; empty parts are left out (pandas warns on
+    concatenating them)."""
+    return pd.concat([part for part in parts if len(part)] or parts[-1:], ignore_index=True)
+
+
 def join_interrupted_metrics(interrupted: Path, metrics: Path) -> None:
     """One metrics.csv again: the interrupted part's rows before the first step the resumed part logged (the
     steps between the checkpoint and the kill were trained again), then the resumed part's rows."""
     before, after = read_log(interrupted), read_log(metrics)
     if len(after):
         before = before[before["step"] < after["step"].min()]
-    parts = [part for part in (before, after) if len(part)] or [after]  # pandas warns on concatenating empty frames
     with replaced_atomically(metrics) as out:
-        pd.concat(parts, ignore_index=True).to_csv(out, index=False)
+        stack_logs(before, after).to_csv(out, index=False)
     interrupted.unlink()
 
 
@@ -408,8 +413,7 @@ def append_test_metrics(metrics: Path, test_metrics: list[dict[str, float]], ste
         logged = logged[logged[earlier_test].isna().all(axis=1)].drop(columns=earlier_test)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(metrics) as out:
-        tested = pd.DataFrame([{**row, "step": step} for row in test_metrics])
-        (pd.concat([logged, tested], ignore_index=True) if len(logged) else tested).to_csv(out, index=False)
+        stack_logs(logged, pd.DataFrame([{**row, "step": step} for row in test_metrics])).to_csv(out, index=False)
 
 
 def load_weights(model: pl.LightningModule, checkpoint: Path) -> int:

@@ -179,9 +179,9 @@ def outcome(run_dir: Path, final_stage: str | None = None) -> Outcome:
     for kind, summary in test.items():
         logged = log[f"test_{kind}/dice"].dropna().tolist()
         assert logged == [summary["dice"]], f"{run_dir}: metrics.csv logs test_{kind}/dice as {logged}, not once"
-    trained = [column for column in log.columns if column.startswith(("train/", "val/"))]
-    log = log[["step", *sorted(trained)]].dropna(how="all", subset=trained)
-    return Outcome(test, state, log.sort_values(["step", *sorted(trained)], ignore_index=True))
+    columns = ["step", *sorted(column for column in log.columns if column.startswith(("train/", "val/")))]
+    log = log[columns].dropna(how="all", subset=columns[1:])
+    return Outcome(test, state, log.sort_values(columns, ignore_index=True))
 
 
 def assert_same(resumed: Outcome, uninterrupted: Outcome, what: str) -> None:
