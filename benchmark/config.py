@@ -188,8 +188,74 @@ def resolve_config(
     config = merge(config, {k: v for k, v in method_on_family.items() if k != "profiles"})
     for layer in [*layers, method_on_family]:
         config = merge(config, layer.get("profiles", {}).get(profile, {}))
+    recipe = shared_recipe(profile, dataset, family)
+    if recipe is not None:
+        paper = resolve_config(dataset, method, "paper", (), method_defaults, family)
+        config = apply_recipe(config, recipe, paper, method, profile)
     config["dataset"], config["method_name"], config["profile"] = dataset, method, profile
     config = apply_overrides(config, overrides)
+    return config
+
+
+# Profiles whose training recipe is shared by every method (configs/recipes/<profile>.yaml).
+RECIPE_PROFILES = ("cpu",)
+RECIPE_SECTIONS = ("data", "model", "optim", "trainer")
+
+
+def recipe_file(profile: str) -> dict[str, Any]:
+    return _load_yaml("recipes", f"{profile}.yaml") if profile in RECIPE_PROFILES else {}
+
+
+def shared_recipe(profile: str, dataset: str, family: str) -> dict[str, Any] | None:
+    """The recipe entry of ``dataset`` (else of its family) for a shared-recipe profile; None for other profiles."""
+    recipes = recipe_file(profile).get("recipes", {})
+    entry = recipes.get(dataset, recipes.get(family))
+    return copy.deepcopy(entry) if entry is not None else None
+
+
+def _scaled_schedule(method_hp: dict, paper_hp: dict, cpu_steps: int, paper_steps: int, unit: int) -> dict:
+    """Upstream's ramp-up and delay lengths as the same proportion of the recipe's budget."""
+    scaled = {}
+    if "consistency_rampup_fraction" in method_hp:
+        fraction = paper_hp.get("consistency_rampup_fraction")
+        if fraction is None and "consistency_rampup" in paper_hp:
+            fraction = min(1.0, paper_hp["consistency_rampup"] * unit / paper_steps)
+        if fraction is not None:
+            scaled["consistency_rampup_fraction"] = round(float(fraction), 6)
+    elif "consistency_rampup" in method_hp:
+        scaled["consistency_rampup"] = round(paper_hp["consistency_rampup"] * cpu_steps / paper_steps, 6)
+    if "consistency_start_step" in method_hp:
+        scaled["consistency_start_step"] = int(round(paper_hp["consistency_start_step"] * cpu_steps / paper_steps))
+    return scaled
+
+
+def apply_recipe(config: dict, recipe: dict, paper: dict, method: str, profile: str) -> dict:
+    """Replace every shared key by the recipe's (in every stage), split the budget over a multi-stage method's
+    stages, and scale upstream's schedule lengths (taken from the `paper` config) to the budget."""
+    config = copy.deepcopy(config)
+    for section in RECIPE_SECTIONS:
+        config[section] = merge(config.get(section, {}), recipe.get(section, {}))
+    hp = config.get("method", {})
+    for key, value in recipe.get("method", {}).items():
+        if key in hp:
+            hp[key] = copy.deepcopy(value)
+    # A stage keeps only its own trainer keys (validation cadence); everything else the recipe sets wins.
+    for stage, values in config.get(PER_STAGE, {}).items():
+        for section in ("data", "model", "optim"):
+            for key in recipe.get(section, {}):
+                values.get(section, {}).pop(key, None)
+            if section in values and not values[section]:
+                del values[section]
+    budget = recipe.get("trainer", {}).get("max_steps", config["trainer"]["max_steps"])
+    rules = recipe_file(profile)
+    split = rules.get("stage_split", {}).get(method)
+    if split:
+        total = sum(split.values())
+        for stage, weight in split.items():
+            stage_values = config.setdefault(PER_STAGE, {}).setdefault(stage, {})
+            stage_values.setdefault("trainer", {})["max_steps"] = max(1, int(round(budget * weight / total)))
+    unit = rules.get("schedule_keys", {}).get("rampup_unit", 150)
+    hp.update(_scaled_schedule(hp, paper.get("method", {}), budget, paper["trainer"]["max_steps"], unit))
     return config
 
 

@@ -141,6 +141,15 @@ def per_case_archive(leaderboard_dir: Path, dataset: str, run_name: str, checkpo
     return Path(leaderboard_dir) / PER_CASE_FOLDER / dataset / f"{run_name}_{checkpoint}.csv"
 
 
+CURVES_FOLDER = "curves"
+
+
+def curve_archive(leaderboard_dir: Path, dataset: str, run_name: str) -> Path:
+    """Where a run's validation curve (step, val/dice per class) is kept beside the leaderboard, so a reader can
+    see whether each row had finished learning without the run folder."""
+    return Path(leaderboard_dir) / CURVES_FOLDER / dataset / f"{run_name}.csv"
+
+
 def check_writable(folder: Path) -> None:
     """Fail before training, not after hours of it, when results could not be written."""
     folder = Path(folder)

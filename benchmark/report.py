@@ -6,6 +6,8 @@
   and checkpoint kind (``last``, ``best`` on validation); for the ``paper`` profile the published numbers of
   ``reported.csv`` stand beside the reproduced ones (never beside the reduced ``cpu``/``smoke`` protocols);
 - ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
+- ``<dataset>_<profile>_curves.png``: validation Dice against the training step per method and labeled count, the
+  mean over seeds of the curves archived with the rows (``curves/<dataset>/<run>.csv``);
 - in the tables, a paired Wilcoxon signed-rank test of each method against ``supervised`` on the same split
   (labeled count), seed and checkpoint kind: one pair per test case, the per-case Dice of the two runs
   (``test_per_case_<checkpoint>.csv`` in the run folders), its difference averaged over the seeds both have.
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import UserError
-from benchmark.leaderboard import per_case_archive, read_leaderboard
+from benchmark.leaderboard import curve_archive, per_case_archive, read_leaderboard
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 GROUP_KEYS = ["dataset", "profile", "method", "labeled_cases", "checkpoint", "config_hash"]
@@ -256,6 +258,52 @@ def plot_dice(summary: pd.DataFrame, path: Path, title: str) -> Path:
     return path
 
 
+def mean_validation_curves(table: pd.DataFrame, folder: Path, dataset: str) -> pd.DataFrame:
+    """Per (labeled count, method, config): validation Dice against step, averaged over the seeds whose curve is
+    archived (leaderboard rows of the `last` checkpoint; one curve per run)."""
+    rows = finished_rows(table)
+    rows = rows[rows["checkpoint"] == "last"]
+    curves = []
+    for row in rows.itertuples():
+        path = curve_archive(folder, dataset, Path(str(row.run_dir)).name)
+        if not path.is_file():
+            continue
+        curve = pd.read_csv(path)
+        if curve.empty or "val/dice" not in curve:
+            continue
+        curves.append(curve.assign(labeled_cases=int(row.labeled_cases), method=row.method, config_hash=row.config_hash,
+                                   seed=row.seed)[["labeled_cases", "method", "config_hash", "seed", "step", "val/dice"]])
+    if not curves:
+        return pd.DataFrame(columns=["labeled_cases", "method", "config_hash", "step", "dice", "seeds"])
+    joined = pd.concat(curves, ignore_index=True)
+    return (joined.groupby(["labeled_cases", "method", "config_hash", "step"], sort=True)["val/dice"]
+            .agg(dice="mean", seeds="count").reset_index())
+
+
+def plot_curves(curves: pd.DataFrame, path: Path, title: str) -> Path:
+    """Validation Dice (%) against training step, one panel per labeled count, one line per method (mean over
+    seeds): a row whose line still climbs at its last step had not finished learning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted(curves["labeled_cases"].unique())
+    figure, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 4), squeeze=False, sharey=True)
+    for axis, count in zip(axes[0], counts):
+        for (method, digest), line in curves[curves["labeled_cases"] == count].groupby(["method", "config_hash"], sort=False):
+            axis.plot(line["step"], line["dice"] * 100, marker=".", label=f"{method} (n={int(line['seeds'].max())})")
+        axis.set_xlabel("training step")
+        axis.set_title(f"{title}, {count} labeled")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation Dice (%), mean over seeds")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 # Hand-written reading of the tables, kept beside the CSVs and placed above the generated tables.
 READING_FILE = "reading.md"
 
@@ -310,6 +358,11 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
             plot = plot_dice(part, out / f"{dataset}_{profile}_dice.png", f"{dataset} ({profile})")
             written.append(plot)
             sections += ["", f"![{dataset} {profile} Dice against labeled cases]({plot.name})"]
+            curves = mean_validation_curves(table[table["profile"] == profile], folder, dataset)
+            if not curves.empty:
+                plot = plot_curves(curves, out / f"{dataset}_{profile}_curves.png", f"{dataset} ({profile})")
+                written.append(plot)
+                sections += ["", f"![{dataset} {profile} validation Dice against step]({plot.name})"]
         published = reported[reported["dataset"] == dataset]
         if not published.empty:
             sections += ["", f"### {dataset}: published numbers (reported.csv)", "", reported_table(published)]

@@ -57,7 +57,7 @@ from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
-from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
+from benchmark.leaderboard import append_rows, check_writable, curve_archive, per_case_archive, read_leaderboard, recorded_rows
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
@@ -714,7 +714,31 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
                                                        **stage_record}, indent=1, default=str))
     append_rows(leaderboard, rows)
     archive_per_case(leaderboard, config["dataset"], folder.path, [row["checkpoint"] for row in rows])
+    archive_validation_curve(leaderboard, config["dataset"], folder, list(trained.stage_steps))
     return rows
+
+
+def validation_curve(folder: RunFolder, stages: list[str]) -> pd.DataFrame:
+    """The run's validation Dice (mean and per class) against its step, stages one after another (a later stage's
+    steps continue the earlier ones' count, so the curve reads as one run)."""
+    parts, offset = [], 0
+    for stage in stages:
+        log = read_log(folder.stage_dir(stage) / "logs" / "metrics.csv")
+        columns = [c for c in log.columns if c == "val/dice" or c.startswith("val/dice_")]
+        if "val/dice" in columns:
+            part = log.dropna(subset=["val/dice"])[["step", *columns]].copy()
+            part["step"] = part["step"].astype(int) + 1 + offset
+            part.insert(0, "stage", stage)
+            parts.append(part)
+        steps = log["step"].dropna()
+        offset += int(steps.max()) + 1 if len(steps) else 0
+    return stack_logs(*parts) if parts else pd.DataFrame(columns=["stage", "step", "val/dice"])
+
+
+def archive_validation_curve(leaderboard: Path, dataset: str, folder: RunFolder, stages: list[str]) -> None:
+    curve = validation_curve(folder, stages)
+    with replaced_atomically(curve_archive(leaderboard.parent, dataset, folder.path.name)) as out:
+        curve.to_csv(out, index=False)
 
 
 def archive_per_case(leaderboard: Path, dataset: str, run_dir: Path, kinds: list[str]) -> None:

@@ -337,6 +337,9 @@ def test_one_command_trains_all_three_stages_in_order_each_from_the_previous(tmp
     assert [s["stage"] for s in result["stages"]] == ["pretrain_global", "pretrain_local", "finetune"]
     stage_optim = [yaml.safe_load((run_dir / s / "config.yaml").read_text())["optim"] for s in ("pretrain_global", "finetune")]
     assert [optim["nesterov"] for optim in stage_optim] == [False, True]  # per_stage.finetune of the presets
+    # One validation curve for the whole run: each stage's steps continue the previous stages' count.
+    curve = pd.read_csv(tmp_path / "lb" / "curves" / dataset / f"{run_dir.name}.csv")
+    assert curve["stage"].iloc[-1] == "finetune" and curve["step"].is_monotonic_increasing and curve["step"].iloc[-1] == 6
 
 
 def test_one_stage_alone_from_a_checkpoint(tmp_path):

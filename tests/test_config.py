@@ -106,3 +106,68 @@ def test_consistency_ramp_ups_and_delays_fit_the_budget(profile):
             if hp.get("consistency_start_step", 0) > 0.1 * steps:
                 too_late.append(f"{method} on {dataset}: delay {hp['consistency_start_step']} of {steps} steps")
     assert not too_late, "\n".join(too_late)
+
+
+def _recipe_view(config: dict) -> dict:
+    """The values the cpu recipe shares across methods, read from a resolved config (every stage included)."""
+    from benchmark.config import PER_STAGE, RECIPE_SECTIONS
+
+    view = {section: dict(config[section]) for section in RECIPE_SECTIONS}
+    view["stages"] = {stage: {section: values for section, values in overrides.items() if section != "trainer"}
+                      for stage, overrides in config.get(PER_STAGE, {}).items()}
+    view["inits"] = sorted({str(config["method"][key]) for key in ("network_init", "network_inits") if key in config["method"]})
+    return view
+
+
+def test_every_method_trains_with_the_shared_cpu_recipe():
+    # The cpu profile ranks methods only if they are trained alike: backbone, initialisation, optimizer, schedule,
+    # batch composition, budget and validation cadence must be the same for every method on a data set.
+    from benchmark.config import shared_recipe
+    from datamodules import dataset_names, get_dataset
+    from methods.registry import get_method, method_names
+
+    for dataset in dataset_names():
+        family = get_dataset(dataset).family
+        recipe = shared_recipe("cpu", dataset, family)
+        assert recipe is not None, f"{dataset} has no cpu recipe"
+        views = {}
+        for method in method_names():
+            config = resolve_config(dataset, method, "cpu", [], get_method(method).defaults, family=family)
+            view = _recipe_view(config)
+            for section in ("data", "model", "optim", "trainer"):
+                for key, value in recipe.get(section, {}).items():
+                    assert view[section][key] == value, f"{method} on {dataset}: {section}.{key}"
+            assert not any(view["stages"].values()), f"{method} on {dataset}: a stage overrides the recipe"
+            assert view["inits"] in ([], ["default"], ["['default', 'default']"]), f"{method} on {dataset}: {view['inits']}"
+            views[method] = {s: view[s] for s in ("data", "model", "optim")} | {
+                "trainer": {k: view["trainer"][k] for k in ("max_steps", "val_every", "precision")}}
+        first = next(iter(views.values()))
+        assert all(v == first for v in views.values()), f"{dataset}: methods differ in the shared keys"
+
+
+def test_multi_stage_methods_split_the_cpu_budget():
+    from methods.registry import get_method
+
+    config = resolve_config("acdc", "action", "cpu", [], get_method("action").defaults, family="acdc")
+    stages = {stage: values["trainer"]["max_steps"] for stage, values in config["per_stage"].items()}
+    assert set(stages) == {"pretrain_global", "pretrain_local", "finetune"}
+    assert abs(sum(stages.values()) - config["trainer"]["max_steps"]) <= len(stages)
+
+
+def test_cpu_recipe_scales_upstream_schedules_to_its_budget():
+    # Upstream's ramp-ups keep their proportion of the run: SSL4MIS's ACDC ramp-up spans its whole 30 000
+    # iterations, MC-Net's LA one 6 000 of 15 000; Mean Teacher's 1 000-iteration delay scales with the budget.
+    from methods.registry import get_method
+
+    def hp(dataset, method, profile):
+        return resolve_config(dataset, method, profile, [], get_method(method).defaults, family=dataset)
+
+    steps = hp("acdc", "supervised", "cpu")["trainer"]["max_steps"]
+    assert hp("acdc", "cps", "cpu")["method"]["consistency_rampup_fraction"] == 1.0
+    assert hp("la", "mc_net_plus", "cpu")["method"]["consistency_rampup_fraction"] == pytest.approx(40 * 150 / 15000)
+    paper = hp("acdc", "mean_teacher", "paper")
+    expected = round(paper["method"]["consistency_start_step"] * steps / paper["trainer"]["max_steps"])
+    assert hp("acdc", "mean_teacher", "cpu")["method"]["consistency_start_step"] == expected
+    # Overrides still win over the recipe (a user can leave it on purpose; such rows get their own hash).
+    changed = resolve_config("acdc", "cps", "cpu", ["optim.lr=0.01"], get_method("cps").defaults, family="acdc")
+    assert changed["optim"]["lr"] == 0.01

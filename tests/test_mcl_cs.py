@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from benchmark.config import resolve_config
+from benchmark.config import resolve_config, shared_recipe
 from benchmark.errors import UserError
 from methods.components.mixing import cutmix_box_masks, mix_with_next
 from methods.components.perturbations import channel_dropout, gaussian_noise
@@ -270,8 +270,10 @@ def test_the_threshold_masks_unconfident_pseudo_labels():
 def test_presets_per_family_and_profile():
     defaults = get_method("mcl_cs").defaults
     cpu = resolve_config("acdc", "mcl_cs", "cpu", [], defaults)
-    assert (cpu["data"]["labeled_batch_size"], cpu["data"]["unlabeled_batch_size"]) == (8, 4)
-    assert cpu["method"]["consistency_rampup_fraction"] == 0.4 and cpu["trainer"]["max_steps"] == 2500
+    recipe = shared_recipe("cpu", "acdc", "acdc")  # the cpu profile's batch and budget are the shared recipe's
+    assert cpu["data"]["unlabeled_batch_size"] == recipe["data"]["unlabeled_batch_size"]
+    assert cpu["trainer"]["max_steps"] == recipe["trainer"]["max_steps"]
+    assert cpu["method"]["consistency_rampup_fraction"] == 1.0  # CPS's ACDC ramp-up spans the whole run
     la = resolve_config("la", "mcl_cs", "paper", [], defaults)
     assert la["trainer"]["max_steps"] == 15000 and la["optim"]["schedule"] == "poly"
     assert la["method"]["consistency_rampup"] == 40.0 and la["data"]["patch_size"] is None  # LA's 112x112x80
@@ -280,7 +282,8 @@ def test_presets_per_family_and_profile():
     assert (brats["data"]["unlabeled_batch_size"], brats["trainer"]["max_steps"]) == (2, 30000)
     nuclei = resolve_config("monuseg", "mcl_cs", "paper", [], defaults, family="monuseg")
     assert (nuclei["data"]["labeled_batch_size"], nuclei["data"]["unlabeled_batch_size"]) == (12, 12)
-    assert resolve_config("monuseg", "mcl_cs", "cpu", [], defaults, family="monuseg")["data"]["unlabeled_batch_size"] == 4
+    assert (resolve_config("monuseg", "mcl_cs", "cpu", [], defaults, family="monuseg")["data"]["unlabeled_batch_size"]
+            == shared_recipe("cpu", "monuseg", "monuseg")["data"]["unlabeled_batch_size"])
     assert la["eval"]["stride"] is None and cpu["data"]["patch_size"] == [128, 128]
 
 

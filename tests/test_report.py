@@ -160,3 +160,27 @@ def test_the_hand_written_reading_goes_above_the_generated_tables(board):
     (board / READING_FILE).write_text("## Reading\n\nMean Teacher beats supervised by 10 points.\n")
     text = render_leaderboards(board)[0].read_text()
     assert text.index("Mean Teacher beats supervised") < text.index("### acdc, `cpu` profile")
+
+
+def test_validation_curves_average_seeds_and_are_plotted(board, tmp_path):
+    # The curves archived beside the leaderboard (one per run) become one line per method: the mean over seeds at
+    # each step, so a reader sees whether a row had finished learning.
+    from benchmark.leaderboard import curve_archive
+    from benchmark.report import mean_validation_curves
+
+    table = pd.read_csv(board / "acdc.csv")
+    for seed, offset in enumerate([0.0, 0.1, 0.2]):
+        run = table[(table["method"] == "supervised") & (table["seed"] == seed) & (table["profile"] == "cpu")
+                    & (table["dice"] > 0.5)]["run_dir"].iloc[0]
+        path = curve_archive(board, "acdc", Path(run).name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"stage": "train", "step": [250, 500], "val/dice": [0.3 + offset, 0.5 + offset]}).to_csv(path, index=False)
+    curves = mean_validation_curves(table[table["profile"] == "cpu"], board, "acdc")
+    supervised = curves[curves["method"] == "supervised"].set_index("step")
+    assert supervised.loc[250, "dice"] == pytest.approx(0.4) and supervised.loc[500, "dice"] == pytest.approx(0.6)
+    assert (supervised["seeds"] == 3).all() and "mean_teacher" not in set(curves["method"])  # no curves archived
+    out = tmp_path / "rendered"
+    assert main(["leaderboard", "--dir", str(board), "--out", str(out)]) == 0
+    png = out / "acdc_cpu_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in (out / "README.md").read_text()
+    assert not (out / "acdc_paper_curves.png").exists()  # no curve archived for the paper row

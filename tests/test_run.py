@@ -35,6 +35,8 @@ def check_finished_run(tmp_path: Path, dataset: str) -> pd.DataFrame:
     for kind in ("last", "best"):  # the copies the leaderboard keeps for its paired tests
         archived = tmp_path / "lb" / "per_case" / dataset / f"{run_dir.name}_{kind}.csv"
         assert archived.read_bytes() == (run_dir / f"test_per_case_{kind}.csv").read_bytes()
+    curve = pd.read_csv(tmp_path / "lb" / "curves" / dataset / f"{run_dir.name}.csv")  # the validation curve
+    assert len(curve) >= 1 and curve["val/dice"].between(0, 1).all() and curve["step"].is_monotonic_increasing
     result = json.loads((run_dir / "result.json").read_text())
     assert result["config_hash"] == table["config_hash"][0]
     return table
