@@ -45,6 +45,9 @@ CHECKER = "tests/test_docs_references.py"
 
 # A document path: not preceded by a path, URL or ``owner/name:`` character, ending in .md, optional #anchor.
 DOCUMENT = re.compile(r"(?<![\w./:@-])((?:\.\.?/)*[\w.-]+(?:/[\w.-]+)*\.md)(#[\w-]+)?(?![\w/])")
+# A relative path that leaves its folder and names a file (it has an extension), e.g. ../notes/results.csv.
+# (Folders such as the default data location ../shared/datasets/ACDC are not documents and are not checked.)
+PARENT_FILE = re.compile(r"(?<![\w./:@-])((?:\.\./)+[\w./-]*\.[A-Za-z0-9]+)(?![\w/])")
 # A Markdown link or image target: [text](target) / ![alt](target).
 LINK = re.compile(r"\]\(([^()\s]+)\)")
 
@@ -106,6 +109,9 @@ def references(text: str, markdown: bool) -> list[tuple[int, str, str]]:
     for number, line in enumerate(text.splitlines(), start=1):
         for match in DOCUMENT.finditer(line):
             found.append((number, match.group(1), (match.group(2) or "")[1:]))
+        for match in PARENT_FILE.finditer(line):
+            if not match.group(1).endswith(".md"):  # documents are taken above
+                found.append((number, match.group(1), ""))
         if markdown:
             for match in LINK.finditer(line):
                 target = match.group(1)
@@ -113,7 +119,7 @@ def references(text: str, markdown: bool) -> list[tuple[int, str, str]]:
                     continue  # a URL / mailto, or a document the pattern above already took
                 path, _, anchor = target.partition("#")
                 found.append((number, path, anchor))
-    return found
+    return list(dict.fromkeys(found))  # a link to ../x.py is found twice
 
 
 def broken_references(root: Path) -> list[str]:
@@ -158,6 +164,7 @@ def planted(tmp_path: Path) -> Path:
         "# The private notes: methods.md section 3.\n"
         "# A missing section: docs/notes.md#not-a-heading.\n"
         "# Outside the repository: ../shared/docs/datasets.md.\n"
+        "# Data stay outside: ../shared/datasets/ACDC; a file there does not: ../shared/reference/results.csv.\n"
     )
     (tmp_path / "config.yaml").write_text("# a preset (docs/notes.md)\nlr: 0.01  # see docs/gone.md\n")
     (tmp_path / "Makefile").write_text("help:  ## see docs/notes.md#a-section\n")
@@ -172,6 +179,7 @@ def test_planted_bad_references_are_each_reported(planted: Path):
         "pkg/module.py:2: methods.md (no such file in the repository)",
         "pkg/module.py:3: docs/notes.md#not-a-heading (no heading with that anchor)",
         "pkg/module.py:4: ../shared/docs/datasets.md (no such file in the repository)",
+        "pkg/module.py:5: ../shared/reference/results.csv (no such file in the repository)",
     ]
 
 
