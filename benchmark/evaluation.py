@@ -1,4 +1,4 @@
-"""The evaluator: one inference and metric policy for every method (datasets.md 1.4, 2.4).
+"""The evaluator: one inference and metric policy for every method (docs/datasets.md#la-evaluation, #acdc-evaluation).
 
 Per case it predicts a label map of the case's own shape (sliding window in 3D, slice by slice for 2-D-trained
 volumes, one resized forward pass for whole 2-D images),

@@ -373,8 +373,8 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
 
 
 if __name__ == "__main__":
-    # Rebuild reported.csv from the shared reference (run once; the output is committed):
-    #   python -m benchmark.report ../shared/reference/reported_results.csv leaderboards/reported.csv
+    # Rebuild reported.csv from a CSV of collected published numbers (run once; the output is committed):
+    #   python -m benchmark.report SOURCE.csv leaderboards/reported.csv
     import sys
 
     convert_reported(Path(sys.argv[1]), Path(sys.argv[2]))

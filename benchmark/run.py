@@ -337,7 +337,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         precision=trainer_cfg["precision"],
         deterministic=trainer_cfg["deterministic"],
-        # The DataModule's own step-indexed samplers are already per rank (ecosystem.md B1).
+        # The DataModule's own step-indexed samplers are already per rank (docs/design.md#samplers).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
         callbacks=[random_states, best, resumable, *overlay_callbacks(config), *callbacks],

@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: an ask/tell driver outside Lightning, one subprocess per trial.
 
 ``python -m benchmark tune --method cps --dataset acdc --ratio 0.1 --trials 50 [--workers 2] [--storage ...]``
-(``make tune``). Design (ecosystem.md B5): Optuna never runs inside a Lightning process, so DDP trials, crashes
+(``make tune``). Design (docs/design.md#tuning): Optuna never runs inside a Lightning process, so DDP trials, crashes
 and out-of-memory kills cannot confuse it.
 
 - A **worker** loops: under the study's budget lock it fails stale trials of killed workers, counts the trials

@@ -9,7 +9,7 @@ trial is found.
 | ``postgresql://USER[:PASSWORD]@HOST:PORT/DB`` | workers on several machines | needs ``psycopg2-binary`` |
 
 SQLite is not meant for concurrent writers (Optuna's FAQ), and journal files rely on file locks that NFS may not
-honour, so workers on several machines share a PostgreSQL database (ecosystem.md B5).
+honour, so workers on several machines share a PostgreSQL database (docs/design.md#tuning).
 
 Killed workers: a worker records a heartbeat of its running trial every ``heartbeat_interval`` seconds; a running
 trial whose heartbeat is older than ``grace_period`` is failed by the next worker that looks, and Optuna's

@@ -1,6 +1,6 @@
 """ACDC in the SSL4MIS h5 form: 2D training on slices, evaluation of whole volumes slice by slice.
 
-Layout (datasets.md 2.2)::
+Layout (docs/datasets.md#acdc-files)::
 
     root/train_slices.list  train.list  val.list  test.list
     root/data/slices/<patientNNN_frameFF_slice_S>.h5   'image' float32 (H, W), 'label' uint8 (H, W)
@@ -84,5 +84,6 @@ class ACDCDataModule(SemiSupervisedDataModule):
 
     def load_case(self, case_id):
         arrays = read_h5(self.volume_path(case_id), ["image", "label"])
-        # No spacing is stored in the SSL4MIS h5 files; the literature's metrics are in pixels (datasets.md 8.1).
+        # No spacing is stored in the SSL4MIS h5 files; the literature's metrics are in pixels
+        # (docs/datasets.md#evaluation-conventions).
         return {"case": case_id, "image": arrays["image"], "label": arrays["label"], "spacing": None}

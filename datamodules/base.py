@@ -162,7 +162,7 @@ def read_h5(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 def check_stored_dtypes(image: np.ndarray, label: np.ndarray | None, where: str, checks: Checks,
                         image_dtype=np.float32, label_dtype=np.uint8) -> None:
-    """The h5 forms of the literature store float32 images and uint8 labels (datasets.md 1.2, 2.2, 3.2)."""
+    """The h5 forms of the literature store float32 images and uint8 labels (docs/datasets.md)."""
     for key, array, expected in (("image", image, image_dtype), ("label", label, label_dtype)):
         if array is not None and array.dtype != expected:
             checks.problem(

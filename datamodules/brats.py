@@ -1,4 +1,4 @@
-"""BraTS 2019 in two forms: SSL4MIS's h5 (flair, whole tumour) and the raw NIfTI download (datasets.md 3).
+"""BraTS 2019 in two forms: SSL4MIS's h5 (flair, whole tumour) and the raw NIfTI download (docs/datasets.md#brats-2019).
 
 SSL4MIS h5 form (``brats``)::
 

@@ -1,4 +1,4 @@
-"""CaDIS (cataract surgery frames of the CATARACTS videos), datasets.md 5.
+"""CaDIS (cataract surgery frames of the CATARACTS videos), docs/datasets.md#cadis.
 
 Layout (the ``--data_path`` of RViMLab's code)::
 

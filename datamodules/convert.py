@@ -10,7 +10,7 @@
 - ``acdc``: ACDC ``database/training/patientNNN/`` (Info.cfg, frame NIfTI + _gt) -> the SSL4MIS h5 form: the two
   labelled frames renamed frame01 (the lower frame number, normally ED) and frame02; per-volume min-max to [0, 1];
   volumes ``data/<patient>_frame0F.h5`` for every patient, slices ``data/slices/<volume>_slice_<1..Z>.h5`` for the
-  training patients; the published val/test patients (datasets.md 2.2), the other patients train. The published
+  training patients; the published val/test patients (docs/datasets.md#acdc), the other patients train. The published
   train_slices.list order (a random patient order) cannot be derived: it is drawn with ``--seed``; copy SSL4MIS's
   list files over the written ones to get the published labeled subsets exactly (the names agree).
 - ``brats``: BraTS 2019 NIfTI case folders -> the SSL4MIS h5 form (flair, whole tumour; datamodules/brats.py

@@ -1,7 +1,8 @@
 """Endoscopy and surgical-tool images: 2-D RGB frames with binary masks (polyp or tool), evaluated whole image by
-image. One family, one protocol (MMS, Lou et al. TMI 2023; datasets.md 6), three on-disk layouts.
+image. One family, one protocol (MMS, Lou et al. TMI 2023; docs/datasets.md#endoscopy-and-surgical-tools), three
+on-disk layouts.
 
-**Kvasir layout** (``kvasir_seg``, ``kvasir_instrument``; ../shared/datasets/README.md)::
+**Kvasir layout** (``kvasir_seg``, ``kvasir_instrument``; docs/datasets.md#kvasir-seg)::
 
     root/images/<id>.jpg          RGB frames of any size (Kvasir-SEG: 332x487 to 1920x1072)
     root/masks/<id>.jpg|.png      binary masks; JPEG masks are lossy, so foreground = grey value >= 128
@@ -34,7 +35,7 @@ evenly** over the training frames in sequence-then-frame order (frame i of N lab
 floor((i + 0.5) T / N) of the T training frames), so every training sequence contributes about N/5 labeled
 frames, evenly spaced in time; the rest is unlabeled.
 
-**Image/mask folders as packaged by MMS** (``art_net``, ``robotool``; datasets.md 6.1)::
+**Image/mask folders as packaged by MMS** (``art_net``, ``robotool``; docs/datasets.md#endoscopy-and-surgical-tools)::
 
     root/train/image/<stem>.png|.jpg    root/train/mask/<stem>.png   binary masks (0/255), same stems
     root/test/image/...                 root/test/mask/...
@@ -43,7 +44,7 @@ Names are taken in natural order (frame2 before frame10), not MMS's unsorted ``o
 ``data.val_fraction`` (0.1) of the training names validate (``data.val_holdout=N``: the last N), the first N of the
 rest are labeled.
 
-Protocol, every layout (MMS, datasets.md 6.1; methods.md 2.4-2.6):
+Protocol, every layout (MMS, docs/datasets.md#endoscopy-protocol):
 
 * labeled unit = one image (Kvasir, MMS folders) or frame (EndoVis); except for EndoVis the labeled set is the first
   N ids in list / name order (MMS's unsorted split is thereby fixed), the rest unlabeled;
@@ -85,7 +86,7 @@ KVASIR_SEG_SPEC = DatasetSpec(
     spatial_dims=2,
     in_channels=3,
     class_names=("background", "polyp"),
-    # MMS trains at transforms.Resize((512, 288)): height 512, width 288 as torchvision reads it (methods.md 2.4).
+    # MMS trains at transforms.Resize((512, 288)): height 512, width 288 as torchvision reads it (docs/methods.md#mms).
     patch_size=(512, 288),
     eval_mode="whole_image",
     labeled_unit="image",

@@ -1,6 +1,6 @@
 """Left atrium (2018 challenge) in the UA-MT h5 form: 3D random crops, sliding-window evaluation.
 
-Layout (datasets.md 1.2): ``<root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5`` ('image' float32 (X, Y, Z),
+Layout (docs/datasets.md#la-files): ``<root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5`` ('image' float32 (X, Y, Z),
 'label' uint8 {0, 1}); ``train.list`` (80 IDs) and ``test.list`` (20 IDs) at the root (MC-Net/BCP), inside the data
 folder (DTC) or in a ``lists/`` folder. CRLF list files (FBA-Net's copies) are read fine.
 

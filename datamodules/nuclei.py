@@ -1,6 +1,6 @@
 """Cell nuclei in H&E / fluorescence images: MoNuSeg (as distributed for segmentation) and the 2018 Data Science
-Bowl (datasets.md 7). Binary nucleus-vs-background, RGB input; 2D random patches from large tiles for training,
-a 2D sliding window over the whole image for evaluation; Dice and IoU (Jaccard), plus AJI as an extra column.
+Bowl (docs/datasets.md#cell-nuclei). Binary nucleus-vs-background, RGB input; 2D random patches from large tiles for
+training, a 2D sliding window over the whole image for evaluation; Dice and IoU (Jaccard), plus AJI as an extra column.
 
 MoNuSeg (``monuseg``)::
 

@@ -2,7 +2,7 @@
 
 Why not Lightning's defaults: under DDP Lightning replaces a RandomSampler by a DistributedSampler that pads
 small labeled sets with duplicates, re-iterates a short loader without `set_epoch` (every rank replays the same
-order), and ties the epoch length to the world size (ecosystem.md B1). Here the training budget is a number of
+order), and ties the epoch length to the world size (docs/design.md#samplers). Here the training budget is a number of
 optimizer steps, and the sample drawn at (step, position in the global batch) is a pure function of the seed:
 
     global stream = concat(permutation_0, permutation_1, ...) of the dataset indices,

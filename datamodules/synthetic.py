@@ -2,7 +2,7 @@
 
 Two uses: the suite's built-in ``synthetic_acdc`` / ``synthetic_la`` datasets (generated once into a cache by
 :func:`ensure_synthetic`), and test fixtures (call the writers on a temporary folder). The files follow the real
-layouts exactly (names, list formats, h5 keys, dtypes, value ranges, gzip; datasets.md 1.2, 2.2 and 9), so the very
+layouts exactly (names, list formats, h5 keys, dtypes, value ranges, gzip; docs/datasets.md), so the very
 same loaders read them.
 
 ACDC, SSL4MIS form (compare ../shared/datasets/ACDC)::
@@ -51,8 +51,8 @@ try:  # POSIX advisory locks; elsewhere only the rename race below protects conc
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-# The real folder name, with its space (datasets.md 1.2). Stated here rather than imported from datamodules.la so
-# that the writers describe the format on their own; a test checks that the two agree.
+# The real folder name, with its space (docs/datasets.md#la-files). Stated here rather than imported from
+# datamodules.la so that the writers describe the format on their own; a test checks that the two agree.
 LA_DATA_FOLDER = "2018LA_Seg_Training Set"
 LA_FILE_NAME = "mri_norm2.h5"
 LA_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -381,7 +381,7 @@ def write_acdc_layout(
         for frame_name, (image, label) in zip(frame_names, _acdc_patient_volumes(seed, patient, shape, slices, frames)):
             volume = f"patient{patient:03d}_{frame_name}"
             for z in range(image.shape[0]):
-                # Slices are numbered from 1 in the distributed data (datasets.md 2.2).
+                # Slices are numbered from 1 in the distributed data (docs/datasets.md#acdc-files).
                 _write_h5(slice_folder / f"{volume}_slice_{z + 1}.h5", image[z], label[z])
             # Grouped by patient, frame01's slices before frame02's, shuffled within a frame: the real list's order.
             slice_names += [f"{volume}_slice_{z + 1}" for z in order_rng.permutation(image.shape[0])]

@@ -7,7 +7,7 @@ and t2, the rim enhances in t1ce, the core is dark in t1; a bright but unlabelle
 cases, so whole-tumour segmentation is more than thresholding flair. The h5 form is made from the raw arrays by
 the very preprocessing of SSL4MIS (datamodules/brats.py ``preprocess_case``): crop, clip, z-score.
 
-Layouts (datasets.md 3 and 9)::
+Layouts (docs/datasets.md#brats-2019)::
 
     nifti: root/MICCAI_BraTS_2019_Data_Training/{HGG,LGG}/<ID>/<ID>_{t1,t1ce,t2,flair,seg}.nii.gz + root/{train,val,test}.txt
     h5:    root/data/<ID>.h5 ('image' float32 (Z, Y, X), 'label' uint8 {0, 1}) + root/{train,val,test}.txt

@@ -2,7 +2,7 @@
 
 The ops are SSL4MIS's / UA-MT's (numpy rot90 + flip, scipy rotate and zoom with order 0, pad-then-crop with
 their index conventions), not MONAI's: MONAI's Resize/Rotate resample on a different grid and its random
-transforms keep their own RandomState that Lightning's worker seeding does not reach (ecosystem.md B4).
+transforms keep their own RandomState that Lightning's worker seeding does not reach (docs/design.md#randomness).
 Every random draw comes from an explicit ``numpy.random.Generator``.
 """
 from __future__ import annotations

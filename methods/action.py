@@ -3,7 +3,7 @@ Contrastive Distillation", IPMI 2023; arXiv 2206.02307): three training stages i
 
 Upstream: charlesyou999648/ACTION ``code/model_3D.py`` (``ISD_3d``), ``code/model.py`` (``ISD``),
 ``train_{3D,2D}_pretrain.py`` (stages 1-2), ``train_{3D,2D}_action.py`` (stage 3), ``train_{3D,2D}.sh``.
-Spec: shared/docs/methods.md section 5.
+Spec: docs/methods.md#action.
 
 Stages (``stages`` below; benchmark/run.py trains them in order, each from the previous stage's weights):
 

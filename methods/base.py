@@ -165,7 +165,7 @@ class SemiSupervisedMethod(pl.LightningModule):
 
     def step_generator(self) -> torch.Generator:
         """Randomness for this training step (noise, mixing boxes): seeded by (seed, rank, step), so every DDP
-        rank draws differently (one global seed would give every rank the same noise, ecosystem.md B4) and a
+        rank draws differently (one global seed would give every rank the same noise, docs/design.md#randomness) and a
         resumed run draws what the uninterrupted one did."""
         seed = (self.config["run"]["seed"] * 1_000_003 + self.global_rank * 10_007 + self.global_step) % 2**63
         return torch.Generator(device=self.device).manual_seed(seed)

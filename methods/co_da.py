@@ -1,6 +1,6 @@
 """Co-DA: co-distribution alignment with a dual-model framework and an over-expectation cross-entropy
 (Wang, Huang, Wu, Cai, Li; Bioengineering 2023, 10(7):869). No official code exists: this follows the
-reconstruction of ../shared/docs/methods.md section 4 (ReMixMatch-style alignment); every open choice is a flag.
+reconstruction of docs/methods.md#co-da (ReMixMatch-style alignment); every open choice is a flag.
 
 On top of cross pseudo supervision (:class:`methods.cps.CrossPseudoSupervision`: models A = ``net1``, Kaiming
 init, and B = ``net2``, Xavier init; one forward per model over labeled + unlabeled images; one optimizer):

@@ -29,7 +29,7 @@ Hyperparameters (``method.<key>=...``):
                                       Upstream's schemes draw conv weights 2.4x (Kaiming) and 1.7x (Xavier) larger
                                       than the defaults; behind batch norm that divides the effective learning rate
                                       by about their square, which a 30000-iteration run absorbs and a short one
-                                      does not (README, leaderboards/README.md: the CPS investigation).
+                                      does not (leaderboards/reading.md: the CPS investigation).
 """
 from __future__ import annotations
 

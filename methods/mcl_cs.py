@@ -1,7 +1,7 @@
 """MCL-CS: multiscale (patch- and pixel-level) contrastive learning with perturbations and cross-supervision
 (Wu, Yan, Liang, Zhang, Li; EMBC 2023, DOI 10.1109/EMBC40787.2023.10341018). A RECONSTRUCTION.
 
-No official code exists; only the abstract is known. methods.md section 3 reconstructs the method from CPS (two
+No official code exists; only the abstract is known. docs/methods.md#mcl-cs reconstructs the method from CPS (two
 networks, SSL4MIS) and UniMatch (input and feature perturbations, medical version), and this module follows it.
 
 From the abstract:
@@ -9,7 +9,7 @@ From the abstract:
   * cross-supervision making the outputs under those perturbations consistent;
   * patch-level and pixel-level contrastive learning, for intra-class compactness and inter-class separability;
   * evaluation on BraTS, LA and cell nuclei (the `paper` presets below).
-Reconstructed (methods.md section 3, each a hyperparameter below):
+Reconstructed (docs/methods.md#mcl-cs, each a hyperparameter below):
   * two networks of one architecture, differently initialised (Kaiming / Xavier as SSL4MIS CPS: this class
     extends :class:`methods.cps.CrossPseudoSupervision`, whose networks, ramp-up and evaluation it reuses),
     trained by one optimizer on the sum of their losses;
@@ -113,7 +113,7 @@ from methods.registry import register
 MULTISCALE_READINGS = ("patch_pixel", "decoder_scales")
 #: Decoder strides whose maps the pixel contrast can use (``decoder.forward_features`` of both backbones).
 LEVEL_STRIDES = (8, 4, 2, 1)
-#: Patch grid cells per axis when ``patch_grid`` is null (methods.md 3.1).
+#: Patch grid cells per axis when ``patch_grid`` is null (docs/methods.md#mcl-cs-what-is-reconstructed).
 DEFAULT_PATCH_GRID = {2: 8, 3: 4}
 
 

@@ -1,7 +1,7 @@
 """MMS: Min-Max Similarity (Lou et al., IEEE TMI 2023), dual-view contrastive semi-supervised segmentation.
 
 Upstream: AngeLouCN/Min_Max_Similarity (train_mms.py, loss.py, contrastive_loss.py, model/projector.py, data.py,
-gridmask.py); spec in methods.md section 2.
+gridmask.py); spec in docs/methods.md#mms.
 
 * **Two segmentation networks, two labeled views.** The labeled units are split into two disjoint halves in list
   order (the first half of the first N ids of train.txt for network 1, the second half for network 2; whole
@@ -39,7 +39,7 @@ gridmask.py); spec in methods.md section 2.
 * Evaluation with network 1 (upstream tests each network separately and reports per network);
   ``predict_with: average`` averages both networks' probabilities.
 
-Upstream bugs, each a flag; the default is the intended behaviour (methods.md 2.9):
+Upstream bugs, each a flag; the default is the intended behaviour (docs/methods.md#mms-upstream-bugs-and-flags):
   faithful_structure_loss     MMS passes sigmoid(o) to binary_cross_entropy_with_logits (double sigmoid) with a
                               legacy reduce='none' that makes it a plain mean (no boundary weights)
   faithful_consistency        L_diff is computed with .item(): logged, but no gradient; divided by the batch size

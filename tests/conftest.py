@@ -41,7 +41,7 @@ def require_real_dataset(root: Path, marker: str, name: str) -> Path:
     """A real data copy (``root/marker`` must exist). Outside CI a missing copy skips with the path; in CI it
     fails, since CI has it."""
     if not (root / marker).is_file():
-        message = f"real {name} copy missing: {root} (see ../shared/datasets/README.md)"
+        message = f"real {name} copy missing: {root} (see README.md#real-data-sets)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -31,7 +31,7 @@ def datamodule(name: str, root: Path, **options):
     return entry.datamodule(entry.spec, root, **{**defaults, **options})
 
 
-# ---- remapping (RViMLab utils/defaults.py, datasets.md 5) ---------------------------------------------------------
+# ---- remapping (RViMLab utils/defaults.py, docs/datasets.md#cadis) ---------------------------------------------------
 def test_task_one_keeps_anatomy_and_merges_every_instrument():
     table = remap_table(1)
     assert table[:7].tolist() == list(range(7)) and set(table[7:36].tolist()) == {7}

@@ -5,7 +5,7 @@ experiment), one run folder and one pair of rows written by rank 0 only, and the
 ``METRIC_TOLERANCE``. Why not bit-equal training: the U-Net's BatchNorm normalises each rank's half of the
 batch on its own (SyncBatchNorm is CUDA-only), the Dice term of the loss couples the samples of a batch, and each
 rank draws its own augmentation and dropout (methods/base.py on_train_start); so the two runs follow different
-trajectories, which part as far as two seeds do once the model starts to segment (README: measured figures).
+trajectories, which part as far as two seeds do once the model starts to segment (docs/reliability.md#determinism).
 The smoke budget used here ends before that, which is what lets the metrics be compared tightly.
 """
 from __future__ import annotations

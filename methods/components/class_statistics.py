@@ -2,8 +2,7 @@
 
 Used by distribution alignment (ReMixMatch's moving average of the model's class marginal; Co-DA keeps one on
 labeled and one on unlabeled predictions per model) and by class-adaptive thresholds. The values are
-``register_buffer``s, so they are saved in checkpoints, restored on resume and moved with the module (methods.md
-section 8).
+``register_buffer``s, so they are saved in checkpoints, restored on resume and moved with the module.
 
 Averaging: each update brings per-class sums and counts of one batch. Under ``torch.distributed`` both are
 all-reduced (summed) over the ranks first, so the batch value is the exact mean over the global batch and every

@@ -1,7 +1,7 @@
 """The EMA teacher of Mean Teacher and its descendants (UA-MT, ACTION), as a Lightning submodule.
 
-A torch ``AveragedModel`` kept as a submodule (ecosystem.md B3): saved and restored with the checkpoint, moved
-with the module, and identical on every DDP rank because DDP keeps the students in sync and every rank applies
+A torch ``AveragedModel`` kept as a submodule (docs/design.md#ema-teacher): saved and restored with the checkpoint,
+moved with the module, and identical on every DDP rank because DDP keeps the students in sync and every rank applies
 the same deterministic update. The averaging function is a module-level function bound with ``partial`` so the
 module pickles under ``ddp_spawn`` (a closure from ``get_ema_multi_avg_fn`` does not).
 

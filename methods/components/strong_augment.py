@@ -1,6 +1,6 @@
 """Strong image-space augmentation of a training batch on tensors, with explicit randomness.
 
-``StrongAugmentation`` is MMS's view of the unlabeled image (official data.py, methods.md 2.4): random rotation
+``StrongAugmentation`` is MMS's view of the unlabeled image (official data.py, docs/methods.md#mms): random rotation
 (90 degrees), vertical and horizontal flips, an affine map (90 degrees, translation 0.5, shear 30), colour jitter
 (hue 0.5), random grayscale (p 0.2) and a 3x3 Gaussian blur (sigma in [0.1, 2], torchvision's default), then
 GridMask on the normalised image. The geometric and colour transforms are kornia's (batched, differentiable,
