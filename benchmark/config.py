@@ -22,7 +22,7 @@ from benchmark.errors import UserError, unknown_name
 PROFILES = ("paper", "cpu", "smoke")
 PROFILE_HELP = {
     "paper": "the published protocol (iterations, batch, patch, schedule): for GPUs",
-    "cpu": "a reduced protocol calibrated to finish on a 2-core CPU (README has the figures)",
+    "cpu": "one shared training recipe for every method, sized for a CPU: ranks methods (README, The cpu recipe)",
     "smoke": "seconds: tiny patches, networks and budgets, for tests",
 }
 # Keys that do not change what is computed: left out of the config hash.
