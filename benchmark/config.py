@@ -39,7 +39,7 @@ NON_SEMANTIC_KEYS = (
 # the key computes the same thing: method.network_inits is not (its default became null, upstream's per
 # dimensionality, where configs written before the key meant [kaiming, xavier]), so it is always hashed.
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
-                       ("trainer", "on_nonfinite_loss"): "stop",
+                       ("trainer", "on_nonfinite_loss"): "stop", ("optim", "poly_step_lag"): 0,
                        ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
