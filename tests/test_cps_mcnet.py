@@ -256,3 +256,21 @@ def test_supervised_network_init_isolates_an_initialisation_without_cross_superv
 
     # The default is hash-neutral (rows written before the flag keep their hash); another scheme is another config.
     assert digest(["method.network_init=default"]) == digest([]) != digest(["method.network_init=kaiming"])
+
+
+def test_mcnet_supervised_weight_default_is_upstreams_lamda_per_dimensionality():
+    """MC-Net's --lamda: 1 in train_mcnet_2d.py, 0.5 in train_mcnet_3d.py (null = that); a bad value is refused."""
+    assert build_method("mc_net_plus").supervised_weight() == 1.0
+    assert build_method("mc_net_plus", "synthetic_la").supervised_weight() == 0.5
+    assert build_method("mc_net_plus", overrides=["method.supervised_weight=0.25"]).supervised_weight() == 0.25
+    with pytest.raises(UserError, match="supervised_weight"):
+        build_method("mc_net_plus", overrides=["method.supervised_weight=-1"])
+
+
+def test_cps_dice_include_background_flag_replaces_the_datasets_convention():
+    volumetric = build_method("cps", "synthetic_la")  # LA convention: foreground-only Dice
+    assert not volumetric.supervised_criterion.dice.include_background
+    with_background = build_method("cps", "synthetic_la", ["method.dice_include_background=true"])
+    assert with_background.supervised_criterion.dice.include_background
+    with pytest.raises(UserError, match="dice_include_background"):
+        build_method("cps", overrides=["method.dice_include_background=maybe"])
