@@ -35,9 +35,11 @@ NON_SEMANTIC_KEYS = (
     ("run", "test"),
 )
 # Keys added after leaderboard rows existed: at these values they are left out of the hash, so the hashes of
-# earlier rows stay valid (a sweep still recognises them as done).
+# earlier rows stay valid (a sweep still recognises them as done). A value is neutral only while a config without
+# the key computes the same thing: method.network_inits is not (its default became null, upstream's per
+# dimensionality, where configs written before the key meant [kaiming, xavier]), so it is always hashed.
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
-                       ("trainer", "on_nonfinite_loss"): "stop", ("method", "network_inits"): ["kaiming", "xavier"],
+                       ("trainer", "on_nonfinite_loss"): "stop", ("optim", "poly_step_lag"): 0,
                        ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).

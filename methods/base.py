@@ -64,6 +64,9 @@ class SemiSupervisedMethod(pl.LightningModule):
         policy = config["trainer"].get("on_nonfinite_loss", "stop")
         if policy not in NONFINITE_POLICIES:
             raise UserError(f"unknown trainer.on_nonfinite_loss '{policy}'", where=f"known: {', '.join(NONFINITE_POLICIES)}")
+        lag = config["optim"].get("poly_step_lag", 0)
+        if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
+            raise UserError(f"optim.poly_step_lag={lag!r} must be a whole number >= 0", fix="e.g. optim.poly_step_lag=0")
         self.evaluator = Evaluator.from_config(spec, config)
         self.supervised_criterion = SupervisedSegmentationLoss(
             include_background=spec.dice_include_background, ignore_index=spec.ignore_index
@@ -192,7 +195,8 @@ class SemiSupervisedMethod(pl.LightningModule):
         max_steps = self.config["trainer"]["max_steps"]
         schedule = optim["schedule"]
         if schedule == "poly":
-            factor = lambda step: max(0.0, 1.0 - step / max_steps) ** optim["poly_power"]  # noqa: E731
+            lag = optim.get("poly_step_lag", 0)  # SSL4MIS's Mean Teacher scripts: 1 (LR set before iter_num += 1)
+            factor = lambda step: max(0.0, 1.0 - max(step - lag, 0) / max_steps) ** optim["poly_power"]  # noqa: E731
         elif schedule == "step":
             factor = lambda step: optim["step_gamma"] ** (step // optim["step_every"])  # noqa: E731
         elif schedule == "constant":

@@ -2,8 +2,10 @@
 (Wang, Huang, Wu, Cai, Li; Bioengineering 2023, 10(7):869). No official code exists: this follows the
 reconstruction of docs/methods.md#co-da (ReMixMatch-style alignment); every open choice is a flag.
 
-On top of cross pseudo supervision (:class:`methods.cps.CrossPseudoSupervision`: models A = ``net1``, Kaiming
-init, and B = ``net2``, Xavier init; one forward per model over labeled + unlabeled images; one optimizer):
+On top of cross pseudo supervision (:class:`methods.cps.CrossPseudoSupervision`: models A = ``net1`` and B =
+``net2``, initialised as SSL4MIS's CPS for the dimensionality - PyTorch's default init in 2-D, Kaiming / Xavier in
+3-D, the reconstruction's CPS base having no initialisation of its own; one forward per model over labeled +
+unlabeled images; one optimizer):
 
 * Per model m, running class marginals (buffers, checkpointed, all-reduced over DDP ranks;
   :class:`methods.components.class_statistics.RunningClassMean`): ``pi_L^m`` of its softmax on the labeled pixels
@@ -42,7 +44,9 @@ Hyperparameters (``method.<key>=...``):
   marginal_momentum            0.99   EMA momentum of pi_L and pi_U (ReMixMatch averages ~128 batches)
   over_expectation             expected_confidence  | class_quota | none (see above)
   expectation_momentum         0.99   EMA momentum of the per-class expected confidence E
-  network_inits                [kaiming, xavier]  CPS's re-initialisation of A and B (methods/cps.py)
+  network_inits                null   A's and B's initialisation; null = CPS's upstream one for the dimensionality
+                                      (2-D [default, default], 3-D [kaiming, xavier]; methods/cps.py)
+  dice_include_background      null   CPS's flag: null = the dataset's Dice convention
   predict_with                 average  model1 (A) | model2 (B) | average (mean of both softmax maps). The abstract
                                       does not say; both models are trained symmetrically as peers, so neither is
                                       preferred and their average is the steadier prediction (cps keeps model1,
@@ -124,7 +128,8 @@ class CoDistributionAlignment(CrossPseudoSupervision):
         "over_expectation": "expected_confidence",
         "expectation_momentum": 0.99,
         "predict_with": "average",
-        "network_inits": ["kaiming", "xavier"],  # CPS's (see methods/cps.py)
+        "network_inits": None,  # CPS's upstream initialisation per dimensionality (see methods/cps.py)
+        "dice_include_background": None,  # CPS's: null = the dataset's Dice convention
     }
 
     def build(self) -> None:

@@ -2,12 +2,16 @@
 
 Upstream: HiLab-git/SSL4MIS ``code/train_cross_pseudo_supervision_2D.py`` (ACDC) and ``..._3D.py`` (BraTS).
 
-* Two networks of the same architecture; network 1 re-initialised Kaiming-normal, network 2 Xavier-normal
-  (``init_weights``, which mirrors upstream's ``kaiming_normal_init_weight`` / ``xavier_normal_init_weight``).
+* Two networks of the same architecture, initialised per dimensionality as upstream: the 3-D script re-initialises
+  network 1 Kaiming-normal and network 2 Xavier-normal (``init_weights`` mirrors its ``kaiming_normal_init_weight``
+  / ``xavier_normal_init_weight``); the 2-D script defines the same functions but does not call them (since
+  SSL4MIS commit 9a74d15, "fixed a bug for CPS"), so both 2-D networks keep PyTorch's default layer init.
 * Each network makes ONE forward pass over the concatenated batch (labeled first, then unlabeled), so batch norm
   sees the mixed batch as upstream (TwoStreamBatchSampler batches).
 * Loss of network k: the supervised loss on its labeled logits (the suite's 0.5 * (CE + Dice), upstream's
-  ``0.5 * (ce_loss + dice_loss)``) + w(t) * CE(its logits on the UNLABELED part, argmax of the other network on
+  ``0.5 * (ce_loss + dice_loss)``; upstream's ``DiceLoss(num_classes)`` averages over all classes, background
+  included, in 2-D and 3-D, which ``dice_include_background`` sets where the dataset's convention differs, e.g.
+  LA's foreground-only Dice) + w(t) * CE(its logits on the UNLABELED part, argmax of the other network on
   the same part, detached). Upstream slices ``[labeled_bs:]`` for the pseudo-label term in both the 2-D and the
   3-D script: labeled samples do not enter it.
 * The total is the sum of both networks' losses, minimised by ONE optimizer over both networks (upstream steps
@@ -24,12 +28,16 @@ Hyperparameters (``method.<key>=...``):
   consistency_rampup_fraction  null   if set, the ramp-up instead lasts this fraction of trainer.max_steps,
                                       counted in steps (the cpu/smoke presets: upstream lengths never finish there)
   predict_with                 model1 model1 (upstream) | model2 | average (mean of both networks' softmax)
-  network_inits                [kaiming, xavier]  re-initialisation of network 1 and network 2 (upstream's);
-                                      ``default`` keeps PyTorch's layer defaults (what single-network methods get).
-                                      Upstream's schemes draw conv weights 2.4x (Kaiming) and 1.7x (Xavier) larger
-                                      than the defaults; behind batch norm that divides the effective learning rate
-                                      by about their square, which a 30000-iteration run absorbs and a short one
-                                      does not (leaderboards/reading.md: the CPS investigation).
+  dice_include_background      null   null = the dataset's Dice convention (DatasetSpec.dice_include_background);
+                                      true/false = with / without the background class (SSL4MIS: true; the LA
+                                      `paper` preset sets it, configs/methods/cps.yaml)
+  network_inits                null   initialisation of network 1 and network 2, two of kaiming | xavier | default
+                                      (``default`` keeps PyTorch's layer init, what single-network methods get).
+                                      null = upstream's for the dimensionality: [default, default] in 2-D,
+                                      [kaiming, xavier] in 3-D. The re-initialisations draw conv weights 2.4x
+                                      (Kaiming) and 1.7x (Xavier) larger than the defaults; behind batch norm that
+                                      divides the effective learning rate by about their square, which a short run
+                                      does not absorb (leaderboards/reading.md: the CPS investigation).
 """
 from __future__ import annotations
 
@@ -39,10 +47,13 @@ import torch.nn.functional as F
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
+from methods.losses import SupervisedSegmentationLoss
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
 PREDICT_WITH = ("model1", "model2", "average")
+#: Upstream's initialisation of (network 1, network 2) per dimensionality (``network_inits: null``).
+UPSTREAM_NETWORK_INITS = {2: ("default", "default"), 3: ("kaiming", "xavier")}
 
 
 def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -58,7 +69,8 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
         "consistency_rampup": 200.0,
         "consistency_rampup_fraction": None,
         "predict_with": "model1",
-        "network_inits": ["kaiming", "xavier"],
+        "network_inits": None,  # upstream's per dimensionality (UPSTREAM_NETWORK_INITS)
+        "dice_include_background": None,
     }
 
     def build(self) -> None:
@@ -67,11 +79,26 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
                 f"unknown method.predict_with '{self.hp['predict_with']}' for {self.name}",
                 where=f"known: {', '.join(PREDICT_WITH)}",
             )
-        inits = list(self.hp["network_inits"])
-        if len(inits) != 2 or not set(inits) <= set(INIT_CHOICES):
-            raise UserError(f"method.network_inits={self.hp['network_inits']} for {self.name}",
-                            fix=f"give two of: {', '.join(INIT_CHOICES)}, e.g. [kaiming, xavier]")
-        self.net1, self.net2 = (init_weights(self.build_network(), scheme) for scheme in inits)
+        include_background = self.hp["dice_include_background"]
+        if include_background is not None:
+            if not isinstance(include_background, bool):
+                raise UserError(f"method.dice_include_background={include_background!r} for {self.name}",
+                                fix="give true, false or null (the dataset's convention)")
+            self.supervised_criterion = SupervisedSegmentationLoss(include_background=include_background,
+                                                                   ignore_index=self.spec.ignore_index)
+        self.net1, self.net2 = (init_weights(self.build_network(), scheme) for scheme in self.network_inits())
+
+    def network_inits(self) -> tuple[str, str]:
+        """The initialisation scheme of each network: ``method.network_inits``, or upstream's for the data's
+        dimensionality when it is null."""
+        inits = self.hp["network_inits"]
+        if inits is None:
+            return UPSTREAM_NETWORK_INITS[self.spec.spatial_dims]
+        if not isinstance(inits, (list, tuple)) or len(inits) != 2 or not set(inits) <= set(INIT_CHOICES):
+            raise UserError(f"method.network_inits={inits} for {self.name}",
+                            fix=f"give two of: {', '.join(INIT_CHOICES)}, e.g. [kaiming, xavier], or null for "
+                                "upstream's (2-D [default, default], 3-D [kaiming, xavier])")
+        return tuple(inits)
 
     def unsupervised_ramp(self) -> float:
         """The sigmoid ramp-up factor in [0, 1] of this step (upstream's per-150-iteration one, or a fraction

@@ -158,6 +158,7 @@ class ContrastiveModule(nn.Module):
 class FBANetPlus(MCNetPlus):
     defaults = {
         **MCNetPlus.defaults,
+        "supervised_weight": 0.5,  # a number, as before MC-Net+'s became per-dimensionality (presets set it)
         "consistency": 1.0,
         "consistency_rampup": 40.0,
         "projection_dim": 128,

@@ -1,13 +1,14 @@
 """MC-Net+ (Wu et al., "Mutual consistency learning for semi-supervised medical image segmentation", MedIA 2022).
 
-Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` / ``mcnet/train_mcnet_3d.py`` (LA, ``mcnet3d_v2``),
-``mcnet/train_mcnet_2d.py`` (ACDC, ``mcnet2d_v2``), ``code/utils/losses.py``, ``code/utils/test_patch.py``.
+Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` (LA, ``mcnet3d_v2``), ``code/train_mcnet_2d.py`` (ACDC,
+``mcnet2d_v2``), ``code/utils/losses.py``, ``code/utils/test_patch.py`` (commit fee453c).
 
 * One encoder, three decoders differing only in up-sampling (``build_network(num_decoders=3)`` gives
   MC-Net's order: V-Net deconv/trilinear/nearest, U-Net bilinear/deconv/nearest); one forward pass over the
   concatenated batch (labeled first, then unlabeled), as upstream's TwoStreamBatchSampler batch.
-* Supervised loss, summed over the three decoders on the labeled samples, times ``supervised_weight`` (0.5,
-  upstream ``--lamda`` / ``--beta``). Upstream uses Dice ONLY (the cross-entropy it computes is only logged):
+* Supervised loss, summed over the three decoders on the labeled samples, times ``supervised_weight`` (upstream
+  ``--lamda``: 1 in the 2-D script, 0.5 in the 3-D one; the .sh files do not override it; 0.5 in 2-D was only the
+  first upload's value). Upstream uses Dice ONLY (the cross-entropy it computes is only logged):
     - 3-D: ``Binary_dice_loss`` on the foreground probability, ``1 - (2 sum(p y) + eps) / (sum p + sum y + eps)``
       (no squares, eps 1e-8); with more than two classes here: the mean of it over the foreground classes;
     - 2-D: MC-Net's ``DiceLoss(n_classes=4)`` on the softmax: per class ``1 - sum(p y) / (sum p^2 + sum y^2 +
@@ -20,8 +21,9 @@ Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` / ``mcnet/train_mcnet_3d.py
   with upstream's t counted from 1 (the iteration counter is incremented before the weight is computed).
   Upstream values: LA consistency 1.0, ramp-up 40 (full weight at iteration 6000 of 15000); ACDC consistency 0.1,
   ramp-up 200 (full weight at iteration 30000 = the end). Set per dataset family in configs/methods/mc_net_plus.yaml.
-* Upstream keeps the gradient through the sharpened targets; ``detach_sharpened_targets: true`` (default) stops
-  it, treating them as the soft pseudo-labels the paper describes; ``false`` is the faithful code behaviour.
+* Upstream keeps the gradient through the sharpened targets (``detach_sharpened_targets: false``, the `paper`
+  profile); ``true`` (the class default, so the cpu and smoke profiles) stops it, treating them as the soft
+  pseudo-labels the paper describes.
 * Optimisation upstream: SGD 0.01, momentum 0.9, wd 1e-4, CONSTANT learning rate (no decay in either script).
 * Evaluation upstream: decoder 1 only (``test_single_case_first_output``; the 2-D test takes ``output[0]``).
   ``predict_with: average`` averages the three decoders' softmax probabilities. (Upstream's "average" output,
@@ -29,13 +31,15 @@ Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` / ``mcnet/train_mcnet_3d.py
 * Without unlabeled data (RATIO=1.0) the consistency runs on the labeled samples only, as it would upstream.
 
 Hyperparameters (``method.<key>=...``):
-  supervised_weight            0.5        lambda on the summed supervised loss
+  supervised_weight            null       lambda on the summed supervised loss; null = upstream's for the
+                                          dimensionality (2-D 1.0, 3-D 0.5)
   supervised_loss              upstream   upstream (Dice as above, by dimensionality) | ce_dice
   consistency                  0.1        weight of the mutual consistency after the ramp-up (LA preset: 1.0)
   consistency_rampup           200.0      ramp-up length in units of 150 iterations (LA preset: 40)
   consistency_rampup_fraction  null       if set, the ramp-up lasts this fraction of trainer.max_steps instead
   temperature                  0.1        sharpening temperature
-  detach_sharpened_targets     true       false = upstream (gradient also through the sharpened targets)
+  detach_sharpened_targets     true       false = upstream (gradient also through the sharpened targets; the
+                                          `paper` profile's value)
   predict_with                 decoder1   decoder1 (upstream) | average
 """
 from __future__ import annotations
@@ -51,6 +55,8 @@ from methods.registry import register
 
 PREDICT_WITH = ("decoder1", "average")
 SUPERVISED_LOSSES = ("upstream", "ce_dice")
+#: Upstream ``--lamda`` per dimensionality (train_mcnet_2d.py: 1, train_mcnet_3d.py: 0.5).
+UPSTREAM_SUPERVISED_WEIGHT = {2: 1.0, 3: 0.5}
 
 
 def binary_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -83,7 +89,7 @@ def mcnet_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, smooth: f
 @register("mc_net_plus")
 class MCNetPlus(SemiSupervisedMethod):
     defaults = {
-        "supervised_weight": 0.5,
+        "supervised_weight": None,  # upstream's per dimensionality (UPSTREAM_SUPERVISED_WEIGHT)
         "supervised_loss": "upstream",
         "consistency": 0.1,
         "consistency_rampup": 200.0,
@@ -101,7 +107,16 @@ class MCNetPlus(SemiSupervisedMethod):
                 raise UserError(
                     f"unknown method.{key} '{self.hp[key]}' for {self.name}", where=f"known: {', '.join(known)}"
                 )
+        weight = self.hp["supervised_weight"]
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+            raise UserError(f"method.supervised_weight={weight!r} for {self.name}",
+                            fix="give a number >= 0, or null for upstream's (2-D 1.0, 3-D 0.5)")
         self.net = self.build_network(num_decoders=self.num_decoders)
+
+    def supervised_weight(self) -> float:
+        """lambda of the supervised loss: ``method.supervised_weight``, or upstream's for the dimensionality."""
+        weight = self.hp["supervised_weight"]
+        return UPSTREAM_SUPERVISED_WEIGHT[self.spec.spatial_dims] if weight is None else float(weight)
 
     # ---- the pieces (FBA-Net+ reuses them) --------------------------------------------------------
     def consistency_weight(self) -> float:
@@ -137,7 +152,7 @@ class MCNetPlus(SemiSupervisedMethod):
             images = torch.cat([images, batch["unlabeled"]["image"]])
         supervised, consistency = self.mcnet_losses(self.net.forward_all(images), labels)
         weight = self.consistency_weight()
-        loss = self.hp["supervised_weight"] * supervised + weight * consistency
+        loss = self.supervised_weight() * supervised + weight * consistency
         return {"loss": loss, "supervised": supervised, "consistency": consistency, "consistency_weight": weight}
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:

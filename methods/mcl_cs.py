@@ -10,8 +10,9 @@ From the abstract:
   * patch-level and pixel-level contrastive learning, for intra-class compactness and inter-class separability;
   * evaluation on BraTS, LA and cell nuclei (the `paper` presets below).
 Reconstructed (docs/methods.md#mcl-cs, each a hyperparameter below):
-  * two networks of one architecture, differently initialised (Kaiming / Xavier as SSL4MIS CPS: this class
-    extends :class:`methods.cps.CrossPseudoSupervision`, whose networks, ramp-up and evaluation it reuses),
+  * two networks of one architecture, initialised as SSL4MIS CPS for the dimensionality (PyTorch's default init
+    in 2-D, Kaiming / Xavier in 3-D; ``method.network_inits`` as CPS's): this class extends
+    :class:`methods.cps.CrossPseudoSupervision`, whose networks, ramp-up and evaluation it reuses,
     trained by one optimizer on the sum of their losses;
   * the weak view is the loader's image; the strong view adds Gaussian noise, intensity jitter and blur and is
     then CutMixed with another unlabeled sample of the batch (the next one, cyclically), boxes as UniMatch
@@ -302,7 +303,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
 
     def build(self) -> None:
         self._check_hyperparameters()
-        super().build()  # CPS: net1 Kaiming, net2 Xavier
+        super().build()  # CPS's two networks, initialised as upstream CPS for the dimensionality
         dims = self.spec.spatial_dims
         channels = self.net1.encoder.channels  # per level, shallow to deep (stride 1, 2, 4, 8, 16); a decoder map
         # at stride s has the channels of encoder level log2(s) in both backbones

@@ -2,8 +2,9 @@
 
 ``method.network_init`` (default ``default``: PyTorch's own init) re-initialises the network with one of CPS's
 schemes (``kaiming``, ``xavier``; methods/networks/base.py ``init_weights``). It isolates what an initialisation
-does without any cross supervision: CPS-family methods give their networks these schemes, and at short budgets
-the Kaiming-initialised one trails (leaderboards/reading.md).
+does without any cross supervision: the 3-D CPS-family networks get these schemes (upstream's 3-D script), and at
+short budgets the Kaiming-initialised one trails (leaderboards/reading.md, measured in 2-D before the 2-D default
+became upstream's PyTorch init).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ to 1.0 of the maximum entropy over the whole training budget enter the consisten
 ``sum(mask * (p_student - p_teacher)^2) / (2 * sum(mask))``.
 
 Upstream uses ``ln 2`` as the maximum entropy even for SSL4MIS's 4-class ACDC script; the maximum entropy of C
-classes is ``ln C`` (the intended threshold, default). ``entropy_of_two_classes: true`` reproduces the code.
+classes is ``ln C`` (the intended threshold, the class default, so the cpu and smoke profiles).
+``entropy_of_two_classes: true`` reproduces the code and is the `paper` profile's value (configs/methods/ua_mt.yaml).
 
 Unlike SSL4MIS's Mean Teacher 2D script, its UA-MT 2D script has no 1000-iteration delay before the consistency:
 ``consistency_start_step`` is 0 here on every dataset and profile. The consistency pass and each of the T/2

@@ -146,7 +146,7 @@ def test_cps_networks_start_apart_and_predict_with_model1_or_average():
     model = build_method("cps", patch=(32, 32))
     w1 = next(p for n, p in model.net1.named_parameters() if n.endswith("weight") and p.dim() == 4)
     w2 = next(p for n, p in model.net2.named_parameters() if n.endswith("weight") and p.dim() == 4)
-    assert w1.std() > w2.std()  # Kaiming (gain sqrt 2, fan-in) vs Xavier (gain 1, fan-in + fan-out)
+    assert not torch.equal(w1, w2)  # two draws of PyTorch's default init (upstream 2-D)
     model.eval()
     images = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
@@ -208,12 +208,36 @@ def test_network_inits_flag_chooses_each_networks_initialisation(method):
         return build_method(method, overrides=[] if inits is None else [f"method.network_inits=[{inits}]"])
 
     reference = conv_std(build_network(2, 1, 4, base_features=4))  # PyTorch's layer defaults
-    upstream = built(None)  # Kaiming for network 1, Xavier for network 2: larger weights than the defaults
-    assert conv_std(upstream.net1) > 2 * reference and conv_std(upstream.net2) > 1.3 * reference
-    plain = built("default, default")
-    assert conv_std(plain.net1) == pytest.approx(reference, rel=0.15) and conv_std(plain.net2) == pytest.approx(reference, rel=0.15)
+    reinitialised = built("kaiming, xavier")  # Kaiming for network 1, Xavier for network 2: larger weights
+    assert conv_std(reinitialised.net1) > 2 * reference and conv_std(reinitialised.net2) > 1.3 * reference
+    for plain in (built(None), built("default, default")):  # 2-D upstream (the default) keeps PyTorch's init
+        assert conv_std(plain.net1) == pytest.approx(reference, rel=0.15)
+        assert conv_std(plain.net2) == pytest.approx(reference, rel=0.15)
     with pytest.raises(UserError, match="network_inits"):
         built("kaiming, orthogonal")
+
+
+@pytest.mark.parametrize("method", ["cps", "co_da", "mcl_cs"])
+def test_network_inits_default_follows_upstream_per_dimensionality(method):
+    """SSL4MIS's 2-D CPS script keeps PyTorch's init for both networks; its 3-D script re-initialises them
+    Kaiming / Xavier. null (the default) picks the one of the data's dimensionality; the config says null, so it
+    hashes apart from an explicit choice."""
+    from benchmark.config import config_hash
+
+    assert build_method(method).network_inits() == ("default", "default")
+    volumetric = build_method(method, "synthetic_la")
+    assert volumetric.network_inits() == ("kaiming", "xavier")
+    reference = torch.nn.init.calculate_gain("leaky_relu", 0)  # Kaiming's gain: std = gain / sqrt(fan_in)
+    conv = next(m for m in volumetric.net1.modules() if isinstance(m, torch.nn.Conv3d) and m.weight.shape[1] > 1)
+    fan_in = conv.weight[0].numel()
+    assert conv.weight.std().item() == pytest.approx(reference / fan_in ** 0.5, rel=0.2)
+
+    def digest(overrides):
+        return config_hash(resolve_config("synthetic_acdc", method, "smoke", overrides, get_method(method).defaults,
+                                          family="acdc"))
+
+    assert len({digest([]), digest(["method.network_inits=[kaiming,xavier]"]),
+                digest(["method.network_inits=[default,default]"])}) == 3
 
 
 def test_supervised_network_init_isolates_an_initialisation_without_cross_supervision():
@@ -232,3 +256,21 @@ def test_supervised_network_init_isolates_an_initialisation_without_cross_superv
 
     # The default is hash-neutral (rows written before the flag keep their hash); another scheme is another config.
     assert digest(["method.network_init=default"]) == digest([]) != digest(["method.network_init=kaiming"])
+
+
+def test_mcnet_supervised_weight_default_is_upstreams_lamda_per_dimensionality():
+    """MC-Net's --lamda: 1 in train_mcnet_2d.py, 0.5 in train_mcnet_3d.py (null = that); a bad value is refused."""
+    assert build_method("mc_net_plus").supervised_weight() == 1.0
+    assert build_method("mc_net_plus", "synthetic_la").supervised_weight() == 0.5
+    assert build_method("mc_net_plus", overrides=["method.supervised_weight=0.25"]).supervised_weight() == 0.25
+    with pytest.raises(UserError, match="supervised_weight"):
+        build_method("mc_net_plus", overrides=["method.supervised_weight=-1"])
+
+
+def test_cps_dice_include_background_flag_replaces_the_datasets_convention():
+    volumetric = build_method("cps", "synthetic_la")  # LA convention: foreground-only Dice
+    assert not volumetric.supervised_criterion.dice.include_background
+    with_background = build_method("cps", "synthetic_la", ["method.dice_include_background=true"])
+    assert with_background.supervised_criterion.dice.include_background
+    with pytest.raises(UserError, match="dice_include_background"):
+        build_method("cps", overrides=["method.dice_include_background=maybe"])

@@ -1,6 +1,6 @@
 """Sharpening and the mutual-consistency loss of MC-Net / MC-Net+ (Wu et al., MICCAI 2021 / MedIA 2022).
 
-Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` and ``mcnet/train_mcnet_2d.py`` (``sharpening`` and the
+Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` and ``code/train_mcnet_2d.py`` (``sharpening`` and the
 double loop over decoders with ``losses.mse_loss``); FBA-Net+ (cys1102/FBA-Net ``code/train_3d.py``) reuses both.
 
 * ``sharpen`` is element-wise, ``p^(1/T) / (p^(1/T) + (1 - p)^(1/T))``, applied to every channel on its own: it
@@ -11,7 +11,8 @@ double loop over decoders with ``losses.mse_loss``); FBA-Net+ (cys1102/FBA-Net `
 * Upstream does not stop the gradient through the sharpened targets: they are written into a ``torch.zeros``
   buffer by slice assignment, which autograd tracks, so decoder j also receives the gradient of
   ``(P_i - S_j)^2`` through ``S_j``. ``detach_targets=True`` (the default here) treats the sharpened
-  probabilities as soft pseudo-labels, as the papers describe them; ``False`` reproduces the code.
+  probabilities as soft pseudo-labels, as the papers describe them; ``False`` reproduces the code (MC-Net+'s
+  ``paper`` profile).
 """
 from __future__ import annotations
 

@@ -144,10 +144,11 @@ INIT_CHOICES = (*INIT_SCHEMES, "default")
 
 
 def init_weights(module: nn.Module, scheme: str, generator: torch.Generator | None = None) -> nn.Module:
-    """Re-initialise ``module`` in place the way SSL4MIS's cross pseudo supervision does; returns ``module``.
+    """Re-initialise ``module`` in place the way SSL4MIS's 3-D cross pseudo supervision does; returns ``module``.
 
     Reproduces ``kaiming_normal_init_weight`` / ``xavier_normal_init_weight`` of HiLab-git/SSL4MIS
-    ``code/train_cross_pseudo_supervision_2D.py`` (Conv2d/BatchNorm2d) and ``..._3D.py`` (Conv3d/BatchNorm3d):
+    ``code/train_cross_pseudo_supervision_3D.py`` (Conv3d/BatchNorm3d) and their 2-D twins in ``..._2D.py``
+    (Conv2d/BatchNorm2d; defined there but not called, so upstream's 2-D networks keep the default init):
 
     * plain convolutions (``nn.Conv2d`` / ``nn.Conv3d``, which includes 1x1 and strided ones): only the weight
       is redrawn, ``kaiming_normal_`` with PyTorch's defaults (fan_in, leaky_relu gain with a=0, i.e. sqrt(2))
@@ -156,7 +157,7 @@ def init_weights(module: nn.Module, scheme: str, generator: torch.Generator | No
     * everything else is untouched - notably transposed convolutions (``nn.ConvTranspose*d`` is not a
       subclass of ``nn.Conv*d``, so upstream's ``isinstance`` test skips them), GroupNorm/InstanceNorm.
 
-    CPS gives its two networks different schemes so they start apart. Both 2-D and 3-D layer types are
+    CPS 3-D gives its two networks different schemes so they start apart. Both 2-D and 3-D layer types are
     handled here; a network only contains one kind, so this equals whichever upstream function applies.
     Draws from the global torch RNG unless ``generator`` is given; ``default`` leaves ``module`` as built.
     """
