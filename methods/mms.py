@@ -39,7 +39,8 @@ gridmask.py); spec in methods.md section 2.
 * Evaluation with network 1 (upstream tests each network separately and reports per network);
   ``predict_with: average`` averages both networks' probabilities.
 
-Upstream bugs, each a flag; the default is the intended behaviour (methods.md 2.9):
+Upstream bugs, each a flag; the default is the intended behaviour, the `paper` profile turns every one on
+(upstream's arithmetic, pinned to numbers from upstream's code by tests/test_golden_fba_mms.py):
   faithful_structure_loss     MMS passes sigmoid(o) to binary_cross_entropy_with_logits (double sigmoid) with a
                               legacy reduce='none' that makes it a plain mean (no boundary weights)
   faithful_consistency        L_diff is computed with .item(): logged, but no gradient; divided by the batch size
@@ -51,7 +52,8 @@ Upstream bugs, each a flag; the default is the intended behaviour (methods.md 2.
                               at test time only); no effect on data without normalisation
   (unsorted os.listdir split / glob order in test.py / hard-coded test paths: not reproducible by design here,
   the split comes from the list files and metrics from the suite's evaluator.)
-Optimisation (dataset preset kvasir_seg: Adam 1e-4, poly; MMS steps the poly per epoch, here per step).
+Optimisation (dataset preset kvasir_seg: Adam 1e-4, poly per step for every method; MMS's `paper` preset sets the
+poly per epoch as train_mms.py does: ``optim.schedule=poly_epoch``, 99 epochs, divisor 100).
 
 Hyperparameters (``method.<key>=...``):
   supervised_weight 0.25, consistency_weight 0.25, unlabeled_contrast_weight 0.25, labeled_contrast_weight 0.25

@@ -55,10 +55,9 @@ def build_from(fixture: dict, extra_overrides=()):
     model = build_method(fixture["method"], suite["dataset"], [*suite["overrides"], *extra_overrides],
                          profile=suite["profile"], patch=suite["patch"], seed=suite["seed"])
     checksums: dict[str, float] = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point():
-            group = group_of(fixture, name)
-            checksums[group] = checksums.get(group, 0.0) + float(tensor.double().abs().sum())
+    for name, parameter in model.named_parameters():
+        group = group_of(fixture, name)
+        checksums[group] = checksums.get(group, 0.0) + float(parameter.detach().double().abs().sum())
     recorded = {group: value["abs_sum"] for group, value in fixture["weight_checksums"].items()}
     # Not the arithmetic under test: if this fails, the suite's initialisation changed (order or scheme), and the
     # fixture must be regenerated from upstream with the new weights.
@@ -158,3 +157,46 @@ def test_fba_net_paper_schedule_matches_upstream_3d(fixture_name):
         assert weights == pytest.approx(schedule["consistency_weight"], rel=1e-12)
     assert model.hp["supervised_weight"] == schedule["supervised_weight"]
     assert model.hp["contrastive_weight"] == schedule["contrastive_weight"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMS, 2-D (AngeLouCN/Min_Max_Similarity train_mms.py @ 07571ea)
+
+
+def mms_batches(fixture: dict):
+    labeled = fixture["suite"]["patch"]
+    unlabeled = fixture["unlabeled_size"]
+
+    def make(index: int):
+        generator = torch.Generator().manual_seed(fixture["batch_seeds"][index])
+        labels = torch.randint(0, 2, (2, *labeled), generator=generator)
+        images = torch.randn(2, 3, *labeled, generator=generator)
+        view = torch.randn(1, 3, *unlabeled, generator=generator)
+        return {"labeled": {"image": images, "label": labels}, "unlabeled": {"image": view}}
+    return make
+
+
+def test_mms_training_steps_match_upstream():
+    fixture = load("mms_2d.json")
+    model = build_from(fixture)
+    check_optimizer(fixture, model)
+    run_steps(fixture, model, mms_batches(fixture))
+
+
+def test_mms_paper_schedule_and_weights_match_upstream():
+    fixture = load("mms_2d.json")
+    model = build_from(fixture)
+    schedule = fixture["schedule"]
+    lrs, _ = schedule_values(model, schedule["steps"], lambda m: None)
+    assert lrs == pytest.approx(schedule["lr"], rel=1e-12)
+    for key, value in schedule["loss_weights"].items():
+        assert model.hp[key] == value, key
+
+
+def test_poly_epoch_schedule_refuses_an_epoch_count_that_does_not_divide_the_budget():
+    from benchmark.errors import UserError
+
+    with pytest.raises(UserError, match="poly_epochs"):
+        build_method("mms", "synthetic_kvasir", ["optim.poly_epochs=7"], profile="paper", patch=(32, 32))
+    with pytest.raises(UserError, match="poly_epochs"):
+        build_method("supervised", "synthetic_kvasir", ["optim.schedule=poly_epoch"], profile="paper", patch=(32, 32))
