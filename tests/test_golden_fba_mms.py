@@ -123,7 +123,8 @@ def schedule_values(model, steps, weight_of):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FBA-Net+ and FBA-Net, 3-D (cys1102/FBA-Net train_3d.py @ 796398a, train_fba.py @ 6a10956)
+# FBA-Net+ and FBA-Net (cys1102/FBA-Net: 3-D train_3d.py @ 796398a and train_fba.py @ 6a10956, 2-D train_2d.py @
+# 796398a; upstream has no 2-D single-decoder script)
 
 
 def fba_batches(fixture: dict, model):
@@ -136,16 +137,19 @@ def seed_dropout(fixture: dict):
     return lambda index: torch.manual_seed(fixture["dropout_seeds"][index])
 
 
-@pytest.mark.parametrize("fixture_name", ["fba_net_plus_3d.json", "fba_net_3d.json"])
-def test_fba_net_training_steps_match_upstream_3d(fixture_name):
+FBA_FIXTURES = ["fba_net_plus_3d.json", "fba_net_3d.json", "fba_net_plus_2d.json"]
+
+
+@pytest.mark.parametrize("fixture_name", FBA_FIXTURES)
+def test_fba_net_training_steps_match_upstream(fixture_name):
     fixture = load(fixture_name)
     model = build_from(fixture)
     check_optimizer(fixture, model)
     run_steps(fixture, model, fba_batches(fixture, model), seed_dropout(fixture))
 
 
-@pytest.mark.parametrize("fixture_name", ["fba_net_plus_3d.json", "fba_net_3d.json"])
-def test_fba_net_paper_schedule_matches_upstream_3d(fixture_name):
+@pytest.mark.parametrize("fixture_name", FBA_FIXTURES)
+def test_fba_net_paper_schedule_matches_upstream(fixture_name):
     fixture = load(fixture_name)
     model = build_from(fixture)
     schedule = fixture["schedule"]
