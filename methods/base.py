@@ -85,8 +85,9 @@ class SemiSupervisedMethod(pl.LightningModule):
         policy = config["trainer"].get("on_nonfinite_loss", "stop")
         if policy not in NONFINITE_POLICIES:
             raise UserError(f"unknown trainer.on_nonfinite_loss '{policy}'", where=f"known: {', '.join(NONFINITE_POLICIES)}")
-        if config["optim"].get("schedule") == "poly_epoch":  # refuse a bad epoch count before training starts
-            poly_per_epoch(config["trainer"]["max_steps"], config["optim"].get("poly_epochs"), config["optim"]["poly_power"])
+        optim = config["optim"]
+        if optim.get("schedule") == "poly_epoch":  # refuse a bad epoch count before training starts
+            poly_per_epoch(config["trainer"]["max_steps"], optim.get("poly_epochs"), optim["poly_power"])
         self.evaluator = Evaluator.from_config(spec, config)
         self.supervised_criterion = SupervisedSegmentationLoss(
             include_background=spec.dice_include_background, ignore_index=spec.ignore_index

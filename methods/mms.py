@@ -39,8 +39,7 @@ gridmask.py); spec in methods.md section 2.
 * Evaluation with network 1 (upstream tests each network separately and reports per network);
   ``predict_with: average`` averages both networks' probabilities.
 
-Upstream bugs, each a flag; the default is the intended behaviour, the `paper` profile turns every one on
-(upstream's arithmetic, pinned to numbers from upstream's code by tests/test_golden_fba_mms.py):
+Upstream bugs, each a flag; the default is the intended behaviour (methods.md 2.9):
   faithful_structure_loss     MMS passes sigmoid(o) to binary_cross_entropy_with_logits (double sigmoid) with a
                               legacy reduce='none' that makes it a plain mean (no boundary weights)
   faithful_consistency        L_diff is computed with .item(): logged, but no gradient; divided by the batch size
@@ -52,6 +51,8 @@ Upstream bugs, each a flag; the default is the intended behaviour, the `paper` p
                               at test time only); no effect on data without normalisation
   (unsorted os.listdir split / glob order in test.py / hard-coded test paths: not reproducible by design here,
   the split comes from the list files and metrics from the suite's evaluator.)
+The `paper` profile turns every faithful_* flag on: upstream's arithmetic, pinned to numbers produced by upstream's
+code in tests/test_golden_fba_mms.py (cpu and smoke keep the defaults).
 Optimisation (dataset preset kvasir_seg: Adam 1e-4, poly per step for every method; MMS's `paper` preset sets the
 poly per epoch as train_mms.py does: ``optim.schedule=poly_epoch``, 99 epochs, divisor 100).
 

@@ -96,7 +96,7 @@ def run_steps(fixture: dict, model, make_batch, before_forward=lambda index: Non
         if "update_norms" in expected:
             updates = grouped_norms(fixture, ((name, p.detach() - before[name]) for name, p in named))
             for group, value in expected["update_norms"].items():
-                assert updates.get(group, 0.0) == pytest.approx(value, **GRADIENT_TOLERANCE), f"step {index}: update {group}"
+                assert updates.get(group, 0.0) == pytest.approx(value, **GRADIENT_TOLERANCE), f"step {index}: {group}"
 
 
 def check_optimizer(fixture: dict, model) -> None:
