@@ -28,6 +28,27 @@ from methods.networks import SegmentationNetwork, build_network
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+def poly_per_epoch(max_steps: int, epochs, power: float):
+    """MMS's schedule (train_mms.py ``adjust_lr``): after every step the lr is set to ``(1 - e / (epochs + 1))^power``
+    of the base, ``e`` the 1-based epoch of that step, so step 0 runs at the base lr and step ``s >= 1`` at the value
+    of epoch ``(s - 1) // epoch_steps + 1``; ``epoch_steps = max_steps / epochs`` (MMS: 99 epochs, divisor 100)."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1 or max_steps % epochs:
+        raise UserError(
+            f"optim.schedule=poly_epoch needs optim.poly_epochs, a whole number of epochs dividing trainer.max_steps "
+            f"({max_steps}); got {epochs!r}",
+            fix="e.g. optim.poly_epochs=99 with trainer.max_steps a multiple of 99 (MMS: 99 x N_labeled / 2)",
+        )
+    epoch_steps = max_steps // epochs
+
+    def factor(step: int) -> float:
+        if step == 0:
+            return 1.0
+        epoch = (step - 1) // epoch_steps + 1
+        return max(0.0, 1.0 - epoch / (epochs + 1)) ** power
+
+    return factor
+
+
 class SemiSupervisedMethod(pl.LightningModule):
     name: ClassVar[str] = ""
     # Hyperparameters of the method with their defaults (the `paper` values); presets per profile live in
@@ -67,6 +88,9 @@ class SemiSupervisedMethod(pl.LightningModule):
         lag = config["optim"].get("poly_step_lag", 0)
         if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0:
             raise UserError(f"optim.poly_step_lag={lag!r} must be a whole number >= 0", fix="e.g. optim.poly_step_lag=0")
+        optim = config["optim"]
+        if optim.get("schedule") == "poly_epoch":  # refuse a bad epoch count before training starts
+            poly_per_epoch(config["trainer"]["max_steps"], optim.get("poly_epochs"), optim["poly_power"])
         self.evaluator = Evaluator.from_config(spec, config)
         self.supervised_criterion = SupervisedSegmentationLoss(
             include_background=spec.dice_include_background, ignore_index=spec.ignore_index
@@ -201,8 +225,10 @@ class SemiSupervisedMethod(pl.LightningModule):
             factor = lambda step: optim["step_gamma"] ** (step // optim["step_every"])  # noqa: E731
         elif schedule == "constant":
             factor = lambda step: 1.0  # noqa: E731
+        elif schedule == "poly_epoch":
+            factor = poly_per_epoch(max_steps, optim.get("poly_epochs"), optim["poly_power"])
         else:
-            raise ValueError(f"unknown optim.schedule '{schedule}' (poly, step, constant)")
+            raise ValueError(f"unknown optim.schedule '{schedule}' (poly, step, constant, poly_epoch)")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

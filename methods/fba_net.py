@@ -48,8 +48,9 @@ partly came off it from step ~200 (9.46 at steps 400-1700, 4.2 from step 2000; l
 does move, it can hurt: fba_net's seed 2 left the ceiling at step ~350 and fell to the floor at ~750, each jump with
 a rise of the Dice loss, and scored test Dice 45.1 against 68.0 for the same seed with ``contrastive_weight=0``.
 
-Upstream choices exposed as flags (the intended behaviour is the default):
-* ``detach_sharpened_targets`` (from MC-Net+): true = soft pseudo-labels; upstream false (gradient through them).
+Upstream choices exposed as flags (the intended behaviour is the default, the `paper` profile sets upstream's):
+* ``detach_sharpened_targets`` (from MC-Net+): true = soft pseudo-labels; upstream false (gradient through them),
+  which the `paper` presets of fba_net_plus set (tests/test_golden_fba_mms.py pins one step to upstream's numbers).
 * constant learning rate: upstream never decays it; the `paper` presets set ``optim.schedule: constant``.
 * ``predict_with: decoder1`` (upstream) | average.
 * Upstream picks the best checkpoint on the 20 TEST cases every 200 iterations; the suite's "best" checkpoint is

@@ -51,7 +51,10 @@ Upstream bugs, each a flag; the default is the intended behaviour (docs/methods.
                               at test time only); no effect on data without normalisation
   (unsorted os.listdir split / glob order in test.py / hard-coded test paths: not reproducible by design here,
   the split comes from the list files and metrics from the suite's evaluator.)
-Optimisation (dataset preset kvasir_seg: Adam 1e-4, poly; MMS steps the poly per epoch, here per step).
+The `paper` profile turns every faithful_* flag on: upstream's arithmetic, pinned to numbers produced by upstream's
+code in tests/test_golden_fba_mms.py (cpu and smoke keep the defaults).
+Optimisation (dataset preset kvasir_seg: Adam 1e-4, poly per step for every method; MMS's `paper` preset sets the
+poly per epoch as train_mms.py does: ``optim.schedule=poly_epoch``, 99 epochs, divisor 100).
 
 Hyperparameters (``method.<key>=...``):
   supervised_weight 0.25, consistency_weight 0.25, unlabeled_contrast_weight 0.25, labeled_contrast_weight 0.25

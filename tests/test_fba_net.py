@@ -196,7 +196,8 @@ def test_presets():
     assert (la["data"]["labeled_batch_size"], la["data"]["unlabeled_batch_size"]) == (2, 2)
     method = la["method"]
     assert (method["supervised_weight"], method["consistency"], method["consistency_rampup"]) == (0.5, 1.0, 40.0)
-    assert method["detach_sharpened_targets"] is True and method["predict_with"] == "decoder1"
+    # upstream keeps the gradient through the sharpened targets
+    assert method["detach_sharpened_targets"] is False and method["predict_with"] == "decoder1"
     acdc = resolve_config("acdc", "fba_net_plus", "paper", method_defaults=FBANetPlus.defaults, family="acdc")
     assert acdc["trainer"]["max_steps"] == 30000 and acdc["data"]["labeled_batch_size"] == 8
     assert acdc["method"]["supervised_weight"] == 1.0 and acdc["optim"]["schedule"] == "constant"

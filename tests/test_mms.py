@@ -243,7 +243,11 @@ def test_kvasir_preset_is_the_mms_protocol():
     config = resolve_config("kvasir_seg", "mms", "paper", [], get_method("mms").defaults, family="kvasir_seg")
     assert config["data"]["patch_size"] == [512, 288] and config["optim"]["name"] == "adam"
     assert config["optim"]["lr"] == 1e-4 and config["data"]["labeled_batch_size"] == 2
-    assert config["method"]["temperature"] == 0.07 and not any(v for k, v in config["method"].items() if k.startswith("faithful"))
+    faithful = [k for k in get_method("mms").defaults if k.startswith("faithful")]
+    # paper = upstream's arithmetic (pinned by tests/test_golden_fba_mms.py); the other profiles the intended one
+    assert config["method"]["temperature"] == 0.07 and all(config["method"][k] is True for k in faithful)
+    cpu = resolve_config("kvasir_seg", "mms", "cpu", [], get_method("mms").defaults, family="kvasir_seg")
+    assert not any(cpu["method"][k] for k in faithful)
 
 
 def run_cli(tmp_path: Path, *args: str) -> int:
