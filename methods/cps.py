@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
+from methods.losses.precision import float32_island
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
 PREDICT_WITH = ("model1", "model2", "average")
 
 
+@float32_island
 def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """CE of ``logits`` against the hard pseudo-labels ``argmax(other_logits)`` (no gradient to the other side)."""
     pseudo_labels = other_logits.detach().argmax(dim=1)
