@@ -30,6 +30,8 @@ NON_SEMANTIC_KEYS = (
     # The resolved labeled count (data.labeled) is hashed; RATIO is only how it was asked for.
     ("data", "root"), ("data", "num_workers"), ("data", "cache_decoded"), ("data", "ratio"),
     ("trainer", "devices"), ("trainer", "num_nodes"), ("trainer", "accelerator"), ("trainer", "log_every"),
+    # What trainer.precision=auto picked on this machine (the request itself is hashed): benchmark/precision.py.
+    ("trainer", "precision_chosen"),
     ("eval", "window_batch"),
     ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "sweep"), ("run", "progress"),
     ("run", "test"),

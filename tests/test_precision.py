@@ -186,3 +186,113 @@ def test_ema_teacher_queue_and_class_statistics_stay_float32_under_autocast():
     assert queue.keys.dtype == torch.float32 and statistics.value.dtype == torch.float32
     # The EMA of two identical students is the student itself, exactly (no bfloat16 rounding on the way).
     torch.testing.assert_close(teacher.module.weight, student.weight, rtol=0, atol=0)
+
+
+# ---- trainer.precision: checked values, and auto ------------------------------------------------------------
+def smoke_config(method: str = "supervised", *overrides: str) -> dict:
+    from benchmark.config import resolve_config
+
+    return resolve_config("synthetic_acdc", method, "smoke", list(overrides), get_method(method).defaults,
+                          family=get_dataset("synthetic_acdc").family)
+
+
+def get_dataset(name):
+    from datamodules import get_dataset as lookup
+
+    return lookup(name)
+
+
+@pytest.mark.parametrize("value, canonical", [("32-true", "32-true"), (32, "32-true"), ("32", "32-true"),
+                                              ("bf16-mixed", "bf16-mixed"), ("16-mixed", "16-mixed"), ("auto", "auto")])
+def test_accepted_precisions(value, canonical):
+    from benchmark.precision import requested_precision
+
+    config = smoke_config("supervised")
+    config["trainer"]["precision"] = value  # as a config file may hold it (an override must be a string)
+    assert requested_precision(config) == canonical
+
+
+@pytest.mark.parametrize("value", ["bf16-true", "16-true", "bf16", "fp16", "64-true"])
+def test_other_precisions_are_refused_with_one_message(value):
+    from benchmark.errors import UserError
+    from benchmark.precision import requested_precision
+
+    with pytest.raises(UserError, match="unknown trainer.precision"):
+        requested_precision(smoke_config("supervised", f"trainer.precision={value}"))
+
+
+def test_auto_is_refused_for_a_multi_device_run():
+    from benchmark.errors import UserError
+    from benchmark.precision import requested_precision
+
+    with pytest.raises(UserError, match="auto measures one process"):
+        requested_precision(smoke_config("supervised", "trainer.precision=auto", "trainer.devices=2"))
+
+
+@pytest.mark.parametrize("mixed_seconds, expected", [(0.5, "bf16-mixed"), (0.95, "32-true"), (1.5, "32-true")])
+def test_auto_picks_mixed_only_when_clearly_faster(monkeypatch, capsys, mixed_seconds, expected):
+    import benchmark.precision as precision
+
+    monkeypatch.setattr(precision, "step_seconds", lambda *args, **kwargs: {"32-true": 1.0, "bf16-mixed": mixed_seconds})
+    config = smoke_config("supervised", "trainer.precision=auto")
+    assert precision.chosen_precision(config, get_method("supervised"), get_dataset("synthetic_acdc").spec, False) == expected
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and f"picked {expected}" in printed[0] and "1.000 s in 32-true" in printed[0]
+
+
+def test_auto_probe_times_both_precisions_of_the_runs_own_step():
+    from benchmark.precision import step_seconds
+
+    config = smoke_config("mean_teacher")
+    seconds = step_seconds(get_method("mean_teacher"), get_dataset("synthetic_acdc").spec, config, True,
+                           ["32-true", "bf16-mixed"], steps=1)
+    assert set(seconds) == {"32-true", "bf16-mixed"} and all(value > 0 for value in seconds.values())
+
+
+def test_the_config_hash_covers_the_request_not_the_machines_choice():
+    from benchmark.config import config_hash
+
+    auto = smoke_config("supervised", "trainer.precision=auto")
+    hashes = {config_hash({**auto, "trainer": {**auto["trainer"], "precision_chosen": choice}})
+              for choice in ("32-true", "bf16-mixed")}
+    assert hashes == {config_hash(auto)}
+    assert config_hash(smoke_config("supervised", "trainer.precision=bf16-mixed")) != config_hash(auto)
+
+
+def test_a_resumed_auto_run_keeps_its_first_choice(tmp_path, monkeypatch):
+    import benchmark.precision as precision
+
+    (tmp_path / "config.yaml").write_text("trainer:\n  precision: auto\n  precision_chosen: bf16-mixed\n")
+    monkeypatch.setattr(precision, "step_seconds", lambda *args, **kwargs: pytest.fail("a resumed run must not re-probe"))
+    config = smoke_config("supervised", "trainer.precision=auto")
+    assert precision.chosen_precision(config, get_method("supervised"), get_dataset("synthetic_acdc").spec, False,
+                                      tmp_path) == "bf16-mixed"
+
+
+@pytest.mark.slow
+def test_a_bf16_mixed_run_records_its_precision_in_the_row_and_config(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from benchmark.cli import main
+
+    code = main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir",
+                 str(tmp_path / "lb"), "--method", "supervised", "--dataset", "synthetic_acdc", "--ratio", "0.5",
+                 "--set", "trainer.precision=bf16-mixed"])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
+    assert (table["status"] == "ok").all() and (table["precision"] == "bf16-mixed").all()
+    stored = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
+    assert stored["trainer"]["precision"] == stored["trainer"]["precision_chosen"] == "bf16-mixed"
+
+
+def test_a_refused_precision_exits_2_through_the_cli(tmp_path, capsys):
+    from benchmark.cli import main
+    from benchmark.errors import EXIT_USER_ERROR
+
+    code = main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir",
+                 str(tmp_path / "lb"), "--method", "supervised", "--dataset", "synthetic_acdc",
+                 "--set", "trainer.precision=bf16-true"])
+    assert code == EXIT_USER_ERROR
+    assert "unknown trainer.precision 'bf16-true'" in capsys.readouterr().err
+    assert not (tmp_path / "lb" / "synthetic_acdc.csv").exists()
