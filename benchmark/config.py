@@ -40,7 +40,8 @@ NON_SEMANTIC_KEYS = (
 # earlier rows stay valid (a sweep still recognises them as done).
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
                        ("trainer", "on_nonfinite_loss"): "stop", ("method", "network_inits"): ["kaiming", "xavier"],
-                       ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None}
+                       ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None,
+                       ("trainer", "channels_last"): False}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"

@@ -55,6 +55,17 @@ def requested_precision(config: dict[str, Any]) -> str:
     return value
 
 
+def check_numerics(config: dict[str, Any], spec) -> str:
+    """Check ``trainer.precision`` and ``trainer.channels_last`` before anything is written; the precision requested."""
+    channels_last = config["trainer"].get("channels_last", False)
+    if not isinstance(channels_last, bool):
+        raise UserError(f"trainer.channels_last must be true or false, got {channels_last!r}", where="base.yaml trainer.channels_last")
+    if channels_last and spec.spatial_dims != 2:
+        raise UserError(f"trainer.channels_last applies to 2-D networks, but dataset '{spec.name}' is {spec.spatial_dims}-D",
+                        fix="drop trainer.channels_last (it is implemented for 2-D networks only)")
+    return requested_precision(config)
+
+
 def probe_device(config: dict[str, Any]) -> torch.device:
     accelerator = str(config["trainer"]["accelerator"])
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):

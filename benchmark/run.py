@@ -56,7 +56,7 @@ from benchmark.checkpoints import (
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
-from benchmark.precision import chosen_precision, requested_precision
+from benchmark.precision import check_numerics, chosen_precision
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
 from benchmark.wandb_overlays import overlay_callbacks
@@ -97,7 +97,7 @@ def prepare(config: dict[str, Any]):
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
     method_cls.check_dataset(entry.spec)
-    requested_precision(config)
+    check_numerics(config, entry.spec)
     if config["data"]["patch_size"] is None:
         config["data"]["patch_size"] = list(entry.spec.patch_size)
     datamodule = build_datamodule(

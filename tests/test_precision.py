@@ -12,6 +12,8 @@ of uniform random labels.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,7 +272,7 @@ def test_a_resumed_auto_run_keeps_its_first_choice(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_bf16_mixed_run_records_its_precision_in_the_row_and_config(tmp_path):
+def test_a_bf16_mixed_channels_last_run_records_its_precision_in_the_row_and_config(tmp_path):
     import pandas as pd
     import yaml
 
@@ -278,7 +280,7 @@ def test_a_bf16_mixed_run_records_its_precision_in_the_row_and_config(tmp_path):
 
     code = main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir",
                  str(tmp_path / "lb"), "--method", "supervised", "--dataset", "synthetic_acdc", "--ratio", "0.5",
-                 "--set", "trainer.precision=bf16-mixed"])
+                 "--set", "trainer.precision=bf16-mixed", "--set", "trainer.channels_last=true"])
     assert code == 0
     table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
     assert (table["status"] == "ok").all() and (table["precision"] == "bf16-mixed").all()
@@ -296,3 +298,48 @@ def test_a_refused_precision_exits_2_through_the_cli(tmp_path, capsys):
     assert code == EXIT_USER_ERROR
     assert "unknown trainer.precision 'bf16-true'" in capsys.readouterr().err
     assert not (tmp_path / "lb" / "synthetic_acdc.csv").exists()
+
+
+# ---- trainer.channels_last ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["supervised", "mean_teacher", "fba_net_plus"])
+def test_channels_last_computes_what_the_default_layout_computes(name):
+    """Without dropout (channels-last draws its masks in another memory order) a first step is the same computation
+    up to float32 summation order: loss and gradients within 1e-4 relative."""
+    results = []
+    for layout in ("false", "true"):
+        model = build_method(name, "synthetic_acdc", ["model.dropout=false", f"trainer.channels_last={layout}"])
+        convolutions = [p for p in model.parameters() if p.dim() == 4]
+        memory_format = torch.channels_last if layout == "true" else torch.contiguous_format
+        assert convolutions and all(p.is_contiguous(memory_format=memory_format) for p in convolutions)
+        assert layout == "false" or not all(p.is_contiguous() for p in convolutions)
+        batch = coherent_batch(model)
+        torch.manual_seed(3)
+        losses = model.compute_losses(batch)
+        losses["loss"].backward()
+        results.append((losses["loss"].detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    assert float((grad_b - grad_a).norm() / grad_a.norm()) < 1e-4
+
+
+def test_channels_last_is_checked():
+    from benchmark.errors import UserError
+    from benchmark.precision import check_numerics
+
+    with pytest.raises(UserError, match="2-D networks"):
+        check_numerics(smoke_config("supervised", "trainer.channels_last=true"), get_dataset("synthetic_la").spec)
+    config = smoke_config("supervised")
+    config["trainer"]["channels_last"] = "yes"
+    with pytest.raises(UserError, match="true or false"):
+        check_numerics(config, get_dataset("synthetic_acdc").spec)
+    assert check_numerics(smoke_config("supervised", "trainer.channels_last=true"), get_dataset("synthetic_acdc").spec) == "32-true"
+
+
+def test_channels_last_false_keeps_every_existing_config_hash():
+    from benchmark.config import config_hash
+
+    config = smoke_config("supervised")
+    without = copy.deepcopy(config)
+    del without["trainer"]["channels_last"]
+    assert config_hash(config) == config_hash(without)
+    assert config_hash(smoke_config("supervised", "trainer.channels_last=true")) != config_hash(config)
