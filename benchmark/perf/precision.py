@@ -50,6 +50,16 @@ DECISION = (
     "tests/test_precision.py checks every method's first bf16 step against float32."
 )
 
+LAYOUT_DECISION = (
+    "Adopted: `trainer.channels_last: true` puts 2-D networks in channels-last memory format (default false, so every "
+    "existing config hash stays; true is hashed, because with dropout it draws other masks than the default layout). "
+    "It is not switched on in the `cpu` recipe here, since that would change every cpu row's hash: the lead's call. "
+    "Not adopted: torch.compile. Its steady-state gain on the float32 U-Net step is modest, and every network of a "
+    "method, every stage and every new input shape (the sliding-window batches of evaluation) compiles again, for "
+    "tens of seconds to minutes each on a shared 2-core machine (a cold first compile of the U-Net step took 314 s "
+    "here, 37 s with a warm inductor cache); `python -m benchmark.perf --only precision --compile` measures it."
+)
+
 
 def resolved_precisions() -> dict[str, str]:
     return {f"{dataset}/{profile}": resolve_config(dataset, "supervised", profile, family=entry.family)["trainer"]["precision"]
@@ -158,6 +168,7 @@ def run(quick: bool, methods: list[str] | None = None, compile_too: bool = False
         "methods": method_ratios(quick, methods),
         "unet": unet_layouts(quick, compile_too),
         "decision": DECISION,
+        "layout_decision": LAYOUT_DECISION,
         "gpu_expectation": GPU_EXPECTATIONS,
         "how_to_enable": "--set trainer.precision=bf16-mixed or trainer.precision=auto (OVERRIDES=... with make)",
     }

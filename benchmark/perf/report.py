@@ -171,9 +171,9 @@ def markdown(report: dict[str, Any]) -> str:
                   "random stream, not a different computation."]
         if "compile" in unet:
             c = unet["compile"]
-            lines.append(f"torch.compile (float32): first step {_fmt(c['first_step_s'], 0)} s (compiling), then "
-                         f"{_fmt(c['speedup'])}x the eager step.")
-        lines += ["", p["gpu_expectation"], ""]
+            lines += ["", f"torch.compile (float32): first step {_fmt(c['first_step_s'], 0)} s (compiling), then "
+                         f"{_fmt(c['speedup'])}x the eager step."]
+        lines += ["", p.get("layout_decision", ""), "", p["gpu_expectation"], ""]
     if "paper_cost" in sections:
         c = sections["paper_cost"]
         low, high = (str(t) for t in c["assumed_tflops"])
