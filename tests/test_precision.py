@@ -272,20 +272,42 @@ def test_a_resumed_auto_run_keeps_its_first_choice(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_bf16_mixed_channels_last_run_records_its_precision_in_the_row_and_config(tmp_path):
+def test_an_auto_run_trains_in_the_chosen_precision_and_records_it(tmp_path, monkeypatch, capsys):
+    """Through the CLI, with channels-last too: the probe's choice (forced here) is what Lightning trains with, the
+    row and config.yaml record it, and the row's hash is the hash of the request ``auto``."""
     import pandas as pd
     import yaml
 
+    import benchmark.precision as precision
     from benchmark.cli import main
 
+    monkeypatch.setattr(precision, "step_seconds", lambda *args, **kwargs: {"32-true": 1.0, "bf16-mixed": 0.5})
+    trained_with = []
+    import benchmark.run as run_module
+
+    build_trainer = run_module.build_trainer
+
+    def recording_build_trainer(*args, **kwargs):
+        trainer, best = build_trainer(*args, **kwargs)
+        trained_with.append(trainer.precision)
+        return trainer, best
+
+    monkeypatch.setattr(run_module, "build_trainer", recording_build_trainer)
     code = main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir",
                  str(tmp_path / "lb"), "--method", "supervised", "--dataset", "synthetic_acdc", "--ratio", "0.5",
-                 "--set", "trainer.precision=bf16-mixed", "--set", "trainer.channels_last=true"])
+                 "--set", "trainer.precision=auto", "--set", "trainer.channels_last=true"])
     assert code == 0
+    assert trained_with == ["bf16-mixed"]
+    assert "trainer.precision=auto: picked bf16-mixed" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv")
     assert (table["status"] == "ok").all() and (table["precision"] == "bf16-mixed").all()
     stored = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
-    assert stored["trainer"]["precision"] == stored["trainer"]["precision_chosen"] == "bf16-mixed"
+    assert stored["trainer"]["precision"] == "auto" and stored["trainer"]["precision_chosen"] == "bf16-mixed"
+    assert stored["trainer"]["channels_last"] is True
+    assert set(table["config_hash"]) == {stored["config_hash"]}
+    from benchmark.config import config_hash
+
+    assert config_hash({key: value for key, value in stored.items() if key != "config_hash"}) == stored["config_hash"]
 
 
 def test_a_refused_precision_exits_2_through_the_cli(tmp_path, capsys):
