@@ -30,6 +30,8 @@ NON_SEMANTIC_KEYS = (
     # The resolved labeled count (data.labeled) is hashed; RATIO is only how it was asked for.
     ("data", "root"), ("data", "num_workers"), ("data", "cache_decoded"), ("data", "ratio"),
     ("trainer", "devices"), ("trainer", "num_nodes"), ("trainer", "accelerator"), ("trainer", "log_every"),
+    # What trainer.precision=auto picked on this machine (the request itself is hashed): benchmark/precision.py.
+    ("trainer", "precision_chosen"),
     ("eval", "window_batch"),
     ("run", "seed"), ("run", "out"), ("run", "leaderboard_dir"), ("run", "wandb"), ("run", "sweep"), ("run", "progress"),
     ("run", "test"),
@@ -41,7 +43,7 @@ NON_SEMANTIC_KEYS = (
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
                        ("trainer", "on_nonfinite_loss"): "stop", ("optim", "poly_step_lag"): 0,
                        ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None,
-                       ("optim", "poly_epochs"): None}
+                       ("optim", "poly_epochs"): None, ("trainer", "channels_last"): False}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"

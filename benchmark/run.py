@@ -56,6 +56,7 @@ from benchmark.checkpoints import (
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
+from benchmark.precision import check_numerics, chosen_precision
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable, curve_archive, per_case_archive, read_leaderboard, recorded_rows
 from benchmark.wandb_overlays import overlay_callbacks
@@ -96,6 +97,7 @@ def prepare(config: dict[str, Any]):
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
     method_cls.check_dataset(entry.spec)
+    check_numerics(config, entry.spec)
     if config["data"]["patch_size"] is None:
         config["data"]["patch_size"] = list(entry.spec.patch_size)
     datamodule = build_datamodule(
@@ -335,7 +337,7 @@ def build_trainer(
         val_check_interval=trainer_cfg["val_every"],
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        precision=trainer_cfg["precision"],
+        precision=trainer_cfg.get("precision_chosen") or trainer_cfg["precision"],
         deterministic=trainer_cfg["deterministic"],
         # The DataModule's own step-indexed samplers are already per rank (docs/design.md#samplers).
         use_distributed_sampler=False,
@@ -635,6 +637,9 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
     if rank_zero:
         share_run_dir_with_ranks(run_dir)
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=resume is not None)
+    # After the hash: it covers the request (auto), never a machine's choice (benchmark/precision.py).
+    config["trainer"]["precision_chosen"] = chosen_precision(config, method_cls, entry.spec, datamodule.has_unlabeled,
+                                                             run_dir if resume is not None else None)
     with holding_run_folder(run_dir) if rank_zero else nullcontext():
         try:
             return run_in_folder(config, digest, entry.spec, method_cls, datamodule, stages, folder, callbacks, rank_zero, clock)
@@ -666,7 +671,7 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
         "ratio": config["data"].get("ratio") or "", "seed": config["run"]["seed"], "config_hash": digest,
         "empty_policy": config["eval"]["empty_policy"], "lcc": config["eval"]["lcc"],
         "units": "mm" if config["eval"]["use_spacing"] else "voxel",
-        "devices": config["trainer"]["devices"],
+        "devices": config["trainer"]["devices"], "precision": config["trainer"]["precision_chosen"],
         "global_batch": config["data"]["labeled_batch_size"] + (config["data"]["unlabeled_batch_size"] if datamodule.has_unlabeled else 0),
         "git_rev": git_revision(), "torch": torch.__version__, "lightning": pl.__version__, "host": socket.gethostname(),
         "run_dir": str(folder.path),

@@ -97,17 +97,20 @@ from methods.components.ema import make_ema_teacher
 from methods.components.memory_bank import MemoryQueue
 from methods.components.mixing import MIX_MODES, classmix_keep_masks, cutmix_keep_masks, mix_with_next
 from methods.components.photometric import random_blur, random_intensity_jitter
+from methods.losses.precision import float32_island
 from methods.registry import register
 
 AUGMENT_VIEWS = ("student", "teacher")
 
 
 # ---- distillation -----------------------------------------------------------------------------------------
+@float32_island
 def similarity_logits(anchors: torch.Tensor, bank: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cosine similarities of every row of ``anchors`` (N, E) with every row of ``bank`` (M, E), / temperature."""
     return F.normalize(anchors, dim=-1) @ F.normalize(bank, dim=-1).T / temperature
 
 
+@float32_island
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)) summed over the bank, averaged over the rows ("batchmean")."""
     return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction="batchmean")
@@ -150,6 +153,7 @@ def one_by_one_pair(spatial_dims: int, channels: int) -> nn.Sequential:
 
 
 # ---- fine-tuning losses -----------------------------------------------------------------------------------
+@float32_island
 def confidence_weighted_ce(logits: torch.Tensor, pseudo_labels: torch.Tensor, confidence: torch.Tensor,
                            strong_threshold: float) -> torch.Tensor:
     """ReCo's unsupervised loss: CE to the pseudo labels (-1 ignored), each sample weighted by its fraction of
@@ -195,6 +199,7 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
     return prototypes, present, draws
 
 
+@float32_island
 def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                              probabilities: torch.Tensor, generator: torch.Generator, strong_threshold: float = 0.97,
                              temperature: float = 0.5, num_queries: int = 256, num_negatives: int = 512) -> torch.Tensor:

@@ -97,6 +97,8 @@ class SemiSupervisedMethod(pl.LightningModule):
         )
         self._val_scores: list[list[float]] = []
         self.build()
+        if config["trainer"].get("channels_last", False):  # 2-D only (benchmark/precision.py check_numerics)
+            self.to(memory_format=torch.channels_last)
 
     @classmethod
     def check_dataset(cls, spec: DatasetSpec) -> None:

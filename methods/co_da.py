@@ -61,6 +61,7 @@ from torch import nn
 from benchmark.errors import UserError
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.cps import CrossPseudoSupervision
+from methods.losses.precision import float32_island
 from methods.registry import register
 
 LABELED_MARGINALS = ("prediction", "ground_truth")
@@ -68,6 +69,7 @@ OVER_EXPECTATION = ("expected_confidence", "class_quota", "none")
 _EPS = 1e-8
 
 
+@float32_island
 @torch.no_grad()
 def align_distribution(probabilities: torch.Tensor, labeled_marginal: torch.Tensor,
                        unlabeled_marginal: torch.Tensor) -> torch.Tensor:
@@ -98,6 +100,7 @@ def class_quota_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor, clas
     return keep.view_as(pseudo_labels)
 
 
+@float32_island
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean pixel CE over the kept pixels (``sum M CE / sum M``); zero, with gradient, when nothing is kept."""
     per_pixel = F.cross_entropy(logits, targets, reduction="none")

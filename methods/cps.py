@@ -48,6 +48,7 @@ from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.losses import SupervisedSegmentationLoss
+from methods.losses.precision import float32_island
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
@@ -56,6 +57,7 @@ PREDICT_WITH = ("model1", "model2", "average")
 UPSTREAM_NETWORK_INITS = {2: ("default", "default"), 3: ("kaiming", "xavier")}
 
 
+@float32_island
 def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
     """CE of ``logits`` against the hard pseudo-labels ``argmax(other_logits)`` (no gradient to the other side)."""
     pseudo_labels = other_logits.detach().argmax(dim=1)

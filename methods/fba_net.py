@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.errors import UserError
+from methods.losses.precision import float32_island
 from methods.mc_net_plus import MCNetPlus
 from methods.registry import register
 
@@ -98,6 +99,7 @@ def rank_weights(similarity: torch.Tensor, alpha: float) -> torch.Tensor:
         return torch.exp(-alpha * (rank - 1).to(similarity.dtype))
 
 
+@float32_island
 def sim_max_loss(embeddings: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
     """Pull the (B, D) embeddings of all images together: mean of ``w * -log S`` over the B x B matrix."""
     similarity = clamped_cosine(embeddings, embeddings)
@@ -105,6 +107,7 @@ def sim_max_loss(embeddings: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
     return (loss * rank_weights(similarity, alpha)).mean()
 
 
+@float32_island
 def sim_min_loss(embeddings: torch.Tensor, others: torch.Tensor, alpha: float = 2.5) -> torch.Tensor:
     """Push every row of ``embeddings`` away from every row of ``others``: mean of ``w * -log(1 - S)``, ranked
     along the rows of ``embeddings`` (upstream call order SimMin(fg, bg))."""

@@ -51,6 +51,7 @@ from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.losses.consistency import mutual_consistency_loss
+from methods.losses.precision import float32_island
 from methods.registry import register
 
 PREDICT_WITH = ("decoder1", "average")
@@ -59,6 +60,7 @@ SUPERVISED_LOSSES = ("upstream", "ce_dice")
 UPSTREAM_SUPERVISED_WEIGHT = {2: 1.0, 3: 0.5}
 
 
+@float32_island
 def binary_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """MC-Net's ``Binary_dice_loss``: ``1 - (2 sum(p t) + eps) / (sum p + sum t + eps)`` over the whole batch."""
     target = target.to(probabilities.dtype)
@@ -67,12 +69,14 @@ def binary_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, eps: flo
     return 1 - intersection / union
 
 
+@float32_island
 def foreground_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Mean of :func:`binary_dice_loss` over the foreground classes (for two classes: channel 1, as upstream 3-D)."""
     losses = [binary_dice_loss(probabilities[:, c], labels == c, eps) for c in range(1, probabilities.shape[1])]
     return torch.stack(losses).mean()
 
 
+@float32_island
 def mcnet_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, smooth: float = 1e-10) -> torch.Tensor:
     """MC-Net's 2-D ``DiceLoss``: per class ``1 - sum(p y) / (sum p^2 + sum y^2 + smooth)``, mean over all classes.
 

@@ -109,6 +109,7 @@ from methods.components.mixing import cutmix_box_masks, mix_with_next
 from methods.components.perturbations import channel_dropout, gaussian_noise
 from methods.components.photometric import random_blur, random_intensity_jitter
 from methods.cps import CrossPseudoSupervision
+from methods.losses.precision import float32_island
 from methods.registry import register
 
 MULTISCALE_READINGS = ("patch_pixel", "decoder_scales")
@@ -119,18 +120,21 @@ DEFAULT_PATCH_GRID = {2: 8, 3: 4}
 
 
 # ---- losses ---------------------------------------------------------------------------------------------
+@float32_island
 def masked_cross_entropy(logits: torch.Tensor, pseudo_labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """CE on the kept pixels, divided by ALL pixels (UniMatch); with every pixel kept this is the plain mean CE."""
     per_pixel = F.cross_entropy(logits, pseudo_labels, reduction="none")
     return (per_pixel * keep.to(per_pixel.dtype)).sum() / per_pixel.numel()
 
 
+@float32_island
 def patch_info_nce(anchors: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE of (M, D) anchors against all (K, D) keys, the positive of anchor i being key ``positives[i]``:
     ``mean_i -log softmax_j(a_i . k_j / tau)[positives[i]]``."""
     return F.cross_entropy(anchors @ keys.T / temperature, positives)
 
 
+@float32_island
 def prototype_info_nce(
     anchors: torch.Tensor, prototype: torch.Tensor, negatives: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -198,6 +202,7 @@ def gather_pixels(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat[index // pixels, :, index % pixels]
 
 
+@float32_island
 def pixel_contrast_loss(
     anchors: list[torch.Tensor],
     prototype_members: list[torch.Tensor],

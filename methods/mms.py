@@ -75,6 +75,7 @@ from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.components.strong_augment import StrongAugmentation
+from methods.losses.precision import float32_island
 from methods.registry import register
 
 PREDICT_WITH = ("model1", "average")
@@ -86,6 +87,7 @@ CLASSIFIER_WIDTHS = (8, 16, 32)  # stride 8
 BOUNDARY_KERNEL, BOUNDARY_GAIN = 31, 5.0
 
 
+@float32_island
 def structure_loss(logits: torch.Tensor, target: torch.Tensor, faithful: bool = False) -> torch.Tensor:
     """PraNet's structure loss for (B, K, H, W) logits and (soft) binary targets: weighted BCE + weighted IoU.
 
@@ -114,6 +116,7 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, faithful: bool = 
     return (bce + iou).mean()
 
 
+@float32_island
 def pixel_info_nce(
     query: torch.Tensor, key: torch.Tensor, temperature: float = 0.07, constant_positive: bool = False,
     diagonal_logit: float = -10.0,

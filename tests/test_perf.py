@@ -39,6 +39,8 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     assert memory["evaluation_la_protocol_volume"]["peak_rss_mb"] > 0
     assert sections["inference_speed"]["3d"]["vnet_base_features_16"]["windows_per_volume"] == 72
     assert sections["precision"]["resolved_trainer_precision"] == ["32-true"]
+    assert sections["precision"]["methods"]["methods"]["supervised"]["float32_over_bf16"] > 0
+    assert sections["precision"]["unet"]["channels_last_speedup_float32"] > 0
     cost = sections["paper_cost"]["protocols"]["acdc"]["methods"]["supervised"]
     assert cost["run_pflop"] > 0 and cost["supervised_runs"] == 1.0 and cost["stages"]["train"]["steps"] == 30000
     markdown = (tmp_path / "report.md").read_text()

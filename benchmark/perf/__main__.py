@@ -16,7 +16,7 @@ SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "
 
 
 def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int,
-            cost_protocols: list[str] | None = None) -> dict:
+            cost_protocols: list[str] | None = None, compile_too: bool = False) -> dict:
     from benchmark.perf import (inference_speed, loading, memory, metrics_section, paper_cost, precision,
                                 sliding_window, training_step)
 
@@ -29,7 +29,7 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
         "loading": lambda: loading.run(acdc_root, la_root, quick),
         "memory": lambda: memory.run(acdc_root, quick, methods),
         "inference_speed": lambda: inference_speed.run(quick, results["sections"].get("sliding_window")),
-        "precision": lambda: precision.run(quick),
+        "precision": lambda: precision.run(quick, methods, compile_too),
         "paper_cost": lambda: paper_cost.run(quick, methods, cost_protocols),
     }
     results = {"quick": quick, "threads": threads, "machine": machine(), "sections": {}, "section_seconds": {}, "errors": {}}
@@ -64,6 +64,9 @@ def main(argv=None) -> int:
                              "OpenMP threads stalls whenever one of them is preempted, which swamps every ratio)")
     parser.add_argument("--cost-protocols", nargs="+", choices=("acdc", "la"), default=None,
                         help="protocols the paper_cost section counts (default: acdc; la costs tens of CPU minutes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the precision section also times torch.compile of the 2-D U-Net (its first step compiles "
+                             "for minutes on a shared CPU)")
     args = parser.parse_args(argv)
     import torch
 
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         acdc_root = data.acdc_root(args.acdc_root)
         with tempfile.TemporaryDirectory(prefix="perf-") as work:
             results = measure(args.quick, acdc_root, Path(work), args.only, args.methods, Path(args.out), args.threads,
-                              args.cost_protocols)
+                              args.cost_protocols, args.compile)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -152,12 +152,28 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "precision" in sections:
         p = sections["precision"]
+        per_method, unet = p["methods"], p["unet"]
         lines += ["## Mixed precision and channels-last", "",
                   f"Every preset ({p['presets_checked']} dataset x profile pairs) resolves `trainer.precision` to "
-                  f"{', '.join(p['resolved_trainer_precision'])}: the CPU path never autocasts. Enable on GPU with "
-                  f"{p['how_to_enable_on_gpu']}. Informative, on this CPU: a bf16-autocast training step takes "
-                  f"{_fmt(p['cpu_bf16_autocast_step_over_fp32'])}x the fp32 one ({p['cpu_step']}).", "",
-                  p["gpu_expectation"], ""]
+                  f"{', '.join(p['resolved_trainer_precision'])}. {p['decision']}", "",
+                  f"Step time float32 / bf16-mixed on this machine ({p['cpu']}; > 1: bf16 is faster): each method's own "
+                  f"training step (forward, losses, backward, SGD) at the ACDC `{per_method['profile']}` profile, median of "
+                  f"{per_method['timed_steps']} interleaved steps after a warm-up.", "",
+                  "| method | float32 s | bf16-mixed s | float32 / bf16 |", "| --- | --- | --- | --- |"]
+        for name, r in per_method["methods"].items():
+            lines.append(f"| {name} | {_fmt(r['float32_s'])} | {_fmt(r['bf16_s'])} | {_fmt(r['float32_over_bf16'])} |")
+        lines += ["", f"The 2-D U-Net alone ({unet['step']}): float32 / bf16 {_fmt(unet['float32_over_bf16'])}; channels-last "
+                  f"speeds the float32 step up {_fmt(unet['channels_last_speedup_float32'])}x and the bf16 step "
+                  f"{_fmt(unet['channels_last_speedup_bf16'])}x. channels-last computes the same logits and gradients "
+                  f"(asserted: rtol {unet['channels_last_tolerance']['rtol']}, atol {unet['channels_last_tolerance']['atol']}; "
+                  f"largest logit difference {_fmt(unet['channels_last_largest_logit_difference'], 6)}) in train mode "
+                  "without dropout: with dropout it draws different masks (in its memory order), so it is a different "
+                  "random stream, not a different computation."]
+        if "compile" in unet:
+            c = unet["compile"]
+            lines += ["", f"torch.compile (float32): first step {_fmt(c['first_step_s'], 0)} s (compiling), then "
+                         f"{_fmt(c['speedup'])}x the eager step."]
+        lines += ["", p.get("layout_decision", ""), "", p["gpu_expectation"], ""]
     if "paper_cost" in sections:
         c = sections["paper_cost"]
         low, high = (str(t) for t in c["assumed_tflops"])

@@ -16,12 +16,16 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from methods.losses.precision import float32_island
 
+
+@float32_island
 def ssl4mis_ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float) -> torch.Tensor:
     alpha = min(1.0 - 1.0 / (float(num_averaged) + 1.0), decay)
     return alpha * averaged + (1.0 - alpha) * current
 
 
+@float32_island
 def constant_ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float) -> torch.Tensor:
     """``decay * averaged + (1 - decay) * current`` from the first update on (MoCo / ISD / ACTION)."""
     return decay * averaged + (1.0 - decay) * current

@@ -20,7 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
+from methods.losses.precision import float32_island
 
+
+@float32_island
 def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     """Element-wise sharpening ``p^(1/T) / (p^(1/T) + (1-p)^(1/T))`` (MC-Net's ``sharpening``, T=0.1 upstream)."""
     if temperature <= 0:
@@ -31,6 +34,7 @@ def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     return high / (high + low)
 
 
+@float32_island
 def mutual_consistency_loss(
     probabilities_list: Sequence[torch.Tensor], temperature: float, detach_targets: bool = True
 ) -> torch.Tensor:

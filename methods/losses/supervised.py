@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from methods.losses.precision import float32_island
+
 
 class SupervisedSegmentationLoss(nn.Module):
     """``ignore_index``: pixels with this label (CaDIS: 255) add nothing to either term: cross-entropy skips them and
@@ -34,6 +36,7 @@ class SupervisedSegmentationLoss(nn.Module):
         )
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
+    @float32_island
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.ignore_index is None:
             ce = F.cross_entropy(logits, labels)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from methods.losses.precision import to_float32
 from methods.networks.base import SegmentationNetwork, check_spatial_size, interpolation_mode, resolve_up_mode
 
 #: Dropout probability inside the encoder block of each level, shallow to deep (SSL4MIS ``params['dropout']``).
@@ -130,7 +131,9 @@ class UNetDecoder(nn.Module):
         for up, skip in zip(self.ups, reversed(features[:-1])):
             x = up(x, skip)
             levels.append(x)
-        return self.out_conv(x), levels
+        # Float32 logits even under autocast: every softmax, entropy and Dice computed from them stays in
+        # float32 (methods/losses/precision.py); a no-op in a float32 run.
+        return to_float32(self.out_conv(x)), levels
 
 
 def build_unet2d(

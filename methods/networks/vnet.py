@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from methods.losses.precision import to_float32
 from methods.networks.base import SegmentationNetwork, check_spatial_size, interpolation_mode, resolve_up_mode
 
 NORMALIZATIONS = ("batchnorm", "instancenorm", "groupnorm", "none")
@@ -178,7 +179,9 @@ class VNetDecoder(nn.Module):
             levels.append(merged)
             x = stage(merged)
         levels.append(x)
-        return self.out_conv(self.dropout(x)), levels
+        # Float32 logits even under autocast: every softmax, entropy and Dice computed from them stays in
+        # float32 (methods/losses/precision.py); a no-op in a float32 run.
+        return to_float32(self.out_conv(self.dropout(x))), levels
 
 
 def build_vnet(
