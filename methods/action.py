@@ -33,7 +33,10 @@ Stages (``stages`` below; benchmark/run.py trains them in order, each from the p
      pixels whose loss is > 0 (ReCo ``compute_unsupervised_loss``);
    * ``L_reco`` (anatomical contrast, ReCo ``compute_reco_loss``) on a full-resolution representation: every
      decoder map of ``forward_features`` upsampled (align_corners) and concatenated, then
-     ``Conv(k3, no bias) -> Conv1x1`` to R channels. Valid pixels: all labeled ones, unlabeled ones with
+     ``Conv(k3, no bias) -> Conv1x1`` to R channels. Its keys carry no gradient, so the head runs at full
+     resolution without gradient and, with gradient, only at the query pixels (their 3x3 neighbourhoods of the
+     hypercolumn interpolated from the decoder maps; methods/components/hypercolumn_head.py): the same values
+     and gradients as the dense head with gradient (``dense_representation``), without its backward. Valid pixels: all labeled ones, unlabeled ones with
      conf >= 0.7. Per present class c: prototype = mean valid representation; 256 hard queries drawn (with
      replacement) from valid class-c pixels whose student probability of c is < 0.97; per query 512 negatives:
      a class m != c drawn from softmax_m(cos(r_c, r_m) / 0.5), then a uniformly random valid pixel of m; logits
@@ -101,6 +104,7 @@ benchmark/configs/methods/action.yaml):
   literal_local_reshape, shared_augmented_view, undetached_teacher_targets   false (see above)
   dice_include_background  true
   freeze_whole_decoder_in_stage_one, finetune_joint_pass, finetune_isd_call, key_heads_copy_query   false
+  dense_representation     false  true: stage 3 builds the full-resolution representation with gradient
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ from torch import nn
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
+from methods.components.hypercolumn_head import HypercolumnHead
 from methods.components.memory_bank import MemoryQueue
 from methods.components.mixing import MIX_MODES, classmix_keep_masks, cutmix_keep_masks, mix_with_next
 from methods.components.photometric import random_blur, random_intensity_jitter
@@ -215,9 +220,12 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
 
 def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                              probabilities: torch.Tensor, generator: torch.Generator, strong_threshold: float = 0.97,
-                             temperature: float = 0.5, num_queries: int = 256, num_negatives: int = 512) -> torch.Tensor:
+                             temperature: float = 0.5, num_queries: int = 256, num_negatives: int = 512,
+                             query_representation=None) -> torch.Tensor:
     """ReCo's regional contrast on a (B, R, *spatial) representation with (B, *spatial) labels and validity and
-    (B, C, *spatial) student probabilities (see the module docstring)."""
+    (B, C, *spatial) student probabilities (see the module docstring). The keys (prototypes, negatives) carry no
+    gradient; with ``query_representation`` (flat pixel indices -> (n, R) with gradient) ``representation`` is
+    only read for them and may be computed without gradient."""
     channels = representation.shape[1]
     features = representation.movedim(1, -1).reshape(-1, channels)
     probabilities = probabilities.detach().movedim(1, -1).reshape(-1, probabilities.shape[1])
@@ -227,7 +235,10 @@ def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor,
     total = representation.sum() * 0
     for position, queries, negatives in draws:
         keys = torch.cat([prototypes[position].expand(num_queries, 1, channels), features[negatives].detach()], dim=1)
-        logits = F.cosine_similarity(features[queries].unsqueeze(1), keys, dim=2) / temperature
+        anchors = features[queries] if query_representation is None else query_representation(queries)
+        # cos(query, key) as one batched product of unit vectors; the keys' normalisation needs no gradient
+        unit_keys = F.normalize(keys, dim=2, eps=1e-8)
+        logits = torch.einsum("qr,qjr->qj", F.normalize(anchors, dim=1, eps=1e-8), unit_keys) / temperature
         total = total + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=logits.device))
     return total / len(present) if len(present) > 1 else total
 
@@ -271,6 +282,7 @@ class ACTION(SemiSupervisedMethod):
         "finetune_joint_pass": False,
         "finetune_isd_call": False,
         "key_heads_copy_query": False,
+        "dense_representation": False,
     }
 
     def build(self) -> None:
@@ -447,10 +459,15 @@ class ACTION(SemiSupervisedMethod):
             return images, pseudo_labels, confidence
         return mix_with_next(keep, images, pseudo_labels, confidence)
 
-    def student_pass(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, representation) of the student on ``images``."""
-        logits, levels = self.net.forward_features(images)
-        return logits, self.representation(levels, logits.shape[2:])
+    def contrast_inputs(self, levels: list[torch.Tensor], size):
+        """(representation for the keys, query function or None) of ``anatomical_contrast_loss``: by default the
+        full-resolution head runs without gradient (keys carry none) and, with gradient, only at the query pixels,
+        the only place the loss's gradient reaches; ``dense_representation`` runs it with gradient everywhere."""
+        if self.hp["dense_representation"]:
+            return self.representation(levels, size), None
+        with torch.no_grad():
+            keys = self.representation(levels, size)
+        return keys, HypercolumnHead(levels, size, self.representation_head).at
 
     def finetune_losses(self, batch) -> dict[str, torch.Tensor]:
         hp = self.hp
@@ -468,12 +485,14 @@ class ACTION(SemiSupervisedMethod):
             target_labels = torch.cat([labels, pseudo_labels])
             valid = torch.cat([valid, confidence >= hp["weak_threshold"]])
         if unlabeled is None:
-            logits, representation = self.student_pass(images)
+            logits, levels = self.net.forward_features(images)
         elif hp["finetune_joint_pass"]:
-            logits, representation = self.student_pass(torch.cat([images, unlabeled]))
+            logits, levels = self.net.forward_features(torch.cat([images, unlabeled]))
         else:  # upstream: one pass per stream, so BatchNorm normalises each with its own batch statistics
-            passes = [self.student_pass(images), self.student_pass(unlabeled)]
-            logits, representation = (torch.cat(parts) for parts in zip(*passes))
+            (labeled_logits, labeled_levels), (unlabeled_logits, unlabeled_levels) = (
+                self.net.forward_features(images), self.net.forward_features(unlabeled))
+            logits = torch.cat([labeled_logits, unlabeled_logits])
+            levels = [torch.cat(pair) for pair in zip(labeled_levels, unlabeled_levels)]
         supervised = self.supervised_loss(logits[:n_labeled], labels)
         losses = {"supervised": supervised}
         total = supervised
@@ -481,9 +500,10 @@ class ACTION(SemiSupervisedMethod):
             unsupervised = confidence_weighted_ce(logits[n_labeled:], pseudo_labels, confidence, hp["strong_threshold"])
             losses["unsupervised"] = unsupervised
             total = total + unsupervised
+        representation, query_representation = self.contrast_inputs(levels, logits.shape[2:])
         reco = anatomical_contrast_loss(
-            representation, target_labels, valid, torch.softmax(logits, dim=1),
-            generator, hp["strong_threshold"], hp["reco_temperature"], hp["num_queries"], hp["num_negatives"])
+            representation, target_labels, valid, torch.softmax(logits, dim=1), generator, hp["strong_threshold"],
+            hp["reco_temperature"], hp["num_queries"], hp["num_negatives"], query_representation)
         losses.update(reco=reco, loss=total + hp["reco_weight"] * reco)
         if hp["finetune_isd_call"] and unlabeled is not None:
             self.isd_call_side_effects(raw_unlabeled)

@@ -474,3 +474,50 @@ def test_isd_call_of_2d_finetuning_moves_the_teacher_before_backward():
     teacher_before = [p.clone() for p in plain.teacher.module.parameters()]
     plain.compute_losses(batch)
     assert all(torch.equal(b, a) for b, a in zip(teacher_before, plain.teacher.module.parameters()))
+
+
+# ---- the representation head at the query pixels only ---------------------------------------------------------
+@pytest.mark.parametrize("dims, shape", [(2, (32, 32)), (3, (32, 32, 16))])
+def test_head_at_chosen_pixels_equals_the_dense_head_in_value_and_gradient(dims, shape):
+    from methods.components.hypercolumn_head import HypercolumnHead
+    from methods.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network(dims, 1, 3, base_features=4)
+    conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    channels = sum(net.decoders[0].feature_channels)
+    head = torch.nn.Sequential(conv(channels, 6, 3, padding=1, bias=False), conv(6, 6, 1))
+    _, levels = net.forward_features(torch.rand(2, 1, *shape))
+    mode = "bilinear" if dims == 2 else "trilinear"
+    dense = head(torch.cat([torch.nn.functional.interpolate(level, size=shape, mode=mode, align_corners=True)
+                            for level in levels], dim=1))
+    total = 2 * math.prod(shape)
+    corners = torch.tensor([0, shape[-1] - 1, math.prod(shape) - 1, total - 1])  # image borders: the conv's padding
+    pixels = torch.cat([corners, torch.randint(total, (60,))])
+    sparse = HypercolumnHead(levels, shape, head).at(pixels)
+    expected = dense.movedim(1, -1).reshape(-1, 6)[pixels]
+    assert torch.allclose(sparse, expected, atol=1e-5)
+    weights = torch.randn_like(sparse)
+    inputs = [*levels, *head.parameters()]
+    sparse_grads = torch.autograd.grad((sparse * weights).sum(), inputs, retain_graph=True)
+    dense_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    for a, b in zip(sparse_grads, dense_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
+def test_finetune_losses_and_gradients_equal_the_dense_representation(dataset):
+    batch = smoke_batch(dataset)
+    overrides = ["model.dropout=false", "method.strong_threshold=0.99"]
+    sparse = make_action("finetune", dataset, overrides)
+    dense = make_action("finetune", dataset, [*overrides, "method.dense_representation=true"])
+    dense.load_state_dict(sparse.state_dict())
+    sparse_losses, dense_losses = sparse.compute_losses(batch), dense.compute_losses(batch)
+    assert sparse_losses["reco"].item() > 0
+    for name in dense_losses:
+        assert sparse_losses[name].item() == pytest.approx(dense_losses[name].item(), rel=1e-5), name
+    sparse_losses["loss"].backward()
+    dense_losses["loss"].backward()
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
