@@ -15,8 +15,10 @@ Stages (``stages`` below; benchmark/run.py trains them in order, each from the p
    teacher T_t, ``L_latent = KL(softmax(s_t) || softmax(s_s))`` with reduction "batchmean". No positive pair:
    every memory entry is a negative whose target weight is the teacher's softmax similarity ("softly labelled
    negatives"). Then k is enqueued. The latent is the decoder's deepest map of ``forward_features``: the U-Net
-   bottleneck in 2D, the V-Net ``x5_up`` (first upsampling + skip) in 3D. The decoder is frozen in this stage.
-2. ``pretrain_local`` - ``0.5 (CE + Dice)`` on the labeled part + ``k1 L_latent + k2 L_output``. The local term
+   bottleneck in 2D, the V-Net ``x5_up`` (first upsampling + skip) in 3D. Only what the latent loss reaches is
+   trained: the encoder and the heads, and in 3D also the decoder's first up-convolution that ``x5_up`` passes
+   through (upstream's 2D U-Net freezes its decoder, its 3D V-Net factory ignores the freeze flags).
+2. ``pretrain_local`` - ``0.5 (CE + Dice)`` (Dice over all classes, background included) on the labeled part + ``k1 L_latent + k2 L_output``. The local term
    slides a window (3D: cube 20, stride 10, every full window -> 700 on 112x112x80; 2D: 64 / 32 with
    ``range(0, size - window, stride)`` -> 36 on 256x256) over the OUTPUT LOGITS, embeds each window with
    ``AdaptiveAvgPool(s) -> Conv1x1(C, 2C) -> Conv1x1(2C, C)`` (student: then ``Conv1x1 -> Conv1x1`` predictor)
@@ -24,13 +26,17 @@ Stages (``stages`` below; benchmark/run.py trains them in order, each from the p
 3. ``finetune`` - student AND teacher start from the stage-2 student; the heads of stages 1-2 are not used.
    Teacher (train mode, dropout on) pseudo-labels the unlabeled batch (``conf, y = max softmax``); images, pseudo
    labels and confidences are mixed (``cutmix`` / ``classmix`` with the next sample, ReCo's
-   ``generate_unsup_data``), photometrically augmented, and the student runs once on labeled + unlabeled.
+   ``generate_unsup_data``), photometrically augmented, and the student runs twice, on the labeled and on the
+   augmented unlabeled batch (each pass normalised by its own BatchNorm batch statistics).
    ``L = 0.5 (CE + Dice) + L_unsup + 0.01 L_reco``:
    * ``L_unsup``: per unlabeled sample weight ``w_b = #(conf >= 0.97) / #valid``, mean of ``w_b CE`` over the
      pixels whose loss is > 0 (ReCo ``compute_unsupervised_loss``);
    * ``L_reco`` (anatomical contrast, ReCo ``compute_reco_loss``) on a full-resolution representation: every
      decoder map of ``forward_features`` upsampled (align_corners) and concatenated, then
-     ``Conv(k3, no bias) -> Conv1x1`` to R channels. Valid pixels: all labeled ones, unlabeled ones with
+     ``Conv(k3, no bias) -> Conv1x1`` to R channels. Its keys carry no gradient, so the head runs at full
+     resolution without gradient and, with gradient, only at the query pixels (their 3x3 neighbourhoods of the
+     hypercolumn interpolated from the decoder maps; methods/components/hypercolumn_head.py): the same values
+     and gradients as the dense head with gradient (``dense_representation``), without its backward. Valid pixels: all labeled ones, unlabeled ones with
      conf >= 0.7. Per present class c: prototype = mean valid representation; 256 hard queries drawn (with
      replacement) from valid class-c pixels whose student probability of c is < 0.97; per query 512 negatives:
      a class m != c drawn from softmax_m(cos(r_c, r_m) / 0.5), then a uniformly random valid pixel of m; logits
@@ -50,6 +56,18 @@ Upstream behaviours exposed as flags (the intended behaviour is the default; ``t
 * ``undetached_teacher_targets``: upstream applies the k-heads outside ``no_grad``, so the KL's target
   distribution back-propagates into them (2D: they are trained only that way; 3D: also EMA-updated). Default:
   targets carry no gradient and the k-heads are the EMA of the q-heads in both dimensions (ISD/MoCo).
+Upstream behaviours that are the default, with the alternative as a flag:
+* ``dice_include_background`` (true): upstream's Dice (SSL4MIS ``DiceLoss(num_classes)``) averages over all
+  classes, background included, in 2D and 3D; false scores the foreground classes only (UA-MT's LA convention).
+* ``freeze_whole_decoder_in_stage_one`` (false): 3D stage 1 trains the decoder's first up-convolution, as
+  upstream; true freezes the whole decoder (the ``--train_decoder 0`` the script asks for).
+* ``finetune_joint_pass`` (false): stage 3 runs the student once per stream; true runs it once over labeled +
+  unlabeled (cheaper; BatchNorm then mixes the two streams' statistics).
+* ``finetune_isd_call`` (false; true in the ACDC preset): upstream's 2D fine-tuning calls the ISD module once per
+  step and discards its outputs; its side effects are an extra student pass on the raw unlabeled batch (BatchNorm
+  running statistics) and a second teacher EMA update, before backward. The 3D script does not call it.
+* ``key_heads_copy_query`` (false): the key heads start from their own random initialisation, as upstream;
+  true starts them as copies of the query heads (MoCo's choice).
 Other differences, not flags: shuffle-BN of the teacher pass is omitted (no effect on one device, and each
 DDP rank's BN sees its own batch anyway); in stage 2 upstream re-initialises the heads and banks (it reloads
 only the two networks), here they carry over from stage 1; jitter is brightness/contrast only (saturation and
@@ -84,6 +102,9 @@ benchmark/configs/methods/action.yaml):
   num_negatives            512
   reco_weight              0.01
   literal_local_reshape, shared_augmented_view, undetached_teacher_targets   false (see above)
+  dice_include_background  true
+  freeze_whole_decoder_in_stage_one, finetune_joint_pass, finetune_isd_call, key_heads_copy_query   false
+  dense_representation     false  true: stage 3 builds the full-resolution representation with gradient
 """
 from __future__ import annotations
 
@@ -94,9 +115,11 @@ from torch import nn
 from benchmark.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
+from methods.components.hypercolumn_head import HypercolumnHead
 from methods.components.memory_bank import MemoryQueue
 from methods.components.mixing import MIX_MODES, classmix_keep_masks, cutmix_keep_masks, mix_with_next
 from methods.components.photometric import random_blur, random_intensity_jitter
+from methods.losses import SupervisedSegmentationLoss
 from methods.losses.precision import float32_island
 from methods.registry import register
 
@@ -202,9 +225,12 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
 @float32_island
 def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                              probabilities: torch.Tensor, generator: torch.Generator, strong_threshold: float = 0.97,
-                             temperature: float = 0.5, num_queries: int = 256, num_negatives: int = 512) -> torch.Tensor:
+                             temperature: float = 0.5, num_queries: int = 256, num_negatives: int = 512,
+                             query_representation=None) -> torch.Tensor:
     """ReCo's regional contrast on a (B, R, *spatial) representation with (B, *spatial) labels and validity and
-    (B, C, *spatial) student probabilities (see the module docstring)."""
+    (B, C, *spatial) student probabilities (see the module docstring). The keys (prototypes, negatives) carry no
+    gradient; with ``query_representation`` (flat pixel indices -> (n, R) with gradient) ``representation`` is
+    only read for them and may be computed without gradient."""
     channels = representation.shape[1]
     features = representation.movedim(1, -1).reshape(-1, channels)
     probabilities = probabilities.detach().movedim(1, -1).reshape(-1, probabilities.shape[1])
@@ -214,7 +240,10 @@ def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor,
     total = representation.sum() * 0
     for position, queries, negatives in draws:
         keys = torch.cat([prototypes[position].expand(num_queries, 1, channels), features[negatives].detach()], dim=1)
-        logits = F.cosine_similarity(features[queries].unsqueeze(1), keys, dim=2) / temperature
+        anchors = features[queries] if query_representation is None else query_representation(queries)
+        # cos(query, key) as one batched product of unit vectors; the keys' normalisation needs no gradient
+        unit_keys = F.normalize(keys, dim=2, eps=1e-8)
+        logits = torch.einsum("qr,qjr->qj", F.normalize(anchors, dim=1, eps=1e-8), unit_keys) / temperature
         total = total + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=logits.device))
     return total / len(present) if len(present) > 1 else total
 
@@ -253,6 +282,12 @@ class ACTION(SemiSupervisedMethod):
         "literal_local_reshape": False,
         "shared_augmented_view": False,
         "undetached_teacher_targets": False,
+        "dice_include_background": True,
+        "freeze_whole_decoder_in_stage_one": False,
+        "finetune_joint_pass": False,
+        "finetune_isd_call": False,
+        "key_heads_copy_query": False,
+        "dense_representation": False,
     }
 
     def build(self) -> None:
@@ -260,6 +295,9 @@ class ACTION(SemiSupervisedMethod):
         for key, known in (("mix", MIX_MODES), ("augment_view", AUGMENT_VIEWS)):
             if hp[key] not in known:
                 raise UserError(f"unknown method.{key} '{hp[key]}' for action", where=f"known: {', '.join(known)}")
+        # Upstream's supervised term is SSL4MIS DiceLoss(num_classes) in every stage and dimension: background included.
+        self.supervised_criterion = SupervisedSegmentationLoss(
+            include_background=hp["dice_include_background"], ignore_index=self.spec.ignore_index)
         self.net = self.build_network()
         self.teacher = make_ema_teacher(self.net, hp["ema_decay"], warmup=False)
         channels = self.net.decoders[0].feature_channels
@@ -268,8 +306,8 @@ class ACTION(SemiSupervisedMethod):
         self.latent_predictor = nn.Sequential(nn.Linear(hp["latent_dim"], hp["latent_dim"]), nn.Linear(hp["latent_dim"], hp["latent_dim"]))
         self.q_outputs_head = window_head(dims, classes, hp["output_pooling"])
         self.outputs_predictor = one_by_one_pair(dims, classes)
-        self.k_latent_head = make_ema_teacher(self.q_latent_head, hp["ema_decay"], warmup=False)
-        self.k_outputs_head = make_ema_teacher(self.q_outputs_head, hp["ema_decay"], warmup=False)
+        self.k_latent_head = self._key_head(self.q_latent_head, lambda: LatentHead(dims, channels[0], hp["latent_dim"]))
+        self.k_outputs_head = self._key_head(self.q_outputs_head, lambda: window_head(dims, classes, hp["output_pooling"]))
         self.num_windows = self._count_windows()
         window_dim = classes * hp["output_pooling"] ** dims
         self.latent_queue = MemoryQueue(hp["queue_size"], (hp["latent_dim"],), "the latent memory bank", "method.queue_size")
@@ -281,6 +319,16 @@ class ACTION(SemiSupervisedMethod):
             conv(hp["representation_dim"], hp["representation_dim"], 1),
         )
         self._freeze_what_this_stage_does_not_train()
+
+    def _key_head(self, query_head: nn.Module, fresh_head) -> nn.Module:
+        """The teacher-side twin of ``query_head``, an EMA of it: upstream builds it with its own random
+        initialisation; ``key_heads_copy_query`` starts it as a copy (MoCo). AveragedModel copies on its first
+        update, so a separately initialised head counts as already averaged once, and its first update is an EMA."""
+        if self.hp["key_heads_copy_query"]:
+            return make_ema_teacher(query_head, self.hp["ema_decay"], warmup=False)
+        head = make_ema_teacher(fresh_head(), self.hp["ema_decay"], warmup=False)
+        head.n_averaged.fill_(1)
+        return head
 
     def _count_windows(self) -> int:
         hp = self.hp
@@ -297,8 +345,11 @@ class ACTION(SemiSupervisedMethod):
 
     def _freeze_what_this_stage_does_not_train(self) -> None:
         """Only what the stage's loss reaches keeps requires_grad (the optimizer and DDP then ignore the rest)."""
+        # 3D: the latent x5_up passes through the decoder's first up-convolution, which upstream's V-Net factory
+        # leaves trainable (it ignores the freeze flags).
+        first_up = [self.net.decoders[0].ups[0]] if self.spec.spatial_dims == 3 and not self.hp["freeze_whole_decoder_in_stage_one"] else []
         trained = {
-            "pretrain_global": [self.net.encoder, self.q_latent_head, self.latent_predictor],
+            "pretrain_global": [self.net.encoder, self.q_latent_head, self.latent_predictor, *first_up],
             "pretrain_local": [self.net, self.q_latent_head, self.latent_predictor, self.q_outputs_head, self.outputs_predictor],
             "finetune": [self.net, self.representation_head],
         }[self.stage]
@@ -311,6 +362,8 @@ class ACTION(SemiSupervisedMethod):
     def on_stage_start(self, previous_stage: str | None) -> None:
         if self.stage == "finetune":  # upstream: student and teacher both load the stage-2 student
             self.teacher.module.load_state_dict(self.net.state_dict())
+            # Its first update is then an EMA step, not AveragedModel's copy of the updated student.
+            self.teacher.n_averaged.clamp_(min=1)
 
     # ---- views -------------------------------------------------------------------------------------------
     def photometric(self, images: torch.Tensor, jitter: float, generator: torch.Generator) -> torch.Tensor:
@@ -395,6 +448,8 @@ class ACTION(SemiSupervisedMethod):
 
     # ---- stage 3 -----------------------------------------------------------------------------------------
     def representation(self, levels: list[torch.Tensor], size) -> torch.Tensor:
+        """The full-resolution representation: every decoder map upsampled (align_corners) and concatenated, then
+        the representation head."""
         mode = "trilinear" if self.spec.spatial_dims == 3 else "bilinear"
         upsampled = [F.interpolate(level, size=size, mode=mode, align_corners=True) for level in levels]
         return self.representation_head(torch.cat(upsampled, dim=1))
@@ -409,34 +464,63 @@ class ACTION(SemiSupervisedMethod):
             return images, pseudo_labels, confidence
         return mix_with_next(keep, images, pseudo_labels, confidence)
 
+    def contrast_inputs(self, levels: list[torch.Tensor], size):
+        """(representation for the keys, query function or None) of ``anatomical_contrast_loss``: by default the
+        full-resolution head runs without gradient (keys carry none) and, with gradient, only at the query pixels,
+        the only place the loss's gradient reaches; ``dense_representation`` runs it with gradient everywhere."""
+        if self.hp["dense_representation"]:
+            return self.representation(levels, size), None
+        with torch.no_grad():
+            keys = self.representation(levels, size)
+        return keys, HypercolumnHead(levels, size, self.representation_head).at
+
     def finetune_losses(self, batch) -> dict[str, torch.Tensor]:
         hp = self.hp
         images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
         n_labeled = images.shape[0]
         generator = self.step_generator()
         target_labels, valid = labels, torch.ones_like(labels, dtype=torch.bool)
+        unlabeled = None
         if "unlabeled" in batch:
-            unlabeled = batch["unlabeled"]["image"]
+            raw_unlabeled = batch["unlabeled"]["image"]
             with torch.no_grad():
-                confidence, pseudo_labels = torch.softmax(self.teacher(unlabeled), dim=1).max(dim=1)
-            unlabeled, pseudo_labels, confidence = self.mix_unlabeled(unlabeled, pseudo_labels, confidence, generator)
+                confidence, pseudo_labels = torch.softmax(self.teacher(raw_unlabeled), dim=1).max(dim=1)
+            unlabeled, pseudo_labels, confidence = self.mix_unlabeled(raw_unlabeled, pseudo_labels, confidence, generator)
             unlabeled = self.photometric(unlabeled, hp["finetune_jitter"], generator)
-            images = torch.cat([images, unlabeled])
             target_labels = torch.cat([labels, pseudo_labels])
             valid = torch.cat([valid, confidence >= hp["weak_threshold"]])
-        logits, levels = self.net.forward_features(images)
+        if unlabeled is None:
+            logits, levels = self.net.forward_features(images)
+        elif hp["finetune_joint_pass"]:
+            logits, levels = self.net.forward_features(torch.cat([images, unlabeled]))
+        else:  # upstream: one pass per stream, so BatchNorm normalises each with its own batch statistics
+            (labeled_logits, labeled_levels), (unlabeled_logits, unlabeled_levels) = (
+                self.net.forward_features(images), self.net.forward_features(unlabeled))
+            logits = torch.cat([labeled_logits, unlabeled_logits])
+            levels = [torch.cat(pair) for pair in zip(labeled_levels, unlabeled_levels)]
         supervised = self.supervised_loss(logits[:n_labeled], labels)
         losses = {"supervised": supervised}
         total = supervised
-        if "unlabeled" in batch:
+        if unlabeled is not None:
             unsupervised = confidence_weighted_ce(logits[n_labeled:], pseudo_labels, confidence, hp["strong_threshold"])
             losses["unsupervised"] = unsupervised
             total = total + unsupervised
+        representation, query_representation = self.contrast_inputs(levels, logits.shape[2:])
         reco = anatomical_contrast_loss(
-            self.representation(levels, logits.shape[2:]), target_labels, valid, torch.softmax(logits, dim=1),
-            generator, hp["strong_threshold"], hp["reco_temperature"], hp["num_queries"], hp["num_negatives"])
+            representation, target_labels, valid, torch.softmax(logits, dim=1), generator, hp["strong_threshold"],
+            hp["reco_temperature"], hp["num_queries"], hp["num_negatives"], query_representation)
         losses.update(reco=reco, loss=total + hp["reco_weight"] * reco)
+        if hp["finetune_isd_call"] and unlabeled is not None:
+            self.isd_call_side_effects(raw_unlabeled)
         return losses
+
+    @torch.no_grad()
+    def isd_call_side_effects(self, raw_unlabeled: torch.Tensor) -> None:
+        """What upstream's 2D fine-tuning gets from the ISD forward it calls once per step and whose outputs it
+        discards: the student runs on the raw unlabeled batch (its BatchNorm running statistics move) and the
+        teacher takes an EMA step towards the not yet updated student, before backward."""
+        self.net(raw_unlabeled)
+        self.teacher.update_parameters(self.net)
 
     # ---- Lightning -------------------------------------------------------------------------------------
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:

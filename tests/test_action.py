@@ -226,9 +226,15 @@ def test_stage_one_trains_encoder_and_global_heads_only(dataset):
     model = make_action("pretrain_global", dataset)
     losses = model.compute_losses(smoke_batch(dataset))
     assert set(losses) == {"latent", "loss"}
-    assert prefixes(grads_of(model, losses["loss"])) == {"net.encoder", "q_latent_head", "latent_predictor"}
-    trainable = prefixes(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == {"net.encoder", "q_latent_head", "latent_predictor"}
+    # 3D: the latent x5_up passes through the decoder's first up-convolution, which upstream's V-Net trains.
+    expected = {"net.encoder", "q_latent_head", "latent_predictor"} | ({"net.decoders"} if dataset == "synthetic_la" else set())
+    assert prefixes(grads_of(model, losses["loss"])) == expected
+    assert prefixes(n for n, p in model.named_parameters() if p.requires_grad) == expected
+    if dataset == "synthetic_la":
+        trained_decoder = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("net.decoders")}
+        assert trained_decoder == {n for n, _ in model.named_parameters() if n.startswith("net.decoders.0.ups.0.")}
+        frozen = make_action("pretrain_global", dataset, ["method.freeze_whole_decoder_in_stage_one=true"])
+        assert not any(p.requires_grad for p in frozen.net.decoders.parameters())
 
 
 @pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
@@ -405,3 +411,116 @@ def test_all_faithful_flags_together_train_every_stage(dataset):
         loss = model.compute_losses(smoke_batch(dataset))["loss"]
         assert torch.isfinite(loss) and loss.requires_grad
         loss.backward()
+
+
+# ---- upstream behaviours and their flags ---------------------------------------------------------------------
+def test_key_heads_start_from_their_own_initialisation_and_move_by_ema():
+    model = make_action("pretrain_global")
+    query, key = model.q_latent_head, model.k_latent_head.module
+    assert not torch.allclose(query[2].weight, key[2].weight)
+    before = key[2].weight.clone()
+    model.update_teacher()
+    decay = model.hp["ema_decay"]
+    assert torch.allclose(key[2].weight, decay * before + (1 - decay) * query[2].weight, atol=1e-7)
+    copied = make_action("pretrain_global", overrides=["method.key_heads_copy_query=true"])
+    assert torch.equal(copied.q_latent_head[2].weight, copied.k_latent_head.module[2].weight)
+
+
+def test_supervised_dice_includes_the_background_unless_told_not_to():
+    logits, labels = torch.randn(2, 2, 8, 8, 4), torch.randint(0, 2, (2, 8, 8, 4))
+    upstream = make_action("pretrain_local", "synthetic_la").supervised_loss(logits, labels)
+    foreground = make_action("pretrain_local", "synthetic_la", ["method.dice_include_background=false"]).supervised_loss(logits, labels)
+    probabilities, onehot = torch.softmax(logits, 1), torch.nn.functional.one_hot(labels, 2).movedim(-1, 1).float()
+    dice = 1 - (2 * (probabilities * onehot).sum((0, 2, 3, 4)) + 1e-5) / (
+        (probabilities ** 2).sum((0, 2, 3, 4)) + (onehot ** 2).sum((0, 2, 3, 4)) + 1e-5)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert upstream.item() == pytest.approx((0.5 * (ce + dice.mean())).item(), rel=1e-5)
+    assert foreground.item() == pytest.approx((0.5 * (ce + dice[1])).item(), rel=1e-5)
+
+
+def test_finetune_runs_the_student_once_per_stream_unless_joint():
+    batch = smoke_batch("synthetic_acdc")
+    overrides = ["method.mix=none", "method.jitter_probability=0", "method.blur_probability=0", "method.finetune_isd_call=false",
+                 "model.dropout=false"]
+    separate = make_action("finetune", overrides=overrides)
+    joint = make_action("finetune", overrides=[*overrides, "method.finetune_joint_pass=true"])
+    joint.load_state_dict(separate.state_dict())
+    labeled = batch["labeled"]["image"]
+    with torch.no_grad():
+        alone = separate.net(labeled)
+        assert not torch.allclose(alone, joint.net(torch.cat([labeled, batch["unlabeled"]["image"]]))[:2], atol=1e-4)
+    calls = []
+    separate.net.encoder.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    losses = separate.compute_losses(batch)
+    # the student's encoder (the teacher has its own copy) on 2 labeled, then on 2 unlabeled images
+    assert calls == [2, 2]
+    expected = separate.supervised_loss(separate.net.forward_features(labeled)[0], batch["labeled"]["label"])
+    assert losses["supervised"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["supervised"].item() != pytest.approx(joint.compute_losses(batch)["supervised"].item(), rel=1e-4)
+
+
+def test_isd_call_of_2d_finetuning_moves_the_teacher_before_backward():
+    batch = smoke_batch("synthetic_acdc")
+    plain = make_action("finetune", overrides=["method.finetune_isd_call=false"])
+    called = make_action("finetune")  # the ACDC preset (2D) sets it, as train_2D_action.py does
+    assert called.hp["finetune_isd_call"] and not make_action("finetune", "synthetic_la").hp["finetune_isd_call"]
+    called.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for p in called.net.parameters():
+            p.add_(0.1)
+    called.teacher.n_averaged.fill_(1)  # as after stages 1-2 (a fresh AveragedModel copies on its first update)
+    teacher_before = [p.clone() for p in called.teacher.module.parameters()]
+    called.compute_losses(batch)
+    decay = called.hp["ema_decay"]
+    for before, after, student in zip(teacher_before, called.teacher.module.parameters(), called.net.parameters()):
+        assert torch.allclose(after, decay * before + (1 - decay) * student, atol=1e-6)
+    teacher_before = [p.clone() for p in plain.teacher.module.parameters()]
+    plain.compute_losses(batch)
+    assert all(torch.equal(b, a) for b, a in zip(teacher_before, plain.teacher.module.parameters()))
+
+
+# ---- the representation head at the query pixels only ---------------------------------------------------------
+@pytest.mark.parametrize("dims, shape", [(2, (32, 32)), (3, (32, 32, 16))])
+def test_head_at_chosen_pixels_equals_the_dense_head_in_value_and_gradient(dims, shape):
+    from methods.components.hypercolumn_head import HypercolumnHead
+    from methods.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network(dims, 1, 3, base_features=4)
+    conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    channels = sum(net.decoders[0].feature_channels)
+    head = torch.nn.Sequential(conv(channels, 6, 3, padding=1, bias=False), conv(6, 6, 1))
+    _, levels = net.forward_features(torch.rand(2, 1, *shape))
+    mode = "bilinear" if dims == 2 else "trilinear"
+    dense = head(torch.cat([torch.nn.functional.interpolate(level, size=shape, mode=mode, align_corners=True)
+                            for level in levels], dim=1))
+    total = 2 * math.prod(shape)
+    corners = torch.tensor([0, shape[-1] - 1, math.prod(shape) - 1, total - 1])  # image borders: the conv's padding
+    pixels = torch.cat([corners, torch.randint(total, (60,))])
+    sparse = HypercolumnHead(levels, shape, head).at(pixels)
+    expected = dense.movedim(1, -1).reshape(-1, 6)[pixels]
+    assert torch.allclose(sparse, expected, atol=1e-5)
+    weights = torch.randn_like(sparse)
+    inputs = [*levels, *head.parameters()]
+    sparse_grads = torch.autograd.grad((sparse * weights).sum(), inputs, retain_graph=True)
+    dense_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    for a, b in zip(sparse_grads, dense_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
+def test_finetune_losses_and_gradients_equal_the_dense_representation(dataset):
+    batch = smoke_batch(dataset)
+    overrides = ["model.dropout=false", "method.strong_threshold=0.99"]
+    sparse = make_action("finetune", dataset, overrides)
+    dense = make_action("finetune", dataset, [*overrides, "method.dense_representation=true"])
+    dense.load_state_dict(sparse.state_dict())
+    sparse_losses, dense_losses = sparse.compute_losses(batch), dense.compute_losses(batch)
+    assert sparse_losses["reco"].item() > 0
+    for name in dense_losses:
+        assert sparse_losses[name].item() == pytest.approx(dense_losses[name].item(), rel=1e-5), name
+    sparse_losses["loss"].backward()
+    dense_losses["loss"].backward()
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name

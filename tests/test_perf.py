@@ -77,9 +77,13 @@ def test_paper_cost_on_la_uses_the_la_budgets_and_skips_2d_methods(one_torch_thr
 def test_training_step_times_each_stage_of_a_multi_stage_method(one_torch_thread):
     from benchmark.perf import training_step
 
-    methods = training_step.run(True, ["action"])["methods"]
+    results = training_step.run(True, ["action"])
+    methods = results["methods"]
     assert list(methods) == ["action (pretrain_global)", "action (pretrain_local)", "action (finetune)"]
     assert all("error" not in r and r["cpu_ratio"] > 0 for r in methods.values())
+    # stage 3 over stage 1, after asserting that the query-only head equals the dense one
+    ratio = results["action_stage_ratio"]
+    assert "error" not in ratio and ratio["identical_to_dense_head"] and ratio["finetune_over_pretrain_global"] > 0
 
 
 @pytest.mark.parametrize("cpu_per_round, expected_rounds", [

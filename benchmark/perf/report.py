@@ -98,6 +98,13 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(r['ratio'], 3)} | {_fmt(r.get('suite_cpu_step_median_s'), 3)} | {_fmt(r.get('bare_cpu_step_median_s'), 3)} | "
                          f"{_fmt(cpu_ratio, 3)} | {_verdict(cpu_ratio if cpu_ratio is not None else r['ratio'], TARGETS['step_ratio'], False)} | "
                          f"{framework_cell} | {_fmt(r['suite_waiting_for_batch_median_s'], 4)} | {', '.join(_fmt(x, 3) for x in r['ratio_per_round'])} |")
+        action = t.get("action_stage_ratio")
+        if action:
+            lines += ["", "ACTION fine-tuning step over its first stage's (bare loops, CPU time, ACDC-shaped random batches, "
+                      "target <= 2): " + (f"error: {action['error']}" if "error" in action else
+                      f"{_fmt(action['finetune_over_pretrain_global'], 2)} at the `{action['profile']}` profile "
+                      f"({_fmt(action['cpu_step_median_s']['finetune'], 2)} s / {_fmt(action['cpu_step_median_s']['pretrain_global'], 2)} s); "
+                      "the query-only head gave the dense head's losses and gradients")]
         measured = [r for r in t["methods"].values() if "error" not in r]
         if measured:
             waiting = max(r["suite_waiting_for_batch_median_s"] / r["suite_step_median_s"] for r in measured)

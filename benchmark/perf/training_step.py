@@ -214,6 +214,76 @@ def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, ro
     }
 
 
+def action_stage_ratio(profile: str, steps: int, warmup: int) -> dict[str, Any]:
+    """ACTION's fine-tuning step over its first stage's, bare loops on random batches shaped as the ACDC preset of
+    ``profile`` (no data needed), alternating the two stages step by step so load changes hit both alike. Stage 3
+    evaluates its representation head with gradient only at the sampled query pixels; first asserted: on the same
+    weights, batch and draws it gives the losses and gradients of the dense full-resolution head."""
+    import torch
+
+    from benchmark.run import stage_config
+
+    entry = get_dataset("acdc")
+    base = resolve_config("acdc", "action", profile, [], get_method("action").defaults, family=entry.family)
+    base["data"]["patch_size"] = list(base["data"]["patch_size"] or entry.spec.patch_size)
+
+    def built(stage: str, extra: dict[str, Any] | None = None):
+        config = stage_config(copy.deepcopy(base), stage)
+        config["method"].update(extra or {})
+        torch.manual_seed(0)
+        model = get_method("action")(entry.spec, config)
+        model.log = model.log_dict = lambda *a, **k: None
+        return model.train(), config
+
+    def batch_for(config: dict) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        shape, data = tuple(config["data"]["patch_size"]), config["data"]
+        return {"labeled": {"image": torch.randn(data["labeled_batch_size"], 1, *shape, generator=generator),
+                            "label": torch.randint(0, entry.spec.num_classes, (data["labeled_batch_size"], *shape), generator=generator)},
+                "unlabeled": {"image": torch.randn(data["unlabeled_batch_size"], 1, *shape, generator=generator)}}
+
+    # identical results: query-only head against the dense head with gradient
+    (sparse, config), (dense, _) = built("finetune"), built("finetune", {"dense_representation": True})
+    dense.load_state_dict(sparse.state_dict())
+    batch = batch_for(config)
+    losses = []
+    for model in (sparse, dense):
+        torch.manual_seed(1)  # the same dropout masks
+        losses.append(model.compute_losses(batch))
+    sparse_losses, dense_losses = losses
+    sparse_losses["loss"].backward()
+    dense_losses["loss"].backward()
+    for name in dense_losses:
+        assert torch.allclose(sparse_losses[name], dense_losses[name], rtol=1e-5, atol=1e-7), name
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
+
+    loops = {}
+    for stage in ("pretrain_global", "finetune"):
+        model, stage_cfg = built(stage)
+        optimizers = model.configure_optimizers()
+        loops[stage] = (model, optimizers["optimizer"], batch_for(stage_cfg))
+    times: dict[str, list[float]] = {stage: [] for stage in loops}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index in range(warmup + steps):
+            for stage, (model, optimizer, stage_batch) in loops.items():
+                started = time.process_time()
+                loss = model.training_step(stage_batch, index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                model.on_train_batch_end(loss, stage_batch, index)
+                if index >= warmup:
+                    times[stage].append(time.process_time() - started)
+    medians = {stage: statistics.median(values) for stage, values in times.items()}
+    return {"profile": profile, "steps_timed": steps, "patch": base["data"]["patch_size"],
+            "batch": {stage: [len(b["labeled"]["image"]), len(b["unlabeled"]["image"])] for stage, (_, _, b) in loops.items()},
+            "cpu_step_median_s": medians, "finetune_over_pretrain_global": medians["finetune"] / medians["pretrain_global"],
+            "identical_to_dense_head": True}
+
+
 def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
     from methods.registry import method_names
 
@@ -235,4 +305,9 @@ def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
                                                      confirm_above=confirm_above)
             except Exception as error:  # a method added by someone else must not sink the whole report
                 results["methods"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    if "action" in names:
+        try:
+            results["action_stage_ratio"] = action_stage_ratio("smoke" if quick else "cpu", 2 if quick else 3, 1)
+        except Exception as error:
+            results["action_stage_ratio"] = {"error": f"{type(error).__name__}: {error}"[:300]}
     return results
