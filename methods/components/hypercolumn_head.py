@@ -42,7 +42,9 @@ class HypercolumnHead:
         shifted = coords.unsqueeze(1) + offsets  # (n, K, d)
         inside = ((shifted >= 0) & (shifted < torch.tensor(self.size, device=coords.device))).all(-1)  # (n, K)
         columns = [self._interpolate_at(level, batch_index, shifted) for level in self.levels]  # (n, K, C_l) each
-        patches = torch.cat(columns, dim=2) * inside.unsqueeze(2).to(columns[0].dtype)  # (n, K, C)
+        # Under mixed precision the decoder maps are half precision; the head (and its caller's loss) runs in the
+        # weights' dtype.
+        patches = torch.cat(columns, dim=2).to(self.first_weight.dtype) * inside.unsqueeze(2).to(self.first_weight.dtype)
         hidden = torch.einsum("nkc,rck->nr", patches, self.first_weight.flatten(2))
         return hidden @ self.second_weight.T + self.second_bias
 
@@ -51,6 +53,8 @@ class HypercolumnHead:
         (n, K, C); coordinates outside the image are clamped (the caller zeroes them). One gather per level, so
         backward allocates the level's gradient once."""
         low = level.shape[2:]
+        # Sub-pixel positions in at least float32: bfloat16 cannot even hold a 128-pixel coordinate's fraction.
+        dtype = torch.promote_types(level.dtype, torch.float32)
         corners_low, corners_high, fractions, strides = [], [], [], []
         stride = 1
         for axis in reversed(range(self.dims)):
@@ -59,11 +63,11 @@ class HypercolumnHead:
         for axis in range(self.dims):
             full, small = self.size[axis], low[axis]
             scale = (small - 1) / (full - 1) if full > 1 else 0.0
-            source = coords[..., axis].clamp(0, full - 1).to(level.dtype) * scale
+            source = coords[..., axis].clamp(0, full - 1).to(dtype) * scale
             lower = source.floor().long().clamp(0, small - 1)
             corners_low.append(lower)
             corners_high.append((lower + 1).clamp(max=small - 1))
-            fractions.append(source - lower.to(level.dtype))
+            fractions.append(source - lower.to(dtype))
         corners = list(itertools.product((0, 1), repeat=self.dims))
         index = torch.stack([sum((corners_high[a] if corner[a] else corners_low[a]) * strides[a] for a in range(self.dims))
                              for corner in corners], dim=-1)  # (n, K, 2^d)
