@@ -46,7 +46,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=_number(int), default=None, help="devices for Lightning DDP (default from the profile: 1)")
     parser.add_argument("--num-nodes", type=_number(int), default=None, help="nodes for multi-node DDP (torchrun/SLURM; default 1)")
     parser.add_argument("--out", default=None, help="runs folder (default runs/)")
-    parser.add_argument("--leaderboard-dir", default=None, help="where <dataset>.csv is appended (default leaderboards/)")
+    parser.add_argument("--leaderboard-dir", default=None, help="where <dataset>.csv is appended (default leaderboards/; "
+                        "smoke-profile rows go to <out>/leaderboards-smoke instead of the repository's leaderboards/)")
     parser.add_argument("--wandb", choices=["disabled", "offline", "online"], default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -212,10 +213,12 @@ def _numbers(values: list[str], kind, what: str) -> list:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
+    from benchmark.leaderboard import leaderboard_dir_for
     from benchmark.sweep import SweepOptions, split_words, sweep
 
     options = SweepOptions(**{
         **{k: v for k, v in vars(args).items() if k not in ("command", "methods", "ratios", "seeds")},
+        "leaderboard_dir": str(leaderboard_dir_for(args.profile, args.leaderboard_dir, args.out)),
         "methods": split_words(args.methods),
         "ratios": _numbers(args.ratios, float, "RATIOS"),
         "seeds": _numbers(args.seeds, int, "SEEDS"),

@@ -57,7 +57,9 @@ from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
-from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
+from benchmark.leaderboard import (
+    append_rows, check_writable, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
+)
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
@@ -106,8 +108,10 @@ def prepare(config: dict[str, Any]):
     trainer = config["trainer"]
     if trainer["val_every"] > trainer["max_steps"]:
         trainer["val_every"] = trainer["max_steps"]
-    check_writable(Path(config["run"]["out"]))
-    check_writable(Path(config["run"]["leaderboard_dir"]))
+    run = config["run"]
+    run["leaderboard_dir"] = str(leaderboard_dir_for(config["profile"], run["leaderboard_dir"], run["out"]))
+    check_writable(Path(run["out"]))
+    check_writable(Path(run["leaderboard_dir"]))
     read_leaderboard(leaderboard_path(config))  # a damaged CSV stops the run now, not after training
     return entry, method_cls, datamodule
 
