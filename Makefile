@@ -26,7 +26,7 @@ WORKERS ?= 1
 STORAGE ?=
 STUDY ?=
 FROM_STUDY ?=
-# An interrupted run folder to continue (make bench ... RESUME=runs/<dataset>/<method>/<run>): same variables as the run.
+# An interrupted run folder to continue (make bench RESUME=runs/<dataset>/<method>/<run>): its config.yaml holds the run's variables.
 RESUME ?=
 # Variables of a sweep (`python -m benchmark sweep`): the grid, a shard of it and where its runs execute.
 METHODS ?= supervised
@@ -40,6 +40,14 @@ PERF_ARGS ?=
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
 	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),--ratio $(RATIO)) \
+	$(foreach o,$(OVERRIDES),--set $(o))
+# With RESUME, only the variables set on the command line or in the environment are passed: the run folder holds the rest.
+given = $(filter command environment,$(firstword $(origin $(1))))
+RESUME_ARGS = $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,DATASET),--dataset $(DATASET)) \
+	$(if $(call given,PROFILE),--profile $(PROFILE)) $(if $(call given,SEED),--seed $(SEED)) \
+	$(if $(call given,DEVICES),--devices $(DEVICES)) $(if $(call given,OUT),--out "$(OUT)") \
+	$(if $(call given,LEADERBOARD_DIR),--leaderboard-dir "$(LEADERBOARD_DIR)") $(if $(call given,WANDB),--wandb $(WANDB)) \
+	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),$(if $(call given,RATIO),--ratio $(RATIO))) \
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
@@ -61,7 +69,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP) ## create .venv and install the suite with its dependencies
 
 bench: $(STAMP) ## train and test one run, e.g. make bench METHOD=supervised RATIO=0.2 (synthetic data by default)
-	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") $(if $(RESUME),--resume "$(RESUME)")
+	$(PY) -m benchmark run $(if $(RESUME),$(RESUME_ARGS) --resume "$(RESUME)",$(RUN_ARGS)) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)")
 
 tune: $(STAMP) ## Optuna search on validation Dice, e.g. make tune METHOD=cps RATIO=0.1 TRIALS=50 WORKERS=2
 	$(PY) -m benchmark tune $(RUN_ARGS) --trials $(TRIALS) --workers $(WORKERS) \

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train with the best trial of an Optuna study: its folder (runs/tune/<study>) or STORAGE_URL#STUDY_NAME")
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
-                     help="continue this interrupted run folder from its last checkpoint (give the run's other options "
-                          "too: the config hash and seed must match); a finished run only gets its missing rows written")
+                     help="continue this interrupted run folder from its last checkpoint with the config it holds (other "
+                          "options given must not change the config hash or seed); a finished run only gets its missing rows written")
 
     tune = commands.add_parser("tune", help="Optuna search of a method's hyperparameters on validation Dice (never test)")
     add_run_options(tune)
@@ -169,7 +169,12 @@ def command_run(args: argparse.Namespace) -> int:
 
         study_overrides, origin = best_trial_overrides(args.from_study, args.method)
         print(f"{origin}: {' '.join(study_overrides)}")
-    config = config_from_args(args, study_overrides)
+    if args.resume:
+        from benchmark.resume import resumed_config
+
+        config = resumed_config(args, getattr(args, "given_options", set(vars(args))), study_overrides)
+    else:
+        config = config_from_args(args, study_overrides)
     if args.show_config:
         import yaml
 
@@ -276,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "list": command_list, "score": command_score, "data": command_data}
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "run" and args.resume:  # the run folder's config fills in the options not given
+            from benchmark.resume import given_options
+
+            args.given_options = given_options(build_parser(), sys.argv[1:] if argv is None else argv)
         return handlers[args.command](args)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)

@@ -210,7 +210,7 @@ def check_resumable(run_dir: Path, config: dict[str, Any], digest: str) -> Path:
             f"the run folder holds another configuration (config {stored_hash}, seed {stored_seed}) than this command "
             f"(config {digest}, seed {config['run']['seed']}); differences: {config_differences(stored, config)}",
             where=str(run_dir),
-            fix="repeat the options of the original run (its config.yaml holds them) with --resume, or drop --resume to start a new run",
+            fix="give --resume alone (the folder's config.yaml holds the run's options), or drop --resume to start a new run",
         )
     return run_dir
 

@@ -32,3 +32,48 @@ def test_a_smoke_run_never_writes_into_the_repository_leaderboards(tmp_path, mon
     table = pd.read_csv(tmp_path / "runs" / "leaderboards-smoke" / "synthetic_acdc.csv")
     assert table["profile"].tolist() == ["smoke", "smoke"]
     assert (tmp_path / "runs" / "leaderboards-smoke" / "per_case" / "synthetic_acdc").is_dir()
+
+
+def smoke_run(tmp_path: Path, *args: str) -> Path:
+    """A smoke run into tmp_path/runs and tmp_path/lb; returns its run folder."""
+    assert main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *args]) == 0
+    table = pd.read_csv(next((tmp_path / "lb").glob("*.csv")))
+    return Path(table["run_dir"].iloc[-1])
+
+
+def test_a_run_folder_alone_is_enough_to_resume_and_other_options_are_refused(tmp_path, capsys, monkeypatch):
+    run_dir = smoke_run(tmp_path, "--method", "mean_teacher", "--dataset", "synthetic_acdc", "--labeled", "2",
+                        "--seed", "1", "--set", "method.ema_decay=0.9")
+    board = tmp_path / "lb" / "synthetic_acdc.csv"
+    board.unlink()  # as if killed after its test, before its rows were written: the resume writes them
+    monkeypatch.chdir(tmp_path)  # nothing of the original command line is at hand
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    table = pd.read_csv(board)
+    assert table["method"].tolist() == ["mean_teacher"] * 2 and (table["seed"] == 1).all()
+    assert (table["labeled_cases"] == 2).all() and (table["run_dir"] == str(run_dir)).all()
+    capsys.readouterr()
+    # An option that changes what the run computes is refused, and nothing is written.
+    assert main(["run", "--resume", str(run_dir), "--set", "method.ema_decay=0.99"]) == 2
+    assert "method.ema_decay: 0.9 -> 0.99" in capsys.readouterr().err
+    assert main(["run", "--resume", str(run_dir), "--method", "supervised"]) == 2
+    assert "method_name: 'mean_teacher' -> 'supervised'" in capsys.readouterr().err
+    assert len(pd.read_csv(board)) == 2
+    # Options that do not change it are taken: the finished folder is recognised as this run's.
+    assert main(["run", "--resume", str(run_dir), "--seed", "1", "--no-progress"]) == 0
+    assert "is finished" in capsys.readouterr().out
+
+
+def test_make_bench_with_resume_passes_only_the_variables_given(tmp_path):
+    import subprocess
+
+    def dry_run(*variables: str) -> str:
+        result = subprocess.run(["make", "-n", "bench", "STAMP=", "PY=python", *variables], cwd=PROJECT_ROOT,
+                                capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    alone = dry_run("RESUME=runs/x")
+    assert alone.split() == ["python", "-m", "benchmark", "run", "--resume", '"runs/x"']
+    assert dry_run("RESUME=runs/x", "SEED=3").split()[4:] == ["--seed", "3", "--resume", '"runs/x"']
+    assert "--method supervised" in dry_run()  # without RESUME every variable is passed, defaults included
