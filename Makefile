@@ -15,6 +15,9 @@ LABELED ?=
 PROFILE ?= cpu
 SEED ?= 0
 DEVICES ?= 1
+# auto | cpu | gpu, and 32-true | bf16-mixed | 16-mixed (GPU) ...; empty = the config's (auto, 32-true).
+ACCELERATOR ?=
+PRECISION ?=
 OUT ?= runs
 LEADERBOARD_DIR ?= leaderboards
 WANDB ?= disabled
@@ -40,6 +43,7 @@ PERF_ARGS ?=
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
 	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),--ratio $(RATIO)) \
+	$(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) $(if $(PRECISION),--precision $(PRECISION)) \
 	$(foreach o,$(OVERRIDES),--set $(o))
 # With RESUME, only the variables set on the command line or in the environment are passed: the run folder holds the rest.
 given = $(filter command environment,$(firstword $(origin $(1))))
@@ -48,6 +52,7 @@ RESUME_ARGS = $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,DA
 	$(if $(call given,DEVICES),--devices $(DEVICES)) $(if $(call given,OUT),--out "$(OUT)") \
 	$(if $(call given,LEADERBOARD_DIR),--leaderboard-dir "$(LEADERBOARD_DIR)") $(if $(call given,WANDB),--wandb $(WANDB)) \
 	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),$(if $(call given,RATIO),--ratio $(RATIO))) \
+	$(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) $(if $(PRECISION),--precision $(PRECISION)) \
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
@@ -55,7 +60,7 @@ RESUME_ARGS = $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,DA
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES OUT LEADERBOARD_DIR WANDB OVERRIDES"
+	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES ACCELERATOR(auto|cpu|gpu) PRECISION OUT LEADERBOARD_DIR WANDB OVERRIDES"
 	@echo "  tune: TRIALS WORKERS STORAGE(sqlite|journal|postgresql://...) STUDY; bench: FROM_STUDY RESUME(an interrupted run folder)"
 	@echo "  sweep:     METHODS RATIOS SEEDS SHARD(i/n) LAUNCHER(local|slurm|submitit-local) SWEEP_ARGS (e.g. --slurm-partition gpu)"
 

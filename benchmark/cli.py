@@ -44,6 +44,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="cpu", help="paper | cpu | smoke")
     parser.add_argument("--seed", type=_number(int), default=0)
     parser.add_argument("--devices", type=_number(int), default=None, help="devices for Lightning DDP (default from the profile: 1)")
+    parser.add_argument("--accelerator", default=None, help="auto | cpu | gpu (default from the config: auto)")
+    parser.add_argument("--precision", default=None, help="32-true | bf16-mixed | 16-mixed (GPU) | ... (default 32-true)")
     parser.add_argument("--num-nodes", type=_number(int), default=None, help="nodes for multi-node DDP (torchrun/SLURM; default 1)")
     parser.add_argument("--out", default=None, help="runs folder (default runs/)")
     parser.add_argument("--leaderboard-dir", default=None, help="where <dataset>.csv is appended (default leaderboards/; "
@@ -153,6 +155,7 @@ def config_from_args(args: argparse.Namespace, first_overrides: Sequence[str] = 
     for key, value in (
         ("data.root", args.data_root), ("data.ratio", args.ratio), ("data.labeled", args.labeled),
         ("run.seed", args.seed), ("trainer.devices", args.devices), ("trainer.num_nodes", args.num_nodes),
+        ("trainer.accelerator", args.accelerator), ("trainer.precision", args.precision),
         ("run.out", args.out), ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", wandb),
     ):
         if value is not None and value != "":

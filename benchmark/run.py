@@ -57,6 +57,7 @@ from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.evaluation import Evaluator, summarize
+from benchmark.hardware import check_hardware
 from benchmark.leaderboard import (
     append_rows, check_writable, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
 )
@@ -95,6 +96,7 @@ def _global_rank(devices_per_node: int = 1) -> int:
 
 def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
+    check_hardware(config["trainer"])
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
     method_cls.check_dataset(entry.spec)

@@ -77,3 +77,31 @@ def test_make_bench_with_resume_passes_only_the_variables_given(tmp_path):
     assert alone.split() == ["python", "-m", "benchmark", "run", "--resume", '"runs/x"']
     assert dry_run("RESUME=runs/x", "SEED=3").split()[4:] == ["--seed", "3", "--resume", '"runs/x"']
     assert "--method supervised" in dry_run()  # without RESUME every variable is passed, defaults included
+    assert "--accelerator gpu --precision bf16-mixed" in dry_run("ACCELERATOR=gpu", "PRECISION=bf16-mixed")
+    assert "--accelerator" not in dry_run() and "--precision" not in dry_run()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--accelerator", "gpu"], "ACCELERATOR=gpu asks for a GPU, but this machine has none"),
+    (["--precision", "16-mixed"], "precision 16-mixed (fp16 mixed) does not run on CPU"),
+    (["--precision", "half"], "unknown precision 'half'"),
+    (["--accelerator", "tpu"], "unknown accelerator 'tpu'"),
+])
+def test_hardware_this_machine_lacks_is_one_message_before_any_run_folder(tmp_path, capsys, options, message):
+    from benchmark.hardware import gpu_count
+
+    if gpu_count():
+        pytest.skip("this machine has a GPU")
+    assert main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
+                 "--leaderboard-dir", str(tmp_path / "lb"), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "lb").exists()
+
+
+def test_accelerator_and_precision_reach_the_trainer_config():
+    from benchmark.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "--profile", "smoke", "--accelerator", "cpu", "--precision", "bf16-mixed"])
+    trainer = config_from_args(args)["trainer"]
+    assert (trainer["accelerator"], trainer["precision"]) == ("cpu", "bf16-mixed")
