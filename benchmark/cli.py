@@ -179,9 +179,9 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args, study_overrides)
     if args.show_config:
-        import yaml
+        from benchmark.show_config import show_config
 
-        print(yaml.safe_dump(config, sort_keys=False), end="")
+        print(show_config(config), end="")
         return 0
     from benchmark.distributed import release_process_group
     from benchmark.run import run
@@ -251,14 +251,12 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
+    from benchmark.catalogue import catalogue
+
     if args.what == "methods":
-        from methods.registry import method_names
-
-        names = method_names()
+        names = catalogue()["methods"]
     elif args.what == "datasets":
-        from datamodules import dataset_names
-
-        names = dataset_names()
+        names = sorted(catalogue()["datasets"])
     else:
         from benchmark.config import PROFILES
 

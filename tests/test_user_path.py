@@ -105,3 +105,40 @@ def test_accelerator_and_precision_reach_the_trainer_config():
     args = build_parser().parse_args(["run", "--profile", "smoke", "--accelerator", "cpu", "--precision", "bf16-mixed"])
     trainer = config_from_args(args)["trainer"]
     assert (trainer["accelerator"], trainer["precision"]) == ("cpu", "bf16-mixed")
+
+
+def test_help_and_list_import_neither_torch_nor_the_registries_and_name_what_the_registries_hold():
+    import os
+    import subprocess
+    import sys
+
+    from benchmark.catalogue import build, catalogue
+    from datamodules import dataset_names
+    from methods.registry import method_names
+
+    assert catalogue() == build()  # stored in this session's cache folder, read back equal
+    assert catalogue()["methods"] == method_names() and sorted(catalogue()["datasets"]) == dataset_names()
+    script = ("import sys, contextlib, io\nfrom benchmark.cli import main\n"
+              "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              "    assert main(['list', 'methods']) == 0 and main(['list', 'datasets']) == 0\n"
+              "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+              "heavy = sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules', 'methods.registry') if m in sys.modules)\n"
+              "print(heavy, out.getvalue().split())")
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 0, result.stderr
+    heavy, _, printed = result.stdout.partition(" ")
+    assert heavy == "[]", heavy
+    assert "mean_teacher" in printed and "synthetic_acdc" in printed and "verify" in printed
+
+
+def test_show_config_names_the_labeled_count_and_the_hash_the_run_gets(tmp_path, capsys):
+    options = ["--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir", str(tmp_path / "lb"),
+               "--dataset", "synthetic_acdc", "--ratio", "0.2", "--set", "optim.lr=0.02"]
+    assert main(["run", "--show-config", *options]) == 0
+    shown = capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # nothing written
+    run_dir = smoke_run(tmp_path, *options[9:])
+    row = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv").iloc[0]
+    assert f"# labeled: {row['labeled_cases']} patients" in shown and "labeled: 4\n" in shown
+    assert f"# config hash: {row['config_hash']}" in shown and row["config_hash"] in run_dir.name
