@@ -149,7 +149,9 @@ def config_from_args(args: argparse.Namespace, first_overrides: Sequence[str] = 
     from datamodules import get_dataset
 
     entry = get_dataset(args.dataset)
-    overrides = [*first_overrides, *args.overrides]
+    from benchmark.overrides import join_split_overrides
+
+    overrides = [*first_overrides, *join_split_overrides(args.overrides)]
     # W&B stays off unless asked for, by --wandb or by the environment W&B itself reads.
     wandb = args.wandb or WANDB_MODES_FROM_ENV.get(os.environ.get("WANDB_MODE", ""))
     for key, value in (

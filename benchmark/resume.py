@@ -13,6 +13,7 @@ import yaml
 
 from benchmark.config import apply_overrides
 from benchmark.errors import UserError
+from benchmark.overrides import join_split_overrides
 
 # Run options that set one config key (the option's dest -> the key).
 OPTION_KEYS = {
@@ -67,4 +68,5 @@ def resumed_config(args: argparse.Namespace, given: set[str], first_overrides: S
         overrides.append(f"data.ratio={args.ratio}")
     if "no_progress" in given:
         overrides.append("run.progress=false")
-    return apply_overrides(config, [*overrides, *first_overrides, *(args.overrides if "overrides" in given else [])])
+    given_overrides = join_split_overrides(args.overrides) if "overrides" in given else []
+    return apply_overrides(config, [*overrides, *first_overrides, *given_overrides])

@@ -142,3 +142,29 @@ def test_show_config_names_the_labeled_count_and_the_hash_the_run_gets(tmp_path,
     row = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv").iloc[0]
     assert f"# labeled: {row['labeled_cases']} patients" in shown and "labeled: 4\n" in shown
     assert f"# config hash: {row['config_hash']}" in shown and row["config_hash"] in run_dir.name
+
+
+def test_an_override_with_spaces_survives_make_word_splitting():
+    import shlex
+    import subprocess
+
+    from benchmark.cli import build_parser, config_from_args
+
+    result = subprocess.run(["make", "-n", "bench", "STAMP=", "PY=python", "PROFILE=smoke",
+                             "OVERRIDES=method.network_inits=[default, xavier] optim.lr=0.02"],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    argv = shlex.split(result.stdout.strip().splitlines()[-1])[3:]
+    assert argv.count("--set") == 3  # split by Make into three pieces
+    config = config_from_args(build_parser().parse_args([*argv, "--method", "cps"]))
+    assert config["method"]["network_inits"] == ["default", "xavier"] and config["optim"]["lr"] == 0.02
+
+
+def test_what_the_message_on_a_broken_override_suggests_works(capsys):
+    from benchmark.cli import build_parser, config_from_args
+
+    assert main(["run", "--show-config", "--method", "cps", "--set", "method.network_inits=[default,"]) == 2
+    err = capsys.readouterr().err
+    suggested = err.split("method.network_inits=")[-1].split()[0]
+    assert suggested == "[default,default]"
+    config = config_from_args(build_parser().parse_args(["run", "--method", "cps", "--set", f"method.network_inits={suggested}"]))
+    assert config["method"]["network_inits"] == ["default", "default"]
