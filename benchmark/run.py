@@ -465,6 +465,12 @@ def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None
     state = read_checkpoint(checkpoint, f"the checkpoint stage {model.stage!r} starts from")
     weights = state.get("state_dict") if isinstance(state, dict) else None
     mismatch = "it holds no state_dict" if not isinstance(weights, dict) else state_dict_mismatch(model.state_dict(), weights)
+    if mismatch and str(checkpoint) == str(model.config["run"].get("init_from")):
+        # A checkpoint of another method, or a plain weights file: the backbone goes into every network.
+        from benchmark.warm_start import warm_start
+
+        warm_start(model, weights if isinstance(weights, dict) else state, checkpoint)
+        return None
     if mismatch:
         raise UserError(f"the checkpoint does not fit stage {model.stage!r} of {model.name}: {mismatch}", where=str(checkpoint),
                         fix="give a checkpoint of the same method, dataset and model settings (run.init_from)")

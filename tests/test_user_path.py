@@ -168,3 +168,74 @@ def test_what_the_message_on_a_broken_override_suggests_works(capsys):
     assert suggested == "[default,default]"
     config = config_from_args(build_parser().parse_args(["run", "--method", "cps", "--set", f"method.network_inits={suggested}"]))
     assert config["method"]["network_inits"] == ["default", "default"]
+
+
+def smoke_model(method: str, checkpoint: Path | None = None):
+    from benchmark.config import resolve_config
+    from datamodules import get_dataset
+    from methods.registry import get_method
+
+    cls, entry = get_method(method), get_dataset("synthetic_acdc")
+    overrides = ["data.patch_size=[32,32]", *([f"run.init_from={checkpoint}"] if checkpoint else [])]
+    return cls(entry.spec, resolve_config("synthetic_acdc", method, "smoke", overrides, cls.defaults, family="acdc"))
+
+
+@pytest.fixture(scope="module")
+def supervised_checkpoint(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("supervised")
+    run_dir = smoke_run(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2")
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("method, networks", [("mean_teacher", ("net", "teacher.module")), ("cps", ("net1", "net2"))])
+def test_a_supervised_checkpoint_warm_starts_every_network_of_another_method(supervised_checkpoint, method, networks, capsys):
+    import torch
+
+    from benchmark.run import init_stage
+
+    trained = torch.load(supervised_checkpoint, weights_only=True)["state_dict"]
+    model = smoke_model(method, supervised_checkpoint)
+    assert init_stage(model, supervised_checkpoint) is None
+    state = model.state_dict()
+    for network in networks:
+        for key, tensor in trained.items():
+            assert torch.equal(state[f"{network}.{key[len('net.'):]}"], tensor), (network, key)
+    out = capsys.readouterr().out
+    for network in networks:
+        assert f"{network} <- net: {len(trained)} of {len(trained)} tensors" in out
+
+
+def test_a_plain_weights_file_of_the_backbone_warm_starts_and_what_does_not_fit_is_named(supervised_checkpoint, tmp_path, capsys):
+    import torch
+
+    from benchmark.run import init_stage
+
+    backbone = {key[len("net."):]: tensor for key, tensor in torch.load(supervised_checkpoint, weights_only=True)["state_dict"].items()}
+    head = next(key for key in backbone if key.endswith("out_conv.weight"))
+    backbone[head] = torch.zeros(1, *backbone[head].shape[1:])  # another number of classes
+    weights = tmp_path / "unet.pt"
+    torch.save(backbone, weights)
+    model = smoke_model("cps", weights)
+    init_stage(model, weights)
+    assert torch.equal(model.state_dict()[f"net2.{next(iter(backbone))}"], backbone[next(iter(backbone))])
+    out = capsys.readouterr().out
+    assert f"net1 <- the weights file: {len(backbone) - 1} of {len(backbone)} tensors; not loaded: 1 (e.g. {head})" in out
+
+
+def test_mean_teacher_runs_from_a_supervised_checkpoint(supervised_checkpoint, tmp_path, capsys):
+    run_dir = smoke_run(tmp_path, "--method", "mean_teacher", "--dataset", "synthetic_acdc", "--ratio", "0.2",
+                        "--set", f"run.init_from={supervised_checkpoint}")
+    assert (run_dir / "result.json").is_file()
+    assert "teacher.module <- net" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_any_network_weights_is_refused(tmp_path):
+    import torch
+
+    from benchmark.errors import UserError
+    from benchmark.run import init_stage
+
+    weights = tmp_path / "other.pt"
+    torch.save({"something.weight": torch.zeros(3)}, weights)
+    with pytest.raises(UserError, match="holds no weights of this method's networks"):
+        init_stage(smoke_model("cps", weights), weights)
