@@ -56,7 +56,7 @@ RESUME_ARGS = $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,DA
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf
+.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf predict
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -91,6 +91,10 @@ leaderboard: $(STAMP) ## aggregate leaderboards/*.csv into leaderboards/README.m
 
 show-config: $(STAMP) ## print the resolved config of the run `make bench` would do
 	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") --show-config
+
+predict: $(STAMP) ## label maps of a folder of images with a trained run: make predict RUN=<run folder> INPUT=<folder> OUTPUT=<folder>
+	@test -n "$(RUN)" -a -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "error: give RUN=<run folder> INPUT=<folder of images> OUTPUT=<folder>"; exit 2; }
+	$(PY) -m benchmark predict "$(RUN)" "$(INPUT)" "$(OUTPUT)"
 
 verify: $(STAMP) ## check a dataset folder, e.g. make verify DATASET=acdc DATA_ROOT=../shared/datasets/ACDC
 	$(PY) -m benchmark data verify $(DATASET) "$(DATA_ROOT)"

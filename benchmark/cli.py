@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark run|sweep|leaderboard|tune|list|score|data`` (the Makefile wraps the same commands).
+"""Command line: ``python -m benchmark run|sweep|leaderboard|tune|list|score|predict|data`` (the Makefile wraps the same commands).
 
 User errors (bad paths, names, values, command lines) print one message (what, where, how to fix) and exit with
 code 2; nothing already on disk is changed by them.
@@ -128,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=["methods", "datasets", "profiles"])
 
     score = commands.add_parser("score", help="score a folder of predictions against a folder of ground truths")
-    score.add_argument("pred", help="folder of predictions (.nii, .nii.gz or .h5 with 'label'/'prediction')")
+    score.add_argument("pred", help="folder of predictions (.nii, .nii.gz, .h5 with 'label'/'prediction', .png, .jpg)")
     score.add_argument("gt", help="folder of ground truths, matched by file name")
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+
+    predict = commands.add_parser("predict", help="label maps of a folder of images with a trained run (same formats, sizes, affines)")
+    predict.add_argument("run_dir", metavar="RUN", help="a finished run folder (runs/<dataset>/<method>/L<n>_s<seed>_...)")
+    predict.add_argument("input", help="folder of images: .h5 (dataset 'image'), .nii/.nii.gz, .png/.jpg/.jpeg")
+    predict.add_argument("output", help="folder for the label maps (created)")
+    predict.add_argument("--checkpoint", choices=["last", "best"], default="last")
 
     from benchmark.data_commands import add_parser as add_data_parser
 
@@ -277,11 +283,20 @@ def command_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_predict(args: argparse.Namespace) -> int:
+    from benchmark.predict import predict_folder
+
+    written = predict_folder(args.run_dir, args.input, args.output, args.checkpoint)
+    print(f"written: {len(written)} label map(s) into {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmark.data_commands import command_data
 
     handlers = {"run": command_run, "sweep": command_sweep, "leaderboard": command_leaderboard, "tune": command_tune,
-                "list": command_list, "score": command_score, "data": command_data}
+                "list": command_list, "score": command_score, "data": command_data,
+                "predict": command_predict}
     try:
         args = build_parser().parse_args(argv)
         if args.command == "run" and args.resume:  # the run folder's config fills in the options not given
