@@ -726,6 +726,9 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
                                                        **stage_record}, indent=1, default=str))
     append_rows(leaderboard, rows)
     archive_per_case(leaderboard, config["dataset"], folder.path, [row["checkpoint"] for row in rows])
+    from benchmark.run_report import write_run_report_safely
+
+    write_run_report_safely(folder.path, config, rows, [(stage, folder.stage_dir(stage)) for stage in stages])
     return rows
 
 

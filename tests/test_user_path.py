@@ -239,3 +239,25 @@ def test_a_checkpoint_without_any_network_weights_is_refused(tmp_path):
     torch.save({"something.weight": torch.zeros(3)}, weights)
     with pytest.raises(UserError, match="holds no weights of this method's networks"):
         init_stage(smoke_model("cps", weights), weights)
+
+
+def test_every_finished_run_leaves_its_curves_and_a_summary(tmp_path):
+    import yaml
+
+    from benchmark.run_report import training_log
+
+    run_dir = smoke_run(tmp_path, "--method", "mean_teacher", "--dataset", "synthetic_acdc", "--ratio", "0.2",
+                        "--set", "optim.lr=0.02", "--set", "trainer.max_steps=6")
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    summary = (run_dir / "summary.md").read_text()
+    row = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv").iloc[0]
+    # What the command changed, and nothing the run resolved itself (labeled count, patch size).
+    assert "| `optim.lr` | `0.01` | `0.02` |" in summary and "| `trainer.max_steps` | `4` | `6` |" in summary
+    assert "data.labeled" not in summary and "run.out" not in summary
+    assert f"| last | {row['step']} | {row['dice'] * 100:.2f} | {row['jaccard'] * 100:.2f} |" in summary
+    assert f"wall time: {row['wall_time_s']:.0f} s" in summary and f"{row['peak_rss_mb']:.0f} MB resident" in summary
+    # The plotted learning rate is the poly schedule: 0.02 (1 - step / 6) ** 0.9.
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    log = training_log(config, [("train", run_dir)]).drop_duplicates("step").set_index("step")
+    assert log.loc[0, "lr"] == pytest.approx(0.02) and log.loc[3, "lr"] == pytest.approx(0.02 * 0.5 ** 0.9)
+    assert {"train/loss", "val/dice", "val/dice_RV"} <= set(log.columns)
