@@ -261,3 +261,53 @@ def test_every_finished_run_leaves_its_curves_and_a_summary(tmp_path):
     log = training_log(config, [("train", run_dir)]).drop_duplicates("step").set_index("step")
     assert log.loc[0, "lr"] == pytest.approx(0.02) and log.loc[3, "lr"] == pytest.approx(0.02 * 0.5 ** 0.9)
     assert {"train/loss", "val/dice", "val/dice_RV"} <= set(log.columns)
+
+
+def test_dice_error_bars_stay_within_0_and_100_percent():
+    from benchmark.report import clipped_error_bars
+
+    bars = clipped_error_bars(pd.Series([5.0, 95.0, 50.0]), pd.Series([10.0, 10.0, None]))
+    assert bars.tolist() == [[5.0, 10.0, 0.0], [10.0, 5.0, 0.0]]
+
+
+def test_seeds_of_methods_with_equal_dice_are_drawn_side_by_side(tmp_path):
+    from benchmark.report import plot_dice, seed_offsets
+
+    offsets = seed_offsets(["supervised", "cps", "mean_teacher"])
+    assert len(set(offsets.values())) == 3 and all(0.9 < value < 1.1 for value in offsets.values())
+    summary = pd.DataFrame({"method": ["supervised", "cps"], "checkpoint": "last", "labeled_cases": 3,
+                            "dice_mean": [0.0, 0.0], "dice_std": [0.0, 0.0]})
+    seeds = pd.DataFrame({"method": ["supervised", "cps"] * 2, "checkpoint": "last", "labeled_cases": 3, "dice": 0.0})
+    assert plot_dice(summary, tmp_path / "dice.png", "test", seeds=seeds).stat().st_size > 0
+
+
+def test_the_leaderboard_config_column_names_what_differs_from_the_profile(tmp_path):
+    import yaml
+
+    from benchmark.config import resolve_config
+    from benchmark.report import config_cell, config_descriptions
+
+    config = resolve_config("synthetic_acdc", "supervised", "smoke", ["optim.lr=0.02"], {"network_init": "default"}, family="acdc")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "config_hash": "abc"}))
+    table = pd.DataFrame([{"dataset": "synthetic_acdc", "config_hash": "abc", "seed": 0, "checkpoint": "last",
+                           "status": "ok", "dice": 0.5, "jaccard": 0.3, "hd95": 1.0, "asd": 1.0, "labeled_cases": 4,
+                           "run_dir": str(run_dir)}])
+    configs = config_descriptions(table)
+    assert config_cell("abc", configs) == "optim.lr=0.02 (`abc`)"
+    assert config_cell("def", configs) == "`def`"  # no run folder at hand: the hash alone
+
+
+def test_the_importance_plot_warns_when_every_trial_scored_zero(tmp_path):
+    import optuna
+
+    from benchmark.tune import ALL_ZERO_WARNING, _write_plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: 0.0 * trial.suggest_float("lr", 0.001, 0.1) * trial.suggest_float("decay", 0.9, 1.0), n_trials=4)
+    assert ALL_ZERO_WARNING in _write_plots(study, tmp_path)["importance"]
+    scored = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    scored.optimize(lambda trial: trial.suggest_float("lr", 0.001, 0.1) + trial.suggest_float("decay", 0.9, 1.0), n_trials=4)
+    assert _write_plots(scored, tmp_path)["importance"] == "importance.png"
