@@ -17,7 +17,7 @@ from benchmark.config import NON_SEMANTIC_KEYS, resolve_config
 
 REPORT_PLOT, REPORT_SUMMARY = "report.png", "summary.md"
 # Filled in by the run itself (not chosen by the user), so never "a difference from the defaults".
-RESOLVED_BY_THE_RUN = {"data.labeled", "data.ratio", "data.patch_size", "trainer.val_every", "run.stage", "config_hash"}
+RESOLVED_BY_THE_RUN = {"data.labeled", "data.ratio", "run.stage", "config_hash"}
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -32,13 +32,20 @@ def profile_defaults(config: dict[str, Any]) -> dict[str, Any]:
     from methods.registry import get_method
 
     entry = get_dataset(config["dataset"])
-    return resolve_config(config["dataset"], config["method_name"], config["profile"], (),
-                          get_method(config["method_name"]).defaults, family=entry.family)
+    defaults = resolve_config(config["dataset"], config["method_name"], config["profile"], (),
+                              get_method(config["method_name"]).defaults, family=entry.family)
+    if defaults["data"]["patch_size"] is None:  # what the run fills in (run.prepare)
+        defaults["data"]["patch_size"] = list(entry.spec.patch_size)
+    return defaults
 
 
 def differences_from_defaults(config: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """``{key: (default, value)}`` for the keys that change what is computed and differ from the profile's defaults."""
     defaults = profile_defaults(config) if defaults is None else defaults
+    # The run shortens the validation interval to the budget: a shorter budget alone is no other interval.
+    trainer = defaults.get("trainer", {})
+    if "val_every" in trainer and "max_steps" in config.get("trainer", {}):
+        trainer["val_every"] = min(trainer["val_every"], config["trainer"]["max_steps"])
     ignored = {".".join(key) for key in NON_SEMANTIC_KEYS} | RESOLVED_BY_THE_RUN
     old, new = flatten(defaults), flatten(config)
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))

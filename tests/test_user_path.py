@@ -247,13 +247,14 @@ def test_every_finished_run_leaves_its_curves_and_a_summary(tmp_path):
     from benchmark.run_report import training_log
 
     run_dir = smoke_run(tmp_path, "--method", "mean_teacher", "--dataset", "synthetic_acdc", "--ratio", "0.2",
-                        "--set", "optim.lr=0.02", "--set", "trainer.max_steps=6")
+                        "--set", "optim.lr=0.02", "--set", "trainer.max_steps=6", "--set", "trainer.val_every=3")
     assert (run_dir / "report.png").stat().st_size > 10_000
     summary = (run_dir / "summary.md").read_text()
     row = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv").iloc[0]
     # What the command changed, and nothing the run resolved itself (labeled count, patch size).
     assert "| `optim.lr` | `0.01` | `0.02` |" in summary and "| `trainer.max_steps` | `4` | `6` |" in summary
-    assert "data.labeled" not in summary and "run.out" not in summary
+    assert "| `trainer.val_every` | `2` | `3` |" in summary
+    assert "data.labeled" not in summary and "run.out" not in summary and "patch_size" not in summary
     assert f"| last | {row['step']} | {row['dice'] * 100:.2f} | {row['jaccard'] * 100:.2f} |" in summary
     assert f"wall time: {row['wall_time_s']:.0f} s" in summary and f"{row['peak_rss_mb']:.0f} MB resident" in summary
     # The plotted learning rate is the poly schedule: 0.02 (1 - step / 6) ** 0.9.
