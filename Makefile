@@ -15,6 +15,9 @@ LABELED ?=
 PROFILE ?= cpu
 SEED ?= 0
 DEVICES ?= 1
+# auto | cpu | gpu, and 32-true | bf16-mixed | 16-mixed (GPU) ...; empty = the config's (auto, 32-true).
+ACCELERATOR ?=
+PRECISION ?=
 OUT ?= runs
 LEADERBOARD_DIR ?= leaderboards
 WANDB ?= disabled
@@ -26,7 +29,7 @@ WORKERS ?= 1
 STORAGE ?=
 STUDY ?=
 FROM_STUDY ?=
-# An interrupted run folder to continue (make bench ... RESUME=runs/<dataset>/<method>/<run>): same variables as the run.
+# An interrupted run folder to continue (make bench RESUME=runs/<dataset>/<method>/<run>): its config.yaml holds the run's variables.
 RESUME ?=
 # Variables of a sweep (`python -m benchmark sweep`): the grid, a shard of it and where its runs execute.
 METHODS ?= supervised
@@ -40,14 +43,24 @@ PERF_ARGS ?=
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
 	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),--ratio $(RATIO)) \
+	$(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) $(if $(PRECISION),--precision $(PRECISION)) \
+	$(foreach o,$(OVERRIDES),--set $(o))
+# With RESUME, only the variables set on the command line or in the environment are passed: the run folder holds the rest.
+given = $(filter command environment,$(firstword $(origin $(1))))
+RESUME_ARGS = $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,DATASET),--dataset $(DATASET)) \
+	$(if $(call given,PROFILE),--profile $(PROFILE)) $(if $(call given,SEED),--seed $(SEED)) \
+	$(if $(call given,DEVICES),--devices $(DEVICES)) $(if $(call given,OUT),--out "$(OUT)") \
+	$(if $(call given,LEADERBOARD_DIR),--leaderboard-dir "$(LEADERBOARD_DIR)") $(if $(call given,WANDB),--wandb $(WANDB)) \
+	$(if $(DATA_ROOT),--data-root "$(DATA_ROOT)") $(if $(LABELED),--labeled $(LABELED),$(if $(call given,RATIO),--ratio $(RATIO))) \
+	$(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) $(if $(PRECISION),--precision $(PRECISION)) \
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf
+.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf predict
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES OUT LEADERBOARD_DIR WANDB OVERRIDES"
+	@echo "  variables: METHOD DATASET DATA_ROOT RATIO|LABELED PROFILE(paper|cpu|smoke) SEED DEVICES ACCELERATOR(auto|cpu|gpu) PRECISION OUT LEADERBOARD_DIR WANDB OVERRIDES"
 	@echo "  tune: TRIALS WORKERS STORAGE(sqlite|journal|postgresql://...) STUDY; bench: FROM_STUDY RESUME(an interrupted run folder)"
 	@echo "  sweep:     METHODS RATIOS SEEDS SHARD(i/n) LAUNCHER(local|slurm|submitit-local) SWEEP_ARGS (e.g. --slurm-partition gpu)"
 
@@ -61,7 +74,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP) ## create .venv and install the suite with its dependencies
 
 bench: $(STAMP) ## train and test one run, e.g. make bench METHOD=supervised RATIO=0.2 (synthetic data by default)
-	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") $(if $(RESUME),--resume "$(RESUME)")
+	$(PY) -m benchmark run $(if $(RESUME),$(RESUME_ARGS) --resume "$(RESUME)",$(RUN_ARGS)) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)")
 
 tune: $(STAMP) ## Optuna search on validation Dice, e.g. make tune METHOD=cps RATIO=0.1 TRIALS=50 WORKERS=2
 	$(PY) -m benchmark tune $(RUN_ARGS) --trials $(TRIALS) --workers $(WORKERS) \
@@ -78,6 +91,10 @@ leaderboard: $(STAMP) ## aggregate leaderboards/*.csv into leaderboards/README.m
 
 show-config: $(STAMP) ## print the resolved config of the run `make bench` would do
 	$(PY) -m benchmark run $(RUN_ARGS) $(if $(FROM_STUDY),--from-study "$(FROM_STUDY)") --show-config
+
+predict: $(STAMP) ## label maps of a folder of images with a trained run: make predict RUN=<run folder> INPUT=<folder> OUTPUT=<folder>
+	@test -n "$(RUN)" -a -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "error: give RUN=<run folder> INPUT=<folder of images> OUTPUT=<folder>"; exit 2; }
+	$(PY) -m benchmark predict "$(RUN)" "$(INPUT)" "$(OUTPUT)"
 
 verify: $(STAMP) ## check a dataset folder, e.g. make verify DATASET=acdc DATA_ROOT=../shared/datasets/ACDC
 	$(PY) -m benchmark data verify $(DATASET) "$(DATA_ROOT)"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmark run|sweep|leaderboard|tune|list|score|data`` (the Makefile wraps the same commands).
+"""Command line: ``python -m benchmark run|sweep|leaderboard|tune|list|score|predict|data`` (the Makefile wraps the same commands).
 
 User errors (bad paths, names, values, command lines) print one message (what, where, how to fix) and exit with
 code 2; nothing already on disk is changed by them.
@@ -44,9 +44,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="cpu", help="paper | cpu | smoke")
     parser.add_argument("--seed", type=_number(int), default=0)
     parser.add_argument("--devices", type=_number(int), default=None, help="devices for Lightning DDP (default from the profile: 1)")
+    parser.add_argument("--accelerator", default=None, help="auto | cpu | gpu (default from the config: auto)")
+    parser.add_argument("--precision", default=None, help="32-true | bf16-mixed | 16-mixed (GPU) | ... (default 32-true)")
     parser.add_argument("--num-nodes", type=_number(int), default=None, help="nodes for multi-node DDP (torchrun/SLURM; default 1)")
     parser.add_argument("--out", default=None, help="runs folder (default runs/)")
-    parser.add_argument("--leaderboard-dir", default=None, help="where <dataset>.csv is appended (default leaderboards/)")
+    parser.add_argument("--leaderboard-dir", default=None, help="where <dataset>.csv is appended (default leaderboards/; "
+                        "smoke-profile rows go to <out>/leaderboards-smoke instead of the repository's leaderboards/)")
     parser.add_argument("--wandb", choices=["disabled", "offline", "online"], default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -63,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train with the best trial of an Optuna study: its folder (runs/tune/<study>) or STORAGE_URL#STUDY_NAME")
     run.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
-                     help="continue this interrupted run folder from its last checkpoint (give the run's other options "
-                          "too: the config hash and seed must match); a finished run only gets its missing rows written")
+                     help="continue this interrupted run folder from its last checkpoint with the config it holds (other "
+                          "options given must not change the config hash or seed); a finished run only gets its missing rows written")
 
     tune = commands.add_parser("tune", help="Optuna search of a method's hyperparameters on validation Dice (never test)")
     add_run_options(tune)
@@ -125,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=["methods", "datasets", "profiles"])
 
     score = commands.add_parser("score", help="score a folder of predictions against a folder of ground truths")
-    score.add_argument("pred", help="folder of predictions (.nii, .nii.gz or .h5 with 'label'/'prediction')")
+    score.add_argument("pred", help="folder of predictions (.nii, .nii.gz, .h5 with 'label'/'prediction', .png, .jpg)")
     score.add_argument("gt", help="folder of ground truths, matched by file name")
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+
+    predict = commands.add_parser("predict", help="label maps of a folder of images with a trained run (same formats, sizes, affines)")
+    predict.add_argument("run_dir", metavar="RUN", help="a finished run folder (runs/<dataset>/<method>/L<n>_s<seed>_...)")
+    predict.add_argument("input", help="folder of images: .h5 (dataset 'image'), .nii/.nii.gz, .png/.jpg/.jpeg")
+    predict.add_argument("output", help="folder for the label maps (created)")
+    predict.add_argument("--checkpoint", choices=["last", "best"], default="last")
 
     from benchmark.data_commands import add_parser as add_data_parser
 
@@ -146,12 +155,15 @@ def config_from_args(args: argparse.Namespace, first_overrides: Sequence[str] = 
     from datamodules import get_dataset
 
     entry = get_dataset(args.dataset)
-    overrides = [*first_overrides, *args.overrides]
+    from benchmark.overrides import join_split_overrides
+
+    overrides = [*first_overrides, *join_split_overrides(args.overrides)]
     # W&B stays off unless asked for, by --wandb or by the environment W&B itself reads.
     wandb = args.wandb or WANDB_MODES_FROM_ENV.get(os.environ.get("WANDB_MODE", ""))
     for key, value in (
         ("data.root", args.data_root), ("data.ratio", args.ratio), ("data.labeled", args.labeled),
         ("run.seed", args.seed), ("trainer.devices", args.devices), ("trainer.num_nodes", args.num_nodes),
+        ("trainer.accelerator", args.accelerator), ("trainer.precision", args.precision),
         ("run.out", args.out), ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", wandb),
     ):
         if value is not None and value != "":
@@ -168,11 +180,16 @@ def command_run(args: argparse.Namespace) -> int:
 
         study_overrides, origin = best_trial_overrides(args.from_study, args.method)
         print(f"{origin}: {' '.join(study_overrides)}")
-    config = config_from_args(args, study_overrides)
-    if args.show_config:
-        import yaml
+    if args.resume:
+        from benchmark.resume import resumed_config
 
-        print(yaml.safe_dump(config, sort_keys=False), end="")
+        config = resumed_config(args, getattr(args, "given_options", set(vars(args))), study_overrides)
+    else:
+        config = config_from_args(args, study_overrides)
+    if args.show_config:
+        from benchmark.show_config import show_config
+
+        print(show_config(config), end="")
         return 0
     from benchmark.distributed import release_process_group
     from benchmark.run import run
@@ -212,10 +229,12 @@ def _numbers(values: list[str], kind, what: str) -> list:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
+    from benchmark.leaderboard import leaderboard_dir_for
     from benchmark.sweep import SweepOptions, split_words, sweep
 
     options = SweepOptions(**{
         **{k: v for k, v in vars(args).items() if k not in ("command", "methods", "ratios", "seeds")},
+        "leaderboard_dir": str(leaderboard_dir_for(args.profile, args.leaderboard_dir, args.out)),
         "methods": split_words(args.methods),
         "ratios": _numbers(args.ratios, float, "RATIOS"),
         "seeds": _numbers(args.seeds, int, "SEEDS"),
@@ -240,14 +259,12 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
+    from benchmark.catalogue import catalogue
+
     if args.what == "methods":
-        from methods.registry import method_names
-
-        names = method_names()
+        names = catalogue()["methods"]
     elif args.what == "datasets":
-        from datamodules import dataset_names
-
-        names = dataset_names()
+        names = sorted(catalogue()["datasets"])
     else:
         from benchmark.config import PROFILES
 
@@ -266,13 +283,26 @@ def command_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_predict(args: argparse.Namespace) -> int:
+    from benchmark.predict import predict_folder
+
+    written = predict_folder(args.run_dir, args.input, args.output, args.checkpoint)
+    print(f"written: {len(written)} label map(s) into {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmark.data_commands import command_data
 
     handlers = {"run": command_run, "sweep": command_sweep, "leaderboard": command_leaderboard, "tune": command_tune,
-                "list": command_list, "score": command_score, "data": command_data}
+                "list": command_list, "score": command_score, "data": command_data,
+                "predict": command_predict}
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "run" and args.resume:  # the run folder's config fills in the options not given
+            from benchmark.resume import given_options
+
+            args.given_options = given_options(build_parser(), sys.argv[1:] if argv is None else argv)
         return handlers[args.command](args)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)

@@ -86,7 +86,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise UserError(f"cannot parse the value of override '{text}' ({error})", where=OVERRIDE_OPTION,
-                        fix="quote lists and strings as YAML, e.g. data.patch_size=[64,64]") from error
+                        fix="write the value as YAML, e.g. data.patch_size=[64,64] or method.network_inits=[default,default]") from error
     return path, value
 
 

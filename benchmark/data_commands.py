@@ -19,10 +19,11 @@ def add_parser(commands) -> None:
                         help="one of the dataset's own data options, as for a run (endovis17: data.fold=1, "
                              "data.crop_black_borders=false, data.test_set=released); repeatable")
 
-    from datamodules.convert import CONVERTERS
+    from benchmark.catalogue import catalogue
 
+    converters = catalogue()["converters"]  # without importing the datamodules (a fast --help)
     convert = actions.add_parser("convert", help="convert a raw public download into the form the suite trains on")
-    convert.add_argument("kind", choices=sorted(CONVERTERS), help="; ".join(f"{k}: {c.help}" for k, c in sorted(CONVERTERS.items())))
+    convert.add_argument("kind", choices=sorted(converters), help="; ".join(f"{k}: {c['help']}" for k, c in sorted(converters.items())))
     convert.add_argument("source", help="the raw download's folder")
     convert.add_argument("target", help="the output folder (created; must be empty if it exists)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the random crop margins (LA) and list order")

@@ -192,9 +192,41 @@ def _published(reported: pd.DataFrame, dataset: str, method: str, labeled: int) 
     return "; ".join(f"{r.dice:.2f} [{r.trust}] {r.method_reported}, {r.source}" for r in match.itertuples()) or "–"
 
 
-def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.DataFrame | None) -> str:
+def config_descriptions(table: pd.DataFrame, base: Path = Path(".")) -> dict[str, str]:
+    """Per config hash, what its config changes from its profile's defaults (read from the config.yaml of one of
+    its run folders, when one is at hand)."""
+    import yaml
+
+    from benchmark.run_report import describe_differences, differences_from_defaults
+
+    described: dict[str, str] = {}
+    if "run_dir" not in table:
+        return described
+    for digest, rows in finished_rows(table).groupby("config_hash", sort=False):
+        for run_dir in rows["run_dir"].dropna().astype(str):
+            path = Path(run_dir) / "config.yaml" if Path(run_dir).is_absolute() else base / run_dir / "config.yaml"
+            if not path.is_file():
+                continue
+            try:
+                config = yaml.safe_load(path.read_text())
+                config.pop("config_hash", None)
+                described[str(digest)] = describe_differences(differences_from_defaults(config))
+            except Exception:  # noqa: BLE001 - an old or foreign config only costs its description
+                continue
+            break
+    return described
+
+
+def config_cell(digest: str, configs: dict[str, str] | None) -> str:
+    """What the config changes from the profile's defaults, with its hash; the hash alone when unknown."""
+    described = (configs or {}).get(str(digest))
+    return f"{described} (`{digest}`)" if described else f"`{digest}`"
+
+
+def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.DataFrame | None,
+                   configs: dict[str, str] | None = None) -> str:
     headers = ["Method", "Labeled", "Checkpoint", "n", "Dice %", "Jaccard %", "HD95", "ASD", "ΔDice vs supervised",
-               "Wilcoxon p (cases × seeds)", "Config"]
+               "Wilcoxon p (cases × seeds)", "Config (changes from the profile's defaults)"]
     if reported is not None:
         headers.append("Published Dice % [trust] (source)")
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -212,7 +244,7 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
         cells = [row.method, str(row.labeled_cases), row.checkpoint, str(row.n),
                  _mean_std(row.dice_mean, row.dice_std, 100, 2), _mean_std(row.jaccard_mean, row.jaccard_std, 100, 2),
                  _mean_std(row.hd95_mean, row.hd95_std, 1, 2), _mean_std(row.asd_mean, row.asd_std, 1, 2),
-                 difference, p_text, f"`{row.config_hash}`"]
+                 difference, p_text, config_cell(row.config_hash, configs)]
         if reported is not None:
             cells.append(_published(reported, row.dataset, row.method, int(row.labeled_cases)))
         lines.append("| " + " | ".join(cells) + " |")
@@ -227,8 +259,24 @@ def reported_table(reported: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_dice(summary: pd.DataFrame, path: Path, title: str) -> Path:
-    """Dice (%) against the labeled count per method, one panel per checkpoint kind; error bars = std over seeds."""
+def clipped_error_bars(mean: pd.Series, std: pd.Series, low: float = 0.0, high: float = 100.0) -> np.ndarray:
+    """(2, n) lower and upper bar lengths of mean +- std, cut at the metric's range (Dice cannot leave 0..100 %)."""
+    std = std.fillna(0).to_numpy(dtype=float)
+    mean = mean.to_numpy(dtype=float)
+    return np.stack([np.minimum(std, mean - low), np.minimum(std, high - mean)]).clip(min=0)
+
+
+def seed_offsets(methods: list[str], spread: float = 0.06) -> dict[str, float]:
+    """A fixed horizontal offset per method (a factor on the log axis): seeds of methods with equal Dice (e.g. all
+    at 0) sit side by side instead of one method's points hiding the other's."""
+    if len(methods) < 2:
+        return {name: 1.0 for name in methods}
+    return {name: float(np.exp(spread * (i / (len(methods) - 1) - 0.5))) for i, name in enumerate(methods)}
+
+
+def plot_dice(summary: pd.DataFrame, path: Path, title: str, seeds: pd.DataFrame | None = None) -> Path:
+    """Dice (%) against the labeled count per method, one panel per checkpoint kind; error bars = std over seeds
+    (clipped to 0..100 %); ``seeds`` (finished rows) adds each seed's Dice as a hollow point beside its method's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,11 +286,18 @@ def plot_dice(summary: pd.DataFrame, path: Path, title: str) -> Path:
     figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False, sharey=True)
     for axis, kind in zip(axes[0], kinds):
         # One line per method (its config hash changes with the labeled count, so it cannot be the line key).
-        for method, line in summary[summary["checkpoint"] == kind].groupby("method", sort=False):
+        part = summary[summary["checkpoint"] == kind]
+        offsets = seed_offsets(list(dict.fromkeys(part["method"])))
+        for method, line in part.groupby("method", sort=False):
             line = line.sort_values("labeled_cases")
             label = method
-            axis.errorbar(line["labeled_cases"].astype(int), line["dice_mean"] * 100, yerr=line["dice_std"].fillna(0) * 100,
-                          marker="o", capsize=3, label=label)
+            drawn = axis.errorbar(line["labeled_cases"].astype(int) * offsets[method], line["dice_mean"] * 100,
+                                  yerr=clipped_error_bars(line["dice_mean"] * 100, line["dice_std"] * 100),
+                                  marker="o", capsize=3, label=label)
+            if seeds is not None:
+                points = seeds[(seeds["checkpoint"] == kind) & (seeds["method"] == method)]
+                axis.scatter(points["labeled_cases"].astype(int) * offsets[method], points["dice"] * 100, s=14,
+                             facecolors="none", edgecolors=drawn.lines[0].get_color(), linewidths=0.8, zorder=3)
         axis.set_xscale("log")
         counts = sorted(summary["labeled_cases"].astype(int).unique())
         axis.set_xticks(counts, [str(c) for c in counts])
@@ -354,8 +409,10 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
             sections += ["", "No finished runs yet."]
         for profile, part in summary.groupby("profile", sort=False):
             sections += ["", f"### {dataset}, `{profile}` profile", "", f"*{PROFILE_NOTES.get(profile, 'custom profile')}*", ""]
-            sections.append(markdown_table(part, tests, reported if profile == "paper" else None))
-            plot = plot_dice(part, out / f"{dataset}_{profile}_dice.png", f"{dataset} ({profile})")
+            sections.append(markdown_table(part, tests, reported if profile == "paper" else None,
+                                           config_descriptions(table[table["profile"] == profile], base=folder.parent)))
+            plot = plot_dice(part, out / f"{dataset}_{profile}_dice.png", f"{dataset} ({profile})",
+                             seeds=finished_rows(table[table["profile"] == profile]))
             written.append(plot)
             sections += ["", f"![{dataset} {profile} Dice against labeled cases]({plot.name})"]
             curves = mean_validation_curves(table[table["profile"] == profile], folder, dataset)

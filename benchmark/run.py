@@ -58,7 +58,11 @@ from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gat
 from benchmark.errors import UserError
 from benchmark.precision import check_numerics, chosen_precision
 from benchmark.evaluation import Evaluator, summarize
-from benchmark.leaderboard import append_rows, check_writable, curve_archive, per_case_archive, read_leaderboard, recorded_rows
+from benchmark.hardware import check_hardware
+from benchmark.leaderboard import (
+    append_rows, check_writable, curve_archive, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
+)
+from benchmark.run_report import write_run_report_safely
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
@@ -94,6 +98,7 @@ def _global_rank(devices_per_node: int = 1) -> int:
 
 def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
+    check_hardware(config["trainer"])
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
     method_cls.check_dataset(entry.spec)
@@ -108,8 +113,10 @@ def prepare(config: dict[str, Any]):
     trainer = config["trainer"]
     if trainer["val_every"] > trainer["max_steps"]:
         trainer["val_every"] = trainer["max_steps"]
-    check_writable(Path(config["run"]["out"]))
-    check_writable(Path(config["run"]["leaderboard_dir"]))
+    run = config["run"]
+    run["leaderboard_dir"] = str(leaderboard_dir_for(config["profile"], run["leaderboard_dir"], run["out"]))
+    check_writable(Path(run["out"]))
+    check_writable(Path(run["leaderboard_dir"]))
     read_leaderboard(leaderboard_path(config))  # a damaged CSV stops the run now, not after training
     return entry, method_cls, datamodule
 
@@ -208,7 +215,7 @@ def check_resumable(run_dir: Path, config: dict[str, Any], digest: str) -> Path:
             f"the run folder holds another configuration (config {stored_hash}, seed {stored_seed}) than this command "
             f"(config {digest}, seed {config['run']['seed']}); differences: {config_differences(stored, config)}",
             where=str(run_dir),
-            fix="repeat the options of the original run (its config.yaml holds them) with --resume, or drop --resume to start a new run",
+            fix="give --resume alone (the folder's config.yaml holds the run's options), or drop --resume to start a new run",
         )
     return run_dir
 
@@ -461,6 +468,12 @@ def init_stage(model: pl.LightningModule, checkpoint: Path | None) -> str | None
     state = read_checkpoint(checkpoint, f"the checkpoint stage {model.stage!r} starts from")
     weights = state.get("state_dict") if isinstance(state, dict) else None
     mismatch = "it holds no state_dict" if not isinstance(weights, dict) else state_dict_mismatch(model.state_dict(), weights)
+    if mismatch and str(checkpoint) == str(model.config["run"].get("init_from")):
+        # A checkpoint of another method, or a plain weights file: the backbone goes into every network.
+        from benchmark.warm_start import warm_start
+
+        warm_start(model, weights if isinstance(weights, dict) else state, checkpoint)
+        return None
     if mismatch:
         raise UserError(f"the checkpoint does not fit stage {model.stage!r} of {model.name}: {mismatch}", where=str(checkpoint),
                         fix="give a checkpoint of the same method, dataset and model settings (run.init_from)")
@@ -720,6 +733,7 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
     append_rows(leaderboard, rows)
     archive_per_case(leaderboard, config["dataset"], folder.path, [row["checkpoint"] for row in rows])
     archive_validation_curve(leaderboard, config["dataset"], folder, list(trained.stage_steps))
+    write_run_report_safely(folder.path, config, rows, [(stage, folder.stage_dir(stage)) for stage in stages])
     return rows
 
 

@@ -1,6 +1,7 @@
 """Score a folder of predicted label maps against a folder of ground-truth label maps.
 
-Files are NIfTI (``.nii``, ``.nii.gz``; spacing from the header zooms) or HDF5 (``.h5``; the label map in the
+Files are PNG / JPEG 2-D label maps (PNG: class indices, 0/255 read as 0/1; JPEG: a lossy mask, >= 128 is
+foreground), NIfTI (``.nii``, ``.nii.gz``; spacing from the header zooms) or HDF5 (``.h5``; the label map in the
 ``label`` dataset, predictions may use ``prediction`` instead; spacing from a ``spacing`` attribute of the file or
 of the dataset, or a ``spacing`` dataset, else none). A prediction and a ground truth belong to the same case when
 their names are equal once the extension is stripped. Hidden files, sub-folders and other extensions are ignored.
@@ -29,7 +30,8 @@ import pandas as pd
 from benchmark.errors import UserError
 from benchmark.metrics import METRIC_NAMES, check_empty_policy, mean_over_cases, multiclass_metrics
 
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".h5")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".h5", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GROUND_TRUTH_DATASETS = ("label",)
 PREDICTION_DATASETS = ("prediction", "label")
 MEAN_ROW = "mean"
@@ -140,7 +142,7 @@ def _case_name(path: Path) -> str | None:
 def _label_files(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise UserError(f"the {role} folder does not exist", where=str(folder),
-                        fix=f"pass the folder that holds the {role} .nii/.nii.gz/.h5 files")
+                        fix=f"pass the folder that holds the {role} .nii/.nii.gz/.h5/.png files")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         name = _case_name(path)
@@ -151,13 +153,13 @@ def _label_files(folder: Path, role: str) -> dict[str, Path]:
                             fix="keep one file per case")
         files[name] = path
     if not files:
-        raise UserError(f"the {role} folder has no .nii, .nii.gz or .h5 files", where=str(folder),
+        raise UserError(f"the {role} folder has no .nii, .nii.gz, .h5, .png or .jpg files", where=str(folder),
                         fix=f"pass the folder that holds the {role} files (sub-folders are not searched)")
     return files
 
 
 def _read_label_volume(path: Path, dataset_names: tuple[str, ...]) -> LabelVolume:
-    reader = _read_h5 if path.name.endswith(".h5") else _read_nifti
+    reader = _read_h5 if path.name.endswith(".h5") else _read_image if path.name.lower().endswith(IMAGE_SUFFIXES) else _read_nifti
     try:
         labels, spacing = reader(path, dataset_names)
     except UserError:
@@ -172,6 +174,20 @@ def _read_nifti(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray,
     image = nib.load(path)
     labels = np.asanyarray(image.dataobj)
     return labels, tuple(float(z) for z in image.header.get_zooms()[: labels.ndim])
+
+
+def _read_image(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, None]:
+    """A 2-D label map from an image file: PNG values are class indices (a 0/255 mask counts as 0/1); a JPEG is a
+    lossy binary mask, foreground = grey value >= 128 (as the endoscopy loaders read masks)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        grey = np.asarray(image.convert("L") if image.mode not in ("L", "P", "I", "I;16") else image)
+    if path.name.lower().endswith((".jpg", ".jpeg")):
+        return (grey >= 128).astype(np.uint8), None
+    if grey.max(initial=0) == 255 and set(np.unique(grey)) <= {0, 255}:
+        return (grey // 255).astype(np.uint8), None
+    return grey, None
 
 
 def _read_h5(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, tuple[float, ...] | None]:

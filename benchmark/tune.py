@@ -422,6 +422,14 @@ def write_report(settings: TuneSettings) -> dict[str, Any]:
     return summary
 
 
+ALL_ZERO_WARNING = "warning: every complete trial scored 0, so these importances say nothing about the parameters"
+
+
+def all_scored_zero(trials: list) -> bool:
+    """Whether every trial's objective is 0 (nothing was learned: importances are then fitted to noise-free ties)."""
+    return bool(trials) and all(trial.value == 0 for trial in trials)
+
+
 def _write_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
     """Image files by name, or why a plot was not drawn."""
     import matplotlib
@@ -447,11 +455,13 @@ def _write_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
                 warnings.simplefilter("ignore")  # e.g. "parameter importances will be equal" on tiny studies
                 axes = plot(study)
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            if name == "importance" and all_scored_zero(complete):
+                figure.text(0.5, 0.98, ALL_ZERO_WARNING, ha="center", va="top", color="red", fontsize=9, wrap=True)
             figure.set_size_inches(8, 5)
             figure.tight_layout()
             figure.savefig(folder / f"{name}.png", dpi=100)
             plt.close(figure)
-            written[name] = f"{name}.png"
+            written[name] = f"{name}.png" + (f" ({ALL_ZERO_WARNING})" if name == "importance" and all_scored_zero(complete) else "")
         except (ValueError, RuntimeError, ZeroDivisionError) as error:
             written[name] = f"not drawn: {error}"
             plt.close("all")

@@ -288,6 +288,14 @@ def _init_from(method: str, *options: str) -> Callable[[Workspace], list[str]]:
     return prepare
 
 
+def _init_from_no_network(ws: Workspace) -> list[str]:
+    import torch
+
+    weights = ws.root / "other.pt"
+    torch.save({"classifier.weight": torch.zeros(2, 3)}, weights)
+    return ws.run("--ratio", "0.5", "--set", f"run.init_from={weights}", root=ws.copy("acdc"))
+
+
 def _checkpoint_with_code(ws: Workspace) -> list[str]:
     import torch
 
@@ -371,7 +379,8 @@ CASES: list[Case] = [
          "No space left on device", _full_disk, keeps_run=True),
     Case("corrupt_leaderboard", "the leaderboard CSV has an unterminated quote", "leaderboard CSV is damaged", _corrupt_leaderboard),
     # checkpoints
-    Case("init_from_other_method", "run.init_from = a supervised checkpoint, for cps", "parameter(s) missing", _init_from("cps")),
+    Case("init_from_no_network", "run.init_from = a weights file holding no network weights", "holds no weights of this method's networks",
+         _init_from_no_network),
     Case("init_from_other_shape", "run.init_from = a width-4 checkpoint, for a width-8 model", "of another shape",
          _init_from("supervised", "--set", "model.base_features=8")),
     Case("checkpoint_runs_code", "run.init_from = a file whose unpickling would run code (create a file)",

@@ -43,9 +43,11 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     assert sections["precision"]["unet"]["channels_last_speedup_float32"] > 0
     cost = sections["paper_cost"]["protocols"]["acdc"]["methods"]["supervised"]
     assert cost["run_pflop"] > 0 and cost["supervised_runs"] == 1.0 and cost["stages"]["train"]["steps"] == 30000
+    startup = sections["cli_startup"]
+    assert set(startup["over_reference"]) == set(startup["reference"]) and all(v > 0 for v in startup["over_reference"].values())
     markdown = (tmp_path / "report.md").read_text()
     for heading in ("## Metrics", "## Sliding window", "## Training step", "## Data loading", "## Memory",
-                    "## Inference speed", "## Mixed precision", "## Compute of a `paper`-profile run"):
+                    "## Inference speed", "## Mixed precision", "## Compute of a `paper`-profile run", "## Command-line start-up"):
         assert heading in markdown
 
 

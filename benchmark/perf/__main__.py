@@ -12,12 +12,13 @@ from benchmark.errors import EXIT_USER_ERROR, UserError
 from benchmark.perf import data, report
 from benchmark.perf.timing import machine
 
-SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision", "paper_cost")
+SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision", "paper_cost",
+            "cli_startup")
 
 
 def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int,
             cost_protocols: list[str] | None = None, compile_too: bool = False) -> dict:
-    from benchmark.perf import (inference_speed, loading, memory, metrics_section, paper_cost, precision,
+    from benchmark.perf import (cli_startup, inference_speed, loading, memory, metrics_section, paper_cost, precision,
                                 sliding_window, training_step)
 
     la_root = data.write_la_sized(work / "la-sized", n_train=3 if quick else 6, n_test=1 if quick else 2,
@@ -31,6 +32,7 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
         "inference_speed": lambda: inference_speed.run(quick, results["sections"].get("sliding_window")),
         "precision": lambda: precision.run(quick, methods, compile_too),
         "paper_cost": lambda: paper_cost.run(quick, methods, cost_protocols),
+        "cli_startup": lambda: cli_startup.run(quick),
     }
     results = {"quick": quick, "threads": threads, "machine": machine(), "sections": {}, "section_seconds": {}, "errors": {}}
     started = time.perf_counter()

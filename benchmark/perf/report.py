@@ -211,6 +211,16 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {r['patch']}, {r['base_features']} | {batch} | {per_step} | {steps} | "
                              f"{_fmt(r['run_pflop'], 1)} | {_fmt(r.get('supervised_runs'), 1)} | {_fmt(hours[low], 2)} | {_fmt(hours[high], 2)} |")
             lines.append("")
+    if "cli_startup" in sections:
+        c = sections["cli_startup"]
+        lines += ["## Command-line start-up", "",
+                  f"Wall seconds, median of {c['repeats']} interleaved starts, each over the reference started the same way "
+                  "in the same run (`--help` and `list` import neither torch nor Lightning; `--show-config` resolves the split).", "",
+                  "| command | seconds | reference | x reference |", "| --- | --- | --- | --- |"]
+        for name, reference in c["reference"].items():
+            lines.append(f"| `{name}` | {_fmt(c['median_seconds'][name])} | `{reference}` ({_fmt(c['median_seconds'][reference])} s) | "
+                         f"{_fmt(c['over_reference'][name])} |")
+        lines.append("")
     if report.get("errors"):
         lines += ["## Sections that failed", ""] + [f"- {name}: {error}" for name, error in report["errors"].items()] + [""]
     return "\n".join(lines)
