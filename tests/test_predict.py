@@ -55,7 +55,10 @@ def assert_scores_equal_the_run(predicted: Path, truth: Path, expected: dict, me
     ("synthetic_la", "supervised", "case_path"),  # sliding window over a volume
 ])
 def test_predicted_h5_volumes_score_as_the_run_tested_them(tmp_path, dataset, method, path_of):
-    run_dir, expected = smoke_run(tmp_path, "--method", method, "--dataset", dataset, "--labeled", "2")
+    # CPS's 3-D initialisation makes the 4-step smoke network segment something (a comparison of two empty
+    # predictions proves little); with PyTorch's default init it predicts background only at this budget.
+    extra = ["--set", "method.network_inits=[kaiming,xavier]"] if method == "cps" else []
+    run_dir, expected = smoke_run(tmp_path, "--method", method, "--dataset", dataset, "--labeled", "2", *extra)
     datamodule = datamodule_of(run_dir)
     images = tmp_path / "images"
     images.mkdir()
