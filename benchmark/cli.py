@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossError, UserError
+from benchmark.stops import RunStopped
 
 EXIT_SOME_RUNS_FAILED = 1
 WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
@@ -221,7 +222,7 @@ def command_sweep(args: argparse.Namespace) -> int:
         "seeds": _numbers(args.seeds, int, "SEEDS"),
     })
     outcomes = sweep(options)
-    return EXIT_SOME_RUNS_FAILED if any(o.status == "failed" for o in outcomes.values()) else 0
+    return EXIT_SOME_RUNS_FAILED if any(o.status in ("failed", "stopped") for o in outcomes.values()) else 0
 
 
 def command_leaderboard(args: argparse.Namespace) -> int:
@@ -280,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_RUN_FAILED
+    except RunStopped as stop:  # SIGTERM / SIGINT during a run: 143 / 130, and how to resume
+        print(f"{stop.message}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

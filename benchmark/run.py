@@ -56,6 +56,8 @@ from benchmark.checkpoints import (
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
+from benchmark.schema import validate_config
+from benchmark.stops import RunStopped, stop_received, stop_signals_raise
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
 from benchmark.wandb_overlays import overlay_callbacks
@@ -93,6 +95,7 @@ def _global_rank(devices_per_node: int = 1) -> int:
 
 def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
+    validate_config(config)  # again: tuning trials and callers of run() bypass resolve_config
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
     method_cls.check_dataset(entry.spec)
@@ -548,6 +551,8 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         except (KeyboardInterrupt, UserError):
             raise
         except Exception as error:
+            if stop_received():  # e.g. a loader worker ended by the same SIGTERM, noticed before the main process's
+                raise RunStopped(stop_received()) from error
             if trainer.is_global_zero:
                 record_failure(error, stage, sum(trained.stage_steps.values()) + trainer.global_step)
             raise
@@ -615,6 +620,22 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
 
 
 def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
+    """:func:`run_once`, with SIGTERM and SIGINT stopping it as :class:`RunStopped` (benchmark/stops.py)."""
+    with stop_signals_raise():
+        return run_once(config, callbacks, resume)
+
+
+def resume_hint(folder: RunFolder) -> str:
+    """What a stopped run left: nothing (a fresh run without a checkpoint yet; its folder is removed) or a
+    folder to resume."""
+    if not folder.resumed and not folder.has_checkpoints():
+        shutil.rmtree(folder.path, ignore_errors=True)
+        return "no checkpoint had been written, so nothing was kept and no row written; run the same command again"
+    return (f"no row was written; the run folder keeps its checkpoints: repeat the same command with "
+            f"`--resume {folder.path}` (make: RESUME={folder.path}) to continue from the last one")
+
+
+def run_once(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
     """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks, and for
     a resumed run whose rows the leaderboard already holds).
 
@@ -638,6 +659,8 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
     with holding_run_folder(run_dir) if rank_zero else nullcontext():
         try:
             return run_in_folder(config, digest, entry.spec, method_cls, datamodule, stages, folder, callbacks, rank_zero, clock)
+        except RunStopped as stop:
+            raise RunStopped(stop.signum, resume_hint(folder) if rank_zero else "") from None
         except UserError as error:
             if not rank_zero:
                 raise
