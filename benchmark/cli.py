@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+    score.add_argument("--num-classes", type=_number(int), default=None,
+                       help="classes including background (default: 1 + the largest ground-truth label)")
 
     from benchmark.data_commands import add_parser as add_data_parser
 
@@ -261,7 +263,8 @@ def command_score(args: argparse.Namespace) -> int:
     from benchmark.score import print_scores, score_folders
 
     out = Path(args.out) if args.out else Path(args.pred) / "scores.csv"
-    frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy)
+    frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy,
+                          num_classes=args.num_classes)
     print_scores(frame)
     print(f"written: {out}")
     return 0

@@ -281,6 +281,11 @@ def _corrupt_leaderboard(ws: Workspace) -> list[str]:
     return ws.run("--ratio", "0.5", root=ws.copy("acdc"))
 
 
+def _cut_leaderboard(ws: Workspace) -> list[str]:
+    truncate(ws.lb / "acdc.csv", 0.8)  # pandas alone would pad the row and keep its status "ok"
+    return ws.run("--ratio", "0.5", root=ws.copy("acdc"))
+
+
 def _init_from(method: str, *options: str) -> Callable[[Workspace], list[str]]:
     def prepare(ws: Workspace) -> list[str]:
         checkpoint = ws.copy_finished_run() / "checkpoints" / "last.ckpt"
@@ -328,6 +333,8 @@ CASES: list[Case] = [
     Case("missing_list_file", "val.list deleted", "missing validation list file", _damaged_acdc(_remove("val.list"))),
     Case("list_names_missing_file", "a slice named in train_slices.list deleted", "named in train_slices.list are missing",
          _damaged_acdc(lambda root: acdc_slice(root).unlink())),
+    Case("name_listed_twice", "val.list names one case twice", "listed more than once",
+         _damaged_acdc(lambda root: (root / "val.list").write_text((root / "val.list").read_text() + first_line(root / "val.list") + "\n"))),
     Case("path_traversal", "test.list names ../../etc/passwd", "not a plain case name",
          _damaged_acdc(lambda root: (root / "test.list").write_text("../../etc/passwd\n"))),
     # what is in the files
@@ -389,6 +396,8 @@ CASES: list[Case] = [
     Case("full_disk_writing_row", "the disk fills up while the leaderboard row is written (simulated ENOSPC)",
          "No space left on device", _full_disk, keeps_run=True),
     Case("corrupt_leaderboard", "the leaderboard CSV has an unterminated quote", "leaderboard CSV is damaged", _corrupt_leaderboard),
+    Case("leaderboard_cut_mid_line", "the leaderboard CSV's last row cut in the middle (fields missing)", "line 2 has",
+         _cut_leaderboard),
     # checkpoints
     Case("init_from_other_method", "run.init_from = a supervised checkpoint, for cps", "parameter(s) missing", _init_from("cps")),
     Case("init_from_other_shape", "run.init_from = a width-4 checkpoint, for a width-8 model", "of another shape",
