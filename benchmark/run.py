@@ -48,13 +48,13 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from benchmark.atomic import remove_stale_temporaries, replaced_atomically, write_text_atomically
+from benchmark.atomic import full_disk_error, is_full_disk, remove_stale_temporaries, replaced_atomically, write_text_atomically
 from benchmark.checkpoints import (
     BEST_NAME, LAST_CHECKPOINT, RESUME_CHECKPOINT, AtomicCheckpointIO, RunClock, best_validation_score,
-    checkpoint_callbacks, checkpoint_folder, checkpoint_step_and_seconds, read_checkpoint,
+    checkpoint_callbacks, checkpoint_folder, checkpoint_space_needed, checkpoint_step_and_seconds, read_checkpoint,
 )
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
-from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
+from benchmark.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.schema import validate_config
 from benchmark.stops import RunStopped, stop_received, stop_signals_raise
@@ -109,6 +109,7 @@ def prepare(config: dict[str, Any]):
     trainer = config["trainer"]
     if trainer["val_every"] > trainer["max_steps"]:
         trainer["val_every"] = trainer["max_steps"]
+    check_world_fits(config, datamodule, method_cls.uses_unlabeled)  # once, here, not in every launched rank
     check_writable(Path(config["run"]["out"]))
     check_writable(Path(config["run"]["leaderboard_dir"]))
     read_leaderboard(leaderboard_path(config))  # a damaged CSV stops the run now, not after training
@@ -548,11 +549,15 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         resume_checkpoint = folder.resume_checkpoint(stage)
         try:
             fit(trainer, model, stage_data, stage_dir, resume_checkpoint)
-        except (KeyboardInterrupt, UserError):
+        except KeyboardInterrupt:
             raise
         except Exception as error:
             if stop_received():  # e.g. a loader worker ended by the same SIGTERM, noticed before the main process's
                 raise RunStopped(stop_received()) from error
+            if is_full_disk(error):  # not a failure of the method: no failed row; the folder stays resumable
+                raise full_disk_error(folder.path, checkpoint_space_needed(folder.path, model)) from error
+            if isinstance(error, UserError):
+                raise
             if trainer.is_global_zero:
                 record_failure(error, stage, sum(trained.stage_steps.values()) + trainer.global_step)
             raise
