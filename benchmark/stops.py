@@ -53,8 +53,9 @@ def _raise_stop(signum, frame) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    if not _received:
-        _received.append(signum)
+    if _received:  # a repeated signal (Ctrl+C twice, a group kill) must not break the clean-up of the first
+        return
+    _received.append(signum)
     raise RunStopped(signum)
 
 
