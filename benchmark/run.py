@@ -56,10 +56,10 @@ from benchmark.checkpoints import (
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
 from benchmark.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
-from benchmark.schema import validate_config
-from benchmark.stops import RunStopped, stop_received, stop_signals_raise
 from benchmark.evaluation import Evaluator, summarize
 from benchmark.leaderboard import append_rows, check_writable, per_case_archive, read_leaderboard, recorded_rows
+from benchmark.schema import validate_config
+from benchmark.stops import RunStopped, stop_received, stop_signals_raise
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method

@@ -25,13 +25,14 @@ class Rule:
     """``kind``: "int", "float", "bool", "str", "ints" (a list of whole numbers), "deterministic" (true, false or
     "warn"), "stages" (one name or a list of names); ``interval``: the allowed range of a number (of each number of
     a list); ``choices``: the allowed values; ``nullable``: null is allowed; ``label``: how the user sets the value,
-    if not only by ``--set``."""
+    if not only by ``--set``; ``example``: a typical setting, for the message."""
 
     kind: str
     interval: str | None = None
     choices: tuple = ()
     nullable: bool = False
     label: str | None = None
+    example: str | None = None  # a typical value, for the message's fix
 
     def problem(self, value: Any) -> str | None:
         """What is wrong with ``value`` (None if it is allowed)."""
@@ -93,7 +94,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "auto")
 
 RULES: dict[str, Rule] = {
     "data.root": Rule("str", nullable=True, label="DATA_ROOT (--data-root)"),
-    "data.ratio": Rule("float", FRACTION, nullable=True, label="RATIO"),
+    "data.ratio": Rule("float", FRACTION, nullable=True, label="RATIO", example="RATIO=0.1; 1.0 is full supervision"),
     "data.labeled": Rule("int", AT_LEAST_ONE, nullable=True, label="LABELED (--labeled)"),
     "data.patch_size": Rule("ints", AT_LEAST_ONE, nullable=True),
     "data.labeled_batch_size": Rule("int", AT_LEAST_ONE),
@@ -209,6 +210,7 @@ def validate_config(config: dict[str, Any]) -> None:
             raise UserError(
                 f"{label} {problem}, got {value!r}" + (f" ({written})" if rule.label else ""),
                 where=f"{written} of the resolved configuration (a preset, an option or --set / OVERRIDES)",
-                fix=f"give {written} a value that {problem.replace('must be', 'is')}; "
-                    "`python -m benchmark run --show-config ...` prints the resolved values",
+                fix=f"give {written} a value that {problem.replace('must be', 'is')}"
+                    + (f", e.g. {rule.example}" if rule.example else "")
+                    + "; `python -m benchmark run --show-config ...` prints the resolved values",
             )
