@@ -18,7 +18,9 @@ How a sweep stays fair, resumable and safe to run several times at once:
   The run inherits the claim and dies with the sweep (``PR_SET_PDEATHSIG``): a sweep killed inside a run leaves no
   row for it, since rows are only appended, atomically, at the end of a run (``leaderboard.append_rows``).
   A run that raises writes its own ``failed`` row (run.py); a run that dies without one (signal, OOM) gets a
-  ``failed`` row from the sweep. Either way the sweep goes on and exits with 1 at the end.
+  ``failed`` row from the sweep. A run stopped by SIGTERM or SIGINT (exit 143 / 130, benchmark/stops.py) gets no
+  row: it is reported ``stopped``, is not done, and the next sweep resumes its folder. Either way the sweep goes on
+  and exits with 1 at the end.
 - **Scale out.** ``--shard i/n`` keeps every n-th point starting at i (0-based) of the deterministic grid order, so
   n machines split a grid without talking to each other. ``--launcher slurm`` submits each point as a SLURM job
   through submitit (``submitit-local`` runs the same path as local processes, for testing it).
