@@ -20,6 +20,7 @@ from __future__ import annotations
 import pickle
 import random
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(Path(path), "the checkpoint to resume from", map_location)
 
 
+# What torch.save writes first in its legacy (non-zip) format: a pickled magic number.
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def is_torch_file(path: Path) -> bool:
+    """``path`` starts like a file torch.save writes (a zip archive, or the legacy pickle format)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(LEGACY_TORCH_MAGIC))
+    except OSError:
+        return False
+    return zipfile.is_zipfile(path) or head == LEGACY_TORCH_MAGIC
+
+
 def read_checkpoint(path: Path, what: str, map_location=None) -> dict[str, Any]:
     """A checkpoint as tensors and plain containers; a damaged file or one holding other objects (which a
     weights-only load refuses, as it could run code) is a UserError naming it."""
@@ -60,6 +75,9 @@ def read_checkpoint(path: Path, what: str, map_location=None) -> dict[str, Any]:
     except FileNotFoundError as error:
         raise UserError(f"{what} does not exist", where=str(path), fix="give the path of an existing .ckpt file") from error
     except pickle.UnpicklingError as error:
+        if not is_torch_file(path):  # random bytes, a text file, ...: unpickling fails on the first byte
+            raise UserError(f"{what} is not a PyTorch checkpoint file (neither its zip archive nor its legacy format)",
+                            where=str(path), fix="give a .ckpt written by this suite (a truncated download? copy it again)") from error
         raise UserError(
             f"refusing to load {what}: it holds Python objects other than tensors and plain values, which a "
             "weights-only load refuses (unpickling them could run code)",
@@ -185,3 +203,17 @@ class RunClock(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.carry(state_dict.get("seconds", 0.0))
+
+
+def checkpoint_space_needed(folder: Path, model: torch.nn.Module | None = None) -> int:
+    """Bytes a run needs free to write its next checkpoints: two of its largest checkpoint so far (a file is written
+    beside the one it replaces), or, before any exists, two full-state checkpoints estimated from the model
+    (weights plus two optimizer moments), plus room for the logs."""
+    sizes = [path.stat().st_size for path in Path(folder).rglob("*.ckpt") if path.is_file()]
+    if sizes:
+        checkpoint = max(sizes)
+    elif model is not None:
+        checkpoint = 3 * sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    else:
+        checkpoint = 0
+    return 2 * checkpoint + 16 * 2**20

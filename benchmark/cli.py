@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossError, UserError
+from benchmark.stops import RunStopped
 
 EXIT_SOME_RUNS_FAILED = 1
 WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+    score.add_argument("--num-classes", type=_number(int), default=None,
+                       help="classes including background (default: 1 + the largest ground-truth label)")
 
     predict = commands.add_parser("predict", help="label maps of a folder of images with a trained run (same formats, sizes, affines)")
     predict.add_argument("run_dir", metavar="RUN", help="a finished run folder (runs/<dataset>/<method>/L<n>_s<seed>_...)")
@@ -240,7 +243,7 @@ def command_sweep(args: argparse.Namespace) -> int:
         "seeds": _numbers(args.seeds, int, "SEEDS"),
     })
     outcomes = sweep(options)
-    return EXIT_SOME_RUNS_FAILED if any(o.status == "failed" for o in outcomes.values()) else 0
+    return EXIT_SOME_RUNS_FAILED if any(o.status in ("failed", "stopped") for o in outcomes.values()) else 0
 
 
 def command_leaderboard(args: argparse.Namespace) -> int:
@@ -277,7 +280,8 @@ def command_score(args: argparse.Namespace) -> int:
     from benchmark.score import print_scores, score_folders
 
     out = Path(args.out) if args.out else Path(args.pred) / "scores.csv"
-    frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy)
+    frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy,
+                          num_classes=args.num_classes)
     print_scores(frame)
     print(f"written: {out}")
     return 0
@@ -310,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_RUN_FAILED
+    except RunStopped as stop:  # SIGTERM / SIGINT during a run: 143 / 130, and how to resume
+        print(f"{stop.message}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

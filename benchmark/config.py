@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from benchmark.errors import UserError, unknown_name
+from benchmark.schema import validate_config
 
 PROFILES = ("paper", "cpu", "smoke")
 PROFILE_HELP = {
@@ -91,7 +92,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 # Keys that take values of more than one type (Lightning's Trainer(deterministic=True | False | "warn")).
-FLEXIBLE_KEYS = {"trainer.deterministic": (bool, str)}
+FLEXIBLE_KEYS = {"trainer.deterministic": (bool, str), "trainer.precision": (str, int)}  # precision=32 reads as a number
 
 
 def _checked_value(key: str, old: Any, new: Any) -> Any:
@@ -199,6 +200,7 @@ def resolve_config(
         config = apply_recipe(config, recipe, paper, method, profile)
     config["dataset"], config["method_name"], config["profile"] = dataset, method, profile
     config = apply_overrides(config, overrides)
+    validate_config(config)
     return config
 
 

@@ -33,7 +33,7 @@ def check_shareable(case_count: int, world_size: int, stage: str) -> None:
     """A rank without a case would skip the evaluation loop and leave the others waiting in the gather."""
     if case_count < world_size:
         raise UserError(f"the {stage} set has {case_count} cases, fewer than the {world_size} devices that share it",
-                        fix="use fewer DEVICES (or more evaluation cases: data.max_eval_cases)")
+                        where=f"DEVICES x num_nodes = {world_size} ranks", fix="use fewer DEVICES (or more evaluation cases: data.max_eval_cases)")
 
 
 def gather_to_all(value: Any) -> list[Any]:
@@ -66,3 +66,22 @@ def release_process_group() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_world_fits(config: dict, datamodule, uses_unlabeled: bool) -> None:
+    """Before Lightning launches the ranks (each would raise, and print, the same error): the global batches split
+    evenly over the devices of every stage, and each rank gets at least one validation and test case."""
+    trainer = config["trainer"]
+    world = int(trainer["devices"]) * int(trainer["num_nodes"])
+    if world == 1:
+        return
+    where = f"DEVICES={trainer['devices']} x num_nodes={trainer['num_nodes']} = {world} ranks"
+    sections = [("", config["data"])] + [(f"per_stage.{stage}.", values["data"])
+                                        for stage, values in (config.get("per_stage") or {}).items() if "data" in (values or {})]
+    for prefix, data in sections:
+        for key in ("labeled_batch_size", "unlabeled_batch_size") if uses_unlabeled else ("labeled_batch_size",):
+            if key in data and int(data[key]) % world:
+                raise UserError(f"{prefix}data.{key}={data[key]} cannot be split evenly over {world} devices", where=where,
+                                fix="choose DEVICES dividing the labeled and unlabeled batch sizes (or change the batch sizes)")
+    for stage in ("val", "test"):
+        check_shareable(len(datamodule.cases(stage)), world, stage)

@@ -73,8 +73,9 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=CORE_COLUMNS)
     try:
+        check_whole_lines(path)
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, csv.Error) as error:
         raise UserError(f"leaderboard CSV is damaged ({error})", where=str(path), fix="restore it from git or move it aside") from error
     except OSError as error:
         raise UserError(f"cannot read the leaderboard CSV ({error.strerror})", where=str(path), fix="check its permissions") from error
@@ -82,6 +83,20 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
     if missing:
         raise UserError(f"leaderboard CSV lacks columns {missing}", where=str(path), fix="restore it from git or move it aside")
     return table
+
+
+def check_whole_lines(path: Path) -> None:
+    """Every record has the header's number of fields and the file ends with a line break; pandas alone pads a
+    line cut short (a copy or a disk that stopped mid-write) with empty cells and keeps its status ``ok``."""
+    text = path.read_text(encoding="utf-8")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    for record in reader:
+        if record and len(record) != len(header):
+            raise ValueError(f"line {reader.line_num} has {len(record)} fields, the header {len(header)}: the line is cut or was edited")
+    if not text.endswith("\n"):
+        raise ValueError(f"the last line (line {reader.line_num}) does not end with a line break: the file was cut there "
+                         "(if that line is complete, add the line break)")
 
 
 def recorded_rows(path: Path, run_dir: Path | None) -> list[dict]:

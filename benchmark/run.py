@@ -48,13 +48,13 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from benchmark.atomic import remove_stale_temporaries, replaced_atomically, write_text_atomically
+from benchmark.atomic import full_disk_error, is_full_disk, remove_stale_temporaries, replaced_atomically, write_text_atomically
 from benchmark.checkpoints import (
     BEST_NAME, LAST_CHECKPOINT, RESUME_CHECKPOINT, AtomicCheckpointIO, RunClock, best_validation_score,
-    checkpoint_callbacks, checkpoint_folder, checkpoint_step_and_seconds, read_checkpoint,
+    checkpoint_callbacks, checkpoint_folder, checkpoint_space_needed, checkpoint_step_and_seconds, read_checkpoint,
 )
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
-from benchmark.distributed import broadcast_from_rank_zero, check_shareable, gather_to_all, my_share, rank_and_world
+from benchmark.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
 from benchmark.errors import UserError
 from benchmark.precision import check_numerics, chosen_precision
 from benchmark.evaluation import Evaluator, summarize
@@ -63,6 +63,8 @@ from benchmark.leaderboard import (
     append_rows, check_writable, curve_archive, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
 )
 from benchmark.run_report import write_run_report_safely
+from benchmark.schema import validate_config
+from benchmark.stops import RunStopped, stop_received, stop_signals_raise
 from benchmark.wandb_overlays import overlay_callbacks
 from datamodules import build_datamodule, get_dataset
 from methods.registry import get_method
@@ -98,6 +100,7 @@ def _global_rank(devices_per_node: int = 1) -> int:
 
 def prepare(config: dict[str, Any]):
     """Validate everything a user can get wrong, before anything is written or trained."""
+    validate_config(config)  # again: tuning trials and callers of run() bypass resolve_config
     check_hardware(config["trainer"])
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
@@ -113,6 +116,7 @@ def prepare(config: dict[str, Any]):
     trainer = config["trainer"]
     if trainer["val_every"] > trainer["max_steps"]:
         trainer["val_every"] = trainer["max_steps"]
+    check_world_fits(config, datamodule, method_cls.uses_unlabeled)  # once, here, not in every launched rank
     run = config["run"]
     run["leaderboard_dir"] = str(leaderboard_dir_for(config["profile"], run["leaderboard_dir"], run["out"]))
     check_writable(Path(run["out"]))
@@ -560,9 +564,15 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         resume_checkpoint = folder.resume_checkpoint(stage)
         try:
             fit(trainer, model, stage_data, stage_dir, resume_checkpoint)
-        except (KeyboardInterrupt, UserError):
+        except KeyboardInterrupt:
             raise
         except Exception as error:
+            if stop_received():  # e.g. a loader worker ended by the same SIGTERM, noticed before the main process's
+                raise RunStopped(stop_received()) from error
+            if is_full_disk(error):  # not a failure of the method: no failed row; the folder stays resumable
+                raise full_disk_error(folder.path, checkpoint_space_needed(folder.path, model)) from error
+            if isinstance(error, UserError):
+                raise
             if trainer.is_global_zero:
                 record_failure(error, stage, sum(trained.stage_steps.values()) + trainer.global_step)
             raise
@@ -630,6 +640,22 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
 
 
 def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
+    """:func:`run_once`, with SIGTERM and SIGINT stopping it as :class:`RunStopped` (benchmark/stops.py)."""
+    with stop_signals_raise():
+        return run_once(config, callbacks, resume)
+
+
+def resume_hint(folder: RunFolder) -> str:
+    """What a stopped run left: nothing (a fresh run without a checkpoint yet; its folder is removed) or a
+    folder to resume."""
+    if not folder.resumed and not folder.has_checkpoints():
+        shutil.rmtree(folder.path, ignore_errors=True)
+        return "no checkpoint had been written, so nothing was kept and no row written; run the same command again"
+    return (f"no row was written; the run folder keeps its checkpoints: repeat the same command with "
+            f"`--resume {folder.path}` (make: RESUME={folder.path}) to continue from the last one")
+
+
+def run_once(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
     """Train and test one configuration; returns the leaderboard rows written (empty on non-zero ranks, and for
     a resumed run whose rows the leaderboard already holds).
 
@@ -656,6 +682,8 @@ def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: s
     with holding_run_folder(run_dir) if rank_zero else nullcontext():
         try:
             return run_in_folder(config, digest, entry.spec, method_cls, datamodule, stages, folder, callbacks, rank_zero, clock)
+        except RunStopped as stop:
+            raise RunStopped(stop.signum, resume_hint(folder) if rank_zero else "") from None
         except UserError as error:
             if not rank_zero:
                 raise

@@ -11,9 +11,12 @@ Rules:
 - predictions without a ground truth are ignored with a warning naming them (a folder holding predictions for
   more cases than the ground-truth folder, e.g. train and test, is still scored on the ground truth's cases);
 - classes are ``1 .. num_classes - 1``; by default ``num_classes`` is the largest label in the ground-truth folder
-  plus one (at least 2); labels ``>= num_classes`` are not scored and trigger a warning;
+  plus one (at least 2), and the ground-truth folder must then hold every label 0 .. num_classes - 1 (a mask stored
+  as 0/255 would otherwise be scored as class 255 of 256); a label ``>= num_classes`` in any file is refused;
+- NIfTI files are compared in the ground truth's orientation: a prediction whose affine orders or flips the axes
+  differently is reoriented by the affines (and refused if it then still lies on another voxel grid);
 - distances are in voxels unless ``use_spacing``; then the ground truth's spacing is used (1 where the file has
-  none), with a warning for cases whose prediction declares a different spacing or whose ground truth declares none;
+  none, with a warning), and a prediction that declares a different spacing is refused;
 - metrics and the empty-mask rule are those of :mod:`benchmark.metrics`.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ MAX_NAMES_LISTED = 10
 class LabelVolume:
     labels: np.ndarray
     spacing: tuple[float, ...] | None  # None when the file declares no spacing
+    affine: np.ndarray | None = None  # NIfTI only: voxel indices -> world coordinates
 
 
 def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num_classes: int | None = None,
@@ -71,44 +75,38 @@ def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num
                       stacklevel=2)
 
     if num_classes is None:
-        num_classes = max(2, 1 + max(_max_label(_read_label_volume(path, GROUND_TRUTH_DATASETS))
-                                     for path in gt_files.values()))
+        num_classes = _inferred_num_classes(gt_files, gt_dir)
     elif num_classes < 2:
         raise UserError(f"num_classes must be at least 2 (background and one class), got {num_classes}",
                         fix="count the background: a binary task has num_classes=2")
 
     rows = []
-    cases_with_extra_labels, cases_with_other_spacing, cases_without_spacing = [], [], []
+    cases_without_spacing = []
     for case in sorted(gt_files):
         gt = _read_label_volume(gt_files[case], GROUND_TRUTH_DATASETS)
         pred = _read_label_volume(pred_files[case], PREDICTION_DATASETS)
+        pred = _in_ground_truth_orientation(pred, gt, pred_files[case], gt_files[case])
         if pred.labels.shape != gt.labels.shape:
             raise UserError(
                 f"case '{case}': prediction shape {pred.labels.shape} != ground-truth shape {gt.labels.shape}",
                 where=f"{pred_files[case]} vs {gt_files[case]}",
                 fix="save predictions at the ground truth's resolution and axis order (undo crop, padding, resampling)",
             )
-        if max(_max_label(pred), _max_label(gt)) >= num_classes:
-            cases_with_extra_labels.append(case)
+        _check_label_range(gt, num_classes, gt_files[case])
+        _check_label_range(pred, num_classes, pred_files[case])
         spacing = None
         if use_spacing:
             if gt.spacing is None:
                 cases_without_spacing.append(case)
-            elif pred.spacing is not None and not np.allclose(pred.spacing, gt.spacing, rtol=1e-4):
-                cases_with_other_spacing.append(case)
+            else:
+                _check_same_spacing(pred, gt, pred_files[case], gt_files[case])
             spacing = _checked_spacing(gt, gt_files[case])
         per_class = multiclass_metrics(pred.labels, gt.labels, num_classes, spacing, empty_policy)
         rows += [{"case": case, "class": c, **class_metrics} for c, class_metrics in per_class.items()]
 
-    if cases_with_extra_labels:
-        warnings.warn(f"labels >= num_classes={num_classes} are not scored, in: {_name_list(cases_with_extra_labels)}",
-                      stacklevel=2)
     if cases_without_spacing:
         warnings.warn(f"no spacing in the ground truth, distances use 1 per axis: {_name_list(cases_without_spacing)}",
                       stacklevel=2)
-    if cases_with_other_spacing:
-        warnings.warn("the prediction's spacing differs from the ground truth's, the ground truth's is used: "
-                      f"{_name_list(cases_with_other_spacing)}", stacklevel=2)
 
     scores = pd.DataFrame(rows + _mean_rows(rows, num_classes), columns=COLUMNS)
     scores.attrs["distance_unit"] = "spacing units (usually mm)" if use_spacing else "voxels"
@@ -161,19 +159,19 @@ def _label_files(folder: Path, role: str) -> dict[str, Path]:
 def _read_label_volume(path: Path, dataset_names: tuple[str, ...]) -> LabelVolume:
     reader = _read_h5 if path.name.endswith(".h5") else _read_image if path.name.lower().endswith(IMAGE_SUFFIXES) else _read_nifti
     try:
-        labels, spacing = reader(path, dataset_names)
+        labels, spacing, *affine = reader(path, dataset_names)
     except UserError:
         raise
     except Exception as error:  # nibabel and h5py raise many exception types for truncated or corrupt files
         raise UserError(f"cannot read label file: {type(error).__name__}: {error}", where=str(path),
                         fix="re-export the file; check it opens with nibabel/h5py") from error
-    return LabelVolume(_checked_labels(labels, path), spacing)
+    return LabelVolume(_checked_labels(labels, path), spacing, *affine)
 
 
-def _read_nifti(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, tuple[float, ...]]:
+def _read_nifti(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     image = nib.load(path)
     labels = np.asanyarray(image.dataobj)
-    return labels, tuple(float(z) for z in image.header.get_zooms()[: labels.ndim])
+    return labels, tuple(float(z) for z in image.header.get_zooms()[: labels.ndim]), image.affine
 
 
 def _read_image(path: Path, dataset_names: tuple[str, ...]) -> tuple[np.ndarray, None]:
@@ -224,6 +222,68 @@ def _checked_labels(labels: np.ndarray, path: Path) -> np.ndarray:
         raise UserError(f"the label map has negative labels (min {labels.min()})", where=str(path),
                         fix="labels are 0 (background), 1, 2, ...")
     return labels
+
+
+# ---- input checks: label values, orientation, spacing ----------------------------------------------------------
+def _inferred_num_classes(gt_files: dict[str, Path], gt_dir: Path) -> int:
+    """1 + the largest ground-truth label (at least 2), if the folder holds every label 0 .. that largest one."""
+    present: set[int] = set()
+    for path in gt_files.values():
+        present |= set(np.unique(_read_label_volume(path, GROUND_TRUTH_DATASETS).labels).astype(int).tolist())
+    num_classes = max(2, 1 + max(present))
+    absent = sorted(set(range(num_classes)) - present)
+    if len(absent) > 0 and max(present) > 1:
+        shown = ", ".join(map(str, sorted(present)[:10])) + (" ..." if len(present) > 10 else "")
+        raise UserError(
+            f"the ground-truth labels are {{{shown}}}, not 0 .. {num_classes - 1}: read as they are, that is "
+            f"{num_classes} classes, {len(absent)} of them never present (a mask stored as 0/255?)",
+            where=str(gt_dir),
+            fix="store labels 0 (background), 1, 2, ... (e.g. mask // 255 for 0/255 masks); if some classes are "
+                "absent from every case, give the class count (--num-classes)")
+    return num_classes
+
+
+def _check_label_range(volume: LabelVolume, num_classes: int, path: Path) -> None:
+    if _max_label(volume) >= num_classes:
+        outside = [int(v) for v in np.unique(volume.labels) if v >= num_classes]
+        raise UserError(
+            f"label(s) {', '.join(map(str, outside[:10]))} outside the classes 0 .. {num_classes - 1}", where=str(path),
+            fix="labels are 0 (background) .. num_classes - 1 (e.g. mask // 255 for 0/255 masks); give --num-classes "
+                "if the ground truth lacks a class")
+
+
+def _in_ground_truth_orientation(pred: LabelVolume, gt: LabelVolume, pred_path: Path, gt_path: Path) -> LabelVolume:
+    """The prediction with its axes ordered and flipped as the ground truth's, by the two NIfTI affines (unchanged
+    if either file has none, or both have the same orientation). A prediction that, reoriented, still lies on
+    another voxel grid than the ground truth (a default identity affine, another origin) is refused: whether its
+    array or its affine is right cannot be told."""
+    if pred.affine is None or gt.affine is None or pred.labels.ndim != 3 or gt.labels.ndim != 3:
+        return pred
+    from nibabel import orientations
+
+    pred_axes, gt_axes = orientations.io_orientation(pred.affine), orientations.io_orientation(gt.affine)
+    if np.array_equal(pred_axes, gt_axes):
+        return pred
+    transform = orientations.ornt_transform(pred_axes, gt_axes)
+    labels = orientations.apply_orientation(pred.labels, transform)
+    affine = pred.affine @ orientations.inv_ornt_aff(transform, pred.labels.shape)
+    tolerance = 1e-3 * float(np.abs(gt.affine[:3, :3]).max())
+    if labels.shape != gt.labels.shape or not np.allclose(affine, gt.affine, atol=tolerance):
+        codes = lambda axes: "".join(orientations.ornt2axcodes(axes))  # noqa: E731
+        raise UserError(
+            f"the prediction is oriented {codes(pred_axes)} and the ground truth {codes(gt_axes)}, and reoriented by "
+            "its affine the prediction does not lie on the ground truth's voxel grid", where=f"{pred_path} vs {gt_path}",
+            fix="save each prediction with its ground truth's affine (header), in the ground truth's array order")
+    zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+    return LabelVolume(np.ascontiguousarray(labels), zooms if pred.spacing is not None else None, affine)
+
+
+def _check_same_spacing(pred: LabelVolume, gt: LabelVolume, pred_path: Path, gt_path: Path) -> None:
+    """Distances in spacing units need the prediction on the ground truth's grid: a declared other spacing is refused."""
+    if pred.spacing is not None and not np.allclose(pred.spacing, gt.spacing, rtol=1e-4):
+        raise UserError(
+            f"the prediction's spacing {pred.spacing} differs from the ground truth's {gt.spacing}", where=f"{pred_path} vs {gt_path}",
+            fix="save predictions at the ground truth's resolution with its header, or score in voxels (without --spacing)")
 
 
 def _checked_spacing(volume: LabelVolume, path: Path) -> tuple[float, ...]:

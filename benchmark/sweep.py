@@ -18,7 +18,9 @@ How a sweep stays fair, resumable and safe to run several times at once:
   The run inherits the claim and dies with the sweep (``PR_SET_PDEATHSIG``): a sweep killed inside a run leaves no
   row for it, since rows are only appended, atomically, at the end of a run (``leaderboard.append_rows``).
   A run that raises writes its own ``failed`` row (run.py); a run that dies without one (signal, OOM) gets a
-  ``failed`` row from the sweep. Either way the sweep goes on and exits with 1 at the end.
+  ``failed`` row from the sweep. A run stopped by SIGTERM or SIGINT (exit 143 / 130, benchmark/stops.py) gets no
+  row: it is reported ``stopped``, is not done, and the next sweep resumes its folder. Either way the sweep goes on
+  and exits with 1 at the end.
 - **Scale out.** ``--shard i/n`` keeps every n-th point starting at i (0-based) of the deterministic grid order, so
   n machines split a grid without talking to each other. ``--launcher slurm`` submits each point as a SLURM job
   through submitit (``submitit-local`` runs the same path as local processes, for testing it).
@@ -243,7 +245,7 @@ def claim(leaderboard_dir: Path, planned: PlannedRun) -> Iterator[int | None]:
 # ---- running one point ------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
-    status: str  # ok | failed | done (skipped) | claimed (another sweep runs it)
+    status: str  # ok | failed | stopped (SIGTERM/SIGINT, not done) | done (skipped) | claimed (another sweep runs it)
     error: str = ""
 
 
@@ -303,6 +305,10 @@ def run_in_process(argv: Sequence[str]) -> tuple[int, str]:
         return 1, f"{type(error).__name__}: {error}"
 
 
+# A run ended by SIGTERM or SIGINT: the codes it exits with itself (benchmark/stops.py), or the signal.
+STOPPED_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+
+
 def failure_reason(code: int, stderr_tail: str) -> str:
     if code < 0:
         name = signal.Signals(-code).name
@@ -329,6 +335,8 @@ def settle(options: SweepOptions, planned: PlannedRun, rows_before: int, code: i
     """The outcome of a finished run; a failed run that did not write its own row gets one here."""
     if code == 0:
         return Outcome("ok")
+    if code in STOPPED_CODES:  # SIGTERM / SIGINT: not done, no failed row; the next sweep resumes its folder
+        return Outcome("stopped", failure_reason(code, stderr_tail))
     reason = failure_reason(code, stderr_tail)
     if row_count(options.leaderboard, planned.key) == rows_before:
         append_rows(options.leaderboard, [failed_row(planned, reason)])
@@ -460,7 +468,8 @@ def execute_submitit(options: SweepOptions, runs: list[PlannedRun], total: int, 
 
 # ---- the sweep ------------------------------------------------------------------------------------------------
 def report(planned: PlannedRun, outcome: Outcome, total: int) -> None:
-    text = {"ok": "ok", "failed": "FAILED", "done": "skip (already in the leaderboard)",
+    text = {"ok": "ok", "failed": "FAILED", "stopped": "STOPPED (not done: the next sweep resumes it)",
+            "done": "skip (already in the leaderboard)",
             "claimed": "skip (another sweep is running it)"}[outcome.status]
     say(f"{text} {planned.describe(total)}" + (f": {outcome.error}" if outcome.error else ""))
 
@@ -496,7 +505,7 @@ def sweep(options: SweepOptions) -> dict[int, Outcome]:
             report(planned, outcomes[planned.index], total)
     else:
         execute_submitit(options, todo, total, outcomes)
-    counts = {status: sum(o.status == status for o in outcomes.values()) for status in ("ok", "failed", "done", "claimed")}
-    say(f"finished: {counts['ok']} ran ok, {counts['failed']} failed, {counts['done']} already done, "
+    counts = {status: sum(o.status == status for o in outcomes.values()) for status in ("ok", "failed", "stopped", "done", "claimed")}
+    say(f"finished: {counts['ok']} ran ok, {counts['failed']} failed, {counts['stopped']} stopped, {counts['done']} already done, "
         f"{counts['claimed']} running in another sweep")
     return outcomes

@@ -116,7 +116,11 @@ def read_list(path: Path, what: str) -> list[str]:
     if not path.is_file():
         report(UserError(f"missing {what} list file", where=str(path), fix="check DATA_ROOT points at the dataset's top folder"))
         return []
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    # utf-8-sig: a byte-order mark (Windows editors) would otherwise become part of the first name.
+    numbered = [(number, line.strip()) for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)
+                if line.strip()]
+    names = [name for _, name in numbered]
+    report_duplicates(numbered, path)
     bad = [name for name in names if "/" in name or "\\" in name or name.startswith(".")]
     for name in bad:
         report(UserError(
@@ -127,6 +131,30 @@ def read_list(path: Path, what: str) -> list[str]:
     if not names:
         report(UserError(f"the {what} list is empty", where=str(path), fix="restore the list file from the dataset"))
     return [name for name in names if name not in bad]
+
+
+def report_duplicates(numbered: Sequence[tuple[int, str]], path: Path) -> None:
+    """A name listed twice would be trained or scored twice (and counted twice as labeled): refused, with the lines."""
+    lines: dict[str, list[int]] = {}
+    for number, name in numbered:
+        lines.setdefault(name, []).append(number)
+    repeated = {name: numbers for name, numbers in lines.items() if len(numbers) > 1}
+    if repeated:
+        shown = "; ".join(f"{name} on lines {', '.join(map(str, numbers))}" for name, numbers in list(repeated.items())[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        report(UserError(f"{len(repeated)} name(s) listed more than once: {shown}{more}", where=str(path),
+                         fix="keep each name once (a repeated name would count twice)"))
+
+
+def report_foreign_files(folder: Path, suffixes: Sequence[str], what: str) -> None:
+    """Files in ``folder`` that a layout reading only ``suffixes`` would skip (e.g. one tile saved as .jpg in a set of
+    PNGs): a problem, not a silent omission. Hidden files (.DS_Store, editors' files) are left alone."""
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in suffixes)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        report(UserError(f"{len(foreign)} file(s) among the {what} are not {' / '.join(suffixes)} and would be skipped: {shown}",
+                         where=str(folder), fix=f"convert them to {suffixes[0]} (lossless) or move them out of the folder"))
 
 
 def check_files_exist(paths: Sequence[Path], list_file: Path) -> None:

@@ -50,12 +50,17 @@ class Checks:
 
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Readable but suspicious data (every image blank, no foreground in the test labels): printed, exit 0.
+    warnings: list[str] = field(default_factory=list)
 
     def problem(self, what: str, where: str | None = None, fix: str | None = None) -> None:
         self.problems.append(Problem(what, None if where is None else str(where), fix))
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
 
     @property
     def ok(self) -> bool:

@@ -67,8 +67,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from benchmark.errors import UserError
-from datamodules.base import ListedData, SemiSupervisedDataModule, Split, check_files_exist, read_list
+from datamodules.base import ListedData, SemiSupervisedDataModule, Split, check_files_exist, read_list, report_foreign_files
 from datamodules.checks import active_checks, report
+from datamodules.images import pixel_array
 from datamodules.spec import DatasetSpec
 from datamodules.transforms import resize_bilinear
 
@@ -104,10 +105,11 @@ ROBOTOOL_SPEC = replace(KVASIR_SEG_SPEC, name="robotool", class_names=("backgrou
 
 
 def read_grey(path: Path, what: str) -> np.ndarray:
-    """(H, W) uint8 grey values of an image file (RGB converted as PIL 'L'); unreadable = a UserError naming it."""
+    """(H, W) grey values of a mask or label file (RGB converted as PIL 'L'; a 16-bit file keeps its values);
+    unreadable = a UserError naming it."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
+            return pixel_array(image, "L", rescale=False)
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"cannot read {what} ({error})", where=str(path), fix="the file is corrupt or truncated: copy it again") from error
 
@@ -115,8 +117,8 @@ def read_grey(path: Path, what: str) -> np.ndarray:
 def read_rgb(path: Path) -> np.ndarray:
     """(3, H, W) float32 in [0, 1]; an unreadable file is a UserError naming it."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        with Image.open(path) as image:  # 16-bit frames rescaled to 8 bits (datamodules/images.py)
+            return pixel_array(image, "RGB").astype(np.float32).transpose(2, 0, 1) / 255.0
     except (OSError, UnidentifiedImageError) as error:
         raise UserError(f"cannot read image ({error})", where=str(path), fix="the file is corrupt or truncated: copy it again") from error
 
@@ -354,6 +356,7 @@ class EndoVis17DataModule(EndoscopyDataModule):
             report(UserError(f"EndoVis 2017 sequence folder '{sequence}' lacks {' and '.join(missing)}/", where=str(folder), fix=fix))
             return []
         names = sorted(p.stem for p in frames.glob("*.png"))
+        report_foreign_files(frames, (".png",), "frames")
         if not names:
             report(UserError(f"no frames (*.png) in '{sequence}/left_frames'", where=str(frames), fix=fix))
             return []
@@ -462,6 +465,7 @@ class ImageMaskFoldersDataModule(EndoscopyDataModule):
         files = {}
         for kind, folder in folders.items():
             by_stem: dict[str, list[Path]] = {}
+            report_foreign_files(folder, FOLDER_SUFFIXES, f"{split}/{kind} files")
             for path in folder.iterdir():
                 if path.is_file() and path.suffix.lower() in FOLDER_SUFFIXES:
                     by_stem.setdefault(path.stem, []).append(path)

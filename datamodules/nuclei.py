@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmark.errors import UserError
-from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist
+from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist, report_foreign_files
 from datamodules.checks import report
+from datamodules.images import SIXTEEN_BIT_MAX, SIXTEEN_BIT_MODES, pixel_array
 from datamodules.spec import DatasetSpec
 from datamodules.transforms import random_crop, random_rot_flip
 
@@ -56,16 +57,17 @@ NUCLEI_SPEC = DatasetSpec(
 DSB_SPEC = replace(NUCLEI_SPEC, name="dsb2018")
 
 
-def read_image(path: Path, mode: str) -> np.ndarray:
-    """An image file as an array (``mode`` "RGB" or "L"); unreadable files are a UserError naming the file."""
+def read_image(path: Path, mode: str, rescale: bool = True) -> np.ndarray:
+    """An image file as an array (``mode`` "RGB" or "L"; 16-bit files rescaled to 8 bits unless ``rescale`` is false,
+    datamodules/images.py); unreadable files are a UserError naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
-            if mode == "RGB" and image.mode not in ("RGB", "RGBA", "L", "P", "I;16", "LA"):
+            if mode == "RGB" and image.mode not in ("RGB", "RGBA", "L", "P", "LA", "I", "F", *SIXTEEN_BIT_MODES):
                 raise OSError(f"unexpected image mode {image.mode}")
-            return np.asarray(image.convert(mode) if image.mode != mode else image)
+            return pixel_array(image, mode, rescale)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read image file ({error})", where=str(path),
                         fix="the file is corrupt, truncated or not an image: copy it again") from error
@@ -73,9 +75,9 @@ def read_image(path: Path, mode: str) -> np.ndarray:
 
 def read_binary_mask(path: Path) -> np.ndarray:
     """A 0/255 (or 0/1) mask as uint8 {0, 1}; other values are a UserError (a JPEG or a label map, not a mask)."""
-    mask = read_image(path, "L")
+    mask = read_image(path, "L", rescale=False)
     values = set(np.unique(mask).tolist())
-    if not values <= {0, 255} and not values <= {0, 1}:
+    if not values <= {0, 255} and not values <= {0, 1} and not values <= {0, SIXTEEN_BIT_MAX}:
         raise UserError(
             f"mask has values {sorted(values)[:8]}{' ...' if len(values) > 8 else ''}; binary masks are 0 / 255",
             where=str(path), fix="masks must be lossless binary PNGs (0 background, 255 nucleus)")
@@ -124,6 +126,7 @@ class MoNuSegDataModule(NucleiDataModule):
                 stems[split] = []
                 continue
             files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            report_foreign_files(images, IMAGE_SUFFIXES, "tiles")
             if not files:
                 report(UserError(f"no images in '{folder}/img'", where=str(images), fix="copy the tiles (.png or .tif) into it"))
             stems[split] = [p.stem for p in files]

@@ -19,7 +19,7 @@ defaults otherwise).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +86,7 @@ def check_samples(module: SemiSupervisedDataModule, listed: ListedData, checks: 
     items = [item for _, unit_items in listed.units for item in unit_items]
     cases = list(dict.fromkeys(listed.val + listed.test))
     total = len(items) + len(cases)
+    content = ContentTally(ignore=-1 if module.spec.ignore_index is None else module.spec.ignore_index)
     for index, (kind, name) in enumerate([("item", i) for i in items] + [("case", c) for c in cases]):
         try:
             if kind == "item":
@@ -98,9 +99,42 @@ def check_samples(module: SemiSupervisedDataModule, listed: ListedData, checks: 
         else:
             if check_arrays(module.spec, kind, module.describe(kind, name), image, label, checks):
                 module.check_sample(kind, name, image, label, checks)
+                content.add(name, image, label, test=kind == "case" and name in listed.test)
         if progress is not None:
             progress(index + 1, total)
+    content.warn(module, checks)
     return total
+
+
+@dataclass
+class ContentTally:
+    """What the checked samples hold, for warnings no single file shows: every image constant (e.g. all zero: a
+    failed export), or no foreground in any test label (every score would be the empty-mask rule's)."""
+
+    images: int = 0
+    constant_images: list[str] = field(default_factory=list)
+    test_labels: int = 0
+    test_with_foreground: int = 0
+    ignore: int = -1  # the spec's ignore index: not foreground
+
+    def add(self, name: str, image, label, test: bool) -> None:
+        image = np.asarray(image)
+        self.images += 1
+        if image.size and image.min() == image.max():
+            self.constant_images.append(name)
+        if test and label is not None:
+            self.test_labels += 1
+            self.test_with_foreground += bool(np.any((np.asarray(label) > 0) & (np.asarray(label) != self.ignore)))
+
+    def warn(self, module: SemiSupervisedDataModule, checks: Checks) -> None:
+        if self.images and len(self.constant_images) == self.images:
+            checks.warn(f"every one of the {self.images} images read is constant (e.g. all zero): nothing to learn from; "
+                        "check the export or conversion of the images")
+        elif self.constant_images:
+            checks.note(f"{len(self.constant_images)} of {self.images} images are constant (e.g. {self.constant_images[0]})")
+        if self.test_labels and not self.test_with_foreground:
+            checks.warn(f"none of the {self.test_labels} test labels holds foreground (every voxel background): every "
+                        "test score would come from the empty-mask rule; check the test labels")
 
 
 def format_report(result: Verification, max_problems: int = 20) -> str:
@@ -117,7 +151,10 @@ def format_report(result: Verification, max_problems: int = 20) -> str:
         lines.append(f"PROBLEM {index}: " + problem.message.replace("\n", "\n  "))
     if len(problems) > max_problems:
         lines.append(f"... and {len(problems) - max_problems} more problems (--all prints them)")
+    for warning in result.checks.warnings:
+        lines.append(f"WARNING: {warning}")
     for note in result.checks.notes:
         lines.append(f"note: {note}")
-    lines.append("OK: no problems found" if result.ok else f"FAILED: {len(problems)} problem(s)")
+    warned = f" ({len(result.checks.warnings)} warning(s) above)" if result.checks.warnings else ""
+    lines.append(f"OK: no problems found{warned}" if result.ok else f"FAILED: {len(problems)} problem(s)")
     return "\n".join(lines)

@@ -281,6 +281,11 @@ def _corrupt_leaderboard(ws: Workspace) -> list[str]:
     return ws.run("--ratio", "0.5", root=ws.copy("acdc"))
 
 
+def _cut_leaderboard(ws: Workspace) -> list[str]:
+    truncate(ws.lb / "acdc.csv", 0.8)  # pandas alone would pad the row and keep its status "ok"
+    return ws.run("--ratio", "0.5", root=ws.copy("acdc"))
+
+
 def _init_from(method: str, *options: str) -> Callable[[Workspace], list[str]]:
     def prepare(ws: Workspace) -> list[str]:
         checkpoint = ws.copy_finished_run() / "checkpoints" / "last.ckpt"
@@ -336,6 +341,8 @@ CASES: list[Case] = [
     Case("missing_list_file", "val.list deleted", "missing validation list file", _damaged_acdc(_remove("val.list"))),
     Case("list_names_missing_file", "a slice named in train_slices.list deleted", "named in train_slices.list are missing",
          _damaged_acdc(lambda root: acdc_slice(root).unlink())),
+    Case("name_listed_twice", "val.list names one case twice", "listed more than once",
+         _damaged_acdc(lambda root: (root / "val.list").write_text((root / "val.list").read_text() + first_line(root / "val.list") + "\n"))),
     Case("path_traversal", "test.list names ../../etc/passwd", "not a plain case name",
          _damaged_acdc(lambda root: (root / "test.list").write_text("../../etc/passwd\n"))),
     # what is in the files
@@ -371,6 +378,25 @@ CASES: list[Case] = [
          lambda ws: ws.run("--ratio", "0.2", "--set", "trainer.max_steps=many", dataset="synthetic_acdc")),
     Case("unknown_override_key", "--set trainer.max_stepz=3", "unknown config key 'trainer.max_stepz'",
          lambda ws: ws.run("--ratio", "0.2", "--set", "trainer.max_stepz=3", dataset="synthetic_acdc")),
+    # values outside their range or choices (benchmark/schema.py): refused before a run folder or row exists
+    *[Case(f"bad_value_{name}", " ".join(options), expect,
+           lambda ws, options=options: ws.run("--ratio", "0.2", *options, dataset="synthetic_acdc"))
+      for name, options, expect in [
+          ("negative_lr", ["--set", "optim.lr=-0.01"], "optim.lr must be a number > 0"),
+          ("zero_max_steps", ["--set", "trainer.max_steps=0"], "trainer.max_steps must be a whole number >= 1"),
+          ("negative_max_steps", ["--set", "trainer.max_steps=-5"], "trainer.max_steps must be a whole number >= 1"),
+          ("zero_val_every", ["--set", "trainer.val_every=0"], "trainer.val_every must be a whole number >= 1"),
+          ("zero_devices", ["--devices", "0"], "DEVICES (--devices) must be a whole number >= 1"),
+          ("unknown_optimizer", ["--set", "optim.name=adamw"], "optim.name must be one of sgd, adam"),
+          ("negative_workers", ["--set", "data.num_workers=-1"], "data.num_workers must be a whole number >= 0"),
+          ("zero_batch", ["--set", "data.labeled_batch_size=0"], "data.labeled_batch_size must be a whole number >= 1"),
+          ("unknown_precision", ["--set", "trainer.precision=fp8"], "trainer.precision must be one of 32-true"),
+          ("ema_decay_one", ["--method", "mean_teacher", "--set", "method.ema_decay=1"],
+           "method.ema_decay must be a number in [0, 1)"),
+          ("zero_temperature", ["--method", "mc_net_plus", "--set", "method.temperature=0"],
+           "method.temperature must be a number > 0"),
+          ("per_stage_zero_steps", ["--method", "action", "--set", "per_stage.finetune.trainer.max_steps=0"], "per_stage.finetune.trainer.max_steps must be"),
+      ]],
     # where results go
     Case("unwritable_output_folder", "OUT below a regular file", "cannot write to", lambda ws: _blocked(ws, "--out")),
     Case("unwritable_leaderboard_folder", "LEADERBOARD_DIR below a regular file", "cannot write to",
@@ -378,6 +404,8 @@ CASES: list[Case] = [
     Case("full_disk_writing_row", "the disk fills up while the leaderboard row is written (simulated ENOSPC)",
          "No space left on device", _full_disk, keeps_run=True),
     Case("corrupt_leaderboard", "the leaderboard CSV has an unterminated quote", "leaderboard CSV is damaged", _corrupt_leaderboard),
+    Case("leaderboard_cut_mid_line", "the leaderboard CSV's last row cut in the middle (fields missing)", "line 2 has",
+         _cut_leaderboard),
     # checkpoints
     Case("init_from_no_network", "run.init_from = a weights file holding no network weights", "holds no weights of this method's networks",
          _init_from_no_network),

@@ -155,12 +155,12 @@ def test_float_labels_with_integer_values_are_accepted(tmp_path):
     assert metrics_of(score_folders(pred_dir, gt_dir), "c", 2) == PERFECT
 
 
-def test_differing_spacing_warns_and_uses_ground_truth_spacing(nifti_folders):
+def test_differing_spacing_is_refused_with_spacing_units(nifti_folders):
     pred_dir, gt_dir = nifti_folders
     write_nifti(pred_dir / "case_b.nii.gz", shifted_prediction(), spacing=(5.0, 1.0, 1.0))
-    with pytest.warns(UserWarning, match="spacing differs.*case_b"):
-        scores = score_folders(pred_dir, gt_dir, use_spacing=True)
-    assert metrics_of(scores, "case_b", 1)["hd95"] == pytest.approx(2.0)
+    with pytest.raises(UserError, match="spacing .* differs"):
+        score_folders(pred_dir, gt_dir, use_spacing=True)
+    assert metrics_of(score_folders(pred_dir, gt_dir), "case_b", 1)["hd95"] == pytest.approx(1.0)  # voxels: no spacing used
 
 
 def test_prediction_without_ground_truth_warns_and_is_not_scored(nifti_folders):
@@ -171,9 +171,9 @@ def test_prediction_without_ground_truth_warns_and_is_not_scored(nifti_folders):
     assert "extra_case" not in set(scores["case"])
 
 
-def test_labels_above_num_classes_warn(nifti_folders):
+def test_labels_above_num_classes_are_refused(nifti_folders):
     pred_dir, gt_dir = nifti_folders
-    with pytest.warns(UserWarning, match="num_classes=2.*case_a"):
+    with pytest.raises(UserError, match="label.* 2 outside the classes 0 .. 1"):
         score_folders(pred_dir, gt_dir, num_classes=2)
 
 
@@ -273,3 +273,51 @@ def test_bad_arguments(nifti_folders):
         score_folders(*nifti_folders, empty_policy="ignore")
     with pytest.raises(UserError, match="num_classes"):
         score_folders(*nifti_folders, num_classes=1)
+
+
+def test_a_ground_truth_stored_as_0_255_is_refused_not_read_as_256_classes(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    write_nifti(gt_dir / "c.nii.gz", two_voxel_cube(2) * 255)
+    write_nifti(pred_dir / "c.nii.gz", two_voxel_cube(2))
+    with pytest.raises(UserError, match=r"labels are \{0, 255\}, not 0 .. 255"):
+        score_folders(pred_dir, gt_dir)
+    with pytest.raises(UserError, match="255 outside the classes 0 .. 1"):  # an explicit count does not hide it
+        score_folders(pred_dir, gt_dir, num_classes=2)
+
+
+def test_a_prediction_with_labels_beyond_the_classes_is_refused(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    write_nifti(gt_dir / "c.nii.gz", two_voxel_cube(2))
+    write_nifti(pred_dir / "c.nii.gz", two_voxel_cube(2) * 255)
+    with pytest.raises(UserError, match="255 outside the classes 0 .. 1"):
+        score_folders(pred_dir, gt_dir)
+
+
+def _flipped_affine(affine: np.ndarray, shape, axis: int) -> np.ndarray:
+    """The affine of the same volume stored with ``axis`` reversed."""
+    flip = np.eye(4)
+    flip[axis, axis], flip[axis, 3] = -1, shape[axis] - 1
+    return affine @ flip
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_a_prediction_stored_flipped_with_an_affine_that_says_so_is_scored_in_the_ground_truth_orientation(tmp_path, axis):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    affine = np.diag([*SPACING, 1.0])
+    nib.save(nib.Nifti1Image(ground_truth(), affine), gt_dir / "c.nii.gz")
+    flipped = np.flip(ground_truth(), axis=axis).copy()
+    nib.save(nib.Nifti1Image(flipped, _flipped_affine(affine, SHAPE, axis)), pred_dir / "c.nii.gz")
+    scores = score_folders(pred_dir, gt_dir, use_spacing=True)
+    assert metrics_of(scores, "c", 1) == PERFECT and metrics_of(scores, "c", 2) == PERFECT
+
+
+def test_a_prediction_on_another_grid_after_reorientation_is_refused(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    nib.save(nib.Nifti1Image(ground_truth(), np.diag([-1.0, 1.0, 1.0, 1.0])), gt_dir / "c.nii.gz")  # LAS, origin 0
+    nib.save(nib.Nifti1Image(ground_truth(), np.eye(4)), pred_dir / "c.nii.gz")  # RAS default: which one is right?
+    with pytest.raises(UserError, match="oriented RAS and the ground truth LAS"):
+        score_folders(pred_dir, gt_dir)
