@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from benchmark.errors import UserError
-from benchmark.precision import requested_precision
+from benchmark.schema import RULES
 
-ACCELERATORS = ("auto", "cpu", "gpu")
+ACCELERATORS = RULES["trainer.accelerator"].choices
+GPU_NAMES = ("gpu", "cuda")
 # fp16 autocast does not exist on CPU; Lightning would silently train in bf16 instead, under a config that says fp16.
 FP16 = ("16-mixed", "16", 16)
 
@@ -26,14 +27,13 @@ def check_hardware(trainer: dict[str, Any]) -> None:
     if accelerator not in ACCELERATORS:
         raise UserError(f"unknown accelerator {accelerator!r}", where="ACCELERATOR= (--accelerator, trainer.accelerator)",
                         fix=f"one of {', '.join(ACCELERATORS)}")
-    requested_precision({"trainer": trainer})  # the one list of accepted values (benchmark/precision.py)
     gpus = gpu_count()
-    if accelerator == "gpu" and gpus == 0:
+    if accelerator in GPU_NAMES and gpus == 0:
         raise UserError("ACCELERATOR=gpu asks for a GPU, but this machine has none that PyTorch can use "
                         "(torch.cuda.is_available() is false)", where="ACCELERATOR= (--accelerator, trainer.accelerator)",
                         fix="use ACCELERATOR=cpu or auto here, or run on a machine with a GPU and a CUDA build of torch")
     devices = int(trainer["devices"])
-    if accelerator == "gpu" and devices > gpus:
+    if accelerator in GPU_NAMES and devices > gpus:
         raise UserError(f"DEVICES={devices} asks for more GPUs than this machine has ({gpus})", where="DEVICES= (--devices, trainer.devices)",
                         fix=f"use DEVICES={gpus} or fewer")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and gpus == 0)

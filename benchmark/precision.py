@@ -25,12 +25,13 @@ import torch
 import yaml
 
 from benchmark.errors import UserError
+from benchmark.schema import PRECISIONS
 
 AUTO = "auto"
 FLOAT32 = "32-true"
-# Lightning's names; 32 / "32" are Lightning's aliases of 32-true.
-ACCEPTED = (FLOAT32, "bf16-mixed", "16-mixed", AUTO)
+# Lightning's names (the schema's list); 32 / "32" are Lightning's aliases of 32-true.
 ALIASES = {"32": FLOAT32}
+ACCEPTED = tuple(value for value in PRECISIONS if value not in ALIASES)
 #: ``auto`` picks mixed precision when its step takes less than this fraction of the float32 step.
 FASTER_BELOW = 0.9
 PROBE_STEPS = 3  # timed steps per precision, after one untimed warm-up step each

@@ -115,7 +115,9 @@ RULES: dict[str, Rule] = {
     "optim.lr": Rule("float", POSITIVE),
     "optim.momentum": Rule("float", DECAY),
     "optim.weight_decay": Rule("float", NON_NEGATIVE),
-    "optim.schedule": Rule("str", choices=("poly", "step", "constant")),
+    "optim.schedule": Rule("str", choices=("poly", "step", "constant", "poly_epoch")),
+    "optim.poly_step_lag": Rule("int", NON_NEGATIVE),
+    "optim.poly_epochs": Rule("int", AT_LEAST_ONE, nullable=True),
     "optim.poly_power": Rule("float", POSITIVE),
     "optim.step_every": Rule("int", AT_LEAST_ONE),
     "optim.step_gamma": Rule("float", FRACTION),
@@ -123,6 +125,8 @@ RULES: dict[str, Rule] = {
     "trainer.max_steps": Rule("int", AT_LEAST_ONE),
     "trainer.val_every": Rule("int", AT_LEAST_ONE),
     "trainer.precision": Rule("str", choices=PRECISIONS),
+    "trainer.precision_chosen": Rule("str", choices=PRECISIONS, nullable=True),  # written by `auto`, kept on resume
+    "trainer.channels_last": Rule("bool"),
     "trainer.devices": Rule("int", AT_LEAST_ONE, label="DEVICES (--devices)"),
     "trainer.num_nodes": Rule("int", AT_LEAST_ONE, label="--num-nodes"),
     "trainer.accelerator": Rule("str", choices=("auto", "cpu", "gpu", "cuda", "mps")),
@@ -153,6 +157,7 @@ METHOD_RULES: list[tuple[str, Rule]] = [
     ("consistency_rampup", Rule("float", NON_NEGATIVE)),
     ("consistency_start_step", Rule("int", NON_NEGATIVE)),
     ("consistency", Rule("float", NON_NEGATIVE)),
+    ("supervised_weight", Rule("float", NON_NEGATIVE, nullable=True)),  # null = upstream's per dimensionality
     ("*_weight", Rule("float", NON_NEGATIVE)),
     ("*temperature", Rule("float", POSITIVE)),
     ("*_probability", Rule("float", PROBABILITY)),
