@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--spacing", action="store_true", help="distances in the files' spacing units instead of voxels")
     score.add_argument("--out", default=None, help="CSV to write (default: <pred>/scores.csv)")
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
+    score.add_argument("--workers", type=_number(int), default=None,
+                       help="processes scoring cases in parallel (default: one per core)")
 
     from benchmark.data_commands import add_parser as add_data_parser
 
@@ -260,7 +262,8 @@ def command_score(args: argparse.Namespace) -> int:
     from benchmark.score import print_scores, score_folders
 
     out = Path(args.out) if args.out else Path(args.pred) / "scores.csv"
-    frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy)
+    frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy,
+                          workers=args.workers)
     print_scores(frame)
     print(f"written: {out}")
     return 0

@@ -17,7 +17,10 @@ Rules:
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import UserError
-from benchmark.metrics import METRIC_NAMES, check_empty_policy, mean_over_cases, multiclass_metrics
+from benchmark.metrics import METRIC_NAMES, binary_metrics, check_empty_policy, mean_over_cases, multiclass_metrics
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".h5")
 GROUND_TRUTH_DATASETS = ("label",)
@@ -44,11 +47,33 @@ class LabelVolume:
     spacing: tuple[float, ...] | None  # None when the file declares no spacing
 
 
+@dataclass(frozen=True)
+class CaseScores:
+    """What one worker sends back for one case: its rows and what the warnings need."""
+    rows: list[dict]
+    largest_label: int  # in the prediction or the ground truth
+    largest_ground_truth_label: int
+    ground_truth_has_no_spacing: bool
+    prediction_spacing_differs: bool
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num_classes: int | None = None,
-                  empty_policy: str = "penalty") -> pd.DataFrame:
+                  empty_policy: str = "penalty", workers: int | None = None) -> pd.DataFrame:
     """One row per (case, class) with dice, jaccard, hd95 and asd, then one ``mean`` row per class (mean over
-    cases) and a ``mean`` row of class ``all`` (mean over the class means). Written to ``out_csv`` if given."""
+    cases) and a ``mean`` row of class ``all`` (mean over the class means). Written to ``out_csv`` if given.
+
+    Cases are scored in ``workers`` processes (default: one per core, as nnU-Net's evaluation does); the result
+    does not depend on the number of workers."""
     check_empty_policy(empty_policy)
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise UserError(f"workers must be a whole number >= 1, got {workers!r}",
+                        fix="pass the number of processes to score cases in, e.g. --workers 2 (default: one per core)")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     gt_files = _label_files(gt_dir, "ground-truth")
     pred_files = _label_files(pred_dir, "prediction")
@@ -67,43 +92,32 @@ def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num
     if unmatched:
         warnings.warn(f"{len(unmatched)} prediction(s) without a ground truth are not scored: {_name_list(unmatched)}",
                       stacklevel=2)
-
-    if num_classes is None:
-        num_classes = max(2, 1 + max(_max_label(_read_label_volume(path, GROUND_TRUTH_DATASETS))
-                                     for path in gt_files.values()))
-    elif num_classes < 2:
+    if num_classes is not None and num_classes < 2:
         raise UserError(f"num_classes must be at least 2 (background and one class), got {num_classes}",
                         fix="count the background: a binary task has num_classes=2")
 
-    rows = []
-    cases_with_extra_labels, cases_with_other_spacing, cases_without_spacing = [], [], []
-    for case in sorted(gt_files):
-        gt = _read_label_volume(gt_files[case], GROUND_TRUTH_DATASETS)
-        pred = _read_label_volume(pred_files[case], PREDICTION_DATASETS)
-        if pred.labels.shape != gt.labels.shape:
-            raise UserError(
-                f"case '{case}': prediction shape {pred.labels.shape} != ground-truth shape {gt.labels.shape}",
-                where=f"{pred_files[case]} vs {gt_files[case]}",
-                fix="save predictions at the ground truth's resolution and axis order (undo crop, padding, resampling)",
-            )
-        if max(_max_label(pred), _max_label(gt)) >= num_classes:
-            cases_with_extra_labels.append(case)
-        spacing = None
-        if use_spacing:
-            if gt.spacing is None:
-                cases_without_spacing.append(case)
-            elif pred.spacing is not None and not np.allclose(pred.spacing, gt.spacing, rtol=1e-4):
-                cases_with_other_spacing.append(case)
-            spacing = _checked_spacing(gt, gt_files[case])
-        per_class = multiclass_metrics(pred.labels, gt.labels, num_classes, spacing, empty_policy)
-        rows += [{"case": case, "class": c, **class_metrics} for c, class_metrics in per_class.items()]
+    cases = sorted(gt_files)
+    jobs = [(case, pred_files[case], gt_files[case], num_classes, use_spacing, empty_policy) for case in cases]
+    per_case = dict(zip(cases, _run(_score_case, jobs, min(workers, len(jobs)))))
 
+    if num_classes is None:
+        num_classes = max(2, 1 + max(scored.largest_ground_truth_label for scored in per_case.values()))
+    # Each case scored the classes up to its own largest label; the classes above it are absent from both masks.
+    absent = binary_metrics(np.zeros(1, bool), np.zeros(1, bool), empty_policy=empty_policy)
+    rows = []
+    for case, scored in per_case.items():
+        scored_rows = {row["class"]: row for row in scored.rows}
+        rows += [scored_rows.get(c, {"case": case, "class": c, **absent}) for c in range(1, num_classes)]
+
+    cases_with_extra_labels = [case for case, scored in per_case.items() if scored.largest_label >= num_classes]
     if cases_with_extra_labels:
         warnings.warn(f"labels >= num_classes={num_classes} are not scored, in: {_name_list(cases_with_extra_labels)}",
                       stacklevel=2)
+    cases_without_spacing = [case for case, scored in per_case.items() if scored.ground_truth_has_no_spacing]
     if cases_without_spacing:
         warnings.warn(f"no spacing in the ground truth, distances use 1 per axis: {_name_list(cases_without_spacing)}",
                       stacklevel=2)
+    cases_with_other_spacing = [case for case, scored in per_case.items() if scored.prediction_spacing_differs]
     if cases_with_other_spacing:
         warnings.warn("the prediction's spacing differs from the ground truth's, the ground truth's is used: "
                       f"{_name_list(cases_with_other_spacing)}", stacklevel=2)
@@ -114,6 +128,49 @@ def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num
     if out_csv is not None:
         _write_csv(scores, Path(out_csv))
     return scores
+
+
+def _run(function, jobs: list[tuple], workers: int) -> list:
+    """``function(*job)`` for every job, in order; in ``workers`` processes when more than one."""
+    if workers <= 1:
+        return [function(*job) for job in jobs]
+    # fork starts a worker in milliseconds (spawn would import numpy, scipy and nibabel again in each).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(function, *job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:  # the first failing case (in case order) is reported; the others are not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _score_case(case: str, pred_path: Path, gt_path: Path, num_classes: int | None, use_spacing: bool,
+                empty_policy: str) -> CaseScores:
+    """Reads one case and scores its classes ``1 .. largest label`` (at most ``num_classes - 1``)."""
+    gt = _read_label_volume(gt_path, GROUND_TRUTH_DATASETS)
+    pred = _read_label_volume(pred_path, PREDICTION_DATASETS)
+    if pred.labels.shape != gt.labels.shape:
+        raise UserError(
+            f"case '{case}': prediction shape {pred.labels.shape} != ground-truth shape {gt.labels.shape}",
+            where=f"{pred_path} vs {gt_path}",
+            fix="save predictions at the ground truth's resolution and axis order (undo crop, padding, resampling)",
+        )
+    largest_gt_label = _max_label(gt)
+    largest_label = max(_max_label(pred), largest_gt_label)
+    spacing = None
+    if use_spacing:
+        spacing = _checked_spacing(gt, gt_path)
+    last_class = largest_label if num_classes is None else min(largest_label, num_classes - 1)
+    per_class = multiclass_metrics(pred.labels, gt.labels, last_class + 1, spacing, empty_policy)
+    return CaseScores(
+        rows=[{"case": case, "class": c, **class_metrics} for c, class_metrics in per_class.items()],
+        largest_label=largest_label,
+        largest_ground_truth_label=largest_gt_label,
+        ground_truth_has_no_spacing=use_spacing and gt.spacing is None,
+        prediction_spacing_differs=(use_spacing and gt.spacing is not None and pred.spacing is not None
+                                    and not np.allclose(pred.spacing, gt.spacing, rtol=1e-4)),
+    )
 
 
 def print_scores(scores: pd.DataFrame) -> None:
