@@ -44,6 +44,11 @@ LOSS_TOLERANCE = {"32-true": 1e-3, "16-mixed": 1e-2, "bf16-mixed": 5e-2}
 PROTOCOLS = ("acdc", "la")  # benchmark.perf.paper_cost's: synthetic set of the family at the paper's patch
 DIMS = {"acdc": "2-D", "la": "3-D"}
 STEPS, WARMUP = 24, 4
+# The whole check should fit in 10 minutes of one GPU: each row gets an equal share of 80 % of the budget (the rest
+# is set-up and the CPU reference steps) and stops early, after at least MIN_TIMED_STEPS, when its share is spent
+# (at the paper sizes ACTION's stage 3 alone counts ~8 TFLOP per 2-D step and ~40 per 3-D step, make perf).
+BUDGET_MINUTES = 10.0
+MIN_TIMED_STEPS = 3
 DRY_STEPS, DRY_WARMUP = 2, 1
 DRY_METHODS = ("supervised", "mean_teacher")  # float16 convolutions are slow on a CPU: a couple of methods
 DISTINCT_BATCHES = 2
@@ -179,7 +184,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def check_method(config: dict[str, Any], precisions: list[str], device: torch.device, steps: int,
-                 warmup: int) -> list[dict[str, Any]]:
+                 warmup: int, row_seconds: float = float("inf")) -> list[dict[str, Any]]:
     """One row per precision for the method and stage ``config`` names; a failing row carries its error."""
     from benchmark.perf.training_step import batches_in_memory
     from benchmark.run import prepare
@@ -198,7 +203,8 @@ def check_method(config: dict[str, Any], precisions: list[str], device: torch.de
     for precision in precisions:
         row: dict[str, Any] = {"precision": precision, "cpu_fp32_loss": cpu_loss}
         try:
-            row.update(timed_steps(copy.deepcopy(initial), batches, seed, device, precision, steps, warmup))
+            row.update(timed_steps(copy.deepcopy(initial), batches, seed, device, precision, steps, warmup,
+                                   row_seconds))
             difference = abs(row["step0_loss"] - cpu_loss)
             row["loss_difference"] = difference
             allowed = LOSS_TOLERANCE[precision] * max(1.0, abs(cpu_loss))
@@ -213,7 +219,7 @@ def check_method(config: dict[str, Any], precisions: list[str], device: torch.de
 
 
 def timed_steps(model, batches: list, seed: int, device: torch.device, precision: str, steps: int,
-                warmup: int) -> dict[str, Any]:
+                warmup: int, row_seconds: float = float("inf")) -> dict[str, Any]:
     model.to(device)
     batches = [to_device(batch, device) for batch in batches]
     optimizers = model.configure_optimizers()
@@ -223,7 +229,10 @@ def timed_steps(model, batches: list, seed: int, device: torch.device, precision
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, step0_loss = [], None
+    row_started = time.perf_counter()
     for index in range(warmup + steps):
+        if index >= warmup + MIN_TIMED_STEPS and time.perf_counter() - row_started > row_seconds:
+            break  # this row's share of the time budget is spent
         batch = batches[index % len(batches)]
         synchronize(device)
         started = time.perf_counter()
@@ -246,11 +255,11 @@ def timed_steps(model, batches: list, seed: int, device: torch.device, precision
     step_s = statistics.median(times[warmup:])
     return {"step0_loss": step0_loss, "step_s": step_s, "images_per_s": images_in(batches[0]) / step_s,
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "steps_timed": steps}
+            "steps_timed": len(times) - warmup}
 
 
 def run_check(device: torch.device, methods: list[str] | None, protocols: list[str], precisions: list[str],
-              steps: int, warmup: int, dry: bool, out=None) -> list[dict[str, Any]]:
+              steps: int, warmup: int, dry: bool, out=None, budget_minutes: float = BUDGET_MINUTES) -> list[dict[str, Any]]:
     from benchmark.perf.paper_cost import PROTOCOLS as PAPER_PROTOCOLS
     from benchmark.perf.paper_cost import protocol_config
     from benchmark.run import plan_stages, stage_config
@@ -259,43 +268,47 @@ def run_check(device: torch.device, methods: list[str] | None, protocols: list[s
 
     out = out or sys.stdout
     rows = []
-    print(table_header(device, steps, warmup, dry), file=out, flush=True)
+    print(table_header(device, steps, warmup, dry, budget_minutes), file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "self.log() without a trainer", loader worker notices
+        plan = []
         for name in methods or method_names():
+            method_cls = get_method(name)
             for protocol in protocols:
-                method_cls = get_method(name)
                 if get_dataset(PAPER_PROTOCOLS[protocol][0]).spec.spatial_dims not in method_cls.spatial_dims:
                     continue  # e.g. a 2-D method on LA
                 config = protocol_config(name, protocol, Path(work), quick=dry)
-                for stage in plan_stages(method_cls, config):
-                    label = name if len(method_cls.stages) == 1 else f"{name} ({stage})"
-                    try:
-                        method_rows = check_method(stage_config(config, stage), precisions, device, steps, warmup)
-                    except Exception as error:
-                        message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                        method_rows = [{"precision": p, "error": message} for p in precisions]
-                    for row in method_rows:
-                        row.update(method=label, dims=DIMS[protocol])
-                        rows.append(row)
-                        print(table_row(row), file=out, flush=True)
+                plan += [(name, method_cls, protocol, config, stage) for stage in plan_stages(method_cls, config)]
+        row_seconds = 0.8 * 60 * budget_minutes / max(1, len(plan) * len(precisions))
+        for name, method_cls, protocol, config, stage in plan:
+            label = name if len(method_cls.stages) == 1 else f"{name} ({stage})"
+            try:
+                method_rows = check_method(stage_config(config, stage), precisions, device, steps, warmup, row_seconds)
+            except Exception as error:
+                message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                method_rows = [{"precision": p, "error": message} for p in precisions]
+            for row in method_rows:
+                row.update(method=label, dims=DIMS[protocol])
+                rows.append(row)
+                print(table_row(row), file=out, flush=True)
     failed = sum("error" in row for row in rows)
     print(f"\n{len(rows) - failed} of {len(rows)} rows passed"
           + (f"; {failed} failed (see the last column)" if failed else ""), file=out, flush=True)
     return rows
 
 
-def table_header(device: torch.device, steps: int, warmup: int, dry: bool) -> str:
+def table_header(device: torch.device, steps: int, warmup: int, dry: bool, budget_minutes: float) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU (dry run)"
     tolerances = ", ".join(f"{p} {t:g}" for p, t in LOSS_TOLERANCE.items())
     sizes = "smoke sizes (tiny patches, batches and widths)" if dry else "`paper` profile sizes"
     return "\n".join([
-        f"gpu-check on {name}: {sizes}, {steps} timed step(s) after {warmup} warm-up step(s), median step time.",
+        f"gpu-check on {name}: {sizes}, up to {steps} timed step(s) after {warmup} warm-up step(s) (fewer when a "
+        f"row's share of the {budget_minutes:g}-minute budget is spent), median step time.",
         f"loss diff = |step-0 loss - CPU float32 step-0 loss| (same batch, weights and random numbers); allowed: "
         f"tolerance x max(1, |CPU loss|), tolerance {tolerances}.",
         "",
-        f"| {'method':<24} | dims | precision  |  step s | images/s | peak GPU GB | loss diff | status",
-        f"| {'-' * 24} | ---- | ---------- | ------- | -------- | ----------- | --------- | ------",
+        f"| {'method':<24} | dims | precision  | steps |  step s | images/s | peak GPU GB | loss diff | status",
+        f"| {'-' * 24} | ---- | ---------- | ----- | ------- | -------- | ----------- | --------- | ------",
     ])
 
 
@@ -305,7 +318,8 @@ def table_row(row: dict[str, Any]) -> str:
         return format(value, fmt) if value is not None else "-"
 
     status = f"FAIL: {row['error']}" if "error" in row else "ok"
-    return (f"| {row['method']:<24} | {row['dims']:<4} | {row['precision']:<10} | {number('step_s', '7.3f'):>7} | "
+    return (f"| {row['method']:<24} | {row['dims']:<4} | {row['precision']:<10} | {number('steps_timed', 'd'):>5} | "
+            f"{number('step_s', '7.3f'):>7} | "
             f"{number('images_per_s', '8.1f'):>8} | {number('peak_memory_gb', '11.2f'):>11} | "
             f"{number('loss_difference', '9.1e'):>9} | {status}")
 
@@ -321,6 +335,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default {STEPS}; dry run {DRY_STEPS})")
     parser.add_argument("--warmup", type=int, default=None, help=f"untimed first steps (default {WARMUP}; dry {DRY_WARMUP})")
+    parser.add_argument("--minutes", type=float, default=BUDGET_MINUTES,
+                        help=f"time budget of the whole check (default {BUDGET_MINUTES:g}); rows stop early to keep it")
     args = parser.parse_args(argv)
     dry = args.device == "cpu"
     if not dry and not torch.cuda.is_available():
@@ -340,7 +356,7 @@ def main(argv=None) -> int:
             get_method(name)
         methods = args.methods or (list(DRY_METHODS) if dry else None)
         rows = run_check(torch.device("cuda:0" if not dry else "cpu"), methods, args.protocols, args.precisions,
-                         steps, warmup, dry)
+                         steps, warmup, dry, budget_minutes=args.minutes)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -26,7 +26,7 @@ def test_dry_run_prints_one_row_per_precision(capsys, one_torch_thread):
     assert [row.split("|")[3].strip() for row in rows] == ["32-true", "16-mixed", "bf16-mixed"]
     for row in rows:
         cells = [cell.strip() for cell in row.split("|")]
-        assert cells[2] == "2-D" and float(cells[4]) > 0 and float(cells[5]) > 0 and cells[-1] == "ok"
+        assert cells[2] == "2-D" and cells[4] == "1" and float(cells[5]) > 0 and float(cells[6]) > 0 and cells[-1] == "ok"
     assert "3 of 3 rows passed" in out and "tolerance 32-true 0.001, 16-mixed 0.01, bf16-mixed 0.05" in out
 
 
@@ -45,10 +45,10 @@ def test_dry_run_of_two_methods_in_2d_and_3d(one_torch_thread):
 def test_a_failing_precision_is_a_row_and_the_exit_code(monkeypatch, capsys, one_torch_thread):
     timed_steps = gpu_check.timed_steps
 
-    def broken_in_float16(model, batches, seed, device, precision, steps, warmup):
+    def broken_in_float16(model, batches, seed, device, precision, *args):
         if precision == "16-mixed":
             raise RuntimeError("expected scalar type Half but found Float\nsecond line")
-        return timed_steps(model, batches, seed, device, precision, steps, warmup)
+        return timed_steps(model, batches, seed, device, precision, *args)
 
     monkeypatch.setattr(gpu_check, "timed_steps", broken_in_float16)
     monkeypatch.setitem(gpu_check.LOSS_TOLERANCE, "bf16-mixed", 0.0)  # bf16 does differ from fp32: now too much
@@ -60,6 +60,13 @@ def test_a_failing_precision_is_a_row_and_the_exit_code(monkeypatch, capsys, one
     assert statuses["16-mixed"] == "FAIL: RuntimeError: expected scalar type Half but found Float"
     assert statuses["bf16-mixed"].startswith("FAIL: step-0 loss") and "vs CPU fp32" in statuses["bf16-mixed"]
     assert "1 of 3 rows passed; 2 failed" in out
+
+
+def test_rows_stop_early_when_their_share_of_the_budget_is_spent(one_torch_thread):
+    rows = gpu_check.run_check(torch.device("cpu"), ["supervised"], ["acdc"], ["32-true"], steps=20, warmup=1,
+                               dry=True, budget_minutes=1e-6)
+    assert [row["steps_timed"] for row in rows] == [gpu_check.MIN_TIMED_STEPS]
+    assert "error" not in rows[0]
 
 
 def test_bad_options_are_refused(capsys):
