@@ -24,7 +24,7 @@ def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: 
                                   shape=(48, 40, 24) if quick else data.LA_SIZED_SHAPE)
     runners = {
         "metrics": lambda: metrics_section.run(acdc_root, la_root, quick),
-        "score": lambda: score_section.run(work, quick),
+        "score": lambda: score_section.run(la_root, work, quick),
         "sliding_window": lambda: sliding_window.run(la_root, quick),
         "training_step": lambda: training_step.run(quick, methods),
         "loading": lambda: loading.run(acdc_root, la_root, quick),

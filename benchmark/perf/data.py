@@ -81,24 +81,23 @@ LA_RAW_SHAPE = (576, 576, 88)
 SCATTERED_FP_FRACTION = 0.0005
 
 
-def scattered_fp_la_case(rng: np.random.Generator, shape=LA_RAW_SHAPE, crop_shape=LA_SIZED_SHAPE,
+def scattered_fp_la_case(crop_label: np.ndarray, rng: np.random.Generator, shape=LA_RAW_SHAPE,
                          fp_fraction: float = SCATTERED_FP_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """(prediction, ground truth) as uint8 label maps of ``shape``: a synthetic atrium (generated at the crop size
-    and placed in the middle of the raw volume), predicted with a moved boundary (``perturbed_la_prediction``)
-    plus ``fp_fraction`` of the volume as isolated single false-positive voxels scattered anywhere.
+    """(prediction, ground truth) as uint8 label maps of ``shape``: an LA crop's label placed in the middle of the
+    raw volume, predicted with a moved boundary (``perturbed_la_prediction``) plus ``fp_fraction`` of the volume
+    as isolated single false-positive voxels scattered anywhere.
 
     The stray voxels sit on a stride-2 lattice and one voxel away from the prediction, so none touches another or
     the atrium (each is its own component under full connectivity) and every one is a surface voxel: the case that
     makes surface distances expensive (the union's bounding box is the whole volume).
     """
-    from datamodules.synthetic import _la_case
-
-    shape, crop_shape = tuple(shape), tuple(min(c, s) for c, s in zip(crop_shape, shape))
-    _, crop_label = _la_case(int(rng.integers(1 << 31)), 0, crop_shape)
-    offset = tuple((s - c) // 2 for s, c in zip(shape, crop_shape))
-    where = tuple(slice(o, o + c) for o, c in zip(offset, crop_shape))
+    shape = tuple(shape)
+    if any(c > s for c, s in zip(crop_label.shape, shape)):
+        raise ValueError(f"the crop {crop_label.shape} does not fit in the volume {shape}")
+    offset = tuple((s - c) // 2 for s, c in zip(shape, crop_label.shape))
+    where = tuple(slice(o, o + c) for o, c in zip(offset, crop_label.shape))
     gt = np.zeros(shape, np.uint8)
-    gt[where] = crop_label
+    gt[where] = crop_label != 0
     pred = np.zeros(shape, np.uint8)
     pred[where] = perturbed_la_prediction(crop_label, rng)
 

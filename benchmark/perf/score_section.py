@@ -21,21 +21,20 @@ from benchmark.perf.timing import interleaved, ratio, summary
 from benchmark.score import default_workers, score_folders
 
 LA_SPACING = (0.625, 0.625, 0.625)
-QUICK_SHAPE, QUICK_CROP = (64, 56, 24), (32, 28, 20)
+QUICK_SHAPE = (64, 56, 32)  # holds the quick mode's (48, 40, 24) crops
 
 
-def write_cases(root: Path, cases: int, quick: bool) -> tuple[Path, Path]:
-    """``cases`` scattered-false-positive LA cases as pred/ and gt/ folders of .nii.gz files."""
+def write_cases(la_root: Path, root: Path, cases: int, quick: bool) -> tuple[Path, Path]:
+    """``cases`` scattered-false-positive LA cases (the generated LA crops of ``la_root`` in raw-size volumes) as
+    pred/ and gt/ folders of .nii.gz files."""
     pred_dir, gt_dir = root / "pred", root / "gt"
-    if not (gt_dir / f"case{cases - 1}.nii.gz").is_file():
-        pred_dir.mkdir(parents=True, exist_ok=True), gt_dir.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(0)
-        sizes = {"shape": QUICK_SHAPE, "crop_shape": QUICK_CROP} if quick else {}
-        affine = np.diag([*LA_SPACING, 1.0])
-        for index in range(cases):
-            pred, gt = data.scattered_fp_la_case(rng, **sizes)
-            nib.save(nib.Nifti1Image(pred, affine), pred_dir / f"case{index}.nii.gz")
-            nib.save(nib.Nifti1Image(gt, affine), gt_dir / f"case{index}.nii.gz")
+    pred_dir.mkdir(parents=True, exist_ok=True), gt_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    affine = np.diag([*LA_SPACING, 1.0])
+    for name, _, label in data.la_cases(la_root)[:cases]:
+        pred, gt = data.scattered_fp_la_case(label, rng, QUICK_SHAPE if quick else data.LA_RAW_SHAPE)
+        nib.save(nib.Nifti1Image(pred, affine), pred_dir / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(gt, affine), gt_dir / f"{name}.nii.gz")
     return pred_dir, gt_dir
 
 
@@ -51,10 +50,10 @@ def medpy_folder(pred_dir: Path, gt_dir: Path) -> dict[tuple[str, int], dict[str
     return scores
 
 
-def run(work: Path, quick: bool, workers: int | None = None) -> dict[str, Any]:
+def run(la_root: Path, work: Path, quick: bool, workers: int | None = None) -> dict[str, Any]:
     workers = workers or default_workers()
-    cases = 2 if quick else max(4, 2 * workers)
-    pred_dir, gt_dir = write_cases(work / "scattered-fp", cases, quick)
+    pred_dir, gt_dir = write_cases(la_root, work / "scattered-fp", 2 if quick else 4, quick)
+    cases = len(list(gt_dir.glob("*.nii.gz")))
     results: dict[str, Any] = {}
     candidates = {
         "medpy": lambda: results.__setitem__("medpy", medpy_folder(pred_dir, gt_dir)),
@@ -77,10 +76,9 @@ def run(work: Path, quick: bool, workers: int | None = None) -> dict[str, Any]:
     def per_case(seconds):
         return summary([s / cases for s in seconds])
 
-    foreground = [np.asanyarray(nib.load(path).dataobj) for path in sorted(pred_dir.glob("*.nii.gz"))[:1]][0]
     return {
         "cases": cases, "workers": workers, "tolerance": TOLERANCE,
-        "volume_shape": list(foreground.shape),
+        "volume_shape": list(QUICK_SHAPE if quick else data.LA_RAW_SHAPE),
         "prediction": "boundary moved by a smooth random field (~2.5 voxels) plus "
                       f"{100 * data.SCATTERED_FP_FRACTION:g} % of the volume as isolated false-positive voxels",
         "files": ".nii.gz files, distances in voxels (as the SSL-MIS test scripts)",
