@@ -11,15 +11,17 @@ Definitions (identical to ``medpy.metric.binary`` ``dc``, ``jc``, ``hd95``, ``as
 - ASD is the mean of the **directed** distances ``d(P→G)`` (medpy ``asd``, not the symmetric ``assd``).
 - ``spacing=None`` measures distances in voxels, as every SSL-MIS test script does; otherwise one spacing per axis.
 
-Why it is fast (``make perf`` measures it against medpy; docs/perf.md): the work grows with the masks, not with
-the image. The voxels of each mask are found a machine word at a time, the surface voxels by looking up each mask
-voxel's 2 * ndim neighbours, and medpy's three distance transforms (two for hd95, one for asd) become one per
-direction, each exact either way: an exact Euclidean distance transform of the bounding box of both surfaces (cheap
-when the box is small, e.g. ACDC's thin stacks), or a k-d tree over the surface voxels only (cheap when the box is
-large but the surfaces are sparse, e.g. a 3-D volume with stray false positives scattered over it). The cheaper one
-is picked from the box size per surface voxel (``EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL``, the crossover measured on
-ACDC and LA-sized volumes). Fortran-ordered arrays (NIfTI) are read through their transpose, without a copy, and
-the ASD is summed in medpy's order, so the numbers are medpy's to the last bit on the cases ``make perf`` checks.
+Why it is fast (``make perf`` measures it against medpy; docs/perf.md): the surfaces come from shifted ANDs over the
+bounding box of the union of both masks (outside it both are zero), or, when that box is mostly empty (stray voxels
+spread over a whole raw volume; ``MAX_BOX_VOXELS_PER_MASK_VOXEL``), per mask voxel: the voxels found a machine word
+at a time and each one's 2 * ndim neighbours looked up, so the work grows with the masks, not with the image.
+medpy's three distance transforms (two for hd95, one for asd) become one per direction, each exact either way: an
+exact Euclidean distance transform of the bounding box of both surfaces (cheap when the box is small, e.g. ACDC's
+thin stacks), or a k-d tree over the surface voxels only (cheap when the box is large but the surfaces are sparse,
+e.g. a 3-D volume with stray false positives scattered over it). The cheaper one is picked from the box size per
+surface voxel (``EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL``, the crossover measured on ACDC and LA-sized volumes).
+Fortran-ordered arrays (NIfTI) are read through their transpose, without a copy, and the ASD is summed in medpy's
+order, so the numbers are medpy's to the last bit on the cases ``make perf`` checks.
 
 Empty masks (the suite's single rule, chosen with ``empty_policy``; values are never NaN):
 

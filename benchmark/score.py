@@ -13,7 +13,9 @@ Rules:
   plus one (at least 2); labels ``>= num_classes`` are not scored and trigger a warning;
 - distances are in voxels unless ``use_spacing``; then the ground truth's spacing is used (1 where the file has
   none), with a warning for cases whose prediction declares a different spacing or whose ground truth declares none;
-- metrics and the empty-mask rule are those of :mod:`benchmark.metrics`.
+- metrics and the empty-mask rule are those of :mod:`benchmark.metrics`;
+- cases are scored in worker processes (``workers``, default one per core), each ground truth read once; the output
+  does not depend on the number of workers.
 """
 from __future__ import annotations
 
