@@ -39,6 +39,9 @@ SHARD ?=
 LAUNCHER ?= local
 SWEEP_ARGS ?=
 PERF_ARGS ?=
+# make gpu-check: DEVICE=cpu for the dry run without a GPU; GPU_CHECK_ARGS e.g. --methods cps --steps 40.
+DEVICE ?=
+GPU_CHECK_ARGS ?=
 
 RUN_ARGS = --method $(METHOD) --dataset $(DATASET) --profile $(PROFILE) --seed $(SEED) --devices $(DEVICES) \
 	--out "$(OUT)" --leaderboard-dir "$(LEADERBOARD_DIR)" --wandb $(WANDB) \
@@ -56,7 +59,7 @@ RESUME_ARGS = $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,DA
 	$(foreach o,$(OVERRIDES),--set $(o))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf predict
+.PHONY: help setup bench sweep leaderboard tune show-config verify test test-fast list clean perf predict gpu-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -110,6 +113,9 @@ test-fast: $(STAMP) ## the tests not marked slow
 
 perf: $(STAMP) ## the suite's own costs as ratios vs same-run references (~20 min on 2 busy cores) -> perf/report.{json,md}
 	$(PY) -m benchmark.perf --out perf $(PERF_ARGS)
+
+gpu-check: $(STAMP) ## every method a few dozen steps on one GPU, fp32/16-mixed/bf16-mixed: step time, memory, loss vs CPU (DEVICE=cpu: dry run)
+	$(PY) -m benchmark.gpu_check $(if $(DEVICE),--device $(DEVICE)) $(GPU_CHECK_ARGS)
 
 clean: ## remove runs/ and caches (keeps .venv and leaderboards)
 	rm -rf runs .pytest_cache

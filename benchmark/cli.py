@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--empty-policy", default="penalty", choices=["penalty", "literature"])
     score.add_argument("--num-classes", type=_number(int), default=None,
                        help="classes including background (default: 1 + the largest ground-truth label)")
+    score.add_argument("--workers", type=_number(int), default=None,
+                       help="processes scoring cases in parallel (default: one per core)")
 
     predict = commands.add_parser("predict", help="label maps of a folder of images with a trained run (same formats, sizes, affines)")
     predict.add_argument("run_dir", metavar="RUN", help="a finished run folder (runs/<dataset>/<method>/L<n>_s<seed>_...)")
@@ -281,7 +283,7 @@ def command_score(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.pred) / "scores.csv"
     frame = score_folders(args.pred, args.gt, out_csv=out, use_spacing=args.spacing, empty_policy=args.empty_policy,
-                          num_classes=args.num_classes)
+                          num_classes=args.num_classes, workers=args.workers)
     print_scores(frame)
     print(f"written: {out}")
     return 0

@@ -11,14 +11,17 @@ Definitions (identical to ``medpy.metric.binary`` ``dc``, ``jc``, ``hd95``, ``as
 - ASD is the mean of the **directed** distances ``d(P→G)`` (medpy ``asd``, not the symmetric ``assd``).
 - ``spacing=None`` measures distances in voxels, as every SSL-MIS test script does; otherwise one spacing per axis.
 
-Why it is fast (``make perf`` measures it against medpy; docs/perf.md): everything is computed on the bounding
-box of the union of both masks (outside it both masks are zero, so the erosion and the nearest surface voxels are
-the same as on the full image), surfaces come from shifted ANDs instead of a generic erosion, medpy's three
-distance transforms (two for hd95, one for asd) become one per direction, and each direction is exact either way:
-an exact Euclidean distance transform of the cropped box (cheap when the box is small, e.g. ACDC's thin stacks),
-or a k-d tree over the surface voxels only (cheap when the box is large but the surfaces are sparse, e.g. a
-3-D volume with a stray blob far away). The cheaper one is picked from the box size per surface voxel
-(``EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL``, the crossover measured on ACDC and LA-sized volumes).
+Why it is fast (``make perf`` measures it against medpy; docs/perf.md): the surfaces come from shifted ANDs over the
+bounding box of the union of both masks (outside it both are zero), or, when that box is mostly empty (stray voxels
+spread over a whole raw volume; ``MAX_BOX_VOXELS_PER_MASK_VOXEL``), per mask voxel: the voxels found a machine word
+at a time and each one's 2 * ndim neighbours looked up, so the work grows with the masks, not with the image.
+medpy's three distance transforms (two for hd95, one for asd) become one per direction, each exact either way: an
+exact Euclidean distance transform of the bounding box of both surfaces (cheap when the box is small, e.g. ACDC's
+thin stacks), or a k-d tree over the surface voxels only (cheap when the box is large but the surfaces are sparse,
+e.g. a 3-D volume with stray false positives scattered over it). The cheaper one is picked from the box size per
+surface voxel (``EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL``, the crossover measured on ACDC and LA-sized volumes).
+Fortran-ordered arrays (NIfTI) are read through their transpose, without a copy, and the ASD is summed in medpy's
+order, so the numbers are medpy's to the last bit on the cases ``make perf`` checks.
 
 Empty masks (the suite's single rule, chosen with ``empty_policy``; values are never NaN):
 
@@ -50,6 +53,12 @@ EMPTY_POLICIES = ("penalty", "literature")
 # Distance transform of the box when it has fewer voxels than this many per surface voxel, else a k-d tree:
 # the EDT costs ~35 ns per box voxel and direction, the tree ~1 us per surface voxel (2 cores, make perf).
 EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL = 7
+# Surfaces by shifted ANDs over the union's bounding box when it holds at most this many voxels per mask voxel,
+# else per mask voxel (neighbour look-ups): the box way is cheaper for compact masks (ACDC, LA crops), the other
+# when stray voxels spread the box over a whole raw volume (make perf, metrics and score sections).
+MAX_BOX_VOXELS_PER_MASK_VOXEL = 16
+# Larger leaves than scipy's default 16: queries from far-away stray voxels visit fewer nodes (make perf).
+KD_TREE_LEAF_SIZE = 32
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
 
 
@@ -75,13 +84,27 @@ def binary_metrics(pred, gt, spacing: Sequence[float] | None = None, empty_polic
         )
     spacing = _per_axis_spacing(spacing, pred.ndim)
 
+    transposed = pred.flags.f_contiguous and not pred.flags.c_contiguous
+    if transposed:
+        # NIfTI arrays come in Fortran order: their transpose is a C-ordered view (no copy), and no metric depends
+        # on the order of the axes once the spacing follows it.
+        pred, gt, spacing = pred.T, gt.T, spacing[::-1]
+    pred, gt = np.ascontiguousarray(pred), np.ascontiguousarray(gt)
     pred_size, gt_size = np.count_nonzero(pred), np.count_nonzero(gt)
     if pred_size == 0 or gt_size == 0:
         return _empty_mask_metrics(pred_size == 0, gt_size == 0, pred.shape, spacing, empty_policy)
 
-    pred, gt = _crop_to_union_bounding_box(pred, gt)
     intersection = np.count_nonzero(pred & gt)
-    pred_to_gt, gt_to_pred = _surface_distances(pred, gt, spacing)
+    box = _union_bounding_box(pred, gt)
+    if math.prod(s.stop - s.start for s in box) <= MAX_BOX_VOXELS_PER_MASK_VOXEL * (pred_size + gt_size):
+        pred_surface, gt_surface = _surface_in_box(pred, box), _surface_in_box(gt, box)
+        pred_to_gt, gt_to_pred = _distances_between_dense(pred_surface, gt_surface, spacing)
+        pred_points = _points(pred_surface) if transposed else None
+    else:  # masks sparse in their box (stray voxels far apart): work per mask voxel, not per box voxel
+        pred_points, gt_points = (_surface_points(mask, _flat_indices(mask)) for mask in (pred, gt))
+        pred_to_gt, gt_to_pred = _distances_between_points(pred_points, gt_points, spacing)
+    if transposed:  # the ASD's sum in medpy's order (raster order of the array as given): the same rounding
+        pred_to_gt = pred_to_gt[np.lexsort(pred_points.T)]
     return {
         "dice": float(2 * intersection / (pred_size + gt_size)),
         "jaccard": float(intersection / (pred_size + gt_size - intersection)),
@@ -174,56 +197,100 @@ def _empty_mask_metrics(pred_empty: bool, gt_empty: bool, shape: tuple[int, ...]
     return {"dice": 0.0, "jaccard": 0.0, "hd95": diagonal, "asd": diagonal}
 
 
-def _crop_to_union_bounding_box(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks cut to the bounding box of their union and padded with one voxel of zeros.
-
-    The zero frame plays the role of erosion's ``border_value=0``: a mask voxel on the box's edge (which may be the
-    image's edge) has a background neighbour, so it is a surface voxel exactly as in medpy.
-    """
+def _union_bounding_box(pred: np.ndarray, gt: np.ndarray) -> tuple[slice, ...]:
     union = pred | gt
     box = []
     for axis in range(union.ndim):
-        other_axes = tuple(a for a in range(union.ndim) if a != axis)
-        occupied = np.flatnonzero(np.any(union, axis=other_axes))
+        occupied = np.flatnonzero(np.any(union, axis=tuple(a for a in range(union.ndim) if a != axis)))
         box.append(slice(occupied[0], occupied[-1] + 1))
-    box = tuple(box)
-    return np.pad(pred[box], 1), np.pad(gt[box], 1)
+    return tuple(box)
 
 
-def _surface(padded_mask: np.ndarray) -> np.ndarray:
-    """Surface voxels of a zero-padded mask (mask minus its erosion by the connectivity-1 cross), padding removed."""
-    ndim = padded_mask.ndim
-    inner = (slice(1, -1),) * ndim
-    mask = padded_mask[inner]
-    eroded = mask.copy()
-    for axis in range(ndim):
+def _surface_in_box(mask: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The mask's surface over the box (a dense boolean array): the mask minus its erosion by the cross, by shifted
+    ANDs of the zero-padded box (the frame plays erosion's ``border_value=0``)."""
+    padded = np.pad(mask[box], 1)
+    inner = (slice(1, -1),) * mask.ndim
+    cropped = padded[inner]
+    eroded = cropped.copy()
+    for axis in range(mask.ndim):
         for neighbour in (slice(None, -2), slice(2, None)):
-            eroded &= padded_mask[inner[:axis] + (neighbour,) + inner[axis + 1:]]
-    return mask & ~eroded
+            eroded &= padded[inner[:axis] + (neighbour,) + inner[axis + 1:]]
+    return cropped & ~eroded
 
 
-def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Directed distances ``d(pred→gt)`` and ``d(gt→pred)``, each in raster order of the source surface."""
-    pred_surface, gt_surface = _surface(pred), _surface(gt)
+def _points(mask: np.ndarray) -> np.ndarray:
+    """Coordinates of a C-contiguous mask's voxels, one row each, raster order (``np.argwhere``, faster)."""
+    return np.stack(np.unravel_index(_flat_indices(mask), mask.shape), axis=1)
+
+
+def _flat_indices(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of a C-contiguous boolean mask, ~20x faster on large sparse masks: only the 8-byte words
+    holding a non-zero byte are unpacked (numpy's nonzero tests every byte on its own)."""
+    flat = mask.ravel()
+    whole_words = len(flat) // 8 * 8
+    words = np.flatnonzero(flat[:whole_words].view(np.uint64) != 0)
+    candidates = (words[:, None] * 8 + np.arange(8)).ravel()
+    return np.concatenate((candidates[flat[candidates]], whole_words + np.flatnonzero(flat[whole_words:])))
+
+
+def _surface_points(mask: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """Coordinates (one row per voxel, raster order) of a mask's surface: its voxels with a background neighbour
+    along some axis or on the array's edge, i.e. ``mask XOR binary_erosion(mask, cross, border_value=0)``.
+
+    ``voxels`` are the mask's flat indices (C order): looking up the 2 * ndim neighbours of each costs time in
+    proportion to the mask, not to the image, so thousands of scattered single voxels in a large volume are cheap.
+    """
+    flat = mask.ravel()
+    coordinates = np.unravel_index(voxels, mask.shape)
+    on_surface = np.zeros(len(voxels), dtype=bool)
+    stride = 1
+    for axis in reversed(range(mask.ndim)):
+        first, last = coordinates[axis] == 0, coordinates[axis] == mask.shape[axis] - 1
+        on_surface |= first | last
+        # On the edge the voxel itself stands in for its missing neighbour (it is a surface voxel already).
+        on_surface |= ~flat[np.where(first, voxels, voxels - stride)]
+        on_surface |= ~flat[np.where(last, voxels, voxels + stride)]
+        stride *= mask.shape[axis]
+    return np.stack([axis_coordinates[on_surface] for axis_coordinates in coordinates], axis=1)
+
+
+def _distances_between_dense(pred_surface: np.ndarray, gt_surface: np.ndarray, spacing: np.ndarray):
+    """Directed distances ``d(pred→gt)``, ``d(gt→pred)`` between two surfaces given over the same box, each in
+    raster order of its source surface."""
     surface_voxels = np.count_nonzero(pred_surface) + np.count_nonzero(gt_surface)
     if pred_surface.size < EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL * surface_voxels:
         return _distances_by_transform(pred_surface, gt_surface, spacing)
-    return _distances_by_tree(pred_surface, gt_surface, spacing)
+    return _distances_by_tree(_points(pred_surface), _points(gt_surface), spacing)
+
+
+def _distances_between_points(pred_points: np.ndarray, gt_points: np.ndarray, spacing: np.ndarray):
+    """``_distances_between_dense`` for surfaces given as voxel coordinates."""
+    low = np.minimum(pred_points.min(axis=0), gt_points.min(axis=0))
+    box_shape = tuple(np.maximum(pred_points.max(axis=0), gt_points.max(axis=0)) - low + 1)
+    if math.prod(box_shape) < EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL * (len(pred_points) + len(gt_points)):
+        surfaces = []
+        for points in (pred_points, gt_points):
+            surface = np.zeros(box_shape, dtype=bool)
+            surface[tuple((points - low).T)] = True
+            surfaces.append(surface)
+        return _distances_by_transform(*surfaces, spacing)
+    return _distances_by_tree(pred_points, gt_points, spacing)
 
 
 def _distances_by_transform(pred_surface: np.ndarray, gt_surface: np.ndarray, spacing: np.ndarray):
-    """medpy's way on the box: the Euclidean distance transform to the other surface, read at this surface."""
+    """medpy's way on the box: the Euclidean distance transform to the other surface, read at this surface (every
+    voxel of both surfaces lies in the box, so the nearest one is found in it)."""
     to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
     return to_gt[pred_surface], to_pred[gt_surface]
 
 
-def _distances_by_tree(pred_surface: np.ndarray, gt_surface: np.ndarray, spacing: np.ndarray):
+def _distances_by_tree(pred_points: np.ndarray, gt_points: np.ndarray, spacing: np.ndarray):
     """Exact nearest-neighbour search among the surface voxels only (no dense grid)."""
-    pred_points = np.argwhere(pred_surface) * spacing
-    gt_points = np.argwhere(gt_surface) * spacing
-    pred_to_gt, _ = cKDTree(gt_points, balanced_tree=False).query(pred_points)
-    gt_to_pred, _ = cKDTree(pred_points, balanced_tree=False).query(gt_points)
+    pred_points, gt_points = pred_points * spacing, gt_points * spacing
+    pred_to_gt, _ = cKDTree(gt_points, leafsize=KD_TREE_LEAF_SIZE).query(pred_points)
+    gt_to_pred, _ = cKDTree(pred_points, leafsize=KD_TREE_LEAF_SIZE).query(gt_points)
     return pred_to_gt, gt_to_pred
 
 

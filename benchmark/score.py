@@ -17,11 +17,16 @@ Rules:
   differently is reoriented by the affines (and refused if it then still lies on another voxel grid);
 - distances are in voxels unless ``use_spacing``; then the ground truth's spacing is used (1 where the file has
   none, with a warning), and a prediction that declares a different spacing is refused;
-- metrics and the empty-mask rule are those of :mod:`benchmark.metrics`.
+- metrics and the empty-mask rule are those of :mod:`benchmark.metrics`;
+- cases are scored in worker processes (``workers``, default one per core), each file read once; the output
+  does not depend on the number of workers.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.errors import UserError
-from benchmark.metrics import METRIC_NAMES, check_empty_policy, mean_over_cases, multiclass_metrics
+from benchmark.metrics import METRIC_NAMES, binary_metrics, check_empty_policy, mean_over_cases, multiclass_metrics
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".h5", ".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -50,11 +55,33 @@ class LabelVolume:
     affine: np.ndarray | None = None  # NIfTI only: voxel indices -> world coordinates
 
 
+@dataclass(frozen=True)
+class CaseScores:
+    """What one worker sends back for one case: its rows and what the warnings need."""
+    rows: list[dict]
+    largest_label: int  # in the prediction or the ground truth
+    largest_ground_truth_label: int
+    ground_truth_labels: frozenset  # the labels present in the ground truth
+    ground_truth_has_no_spacing: bool
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num_classes: int | None = None,
-                  empty_policy: str = "penalty") -> pd.DataFrame:
+                  empty_policy: str = "penalty", workers: int | None = None) -> pd.DataFrame:
     """One row per (case, class) with dice, jaccard, hd95 and asd, then one ``mean`` row per class (mean over
-    cases) and a ``mean`` row of class ``all`` (mean over the class means). Written to ``out_csv`` if given."""
+    cases) and a ``mean`` row of class ``all`` (mean over the class means). Written to ``out_csv`` if given.
+
+    Cases are scored in ``workers`` processes (default: one per core, as nnU-Net's evaluation does); the result
+    does not depend on the number of workers."""
     check_empty_policy(empty_policy)
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise UserError(f"workers must be a whole number >= 1, got {workers!r}",
+                        fix="pass the number of processes to score cases in, e.g. --workers 2 (default: one per core)")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     gt_files = _label_files(gt_dir, "ground-truth")
     pred_files = _label_files(pred_dir, "prediction")
@@ -73,37 +100,29 @@ def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num
     if unmatched:
         warnings.warn(f"{len(unmatched)} prediction(s) without a ground truth are not scored: {_name_list(unmatched)}",
                       stacklevel=2)
-
-    if num_classes is None:
-        num_classes = _inferred_num_classes(gt_files, gt_dir)
-    elif num_classes < 2:
+    if num_classes is not None and num_classes < 2:
         raise UserError(f"num_classes must be at least 2 (background and one class), got {num_classes}",
                         fix="count the background: a binary task has num_classes=2")
 
-    rows = []
-    cases_without_spacing = []
-    for case in sorted(gt_files):
-        gt = _read_label_volume(gt_files[case], GROUND_TRUTH_DATASETS)
-        pred = _read_label_volume(pred_files[case], PREDICTION_DATASETS)
-        pred = _in_ground_truth_orientation(pred, gt, pred_files[case], gt_files[case])
-        if pred.labels.shape != gt.labels.shape:
-            raise UserError(
-                f"case '{case}': prediction shape {pred.labels.shape} != ground-truth shape {gt.labels.shape}",
-                where=f"{pred_files[case]} vs {gt_files[case]}",
-                fix="save predictions at the ground truth's resolution and axis order (undo crop, padding, resampling)",
-            )
-        _check_label_range(gt, num_classes, gt_files[case])
-        _check_label_range(pred, num_classes, pred_files[case])
-        spacing = None
-        if use_spacing:
-            if gt.spacing is None:
-                cases_without_spacing.append(case)
-            else:
-                _check_same_spacing(pred, gt, pred_files[case], gt_files[case])
-            spacing = _checked_spacing(gt, gt_files[case])
-        per_class = multiclass_metrics(pred.labels, gt.labels, num_classes, spacing, empty_policy)
-        rows += [{"case": case, "class": c, **class_metrics} for c, class_metrics in per_class.items()]
+    cases = sorted(gt_files)
+    jobs = [(case, pred_files[case], gt_files[case], num_classes, use_spacing, empty_policy) for case in cases]
+    per_case = dict(zip(cases, _run(_score_case, jobs, min(workers, len(jobs)))))
 
+    if num_classes is None:
+        num_classes = _inferred_num_classes(set().union(*(scored.ground_truth_labels for scored in per_case.values())), gt_dir)
+        for case, scored in per_case.items():  # what the workers could not check without the class count
+            if scored.largest_label >= num_classes:
+                path = gt_files[case] if scored.largest_ground_truth_label >= num_classes else pred_files[case]
+                _check_label_range(_read_label_volume(path, PREDICTION_DATASETS if path == pred_files[case]
+                                                      else GROUND_TRUTH_DATASETS), num_classes, path)
+    # Each case scored the classes up to its own largest label; the classes above it are absent from both masks.
+    absent = binary_metrics(np.zeros(1, bool), np.zeros(1, bool), empty_policy=empty_policy)
+    rows = []
+    for case, scored in per_case.items():
+        scored_rows = {row["class"]: row for row in scored.rows}
+        rows += [scored_rows.get(c, {"case": case, "class": c, **absent}) for c in range(1, num_classes)]
+
+    cases_without_spacing = [case for case, scored in per_case.items() if scored.ground_truth_has_no_spacing]
     if cases_without_spacing:
         warnings.warn(f"no spacing in the ground truth, distances use 1 per axis: {_name_list(cases_without_spacing)}",
                       stacklevel=2)
@@ -114,6 +133,56 @@ def score_folders(pred_dir, gt_dir, out_csv=None, use_spacing: bool = False, num
     if out_csv is not None:
         _write_csv(scores, Path(out_csv))
     return scores
+
+
+def _run(function, jobs: list[tuple], workers: int) -> list:
+    """``function(*job)`` for every job, in order; in ``workers`` processes when more than one."""
+    if workers <= 1:
+        return [function(*job) for job in jobs]
+    # fork starts a worker in milliseconds (spawn would import numpy, scipy and nibabel again in each).
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(function, *job) for job in jobs]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:  # the first failing case (in case order) is reported; the others are not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _score_case(case: str, pred_path: Path, gt_path: Path, num_classes: int | None, use_spacing: bool,
+                empty_policy: str) -> CaseScores:
+    """Reads one case, checks it (orientation, shape, label range, spacing) and scores its classes
+    ``1 .. largest label`` (at most ``num_classes - 1``)."""
+    gt = _read_label_volume(gt_path, GROUND_TRUTH_DATASETS)
+    pred = _read_label_volume(pred_path, PREDICTION_DATASETS)
+    pred = _in_ground_truth_orientation(pred, gt, pred_path, gt_path)
+    if pred.labels.shape != gt.labels.shape:
+        raise UserError(
+            f"case '{case}': prediction shape {pred.labels.shape} != ground-truth shape {gt.labels.shape}",
+            where=f"{pred_path} vs {gt_path}",
+            fix="save predictions at the ground truth's resolution and axis order (undo crop, padding, resampling)",
+        )
+    if num_classes is not None:
+        _check_label_range(gt, num_classes, gt_path)
+        _check_label_range(pred, num_classes, pred_path)
+    ground_truth_labels = frozenset(np.unique(gt.labels).astype(int).tolist())
+    largest_gt_label = max(ground_truth_labels)
+    largest_label = max(_max_label(pred), largest_gt_label)
+    spacing = None
+    if use_spacing:
+        if gt.spacing is not None:
+            _check_same_spacing(pred, gt, pred_path, gt_path)
+        spacing = _checked_spacing(gt, gt_path)
+    last_class = largest_label if num_classes is None else min(largest_label, num_classes - 1)
+    per_class = multiclass_metrics(pred.labels, gt.labels, last_class + 1, spacing, empty_policy)
+    return CaseScores(
+        rows=[{"case": case, "class": c, **class_metrics} for c, class_metrics in per_class.items()],
+        largest_label=largest_label,
+        largest_ground_truth_label=largest_gt_label,
+        ground_truth_labels=ground_truth_labels,
+        ground_truth_has_no_spacing=use_spacing and gt.spacing is None,
+    )
 
 
 def print_scores(scores: pd.DataFrame) -> None:
@@ -225,11 +294,8 @@ def _checked_labels(labels: np.ndarray, path: Path) -> np.ndarray:
 
 
 # ---- input checks: label values, orientation, spacing ----------------------------------------------------------
-def _inferred_num_classes(gt_files: dict[str, Path], gt_dir: Path) -> int:
+def _inferred_num_classes(present: set[int], gt_dir: Path) -> int:
     """1 + the largest ground-truth label (at least 2), if the folder holds every label 0 .. that largest one."""
-    present: set[int] = set()
-    for path in gt_files.values():
-        present |= set(np.unique(_read_label_volume(path, GROUND_TRUTH_DATASETS).labels).astype(int).tolist())
     num_classes = max(2, 1 + max(present))
     absent = sorted(set(range(num_classes)) - present)
     if len(absent) > 0 and max(present) > 1:

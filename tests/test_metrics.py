@@ -115,6 +115,57 @@ def test_distance_path_choice_follows_the_box_size(monkeypatch):
     assert chosen == ["transform", "tree"]
 
 
+def scattered_false_positives(rng: np.random.Generator, mask: np.ndarray, count: int) -> np.ndarray:
+    """``mask`` plus ``count`` isolated single voxels anywhere (on a stride-2 lattice, away from the mask), as a
+    half-trained network predicts: every one is its own component and a surface voxel."""
+    lattice = np.zeros(mask.shape, dtype=bool)
+    lattice[::2, ::2, ::2] = True
+    lattice &= ~ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 3))
+    scattered = mask.copy()
+    scattered.ravel()[rng.choice(np.flatnonzero(lattice), size=count, replace=False)] = True
+    return scattered
+
+
+@pytest.mark.parametrize("surfaces_by", ["box", "mask voxels"])
+@pytest.mark.parametrize("distances_by", ["tree", "transform"])
+@pytest.mark.parametrize("seed", range(2))
+def test_scattered_false_positives_match_medpy(monkeypatch, surfaces_by, distances_by, seed):
+    """Hundreds of stray voxels all over the volume (the case that makes surface distances expensive), through
+    both ways of finding the surfaces and both ways of measuring the distances."""
+    monkeypatch.setattr(metrics_module, "MAX_BOX_VOXELS_PER_MASK_VOXEL", 10**9 if surfaces_by == "box" else 0)
+    monkeypatch.setattr(metrics_module, "EDT_MAX_BOX_VOXELS_PER_SURFACE_VOXEL", 0 if distances_by == "tree" else 10**9)
+    rng = np.random.default_rng(200 + seed)
+    shape = (41, 36, 23)  # no axis a multiple of 8: the word-wise voxel search has a tail
+    gt = ball(shape, (20, 18, 11), 7)
+    pred = scattered_false_positives(rng, perturbed(rng, gt), count=300)
+    assert ndimage.label(pred & ~ndimage.binary_dilation(gt, iterations=3))[1] > 250
+    for spacing in (None, (0.625, 0.625, 2.5)):
+        assert_matches_medpy(pred, gt, spacing)
+        assert_matches_medpy(gt, pred, spacing)
+
+
+@pytest.mark.parametrize("surfaces_by", ["box", "mask voxels"])
+def test_fortran_ordered_arrays_give_medpy_numbers_to_the_last_bit(monkeypatch, surfaces_by):
+    """NIfTI arrays are Fortran-ordered; they are read through their transpose and the ASD summed in medpy's order."""
+    monkeypatch.setattr(metrics_module, "MAX_BOX_VOXELS_PER_MASK_VOXEL", 10**9 if surfaces_by == "box" else 0)
+    rng = np.random.default_rng(7)
+    gt = ball((40, 33, 20), (20, 15, 10), 9)
+    pred = scattered_false_positives(rng, perturbed(rng, gt), count=100)
+    pred_f, gt_f = np.asfortranarray(pred.astype(np.uint8)), np.asfortranarray(gt.astype(np.uint8))
+    assert pred_f.flags.f_contiguous and not pred_f.flags.c_contiguous
+    ours = binary_metrics(pred_f, gt_f)
+    assert ours == binary_metrics(pred, gt)
+    assert ours == {name: float(value) for name, value in medpy_metrics(pred_f, gt_f).items()}
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 64, 1001])
+def test_flat_indices_equal_numpy_flatnonzero(size):
+    rng = np.random.default_rng(size)
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = rng.random(size) < density
+        assert np.array_equal(metrics_module._flat_indices(mask), np.flatnonzero(mask))
+
+
 def single_voxel(shape, index) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     mask[index] = True

@@ -24,6 +24,9 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     for group in [*metrics["acdc_per_class"].values(), metrics["la_sized"]]:
         assert max(group["largest_difference_to_medpy"].values()) <= 1e-6
         assert group["speedup_vs_medpy"] > 0 and "monai_hd95_minus_medpy_hd95" in group
+    score = sections["score"]
+    assert score["parallel_equals_serial"] and max(score["largest_difference_to_medpy"].values()) <= 1e-6
+    assert score["speedup_one_process"] > 0 and score["speedup_parallel"] > 0 and score["cases"] == 2
     window = sections["sliding_window"]
     assert window["label_maps_equal"] and window["windows_la_sized_volume"] == 72 and window["speedup"] > 0
     step = sections["training_step"]["methods"]["supervised"]
@@ -46,7 +49,7 @@ def test_quick_perf_writes_the_whole_report(tmp_path, one_torch_thread):
     startup = sections["cli_startup"]
     assert set(startup["over_reference"]) == set(startup["reference"]) and all(v > 0 for v in startup["over_reference"].values())
     markdown = (tmp_path / "report.md").read_text()
-    for heading in ("## Metrics", "## Sliding window", "## Training step", "## Data loading", "## Memory",
+    for heading in ("## Metrics", "## Scoring a folder", "## Sliding window", "## Training step", "## Data loading", "## Memory",
                     "## Inference speed", "## Mixed precision", "## Compute of a `paper`-profile run", "## Command-line start-up"):
         assert heading in markdown
 

@@ -321,3 +321,88 @@ def test_a_prediction_on_another_grid_after_reorientation_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(ground_truth(), np.eye(4)), pred_dir / "c.nii.gz")  # RAS default: which one is right?
     with pytest.raises(UserError, match="oriented RAS and the ground truth LAS"):
         score_folders(pred_dir, gt_dir)
+
+
+def scattered_case(rng: np.random.Generator, shape=(30, 27, 13)) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, ground truth) label maps: class 1 a ball predicted shifted plus isolated stray voxels all over the
+    volume, class 2 present in the ground truth only (a missed structure), class 3 in neither file."""
+    grid = np.ogrid[tuple(slice(0, size) for size in shape)]
+    ball = sum((axis - centre) ** 2 for axis, centre in zip(grid, (14, 13, 6))) <= 25
+    gt = ball.astype(np.uint8)
+    gt[1:3, 1:3, 1:3] = 2
+    pred = np.roll(ball, 1, axis=0).astype(np.uint8)
+    lattice = np.zeros(shape, dtype=bool)
+    lattice[::2, ::2, ::2] = True
+    lattice &= ~np.pad(np.ones((16, 15, 14), dtype=bool), [(6, shape[0] - 22), (5, shape[1] - 20), (0, 0)])[:, :, :shape[2]]
+    pred.ravel()[rng.choice(np.flatnonzero(lattice), size=60, replace=False)] = 1
+    return pred, gt
+
+
+@pytest.fixture
+def scattered_folders(tmp_path):
+    rng = np.random.default_rng(3)
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    for index in range(3):
+        pred, gt = scattered_case(rng)
+        write_nifti(gt_dir / f"case{index}.nii.gz", gt)
+        write_nifti(pred_dir / f"case{index}.nii.gz", pred)
+    write_h5(gt_dir / "case3.h5", ground_truth(), spacing=SPACING)  # the formats may be mixed in a folder
+    write_h5(pred_dir / "case3.h5", shifted_prediction(), dataset="prediction")
+    return pred_dir, gt_dir
+
+
+@pytest.mark.parametrize("use_spacing", [False, True])
+def test_scattered_false_positives_and_empty_classes_match_medpy(scattered_folders, use_spacing):
+    from medpy.metric import binary as medpy_binary  # a test-only dependency
+
+    pred_dir, gt_dir = scattered_folders
+    scores = score_folders(pred_dir, gt_dir, use_spacing=use_spacing, num_classes=4, workers=2)
+    for index in range(3):
+        gt = np.asanyarray(nib.load(gt_dir / f"case{index}.nii.gz").dataobj)
+        pred = np.asanyarray(nib.load(pred_dir / f"case{index}.nii.gz").dataobj)
+        spacing = SPACING if use_spacing else None
+        expected = {"dice": medpy_binary.dc(pred == 1, gt == 1), "jaccard": medpy_binary.jc(pred == 1, gt == 1),
+                    "hd95": medpy_binary.hd95(pred == 1, gt == 1, voxelspacing=spacing),
+                    "asd": medpy_binary.asd(pred == 1, gt == 1, voxelspacing=spacing)}
+        assert metrics_of(scores, f"case{index}", 1) == pytest.approx(expected, abs=1e-6)
+        diagonal = math.hypot(29 * (2.0 if use_spacing else 1.0), 26, 12)  # the (30, 27, 13) image's diagonal
+        expected_miss = {"dice": 0.0, "jaccard": 0.0, "hd95": pytest.approx(diagonal), "asd": pytest.approx(diagonal)}
+        assert metrics_of(scores, f"case{index}", 2) == expected_miss
+        assert metrics_of(scores, f"case{index}", 3) == PERFECT  # absent from both files
+    assert metrics_of(scores, "case3", 1)["hd95"] == pytest.approx(2.0 if use_spacing else 1.0)
+
+
+def test_parallel_and_serial_scoring_write_identical_files(scattered_folders, tmp_path):
+    serial, parallel = tmp_path / "serial.csv", tmp_path / "parallel.csv"
+    score_folders(*scattered_folders, out_csv=serial, workers=1)
+    score_folders(*scattered_folders, out_csv=parallel, workers=3)
+    assert serial.read_bytes() == parallel.read_bytes()
+    assert len(pd.read_csv(serial)) == 4 * 2 + 2 + 1  # 4 cases x classes 1-2, two class means, the overall mean
+
+
+def test_an_error_in_a_worker_names_its_case(nifti_folders):
+    pred_dir, gt_dir = nifti_folders
+    write_nifti(pred_dir / "case_b.nii.gz", np.zeros((8, 8, 7), dtype=np.uint8))
+    with pytest.raises(UserError, match="case 'case_b': prediction shape") as error:
+        score_folders(pred_dir, gt_dir, workers=2)
+    assert error.value.fix and "resolution" in error.value.fix
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_bad_worker_counts(nifti_folders, workers):
+    with pytest.raises(UserError, match="workers must be a whole number"):
+        score_folders(*nifti_folders, workers=workers)
+
+
+def test_cli_workers_option(nifti_folders, tmp_path):
+    from benchmark.cli import build_parser, command_score
+
+    parser = build_parser()
+    out = tmp_path / "scores.csv"
+    args = parser.parse_args(["score", *map(str, nifti_folders), "--workers", "2", "--out", str(out)])
+    assert args.workers == 2 and parser.parse_args(["score", *map(str, nifti_folders)]).workers is None
+    assert command_score(args) == 0
+    assert "case_b" in out.read_text()
+    with pytest.raises(UserError, match="whole number"):
+        parser.parse_args(["score", *map(str, nifti_folders), "--workers", "two"])

@@ -12,19 +12,20 @@ from benchmark.errors import EXIT_USER_ERROR, UserError
 from benchmark.perf import data, report
 from benchmark.perf.timing import machine
 
-SECTIONS = ("metrics", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision", "paper_cost",
-            "cli_startup")
+SECTIONS = ("metrics", "score", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision",
+            "paper_cost", "cli_startup")
 
 
 def measure(quick: bool, acdc_root: Path, work: Path, only: list[str], methods: list[str] | None, out: Path, threads: int,
             cost_protocols: list[str] | None = None, compile_too: bool = False) -> dict:
     from benchmark.perf import (cli_startup, inference_speed, loading, memory, metrics_section, paper_cost, precision,
-                                sliding_window, training_step)
+                                score_section, sliding_window, training_step)
 
     la_root = data.write_la_sized(work / "la-sized", n_train=3 if quick else 6, n_test=1 if quick else 2,
                                   shape=(48, 40, 24) if quick else data.LA_SIZED_SHAPE)
     runners = {
         "metrics": lambda: metrics_section.run(acdc_root, la_root, quick),
+        "score": lambda: score_section.run(la_root, work, quick),
         "sliding_window": lambda: sliding_window.run(la_root, quick),
         "training_step": lambda: training_step.run(quick, methods),
         "loading": lambda: loading.run(acdc_root, la_root, quick),

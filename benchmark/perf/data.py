@@ -73,3 +73,38 @@ def perturbed_la_prediction(gt: np.ndarray, rng: np.random.Generator) -> np.ndar
         centre = rng.uniform(0, gt.shape)
         pred |= sum((axis - c) ** 2 for axis, c in zip(grid, centre)) <= rng.uniform(2, 5) ** 2
     return pred
+
+
+# The raw LA challenge volumes (X, Y, Z) before UA-MT's crop: the atrium fills a small part of them.
+LA_RAW_SHAPE = (576, 576, 88)
+# A half-trained network's scattered false positives: this fraction of the volume, each voxel its own component.
+SCATTERED_FP_FRACTION = 0.0005
+
+
+def scattered_fp_la_case(crop_label: np.ndarray, rng: np.random.Generator, shape=LA_RAW_SHAPE,
+                         fp_fraction: float = SCATTERED_FP_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction, ground truth) as uint8 label maps of ``shape``: an LA crop's label placed in the middle of the
+    raw volume, predicted with a moved boundary (``perturbed_la_prediction``) plus ``fp_fraction`` of the volume
+    as isolated single false-positive voxels scattered anywhere.
+
+    The stray voxels sit on a stride-2 lattice and one voxel away from the prediction, so none touches another or
+    the atrium (each is its own component under full connectivity) and every one is a surface voxel: the case that
+    makes surface distances expensive (the union's bounding box is the whole volume).
+    """
+    shape = tuple(shape)
+    if any(c > s for c, s in zip(crop_label.shape, shape)):
+        raise ValueError(f"the crop {crop_label.shape} does not fit in the volume {shape}")
+    offset = tuple((s - c) // 2 for s, c in zip(shape, crop_label.shape))
+    where = tuple(slice(o, o + c) for o, c in zip(offset, crop_label.shape))
+    gt = np.zeros(shape, np.uint8)
+    gt[where] = crop_label != 0
+    pred = np.zeros(shape, np.uint8)
+    pred[where] = perturbed_la_prediction(crop_label, rng)
+
+    lattice = np.zeros(shape, bool)
+    lattice[::2, ::2, ::2] = True
+    lattice[where] &= ~ndimage.binary_dilation(pred[where] != 0, ndimage.generate_binary_structure(3, 3))
+    candidates = np.flatnonzero(lattice)
+    count = min(len(candidates), round(fp_fraction * gt.size))
+    pred.ravel()[rng.choice(candidates, size=count, replace=False)] = 1
+    return pred, gt
