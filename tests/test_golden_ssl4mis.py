@@ -1,12 +1,13 @@
 """One training step of Mean Teacher, UA-MT, CPS and MC-Net+ against numbers from the official code.
 
-tests/golden/<method>_<dims>d.json were computed by running the official repositories (HiLab-git/SSL4MIS, and
-ycwu1997/MC-Net, at the commits each file names) on the same weights and inputs as rebuilt here: the suite's
-networks built with a seed and copied into the upstream network classes, a seeded random batch, the same dropout
-seed, and upstream's own loss classes, ramp-ups and train-script arithmetic. Each file says how. Compared: every
-loss term, the total, the gradient norm of every encoder / decoder, one optimizer step (and the EMA teacher's
-update), the learning rate and consistency weight at several iterations of the `paper` schedule, and the `paper`
-preset values. Tolerances cover float summation order only.
+tests/golden/<method>_<dims>d[_<dataset>].json were computed by running the official repositories
+(HiLab-git/SSL4MIS, yulequan/UA-MT for the LA presets of Mean Teacher and UA-MT, and ycwu1997/MC-Net, at the commits
+each file names) on the same weights and inputs as rebuilt here: the suite's networks built with a seed and copied
+into the upstream network classes, a seeded random batch, the same dropout seed, and upstream's own loss classes,
+ramp-ups and train-script arithmetic. Each file says how. Compared: every loss term, the total, the gradient norm of
+every encoder / decoder, one optimizer step (and the EMA teacher's update), the learning rate and consistency weight
+at several iterations of the `paper` schedule, and the `paper` preset values. Tolerances cover float summation order
+only.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from tests.method_helpers import build_method, random_batch
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-FIXTURES = ["mean_teacher_2d", "ua_mt_2d", "cps_2d", "cps_3d", "mc_net_plus_2d", "mc_net_plus_3d"]
+# 3-D Mean Teacher / UA-MT: `la` against yulequan/UA-MT's LA script, `_brats` against SSL4MIS's 3-D scripts.
+FIXTURES = ["mean_teacher_2d", "ua_mt_2d", "mean_teacher_3d", "ua_mt_3d", "mean_teacher_3d_brats", "ua_mt_3d_brats",
+            "cps_2d", "cps_3d", "mc_net_plus_2d", "mc_net_plus_3d"]
 RTOL, ATOL = 1e-5, 1e-7
 
 
@@ -142,8 +145,9 @@ def test_optimizer_and_ema_updates_match_upstream(stepped):
         assert_close(teacher_deltas, golden["update"]["teacher_delta_norms"], "EMA teacher update norms")
 
 
-def test_ua_mt_threshold_is_upstreams_ln2_one_in_paper():
-    golden = load("ua_mt_2d")
+@pytest.mark.parametrize("name", ["ua_mt_2d", "ua_mt_3d", "ua_mt_3d_brats"])
+def test_ua_mt_threshold_is_upstreams_ln2_one_in_paper(name):
+    golden = load(name)
     model, _ = build(golden)
     with mock.patch.object(type(model), "global_step", new_callable=mock.PropertyMock) as step:
         step.return_value = golden["build"]["step"]
