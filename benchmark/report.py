@@ -364,7 +364,8 @@ READING_FILE = "reading.md"
 
 PROFILE_NOTES = {
     "paper": "the published protocol: comparable with the published numbers beside it",
-    "cpu": "a reduced protocol for 2-core CPUs: compare methods with each other, never with published numbers",
+    "cpu": "one shared training recipe for every method (docs/protocol.md), sized for CPUs: compare methods with "
+           "each other, never with published numbers",
     "smoke": "seconds-long test runs: numbers without meaning",
 }
 
