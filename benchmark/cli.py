@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossError, UserError
 from benchmark.stops import RunStopped
+from core.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, NonFiniteLossError, UserError
 
 EXIT_SOME_RUNS_FAILED = 1
 WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
@@ -196,8 +196,8 @@ def command_run(args: argparse.Namespace) -> int:
 
         print(show_config(config), end="")
         return 0
-    from benchmark.distributed import release_process_group
     from benchmark.run import run
+    from core.distributed import release_process_group
 
     rows = run(config, resume=args.resume)
     release_process_group()

@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from benchmark.errors import UserError, unknown_name
 from benchmark.schema import validate_config
+from core.errors import UserError, unknown_name
 
 PROFILES = ("paper", "cpu", "smoke")
 PROFILE_HELP = {

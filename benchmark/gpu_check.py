@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from benchmark.errors import EXIT_USER_ERROR, UserError
+from core.errors import EXIT_USER_ERROR, UserError
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}

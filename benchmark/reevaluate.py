@@ -20,8 +20,8 @@ import yaml
 
 from benchmark.checkpoints import read_checkpoint
 from benchmark.config import apply_overrides
-from benchmark.errors import UserError
-from benchmark.evaluation import Evaluator, summarize
+from core.errors import UserError
+from core.evaluation import Evaluator, summarize
 
 
 def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "last"):

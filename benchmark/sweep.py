@@ -45,8 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from benchmark.errors import UserError, unknown_name
 from benchmark.leaderboard import append_rows, locked, read_leaderboard
+from core.errors import UserError, unknown_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -294,7 +294,7 @@ def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=N
 
 def run_in_process(argv: Sequence[str]) -> tuple[int, str]:
     from benchmark.cli import build_parser, command_run
-    from benchmark.errors import EXIT_USER_ERROR
+    from core.errors import EXIT_USER_ERROR
 
     try:
         return command_run(build_parser().parse_args(list(argv))), ""

@@ -12,8 +12,8 @@ import pytest
 
 from benchmark import leaderboard, sweep as sweep_module
 from benchmark.cli import main
-from benchmark.errors import UserError
 from benchmark.sweep import GridPoint, SweepOptions, claim, expand_grid, parse_shard, plan, shard, sweep
+from core.errors import UserError
 from tests.conftest import PROJECT_ROOT
 from tests.test_tune import _wait_for as wait_for
 

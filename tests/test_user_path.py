@@ -232,8 +232,8 @@ def test_mean_teacher_runs_from_a_supervised_checkpoint(supervised_checkpoint, t
 def test_a_checkpoint_without_any_network_weights_is_refused(tmp_path):
     import torch
 
-    from benchmark.errors import UserError
     from benchmark.run import init_stage
+    from core.errors import UserError
 
     weights = tmp_path / "other.pt"
     torch.save({"something.weight": torch.zeros(3)}, weights)

@@ -70,8 +70,8 @@ def step_flops(config: dict[str, Any]) -> int:
 
 
 def measure(method: str, protocol: str, quick: bool) -> dict[str, Any]:
-    from benchmark.errors import UserError
     from benchmark.run import plan_stages, stage_config
+    from core.errors import UserError
 
     try:
         get_method(method).check_dataset(get_dataset(PROTOCOLS[protocol][0]).spec)

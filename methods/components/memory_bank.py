@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 
 def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch.distributed as dist
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 
