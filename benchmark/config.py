@@ -75,6 +75,15 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The config one stage trains with: ``per_stage.<stage>`` merged in and ``run.stage`` set."""
+    staged = merge(config, config.get(PER_STAGE, {}).get(stage, {}))
+    staged["run"]["stage"] = stage
+    trainer = staged["trainer"]
+    trainer["val_every"] = min(trainer["val_every"], trainer["max_steps"])
+    return staged
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override '{text}' is not of the form section.key=value", where=OVERRIDE_OPTION, fix="e.g. trainer.max_steps=500")

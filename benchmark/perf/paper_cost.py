@@ -70,7 +70,8 @@ def step_flops(config: dict[str, Any]) -> int:
 
 
 def measure(method: str, protocol: str, quick: bool) -> dict[str, Any]:
-    from benchmark.run import plan_stages, stage_config
+    from benchmark.config import stage_config
+    from benchmark.run import plan_stages
     from core.errors import UserError
 
     try:
