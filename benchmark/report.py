@@ -274,16 +274,30 @@ def seed_offsets(methods: list[str], spread: float = 0.06) -> dict[str, float]:
     return {name: float(np.exp(spread * (i / (len(methods) - 1) - 0.5))) for i, name in enumerate(methods)}
 
 
-def plot_dice(summary: pd.DataFrame, path: Path, title: str, seeds: pd.DataFrame | None = None) -> Path:
-    """Dice (%) against the labeled count per method, one panel per checkpoint kind; error bars = std over seeds
-    (clipped to 0..100 %); ``seeds`` (finished rows) adds each seed's Dice as a hollow point beside its method's."""
+def _panels(count: int):
+    """A headless figure of ``count`` side-by-side panels sharing the y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, count, figsize=(5.5 * count, 4), squeeze=False, sharey=True)
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_dice(summary: pd.DataFrame, path: Path, title: str, seeds: pd.DataFrame | None = None) -> Path:
+    """Dice (%) against the labeled count per method, one panel per checkpoint kind; error bars = std over seeds
+    (clipped to 0..100 %); ``seeds`` (finished rows) adds each seed's Dice as a hollow point beside its method's."""
     kinds = list(dict.fromkeys(summary["checkpoint"]))
-    figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False, sharey=True)
+    figure, axes = _panels(len(kinds))
     for axis, kind in zip(axes[0], kinds):
         # One line per method (its config hash changes with the labeled count, so it cannot be the line key).
         part = summary[summary["checkpoint"] == kind]
@@ -307,10 +321,7 @@ def plot_dice(summary: pd.DataFrame, path: Path, title: str, seeds: pd.DataFrame
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("test Dice (%)")
     axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def mean_validation_curves(table: pd.DataFrame, folder: Path, dataset: str) -> pd.DataFrame:
@@ -338,13 +349,8 @@ def mean_validation_curves(table: pd.DataFrame, folder: Path, dataset: str) -> p
 def plot_curves(curves: pd.DataFrame, path: Path, title: str) -> Path:
     """Validation Dice (%) against training step, one panel per labeled count, one line per method (mean over
     seeds): a row whose line still climbs at its last step had not finished learning."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = sorted(curves["labeled_cases"].unique())
-    figure, axes = plt.subplots(1, len(counts), figsize=(5.5 * len(counts), 4), squeeze=False, sharey=True)
+    figure, axes = _panels(len(counts))
     for axis, count in zip(axes[0], counts):
         for (method, digest), line in curves[curves["labeled_cases"] == count].groupby(["method", "config_hash"], sort=False):
             axis.plot(line["step"], line["dice"] * 100, marker=".", label=f"{method} (n={int(line['seeds'].max())})")
@@ -353,10 +359,7 @@ def plot_curves(curves: pd.DataFrame, path: Path, title: str) -> Path:
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation Dice (%), mean over seeds")
     axes[0][-1].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 # Hand-written reading of the tables, kept beside the CSVs and placed above the generated tables.
