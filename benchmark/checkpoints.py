@@ -9,7 +9,7 @@ Each training stage keeps two full-state checkpoints in ``<stage dir>/checkpoint
   (``resume.ckpt`` is then deleted), and the next stage or the test starts from it.
 
 ``best.ckpt`` (best validation Dice) is kept beside them. Every checkpoint is written through
-:class:`AtomicCheckpointIO` (benchmark/atomic.py), so a run killed while saving leaves the previous file.
+:class:`AtomicCheckpointIO` (core/atomic.py), so a run killed while saving leaves the previous file.
 
 All of them are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a checkpoint
 file cannot run code when it is loaded, whoever wrote it (``run.init_from`` may name any file). The full training
@@ -30,8 +30,8 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from benchmark.atomic import replaced_atomically
-from benchmark.errors import UserError
+from core.atomic import replaced_atomically
+from core.errors import UserError
 
 RESUME_CHECKPOINT = "resume.ckpt"
 LAST_CHECKPOINT = "last.ckpt"

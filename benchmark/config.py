@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 import yaml
 
-from benchmark.errors import UserError, unknown_name
 from benchmark.schema import validate_config
+from core.errors import UserError, unknown_name
 
 PROFILES = ("paper", "cpu", "smoke")
 PROFILE_HELP = {
@@ -73,6 +73,15 @@ def merge(base: dict, update: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The config one stage trains with: ``per_stage.<stage>`` merged in and ``run.stage`` set."""
+    staged = merge(config, config.get(PER_STAGE, {}).get(stage, {}))
+    staged["run"]["stage"] = stage
+    trainer = staged["trainer"]
+    trainer["val_every"] = min(trainer["val_every"], trainer["max_steps"])
+    return staged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

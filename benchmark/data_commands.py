@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmark.errors import EXIT_USER_ERROR
+from core.errors import EXIT_USER_ERROR
 
 
 def add_parser(commands) -> None:
@@ -51,7 +51,7 @@ def data_options(dataset: str, entry, overrides: list[str]) -> dict:
     """The dataset's data options with ``--set data.KEY=VALUE`` applied, type-checked by the run's own config
     machinery against the dataset's preset (so the verifier reads the split a run with the same options reads)."""
     from benchmark.config import parse_override, resolve_config
-    from benchmark.errors import UserError
+    from core.errors import UserError
 
     known = entry.datamodule.data_options
     for text in overrides:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from benchmark.errors import EXIT_USER_ERROR, UserError
+from core.errors import EXIT_USER_ERROR, UserError
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
@@ -262,7 +262,8 @@ def run_check(device: torch.device, methods: list[str] | None, protocols: list[s
               steps: int, warmup: int, dry: bool, out=None, budget_minutes: float = BUDGET_MINUTES) -> list[dict[str, Any]]:
     from benchmark.perf.paper_cost import PROTOCOLS as PAPER_PROTOCOLS
     from benchmark.perf.paper_cost import protocol_config
-    from benchmark.run import plan_stages, stage_config
+    from benchmark.config import stage_config
+    from benchmark.run import plan_stages
     from datamodules import get_dataset
     from methods.registry import get_method, method_names
 

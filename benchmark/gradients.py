@@ -22,8 +22,8 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from benchmark.errors import UserError
 from benchmark.reevaluate import load_finished_run
+from core.errors import UserError
 
 
 def at_step(model: pl.LightningModule, step: int) -> None:

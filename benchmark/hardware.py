@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmark.errors import UserError
 from benchmark.schema import RULES
+from core.errors import UserError
 
 ACCELERATORS = RULES["trainer.accelerator"].choices
 GPU_NAMES = ("gpu", "cuda")

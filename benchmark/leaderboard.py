@@ -1,7 +1,7 @@
 """Leaderboard CSVs: one row per finished (or failed) run and checkpoint kind, appended atomically.
 
 Every append takes an exclusive lock on a sidecar ``.lock`` file, reads the current table and replaces the file
-with the new table in one step (benchmark/atomic.py: a temporary file in the same folder, fsynced, renamed). A
+with the new table in one step (core/atomic.py: a temporary file in the same folder, fsynced, renamed). A
 reader or a run killed at any point therefore sees either the old or the new table, never a half row; concurrent
 writers serialise. A full disk or a read-only folder is a UserError and leaves the table as it was.
 """
@@ -19,8 +19,8 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from benchmark.atomic import remove_stale_temporaries, replaced_atomically
-from benchmark.errors import UserError
+from core.atomic import remove_stale_temporaries, replaced_atomically
+from core.errors import UserError
 
 # The interface columns (issue-level contract) come first, in this order; per-class Dice and provenance follow.
 CORE_COLUMNS = [

@@ -71,7 +71,7 @@ def build_model(run_dir: Path | None, device: str):
 @torch.inference_mode()
 def measure(model, size=PAPER_SIZE, frame=FRAME_SIZE, warmup: int = 3, repeats: int = 10, device: str = "cpu") -> dict:
     """Images per second of the three paths (module docstring) and their ratios to the plain forward."""
-    from benchmark.evaluation import Evaluator
+    from core.evaluation import Evaluator
 
     x = torch.randn(1, model.spec.in_channels, *size, device=device)
     image = np.random.default_rng(0).standard_normal((model.spec.in_channels, *frame)).astype(np.float32)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import yaml
 
-from benchmark.errors import UserError
 from benchmark.schema import PRECISIONS
+from core.errors import UserError
 
 AUTO = "auto"
 FLOAT32 = "32-true"

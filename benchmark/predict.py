@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 VOLUME_SUFFIXES = (".h5", ".nii.gz", ".nii")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -42,8 +42,9 @@ def input_files(folder: Path) -> list[Path]:
 
 def load_run(run_dir: Path, checkpoint: str = "last"):
     """(model in eval mode with the checkpoint's weights, evaluator, config) of a run folder."""
-    from benchmark.evaluation import Evaluator
-    from benchmark.run import RunFolder, load_weights, stage_config
+    from benchmark.config import stage_config
+    from benchmark.run import RunFolder, load_weights
+    from core.evaluation import Evaluator
     from datamodules import get_dataset
     from methods.registry import get_method
 

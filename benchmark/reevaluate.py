@@ -20,14 +20,15 @@ import yaml
 
 from benchmark.checkpoints import read_checkpoint
 from benchmark.config import apply_overrides
-from benchmark.errors import UserError
-from benchmark.evaluation import Evaluator, summarize
+from core.errors import UserError
+from core.evaluation import Evaluator, summarize
 
 
 def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "last"):
     """(config, dataset entry, datamodule, model with the checkpoint's weights, the checkpoint's step) of a run
     folder; for multi-stage methods the final stage. ``overrides`` must not change the weights (loaded as saved)."""
-    from benchmark.run import RunFolder, prepare, stage_config
+    from benchmark.config import stage_config
+    from benchmark.run import RunFolder, prepare
     from methods.registry import get_method
 
     run_dir = Path(run_dir).resolve()

@@ -25,8 +25,8 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from benchmark.errors import UserError
 from benchmark.leaderboard import curve_archive, per_case_archive, read_leaderboard
+from core.errors import UserError
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 GROUP_KEYS = ["dataset", "profile", "method", "labeled_cases", "checkpoint", "config_hash"]

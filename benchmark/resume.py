@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import yaml
 
 from benchmark.config import apply_overrides
-from benchmark.errors import UserError
 from benchmark.overrides import join_split_overrides
+from core.errors import UserError
 
 # Run options that set one config key (the option's dest -> the key).
 OPTION_KEYS = {

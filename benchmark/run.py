@@ -48,17 +48,17 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from benchmark.atomic import full_disk_error, is_full_disk, remove_stale_temporaries, replaced_atomically, write_text_atomically
+from core.atomic import full_disk_error, is_full_disk, remove_stale_temporaries, replaced_atomically, write_text_atomically
 from benchmark.checkpoints import (
     BEST_NAME, LAST_CHECKPOINT, RESUME_CHECKPOINT, AtomicCheckpointIO, RunClock, best_validation_score,
     checkpoint_callbacks, checkpoint_folder, checkpoint_space_needed, checkpoint_step_and_seconds, read_checkpoint,
 )
-from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, merge
-from benchmark.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
-from benchmark.errors import UserError
-from benchmark.precision import check_numerics, chosen_precision
-from benchmark.evaluation import Evaluator, summarize
+from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, stage_config
 from benchmark.hardware import check_hardware
+from benchmark.precision import check_numerics, chosen_precision
+from core.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
+from core.errors import UserError
+from core.evaluation import Evaluator, summarize
 from benchmark.leaderboard import (
     append_rows, check_writable, curve_archive, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
 )
@@ -150,15 +150,6 @@ def plan_stages(method_cls, config: dict[str, Any]) -> list[str]:
         raise UserError(f"stage {chosen[0]!r} continues from stage {declared[positions[0] - 1]!r} but no checkpoint was given",
                         fix=f"set run.init_from=<run>/{declared[positions[0] - 1]}/checkpoints/last.ckpt")
     return chosen
-
-
-def stage_config(config: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The config one stage trains with: ``per_stage.<stage>`` merged in and ``run.stage`` set."""
-    staged = merge(config, config.get(PER_STAGE, {}).get(stage, {}))
-    staged["run"]["stage"] = stage
-    trainer = staged["trainer"]
-    trainer["val_every"] = min(trainer["val_every"], trainer["max_steps"])
-    return staged
 
 
 def make_run_dir(config: dict[str, Any], digest: str) -> Path:

@@ -70,7 +70,7 @@ def learning_rates(config: dict[str, Any], steps: Sequence[int]) -> list[float]:
 def training_log(config: dict[str, Any], stages: Sequence[tuple[str, Path]]) -> pd.DataFrame:
     """The stages' metrics.csv one after another (steps counted over the whole run), with each stage's scheduled
     learning rate in the column ``lr``."""
-    from benchmark.run import stage_config
+    from benchmark.config import stage_config
 
     parts, offset = [], 0
     for stage, stage_dir in stages:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 UNBOUNDED = math.inf
 

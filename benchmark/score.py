@@ -17,7 +17,7 @@ Rules:
   differently is reoriented by the affines (and refused if it then still lies on another voxel grid);
 - distances are in voxels unless ``use_spacing``; then the ground truth's spacing is used (1 where the file has
   none, with a warning), and a prediction that declares a different spacing is refused;
-- metrics and the empty-mask rule are those of :mod:`benchmark.metrics`;
+- metrics and the empty-mask rule are those of :mod:`core.metrics`;
 - cases are scored in worker processes (``workers``, default one per core), each file read once; the output
   does not depend on the number of workers.
 """
@@ -35,8 +35,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from benchmark.errors import UserError
-from benchmark.metrics import METRIC_NAMES, binary_metrics, check_empty_policy, mean_over_cases, multiclass_metrics
+from core.errors import UserError
+from core.metrics import METRIC_NAMES, binary_metrics, check_empty_policy, mean_over_cases, multiclass_metrics
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".h5", ".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -25,7 +25,7 @@ import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from benchmark.config import apply_overrides
-from benchmark.errors import UserError
+from core.errors import UserError
 
 GENERIC = "_generic"
 RANGE_KEYS = {"type", "low", "high", "log", "step", "choices"}

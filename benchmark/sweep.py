@@ -3,7 +3,7 @@
 How a sweep stays fair, resumable and safe to run several times at once:
 
 - **Planning without training.** Every point is resolved through the very command line `python -m benchmark run`
-  would get (``cli.config_from_args`` then ``run.prepare``), so its config hash is the hash the run will write.
+  would get (``run_command.config_from_args`` then ``run.prepare``), so its config hash is the hash the run will write.
   Bad input (unknown method, empty grid, missing data, damaged or locked leaderboard) stops the sweep here,
   before anything trains.
 - **Skip what is done, resume what was cut short.** A point is done when the leaderboard holds a row with
@@ -45,8 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from benchmark.errors import UserError, unknown_name
 from benchmark.leaderboard import append_rows, locked, read_leaderboard
+from core.errors import UserError, unknown_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -184,7 +184,7 @@ def run_argv(options: SweepOptions, point: GridPoint) -> list[str]:
 
 def plan(options: SweepOptions) -> list[PlannedRun]:
     """This shard's points with their resolved configs and hashes (nothing is trained or written)."""
-    from benchmark.cli import build_parser, config_from_args
+    from benchmark.run_command import config_from_args, run_parser
     from benchmark.config import config_hash
     from benchmark.run import prepare
 
@@ -197,7 +197,7 @@ def plan(options: SweepOptions) -> list[PlannedRun]:
         raise UserError(f"shard {index}/{count} of this {count}-way split holds no grid point", fix="use fewer shards than grid points")
     if options.in_process and (options.devices or 1) * (options.num_nodes or 1) > 1:
         raise UserError("--in-process cannot run DDP (Lightning re-launches the command line per rank)", fix="drop --in-process")
-    parser = build_parser()
+    parser = run_parser()
     planned = []
     for position, point in enumerate(points):
         argv = run_argv(options, point)
@@ -293,11 +293,11 @@ def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=N
 
 
 def run_in_process(argv: Sequence[str]) -> tuple[int, str]:
-    from benchmark.cli import build_parser, command_run
-    from benchmark.errors import EXIT_USER_ERROR
+    from benchmark.run_command import command_run, run_parser
+    from core.errors import EXIT_USER_ERROR
 
     try:
-        return command_run(build_parser().parse_args(list(argv))), ""
+        return command_run(run_parser().parse_args(list(argv))), ""
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR, " ".join(error.message.split())

@@ -46,9 +46,9 @@ import optuna
 from optuna.trial import TrialState
 
 from benchmark.config import apply_overrides, config_hash
-from benchmark.errors import UserError
 from benchmark.search_space import load_search_space, override_text
 from benchmark.tune_storage import RETRIED_FROM_ATTR, Liveness, StorageSpec
+from core.errors import UserError
 
 PARENT_PID_ENV = "SSL_BENCH_TUNE_PARENT"
 PRUNERS = ("median", "hyperband", "none")

@@ -34,7 +34,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 HEARTBEAT_ATTR = "ssl_bench_heartbeat"  # unix time of the last heartbeat (journal storage only)
 # Set by RetryHeartbeatStaleTrialCallback on the copy of a failed trial (its `retried_trial_number`).

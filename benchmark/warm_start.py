@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.networks.base import SegmentationNetwork
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import UserError, unknown_name
+from core.errors import UserError, unknown_name
+from core.spec import DatasetSpec
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import SemiSupervisedDataModule, Split
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, BraTSDataModule
@@ -28,7 +29,6 @@ from datamodules.endoscopy import (
 )
 from datamodules.la import LA_SPEC, LADataModule
 from datamodules.nuclei import DSB_SPEC, NUCLEI_SPEC, DSB2018DataModule, MoNuSegDataModule
-from datamodules.spec import DatasetSpec
 
 
 @dataclass(frozen=True)

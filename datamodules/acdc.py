@@ -18,7 +18,7 @@ import numpy as np
 from datamodules.base import (
     ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
 )
-from datamodules.spec import DatasetSpec
+from core.spec import DatasetSpec
 from datamodules.transforms import acdc_train_transform
 
 ACDC_SPEC = DatasetSpec(

@@ -19,12 +19,12 @@ import torch
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark.atomic import write_text_atomically
-from benchmark.distributed import check_shareable
-from benchmark.errors import UserError
+from core.atomic import write_text_atomically
+from core.distributed import check_shareable
+from core.errors import UserError
+from core.spec import DatasetSpec
 from datamodules.checks import Checks, check_arrays, collecting, report
 from datamodules.samplers import PartitionedStepSampler, PositionedEpoch, StepSampler
-from datamodules.spec import DatasetSpec
 
 
 @dataclass

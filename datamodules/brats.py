@@ -30,12 +30,12 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules.base import (
     ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
 )
+from core.spec import DatasetSpec
 from datamodules.checks import report
-from datamodules.spec import DatasetSpec
 from datamodules.transforms import la_train_transform
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
+from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist
 from datamodules.checks import report
 from datamodules.nuclei import read_image
-from datamodules.spec import DatasetSpec
 from datamodules.transforms import random_crop
 
 TRAIN_VIDEOS = (1, 3, 4, 6, 8, 9, 10, 11, 13, 14, 15, 17, 18, 19, 20, 21, 23, 24, 25)

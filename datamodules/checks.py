@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 if TYPE_CHECKING:
-    from datamodules.spec import DatasetSpec
+    from core.spec import DatasetSpec
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules.brats import SEG, brain_box, preprocess_case, read_nifti_zyx
 
 LA_OUTPUT_SIZE = (112, 112, 80)

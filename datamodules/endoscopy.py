@@ -51,7 +51,7 @@ Protocol, every layout (MMS, docs/datasets.md#endoscopy-protocol):
 * model selection on the validation set, reported numbers on the test set (MMS selects on its test folder);
 * every image is ImageNet-normalised, for training and for evaluation alike (MMS forgets it at test time; the
   method's flag ``faithful_test_unnormalised`` reproduces that), and resized to the training size (MMS: 512x288)
-  with one bilinear antialiased resize (``transforms.resize_bilinear``); no other augmentation in the data pipeline
+  with one bilinear antialiased resize (``core/resize.py``); no other augmentation in the data pipeline
   (MMS's labeled "weak" view); methods add their own (MMS: the strong view of the unlabeled image);
 * evaluation (``eval_mode="whole_image"``): the image is resized to the training size, the logits resized back
   to the original size, metrics per image; plus the pooled-pixel F1 of the endoscopy papers (``pooled_f1``).
@@ -66,12 +66,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from benchmark.errors import UserError
+from core.errors import UserError
+from core.resize import resize_bilinear
+from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, Split, check_files_exist, read_list, report_foreign_files
 from datamodules.checks import active_checks, report
 from datamodules.images import pixel_array
-from datamodules.spec import DatasetSpec
-from datamodules.transforms import resize_bilinear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

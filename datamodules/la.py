@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules.base import (
     ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
 )
-from datamodules.spec import DatasetSpec
+from core.spec import DatasetSpec
 from datamodules.transforms import la_train_transform
 
 LA_SPEC = DatasetSpec(

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
+from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist, report_foreign_files
 from datamodules.checks import report
 from datamodules.images import SIXTEEN_BIT_MAX, SIXTEEN_BIT_MODES, pixel_array
-from datamodules.spec import DatasetSpec
 from datamodules.transforms import random_crop, random_rot_flip
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")

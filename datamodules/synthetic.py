@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from benchmark.errors import UserError, unknown_name
+from core.errors import UserError, unknown_name
 
 try:  # POSIX advisory locks; elsewhere only the rename race below protects concurrent callers.
     import fcntl

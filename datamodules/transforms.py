@@ -1,4 +1,4 @@
-"""Training augmentations and resizing exactly as the published pipelines do them.
+"""Training augmentations exactly as the published pipelines do them (their shared resizes: core/resize.py).
 
 The ops are SSL4MIS's / UA-MT's (numpy rot90 + flip, scipy rotate and zoom with order 0, pad-then-crop with
 their index conventions), not MONAI's: MONAI's Resize/Rotate resample on a different grid and its random
@@ -8,9 +8,9 @@ Every random draw comes from an explicit ``numpy.random.Generator``.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
+
+from core.resize import zoom_to
 
 
 def random_rot_flip(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None):
@@ -34,15 +34,6 @@ def random_rotate(rng: np.random.Generator, image: np.ndarray, label: np.ndarray
     if label is not None:
         label = ndimage.rotate(label, angle, order=0, reshape=False)
     return image, label
-
-
-def zoom_to(array: np.ndarray, size: tuple[int, ...], order: int = 0) -> np.ndarray:
-    """Resize the first len(size) axes to ``size`` with scipy zoom (order 0 = nearest, as SSL4MIS does)."""
-    factors = [target / current for target, current in zip(size, array.shape)]
-    if all(f == 1 for f in factors):
-        return array
-    # Trailing axes (channels of an RGB or multi-modal image) keep their size.
-    return ndimage.zoom(array, factors + [1] * (array.ndim - len(factors)), order=order)
 
 
 def acdc_train_transform(rng: np.random.Generator, image: np.ndarray, label: np.ndarray | None, size):
@@ -83,15 +74,3 @@ def la_train_transform(rng: np.random.Generator, image: np.ndarray, label: np.nd
     """UA-MT LA pipeline: RandomRotFlip then RandomCrop(patch)."""
     image, label = random_rot_flip(rng, image, label)
     return random_crop(rng, image, label, size)
-
-
-def resize_bilinear(image: np.ndarray | torch.Tensor, size) -> torch.Tensor:
-    """(C, H, W) -> (C, *size) float32, bilinear with antialiasing (area-like when shrinking, as PIL's resize).
-
-    The one image resize of the 2-D whole-image protocol (endoscopy): the loaders use it for training images and
-    the evaluator for test images, so both see identically resized inputs.
-    """
-    tensor = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image, dtype=torch.float32)
-    if tuple(tensor.shape[-2:]) == tuple(size):
-        return tensor
-    return F.interpolate(tensor.unsqueeze(0), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]

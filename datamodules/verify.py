@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules.base import ListedData, SemiSupervisedDataModule
 from datamodules.checks import Checks, check_arrays
 

@@ -112,7 +112,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
 from methods.components.hypercolumn_head import HypercolumnHead

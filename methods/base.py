@@ -17,10 +17,10 @@ import torch
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from benchmark.distributed import gather_to_all
-from benchmark.errors import NonFiniteLossError, UserError
-from benchmark.evaluation import Evaluator
-from datamodules.spec import DatasetSpec
+from core.distributed import gather_to_all
+from core.errors import NonFiniteLossError, UserError
+from core.evaluation import Evaluator
+from core.spec import DatasetSpec
 from methods.components.ramps import sigmoid_rampup
 from methods.losses import SupervisedSegmentationLoss
 from methods.networks import SegmentationNetwork, build_network

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.cps import CrossPseudoSupervision
 from methods.losses.precision import float32_island

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.losses.precision import float32_island
 from methods.mc_net_plus import MCNetPlus
 from methods.registry import register

@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Callable
 
-from benchmark.errors import unknown_name
+from core.errors import unknown_name
 
 if TYPE_CHECKING:
     from methods.base import SemiSupervisedMethod

@@ -8,7 +8,7 @@ became upstream's PyTorch init).
 """
 from __future__ import annotations
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register

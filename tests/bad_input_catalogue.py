@@ -166,8 +166,8 @@ class FullDiskFile(io.StringIO):
 
 @contextlib.contextmanager
 def full_disk(path, mode="w"):
-    """benchmark.atomic.replaced_atomically on a disk that fills up while the table is written."""
-    from benchmark.atomic import replaced_atomically
+    """core.atomic.replaced_atomically on a disk that fills up while the table is written."""
+    from core.atomic import replaced_atomically
 
     with replaced_atomically(path, mode) as real:
         real.write("dataset,method,pro")  # part of the table reached the disk before it filled up

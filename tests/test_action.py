@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from benchmark.cli import main
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.action import (
     anatomical_contrast_loss,
     confidence_weighted_ce,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark.errors import EXIT_USER_ERROR
+from core.errors import EXIT_USER_ERROR
 from tests.bad_input_catalogue import CASES, build_sources, documented_cases, run_case
 from tests.conftest import PROJECT_ROOT
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.evaluation import Evaluator
+from core.evaluation import Evaluator
 from datamodules import get_dataset
 from datamodules.base import resolve_labeled_count
 from datamodules.brats import BRATS_REGIONS_SPEC, BRATS_SPEC, brain_box, clip_and_zscore, preprocess_case

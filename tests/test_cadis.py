@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from benchmark.cli import main
-from benchmark.evaluation import Evaluator, summarize
+from core.evaluation import Evaluator, summarize
 from datamodules import get_dataset
 from datamodules.cadis import CADIS_SPECS, remap_table
 from datamodules.synthetic_cadis import write_cadis_layout

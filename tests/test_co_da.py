@@ -11,8 +11,8 @@ import torch
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
-from benchmark.errors import UserError
 from benchmark.run import load_weights
+from core.errors import UserError
 from methods.co_da import (
     align_distribution,
     class_quota_mask,

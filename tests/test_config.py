@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark.config import config_hash, resolve_config
-from benchmark.errors import UserError
+from core.errors import UserError
 
 
 def test_layers_dataset_then_profile_then_overrides():
@@ -73,8 +73,8 @@ def committed_leaderboard_experiments():
 def test_committed_rows_keep_the_hash_of_their_default_config(dataset, method, profile, labeled, digest):
     # A config key added later must be hash-neutral at its default (config.HASH_NEUTRAL_VALUES), or every
     # committed row silently stops counting as done and `make sweep` re-runs it.
-    from methods.registry import get_method
     from datamodules import get_dataset
+    from methods.registry import get_method
 
     config = resolve_config(dataset, method, profile, [f"data.labeled={labeled}"], get_method(method).defaults,
                             family=get_dataset(dataset).family)

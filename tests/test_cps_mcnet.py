@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmark.config import resolve_config
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
 from methods.losses.consistency import mutual_consistency_loss, sharpen
 from methods.mc_net_plus import MCNetPlus, binary_dice_loss, foreground_dice_loss, mcnet_dice_loss

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules import DATASETS, build_datamodule, get_dataset
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import resolve_labeled_count

@@ -145,7 +145,7 @@ def test_a_finished_run_releases_its_process_group_and_a_failed_one_does_not(tmp
     import torch.distributed as dist
 
     from benchmark.cli import main
-    from benchmark.errors import UserError
+    from core.errors import UserError
 
     args = ["run", "--dataset", "synthetic_acdc", "--profile", "smoke", "--ratio", "0.2", "--no-progress",
             "--out", str(tmp_path / "runs"), "--leaderboard-dir", str(tmp_path / "lb")]

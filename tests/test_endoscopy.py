@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmark.errors import UserError
-from benchmark.evaluation import Evaluator, pooled_f1, summarize
-from benchmark.inference import predict_whole_image
+from core.errors import UserError
+from core.evaluation import Evaluator, pooled_f1, summarize
+from core.inference import predict_whole_image
 from datamodules.endoscopy import IMAGENET_MEAN, IMAGENET_STD, KVASIR_SEG_SPEC, KvasirDataModule
 from datamodules.synthetic import write_kvasir_layout
 from tests.conftest import require_real_kvasir

@@ -14,7 +14,7 @@ from PIL import Image
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules import build_datamodule, get_dataset
 from datamodules.endoscopy import ENDOVIS_FOLDS, IMAGENET_MEAN, IMAGENET_STD, KVASIR_SEG_SPEC, read_mask
 from datamodules.synthetic_endoscopy import (

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from benchmark import checkpoints
-from benchmark.atomic import write_text_atomically
 from benchmark.checkpoints import read_checkpoint
 from benchmark.cli import main
-from benchmark.errors import UserError
 from benchmark.leaderboard import append_rows
+from core.atomic import write_text_atomically
+from core.errors import UserError
 from tests.bad_input_catalogue import earlier_row
 from tests.conftest import PROJECT_ROOT
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.config import resolve_config
-from benchmark.run import stage_config
+from benchmark.config import resolve_config, stage_config
 from datamodules import get_dataset
 from methods.registry import get_method
 

@@ -202,7 +202,7 @@ def test_mms_paper_schedule_and_weights_match_upstream():
 
 
 def test_poly_epoch_schedule_refuses_an_epoch_count_that_does_not_divide_the_budget():
-    from benchmark.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="poly_epochs"):
         build_method("mms", "synthetic_kvasir", ["optim.poly_epochs=7"], profile="paper", patch=(32, 32))

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmark.config import resolve_config
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules import get_dataset
 from methods.registry import get_method
 from tests.method_helpers import build_method, random_batch

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.inference import count_windows, predict_slicewise, sliding_window_probabilities, window_starts
 from benchmark.perf.sliding_window import published_per_window_loop, vnet
+from core.inference import count_windows, predict_slicewise, sliding_window_probabilities, window_starts
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def dying_on_call(owner, name: str, call: int, before: bool = True, when=lambda 
 def die_while_writing_a_checkpoint(call: int) -> None:
     """SIGKILL half-way through writing the ``call``-th checkpoint file (the temporary file is left behind)."""
     from benchmark import checkpoints
-    from benchmark.atomic import replaced_atomically
+    from core.atomic import replaced_atomically
 
     calls = [0]
     original = checkpoints.AtomicCheckpointIO.save_checkpoint
@@ -88,8 +88,9 @@ def die_while_writing_a_checkpoint(call: int) -> None:
 
 def arm(point: str, n: int) -> None:
     """In the child: die at the ``n``-th passage of ``point``."""
-    from benchmark import atomic, leaderboard, run
-    from benchmark.evaluation import Evaluator
+    from benchmark import leaderboard, run
+    from core import atomic
+    from core.evaluation import Evaluator
     from datamodules.base import SemiSupervisedDataModule
     from methods.base import SemiSupervisedMethod
 

@@ -5,8 +5,8 @@ import multiprocessing
 import pandas as pd
 import pytest
 
-from benchmark.errors import UserError
 from benchmark.leaderboard import CORE_COLUMNS, append_rows, check_writable, read_leaderboard
+from core.errors import UserError
 
 
 def row(i: int, **extra) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmark.config import resolve_config, shared_recipe
-from benchmark.errors import UserError
+from core.errors import UserError
 from methods.components.mixing import cutmix_box_masks, mix_with_next
 from methods.components.perturbations import channel_dropout, gaussian_noise
 from methods.mcl_cs import (

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.errors import EXIT_USER_ERROR
+from core.errors import EXIT_USER_ERROR
 from datamodules import get_dataset
 from methods.registry import get_method, method_names
 

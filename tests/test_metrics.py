@@ -1,4 +1,4 @@
-"""benchmark.metrics against medpy (the reference every SSL-MIS paper uses), the empty-mask rule and helpers."""
+"""core.metrics against medpy (the reference every SSL-MIS paper uses), the empty-mask rule and helpers."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from benchmark import metrics as metrics_module
-from benchmark.errors import UserError
-from benchmark.metrics import (
+from core import metrics as metrics_module
+from core.errors import UserError
+from core.metrics import (
     EMPTY_POLICIES,
     binary_metrics,
     keep_largest_component_per_class,

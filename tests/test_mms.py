@@ -204,14 +204,14 @@ def test_test_time_normalisation_flag():
 
 
 def test_crop_not_divisible_by_eight_is_a_user_error():
-    from benchmark.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="divisible by 8"):
         make_mms(patch=(36, 32))
 
 
 def test_missing_smp_encoder_is_a_user_error():
-    from benchmark.errors import UserError
+    from core.errors import UserError
 
     try:  # smp is optional (not installable next to the suite's pinned CPU torch)
         import segmentation_models_pytorch  # noqa: F401

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmark.cli import main
-from benchmark.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
+from core.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR
 from methods.registry import get_method
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from benchmark.cli import main
-from benchmark.evaluation import Evaluator, summarize
-from benchmark.metrics import aggregated_jaccard_index
+from core.evaluation import Evaluator, summarize
+from core.metrics import aggregated_jaccard_index
 from datamodules import get_dataset
 from datamodules.nuclei import NUCLEI_SPEC
 from datamodules.synthetic_nuclei import write_dsb_layout, write_monuseg_layout

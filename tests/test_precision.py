@@ -216,8 +216,8 @@ def test_accepted_precisions(value, canonical):
 
 @pytest.mark.parametrize("value", ["bf16-true", "16-true", "bf16", "fp16", "64-true"])
 def test_other_precisions_are_refused_with_one_message(value):
-    from benchmark.errors import UserError
     from benchmark.precision import requested_precision
+    from core.errors import UserError
 
     # The config schema refuses it when the config is resolved; the precision check refuses it in a config file.
     with pytest.raises(UserError, match="trainer.precision must be one of"):
@@ -229,8 +229,8 @@ def test_other_precisions_are_refused_with_one_message(value):
 
 
 def test_auto_is_refused_for_a_multi_device_run():
-    from benchmark.errors import UserError
     from benchmark.precision import requested_precision
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="auto measures one process"):
         requested_precision(smoke_config("supervised", "trainer.precision=auto", "trainer.devices=2"))
@@ -283,8 +283,8 @@ def test_an_auto_run_trains_in_the_chosen_precision_and_records_it(tmp_path, mon
     import pandas as pd
     import yaml
 
-    import benchmark.precision as precision
     from benchmark.cli import main
+    import benchmark.precision as precision
 
     monkeypatch.setattr(precision, "step_seconds", lambda *args, **kwargs: {"32-true": 1.0, "bf16-mixed": 0.5})
     trained_with = []
@@ -317,7 +317,7 @@ def test_an_auto_run_trains_in_the_chosen_precision_and_records_it(tmp_path, mon
 
 def test_a_refused_precision_exits_2_through_the_cli(tmp_path, capsys):
     from benchmark.cli import main
-    from benchmark.errors import EXIT_USER_ERROR
+    from core.errors import EXIT_USER_ERROR
 
     code = main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"), "--leaderboard-dir",
                  str(tmp_path / "lb"), "--method", "supervised", "--dataset", "synthetic_acdc",
@@ -350,8 +350,8 @@ def test_channels_last_computes_what_the_default_layout_computes(name):
 
 
 def test_channels_last_is_checked():
-    from benchmark.errors import UserError
     from benchmark.precision import check_numerics
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="2-D networks"):
         check_numerics(smoke_config("supervised", "trainer.channels_last=true"), get_dataset("synthetic_la").spec)

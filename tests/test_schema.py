@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from benchmark.config import resolve_config
-from benchmark.errors import UserError
 from benchmark.schema import RULES, rule_for, validate_config
+from core.errors import UserError
 from datamodules import dataset_names, get_dataset
 from methods.registry import get_method, method_names
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.errors import UserError
 from benchmark.score import print_scores, score_folders
+from core.errors import UserError
 
 SHAPE = (8, 8, 8)
 SPACING = (2.0, 1.0, 1.0)

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from benchmark.cli import main
-from benchmark.errors import UserError
 from benchmark.leaderboard import append_rows, read_leaderboard
+from core.errors import UserError
 from datamodules.base import read_list
 from datamodules.endoscopy import read_mask, read_rgb
 from datamodules.nuclei import read_binary_mask, read_image

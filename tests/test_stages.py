@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from benchmark.cli import main
-from benchmark.config import apply_overrides, config_hash, resolve_config
-from benchmark.errors import UserError
-from benchmark.run import plan_stages, stage_config
+from benchmark.config import apply_overrides, config_hash, resolve_config, stage_config
+from benchmark.run import plan_stages
+from core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,8 +12,8 @@ import pytest
 
 from benchmark import leaderboard, sweep as sweep_module
 from benchmark.cli import main
-from benchmark.errors import UserError
 from benchmark.sweep import GridPoint, SweepOptions, claim, expand_grid, parse_shard, plan, shard, sweep
+from core.errors import UserError
 from tests.conftest import PROJECT_ROOT
 from tests.test_tune import _wait_for as wait_for
 
@@ -166,6 +166,18 @@ def test_dry_run_lists_the_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("[sweep] to run") == 4 and "mean_teacher ratio=0.2 seed=1" in out
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
+
+
+def test_a_point_is_parsed_as_the_full_command_line_parses_it(tmp_path):
+    """The sweep parses its points with the run-only parser; the namespace (hence config and hash) must not differ."""
+    from benchmark.cli import build_parser
+    from benchmark.run_command import run_parser
+    from benchmark.sweep import run_argv
+
+    settings = options(tmp_path, devices=2, wandb="offline", data_root=str(tmp_path), overrides=["trainer.max_steps=3"])
+    argv = run_argv(settings, GridPoint("mean_teacher", 0.1, 3))
+    assert vars(run_parser().parse_args(argv)) == vars(build_parser().parse_args(argv))
+    assert vars(run_parser().parse_args(argv))["method"] == "mean_teacher"
 
 
 def test_runs_carry_the_sweep_name_and_sweep_settings(tmp_path):

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules import synthetic
 from datamodules.synthetic import (
     LA_DATA_FOLDER,

@@ -24,8 +24,8 @@ from optuna.trial import TrialState
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
-from benchmark.errors import UserError
 from benchmark.search_space import load_search_space
+from core.errors import UserError
 from benchmark.tune import (TuneSettings, _worker_process, best_trial_overrides, create_study, run_worker, trial_config,
                             tune, write_report)
 from benchmark.tune_storage import StorageSpec

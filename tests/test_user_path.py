@@ -100,7 +100,8 @@ def test_hardware_this_machine_lacks_is_one_message_before_any_run_folder(tmp_pa
 
 
 def test_accelerator_and_precision_reach_the_trainer_config():
-    from benchmark.cli import build_parser, config_from_args
+    from benchmark.cli import build_parser
+    from benchmark.run_command import config_from_args
 
     args = build_parser().parse_args(["run", "--profile", "smoke", "--accelerator", "cpu", "--precision", "bf16-mixed"])
     trainer = config_from_args(args)["trainer"]
@@ -148,7 +149,8 @@ def test_an_override_with_spaces_survives_make_word_splitting():
     import shlex
     import subprocess
 
-    from benchmark.cli import build_parser, config_from_args
+    from benchmark.cli import build_parser
+    from benchmark.run_command import config_from_args
 
     result = subprocess.run(["make", "-n", "bench", "STAMP=", "PY=python", "PROFILE=smoke",
                              "OVERRIDES=method.network_inits=[default, xavier] optim.lr=0.02"],
@@ -160,7 +162,8 @@ def test_an_override_with_spaces_survives_make_word_splitting():
 
 
 def test_what_the_message_on_a_broken_override_suggests_works(capsys):
-    from benchmark.cli import build_parser, config_from_args
+    from benchmark.cli import build_parser
+    from benchmark.run_command import config_from_args
 
     assert main(["run", "--show-config", "--method", "cps", "--set", "method.network_inits=[default,"]) == 2
     err = capsys.readouterr().err
@@ -232,8 +235,8 @@ def test_mean_teacher_runs_from_a_supervised_checkpoint(supervised_checkpoint, t
 def test_a_checkpoint_without_any_network_weights_is_refused(tmp_path):
     import torch
 
-    from benchmark.errors import UserError
     from benchmark.run import init_stage
+    from core.errors import UserError
 
     weights = tmp_path / "other.pt"
     torch.save({"something.weight": torch.zeros(3)}, weights)

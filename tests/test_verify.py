@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmark.cli import main
-from benchmark.errors import UserError
+from core.errors import UserError
 from datamodules.verify import format_report, verify
 from tests.conftest import require_real_acdc
 from tests.test_datamodules import acdc

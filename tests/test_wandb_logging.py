@@ -63,7 +63,8 @@ def test_wandb_logger_group_job_type_and_tags(tmp_path, monkeypatch):
 
 
 def test_wandb_mode_from_the_environment_unless_asked_otherwise(monkeypatch):
-    from benchmark.cli import build_parser, config_from_args
+    from benchmark.cli import build_parser
+    from benchmark.run_command import config_from_args
 
     def mode(*args):
         return config_from_args(build_parser().parse_args(["run", "--ratio", "0.2", *args]))["run"]["wandb"]

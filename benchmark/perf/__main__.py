@@ -8,9 +8,9 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmark.errors import EXIT_USER_ERROR, UserError
 from benchmark.perf import data, report
 from benchmark.perf.timing import machine
+from core.errors import EXIT_USER_ERROR, UserError
 
 SECTIONS = ("metrics", "score", "sliding_window", "training_step", "loading", "memory", "inference_speed", "precision",
             "paper_cost", "cli_startup")

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ACDC = REPO_ROOT.parent / "shared" / "datasets" / "ACDC"

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from benchmark.inference import count_windows
 from benchmark.perf import data
 from benchmark.perf.sliding_window import LA_PATCH, LA_STRIDE, vnet
+from core.inference import count_windows
 from methods.networks import build_network
 
 

@@ -42,7 +42,7 @@ def evaluate_acdc_volume(root: Path, width: int) -> dict[str, Any]:
     import h5py
     import numpy as np
 
-    from benchmark.evaluation import Evaluator
+    from core.evaluation import Evaluator
     from datamodules.acdc import ACDC_SPEC
     from methods.networks import build_network
 
@@ -67,7 +67,7 @@ def evaluate_la_volume(shape: list[int], width: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from benchmark.evaluation import Evaluator
+    from core.evaluation import Evaluator
     from datamodules.la import LA_SPEC
     from methods.networks import build_network
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.metrics import binary_metrics
 from benchmark.perf import data
 from benchmark.perf.timing import interleaved, ratio, summary
+from core.metrics import binary_metrics
 
 TOLERANCE = 1e-6
 ACDC_CLASSES = {1: "RV", 2: "Myo", 3: "LV"}

@@ -70,8 +70,9 @@ def step_flops(config: dict[str, Any]) -> int:
 
 
 def measure(method: str, protocol: str, quick: bool) -> dict[str, Any]:
-    from benchmark.errors import UserError
-    from benchmark.run import plan_stages, stage_config
+    from benchmark.config import stage_config
+    from benchmark.run import plan_stages
+    from core.errors import UserError
 
     try:
         get_method(method).check_dataset(get_dataset(PROTOCOLS[protocol][0]).spec)

@@ -2,7 +2,7 @@
 
 The reference is UA-MT's ``test_single_case`` (code/test_util.py; copied unchanged by MC-Net, SS-Net, BCP, ...):
 numpy padding, one window per forward pass, softmax added into a numpy score map. The suite's
-:func:`benchmark.inference.sliding_window_probabilities` sends ``window_batch`` windows per forward pass.
+:func:`core.inference.sliding_window_probabilities` sends ``window_batch`` windows per forward pass.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmark.inference import count_windows, sliding_window_probabilities
 from benchmark.perf import data
 from benchmark.perf.timing import DEFAULT_THREADS, interleaved, ratio, summary
+from core.inference import count_windows, sliding_window_probabilities
 
 LA_PATCH, LA_STRIDE = (112, 112, 80), (18, 18, 4)
 

@@ -170,7 +170,7 @@ def measure(method: str, dataset: str, profile: str, steps: int, warmup: int, ro
     ``stage``: the stage of a multi-stage method to time, with its own per-stage settings (batch, budget).
     ``confirm_above``: while the median CPU-time ratio is above it, add rounds (up to ``max_rounds``), so a method is
     reported over the target only when more than one round on this shared machine says so."""
-    from benchmark.run import stage_config
+    from benchmark.config import stage_config
 
     suite_medians, bare_medians, waiting_medians, suite_cpu_medians, bare_cpu_medians = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="perf-step-") as out:
@@ -221,7 +221,7 @@ def action_stage_ratio(profile: str, steps: int, warmup: int) -> dict[str, Any]:
     weights, batch and draws it gives the losses and gradients of the dense full-resolution head."""
     import torch
 
-    from benchmark.run import stage_config
+    from benchmark.config import stage_config
 
     entry = get_dataset("acdc")
     base = resolve_config("acdc", "action", profile, [], get_method("action").defaults, family=entry.family)

@@ -16,15 +16,9 @@ value, which only matters before the first update).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over the ranks in place when a process group is up (a no-op on one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+from core.distributed import all_reduce_sum
 
 
 class RunningClassMean(nn.Module):

@@ -8,20 +8,11 @@ size must then be a multiple of the global number of keys per step, so that a ba
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.errors import UserError
-
-
-def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` of every DDP rank concatenated along dim 0 in rank order (no gradient); itself without DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered)
+from core.distributed import gather_across_ranks
+from core.errors import UserError
 
 
 class MemoryQueue(nn.Module):

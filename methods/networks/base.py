@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 #: Four stride-2 downsamplings in both backbones: every spatial size must be a multiple of 2**4.
 SIZE_DIVISOR = 16
@@ -32,7 +32,7 @@ class NetworkConfigError(UserError, ValueError):
     """A network was asked for with settings that do not exist (unknown name, up mode, dims, ...).
 
     A :class:`ValueError` for code that builds networks programmatically, and a
-    :class:`~benchmark.errors.UserError` so the CLI reports a typo in a config without a traceback.
+    :class:`~core.errors.UserError` so the CLI reports a typo in a config without a traceback.
     """
 
 

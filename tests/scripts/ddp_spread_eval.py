@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmark import run as run_module
 from benchmark.config import resolve_config
-from benchmark.evaluation import Evaluator
+from core.evaluation import Evaluator
 from methods.base import SemiSupervisedMethod
 from methods.registry import get_method
 

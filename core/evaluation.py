@@ -3,7 +3,7 @@
 Per case it predicts a label map of the case's own shape (sliding window in 3D, slice by slice for 2-D-trained
 volumes, one resized forward pass for whole 2-D images),
 optionally keeps the largest connected component per class, and scores every foreground class with
-Dice, Jaccard, HD95 and ASD (benchmark/metrics.py: medpy's definitions, one explicit empty-mask rule).
+Dice, Jaccard, HD95 and ASD (core/metrics.py: medpy's definitions, one explicit empty-mask rule).
 The reported number is the mean over cases of the mean over foreground classes. A dataset may ask for extra
 summary metrics (``DatasetSpec.extra_metrics``): ``pooled_f1`` is Dice over the pixels of all test cases pooled
 (the global F1 of the endoscopy papers, e.g. MMS's test.py with sklearn's f1_score), per class, then the class mean.
@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from benchmark import metrics
-from benchmark.inference import Predictor, predict_slicewise, predict_whole_image, sliding_window_probabilities
-from datamodules.spec import DatasetSpec
+from core import metrics
+from core.inference import Predictor, predict_slicewise, predict_whole_image, sliding_window_probabilities
+from core.spec import DatasetSpec
 
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
 #: Extra metrics computed from per-case pixel counts (``_intersection``, ``_union``) pooled over the whole set.

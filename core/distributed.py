@@ -1,17 +1,20 @@
-"""The few collective operations evaluation needs under DDP, as no-ops in a single process.
+"""The few collective operations the suite needs under DDP, as no-ops in a single process.
 
 Validation and test cases are spread over the ranks (rank r scores cases r, r + world, ...) and the per-case
 results gathered, so every rank ends with all of them; weights that only rank 0 can read (its best checkpoint,
 on its own disk) are broadcast from it. ``torch.distributed`` object collectives pickle their payloads, which is
-fine for per-case scores and one network's state dict, and works over gloo (CPU) and NCCL alike.
+fine for per-case scores and one network's state dict, and works over gloo (CPU) and NCCL alike. Methods keep
+their training state identical on all ranks with the two tensor collectives: a memory bank enqueues the keys of
+every rank (``gather_across_ranks``), running class statistics sum per-class counts over the ranks (``all_reduce_sum``).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence, TypeVar
 
+import torch
 import torch.distributed as dist
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 
@@ -44,6 +47,24 @@ def gather_to_all(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank concatenated along dim 0 in rank order (no gradient); itself in one process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks, in place (unchanged in one process)."""
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def broadcast_from_rank_zero(value: Any) -> Any:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 TEMPORARY_SUFFIX = ".tmp"
 

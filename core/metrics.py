@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from benchmark.errors import UserError
+from core.errors import UserError
 
 EMPTY_POLICIES = ("penalty", "literature")
 # Distance transform of the box when it has fewer voxels than this many per surface voxel, else a k-d tree:

@@ -37,7 +37,7 @@ def _parse_worker_message(text: str) -> tuple[str, str | None, str | None]:
 
     A worker sends only the exception type and its formatted traceback; the main process then calls
     ``UserError(message="Caught UserError in DataLoader worker process 0.\\nOriginal Traceback ...\\n
-    benchmark.errors.UserError: <our message>")`` (torch calls exception types that have a ``message`` attribute
+    core.errors.UserError: <our message>")`` (torch calls exception types that have a ``message`` attribute
     that way, ``torch._utils.ExceptionWrapper.reraise``). Our message is what follows the last
     ``UserError: `` line; its ``where:`` / ``fix:`` lines are split off again."""
     marker = f"{UserError.__module__}.{UserError.__qualname__}: "

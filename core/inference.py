@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from datamodules.transforms import resize_bilinear, zoom_to
+from core.resize import resize_bilinear, zoom_to
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
