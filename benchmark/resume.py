@@ -34,19 +34,27 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str], command:
     return set(vars(parser.parse_args(list(argv)))) - {"command"}
 
 
-def stored_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved configuration a run folder was started with (without its hash)."""
-    path = Path(run_dir).expanduser() / "config.yaml"
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The content of a run folder's config.yaml (the resolved configuration and its ``config_hash``); a UserError
+    for a folder without one or an unreadable one."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    path = run_dir / "config.yaml"
     if not path.is_file():
-        raise UserError("--resume needs a run folder (one that holds config.yaml)", where=str(Path(run_dir).expanduser().resolve()),
+        raise UserError("--resume needs a run folder (one that holds config.yaml)", where=str(run_dir),
                         fix="give the folder a run printed as 'run folder:' (runs/<dataset>/<method>/L<n>_s<seed>_<hash>_...)")
     try:
-        stored = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, OSError) as error:
         raise UserError(f"cannot read the run folder's config.yaml ({error})", where=str(path),
                         fix="start a new run (without --resume)") from error
+
+
+def stored_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved configuration a run folder was started with (without its hash)."""
+    stored = read_run_config(run_dir)
     if not isinstance(stored, dict) or not all(key in stored for key in ("method_name", "dataset", "profile", "run", "data")):
-        raise UserError("the run folder's config.yaml is not a run's configuration", where=str(path),
+        raise UserError("the run folder's config.yaml is not a run's configuration",
+                        where=str(Path(run_dir).expanduser().resolve() / "config.yaml"),
                         fix="give the folder of a run (it writes config.yaml when it starts), or start a new run")
     stored.pop("config_hash", None)
     return stored

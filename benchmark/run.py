@@ -62,6 +62,7 @@ from core.evaluation import Evaluator, summarize
 from benchmark.leaderboard import (
     append_rows, check_writable, curve_archive, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
 )
+from benchmark.resume import read_run_config
 from benchmark.run_report import write_run_report_safely
 from benchmark.schema import validate_config
 from benchmark.stops import RunStopped, stop_received, stop_signals_raise
@@ -194,15 +195,7 @@ def run_dir_prefix(config: dict[str, Any], digest: str) -> str:
 def check_resumable(run_dir: Path, config: dict[str, Any], digest: str) -> Path:
     """``run_dir`` if it is a run folder of this very configuration and seed; otherwise a UserError saying what differs."""
     run_dir = Path(run_dir).expanduser().resolve()
-    stored_file = run_dir / "config.yaml"
-    if not stored_file.is_file():
-        raise UserError("--resume needs a run folder (one that holds config.yaml)", where=str(run_dir),
-                        fix="give the folder a run printed as 'run folder:' (runs/<dataset>/<method>/L<n>_s<seed>_<hash>_...)")
-    try:
-        stored = yaml.safe_load(stored_file.read_text()) or {}
-    except (yaml.YAMLError, OSError) as error:
-        raise UserError(f"cannot read the run folder's config.yaml ({error})", where=str(stored_file),
-                        fix="start a new run (without --resume)") from error
+    stored = read_run_config(run_dir)
     stored_hash = stored.pop("config_hash", None)
     stored_seed = stored.get("run", {}).get("seed")
     if stored_hash != digest or stored_seed != config["run"]["seed"]:
