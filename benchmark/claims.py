@@ -132,8 +132,9 @@ def claims(table: pd.DataFrame, reported: pd.DataFrame, base: Path = Path("."),
     baselines = baseline_rows(rows[~full | (rows["method"] != BASELINE)])
     records = []
 
-    def record(dataset, profile, labeled, method, digest, measured, paper):
+    def record(dataset, profile, labeled, method, digest, measured, paper, full_cases=None):
         records.append({"dataset": dataset, "profile": profile, "labeled_cases": int(labeled), "method": method,
+                        "full_cases": full_cases,
                         "config_hash": digest, **measured, "paper_count": paper["count"], "paper_gain": paper["gain"],
                         "paper_method_row": paper["method_row"], "paper_baseline_row": paper["baseline_row"],
                         "verdict": verdict(measured["mean_difference"], measured["p_value"], paper["gain"])})
@@ -148,7 +149,8 @@ def claims(table: pd.DataFrame, reported: pd.DataFrame, base: Path = Path("."),
         smaller = sorted({c for d, p, c, _, _ in baselines.index if (d, p) == (dataset, profile) and c < labeled})
         for count in smaller:
             measured = _measured(group, split_baseline(dataset, profile, count), base, leaderboard_dir)
-            record(dataset, profile, count, FULL, digest, measured, published_gain(reported, dataset, BASELINE, count, full=True))
+            record(dataset, profile, count, FULL, digest, measured, published_gain(reported, dataset, BASELINE, count, full=True),
+                   full_cases=int(labeled))
     for (dataset, profile, labeled, method, digest), group in rows[rows["method"] != BASELINE].groupby(
             ["dataset", "profile", "labeled_cases", "method", "config_hash"], sort=True):
         measured = _measured(group, split_baseline(dataset, profile, labeled), base, leaderboard_dir)
@@ -188,7 +190,8 @@ def claims_table(records: pd.DataFrame, configs: dict[str, str] | None = None) -
         paper = "–" if pd.isna(record["paper_gain"]) else f"{record['paper_gain']:+.2f}"
         if record["paper_method_row"] is not None and pd.isna(record["paper_gain"]):
             paper = "no baseline reported"
-        cells = [record["method"], record["profile"], str(record["labeled_cases"]), config_cell(record["config_hash"], configs),
+        method = record["method"] if record["method"] != FULL else f"{FULL} (all {int(record['full_cases'])})"
+        cells = [method, record["profile"], str(record["labeled_cases"]), config_cell(record["config_hash"], configs),
                  str(record["n"]), gain, test, paper, _published_cell(record), record["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

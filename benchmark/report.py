@@ -8,6 +8,8 @@
 - ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
 - ``<dataset>_<profile>_curves.png``: validation Dice against the training step per method and labeled count, the
   mean over seeds of the curves archived with the rows (``curves/<dataset>/<run>.csv``);
+- per dataset an "against the papers" table (benchmark/claims.py): each method's gain over supervised-only beside
+  the gain its paper reports at the nearest published split, with a verdict decided by rule;
 - in the tables, a paired Wilcoxon signed-rank test of each method against ``supervised`` on the same split
   (labeled count), seed and checkpoint kind: one pair per test case, the per-case Dice of the two runs
   (``test_per_case_<checkpoint>.csv`` in the run folders), its difference averaged over the seeds both have.

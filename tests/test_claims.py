@@ -129,13 +129,14 @@ def test_rendered_table_says_which_split_and_source_and_is_deterministic(board, 
     second = render_leaderboards(board, out=tmp_path / "b")[0].read_text()
     assert first == second
     section = first[first.index("### acdc: against the papers"):first.index("### acdc: published numbers")]
-    lines = {line.split(" | ")[0].strip("| "): line for line in section.splitlines() if line.startswith("| ")}
+    lines = {line.split(" | ")[0].strip("| ").split(" (all")[0]: line for line in section.splitlines() if line.startswith("| ")}
     assert "| +8.25 ± 2.83 | +8.25, p = 0.0312 (6 × 2) | +5.00 |" in lines["mean_teacher"]
     assert "7 labeled (10%): mean_teacher 84.00 [M], Paper A Tab1 / Paper Z Tab3" in lines["mean_teacher"]
     assert "baseline U-Net (sup. only) 79.00 [M], Paper A Tab1 - unverified" in lines["mean_teacher"]
     assert "| no baseline reported |" in lines["mc_net_plus"] and lines["mc_net_plus"].endswith("| no paper gain to compare |")
     assert "| no paper row |" in lines["fba_net"]
     assert "14 labeled (20%): ua_mt 87.50" in lines["ua_mt"] and "not resolved (p >= 0.05)" in lines["ua_mt"]
+    assert lines["full supervision"].startswith("| full supervision (all 70) | cpu | 7 |")
     assert "7 labeled vs all 70: U-Net (full) 91.00" in lines["full supervision"]
     assert list(lines)[1:3] == ["full supervision", "cps"]  # after the header: full supervision first, then a-z
 
