@@ -92,7 +92,7 @@ def verdict(mean_difference: float, p_value: float, paper_gain: float) -> str:
     if pd.isna(paper_gain):
         return "no paper gain to compare"
     if pd.isna(p_value) or pd.isna(mean_difference):
-        return "not tested (no per-case files)"
+        return "not tested (no paired per-case files)"
     if p_value >= ALPHA:
         return VERDICTS[2]
     if paper_gain == 0:

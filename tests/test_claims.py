@@ -113,7 +113,7 @@ def test_verdicts_follow_the_rule(records):
     assert records.loc["ua_mt", "verdict"] == "not resolved (p >= 0.05)"      # -0.50, p > 0.05; paper +2.5
     assert records.loc["mc_net_plus", "verdict"] == "no paper gain to compare"
     assert records.loc["fba_net", "verdict"] == "no paper gain to compare"
-    assert records.loc["mms", "verdict"] == "not tested (no per-case files)"
+    assert records.loc["mms", "verdict"] == "not tested (no paired per-case files)"
     assert verdict(0.01, 0.049, -3.0) == "opposite direction" and verdict(0.01, 0.05, -3.0) == "not resolved (p >= 0.05)"
 
 
