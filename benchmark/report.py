@@ -8,6 +8,8 @@
 - ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
 - ``<dataset>_<profile>_curves.png``: validation Dice against the training step per method and labeled count, the
   mean over seeds of the curves archived with the rows (``curves/<dataset>/<run>.csv``);
+- per dataset an "against the papers" table (benchmark/claims.py): each method's gain over supervised-only beside
+  the gain its paper reports at the nearest published split, with a verdict decided by rule;
 - in the tables, a paired Wilcoxon signed-rank test of each method against ``supervised`` on the same split
   (labeled count), seed and checkpoint kind: one pair per test case, the per-case Dice of the two runs
   (``test_per_case_<checkpoint>.csv`` in the run folders), its difference averaged over the seeds both have.
@@ -138,44 +140,63 @@ def per_case_dice(run_dir: str, checkpoint: str, base: Path, archive: Path | Non
     return per_case.groupby("case", sort=False)["dice"].mean()
 
 
-def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
-    """One Wilcoxon signed-rank test per non-baseline group of ``aggregate``: per-case Dice of the method's run
-    against the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind. A case's
-    difference is averaged over the seeds both have, so each test case is one pair: pooled (case, seed) pairs
-    would treat one patient's repeated measurements under several seeds as independent cases.
-    Columns: the GROUP_KEYS, pairs (cases), seeds, mean_difference (method - supervised), p_value."""
+def paired_case_test(pairs: Iterable[tuple], base: Path = Path("."), leaderboard_dir: Path | None = None) -> dict:
+    """Wilcoxon signed-rank test over test cases of runs paired by seed: ``pairs`` holds (dataset, seed, checkpoint,
+    run folder of ours, run folder of theirs). A case's difference (ours - theirs, per-case Dice) is averaged over
+    the seeds both runs have per-case files for, so each test case is one pair: pooled (case, seed) pairs would
+    treat one patient's repeated measurements under several seeds as independent cases.
+    Returns pairs (cases), seeds, mean_difference and p_value (NaN without a per-case file)."""
     from scipy.stats import wilcoxon
 
+    by_case: dict[str, list[float]] = {}
+    seeds = set()
+    for dataset, seed, checkpoint, ours_dir, theirs_dir in pairs:
+        archive = None if leaderboard_dir is None else (leaderboard_dir, dataset)
+        ours = per_case_dice(ours_dir, checkpoint, base, archive)
+        theirs = per_case_dice(theirs_dir, checkpoint, base, archive)
+        if ours is None or theirs is None:
+            continue
+        paired = pd.concat([ours.rename("ours"), theirs.rename("theirs")], axis=1, join="inner")
+        for case, difference in (paired["ours"] - paired["theirs"]).items():
+            by_case.setdefault(case, []).append(float(difference))
+        seeds.add(seed)
+    differences = np.asarray([np.mean(values) for values in by_case.values()], dtype=float)
+    p_value = np.nan
+    if differences.size and np.any(differences != 0):
+        p_value = float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
+    elif differences.size:
+        p_value = 1.0  # identical predictions on every case
+    return {"pairs": int(differences.size), "seeds": len(seeds),
+            "mean_difference": float(differences.mean()) if differences.size else np.nan, "p_value": p_value}
+
+
+SPLIT_KEYS = ["dataset", "profile", "labeled_cases", "checkpoint", "seed"]
+
+
+def baseline_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The supervised row each other method is compared with: the latest of each split (dataset, profile, labeled
+    count, checkpoint kind, seed), indexed by SPLIT_KEYS."""
+    if "run_dir" not in rows:
+        rows = rows.assign(run_dir="")
+    return rows[rows["method"] == BASELINE].drop_duplicates(SPLIT_KEYS, keep="last").set_index(SPLIT_KEYS)
+
+
+def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
+    """One ``paired_case_test`` per non-baseline group of ``aggregate``: per-case Dice of the method's run against
+    the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind.
+    Columns: the GROUP_KEYS, pairs (cases), seeds, mean_difference (method - supervised), p_value."""
     rows = finished_rows(table)
     if "run_dir" not in rows:
         rows["run_dir"] = ""
-    split_keys = ["dataset", "profile", "labeled_cases", "checkpoint", "seed"]
-    baseline = rows[rows["method"] == BASELINE].drop_duplicates(split_keys, keep="last").set_index(split_keys)
+    baseline = baseline_rows(rows)
     results = []
     for key, group in rows[rows["method"] != BASELINE].groupby(GROUP_KEYS, sort=False, dropna=False):
-        by_case: dict[str, list[float]] = {}
-        seeds = set()
+        pairs = []
         for _, row in group.iterrows():
-            split = tuple(row[k] for k in split_keys)
-            if split not in baseline.index:
-                continue
-            archive = None if leaderboard_dir is None else (leaderboard_dir, row["dataset"])
-            ours = per_case_dice(row["run_dir"], row["checkpoint"], base, archive)
-            theirs = per_case_dice(baseline.loc[split, "run_dir"], row["checkpoint"], base, archive)
-            if ours is None or theirs is None:
-                continue
-            paired = pd.concat([ours.rename("ours"), theirs.rename("theirs")], axis=1, join="inner")
-            for case, difference in (paired["ours"] - paired["theirs"]).items():
-                by_case.setdefault(case, []).append(float(difference))
-            seeds.add(row["seed"])
-        differences = np.asarray([np.mean(values) for values in by_case.values()], dtype=float)
-        p_value = np.nan
-        if differences.size and np.any(differences != 0):
-            p_value = float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
-        elif differences.size:
-            p_value = 1.0  # identical predictions on every case
-        results.append({**dict(zip(GROUP_KEYS, key)), "pairs": int(differences.size), "seeds": len(seeds),
-                        "mean_difference": float(differences.mean()) if differences.size else np.nan, "p_value": p_value})
+            split = tuple(row[k] for k in SPLIT_KEYS)
+            if split in baseline.index:
+                pairs.append((row["dataset"], row["seed"], row["checkpoint"], row["run_dir"], baseline.loc[split, "run_dir"]))
+        results.append({**dict(zip(GROUP_KEYS, key)), **paired_case_test(pairs, base, leaderboard_dir)})
     return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "seeds", "mean_difference", "p_value"])
 
 
@@ -373,6 +394,14 @@ PROFILE_NOTES = {
 }
 
 
+CLAIMS_NOTE = (
+    "*Each method's gain over supervised-only (same profile, labeled count and seed; `last` checkpoint) beside the "
+    "gain its paper reports at the nearest published split (the paper's row minus the same source's supervised-only "
+    "row). Verdict by rule: \"not resolved\" when the paired test's p ≥ 0.05, else whether the measured and the "
+    "published gain point the same way (leaderboards/reading.md, \"Reading the tables\"). The recipe is not the "
+    "papers': compare directions, not sizes.*")
+
+
 def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterable[str] | None = None) -> list[Path]:
     """Write ``README.md`` and one plot per dataset and profile into ``out`` (default: ``folder``)."""
     folder = Path(folder)
@@ -385,6 +414,8 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         if missing:
             raise UserError(f"no leaderboard CSV for {', '.join(missing)}", where=str(folder), fix=f"known: {', '.join(csvs) or 'none'}")
         csvs = {d: csvs[d] for d in datasets}
+    from benchmark.claims import claims, claims_table
+
     reported = load_reported(folder / REPORTED_FILE)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -424,6 +455,10 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
                 plot = plot_curves(curves, out / f"{dataset}_{profile}_curves.png", f"{dataset} ({profile})")
                 written.append(plot)
                 sections += ["", f"![{dataset} {profile} validation Dice against step]({plot.name})"]
+        records = claims(table, reported, base=folder.parent, leaderboard_dir=folder)
+        if not records.empty:
+            sections += ["", f"### {dataset}: against the papers", "", CLAIMS_NOTE, "",
+                         claims_table(records, config_descriptions(table, base=folder.parent))]
         published = reported[reported["dataset"] == dataset]
         if not published.empty:
             sections += ["", f"### {dataset}: published numbers (reported.csv)", "", reported_table(published)]
