@@ -267,7 +267,7 @@ def test_smoke_fit(tmp_path, dataset):
 
 def test_inference_speed_benchmark_reports_ratios():
     # Tiny sizes: the function's contract (three paths, ratios to the plain forward), not a timing.
-    from benchmark.perf_mms import measure
+    from benchmark.perf.mms_inference_speed import measure
 
     model = make_mms().eval()
     result = measure(model, size=(32, 32), frame=(40, 52), warmup=1, repeats=2)
