@@ -60,52 +60,13 @@ from torch import nn
 
 from core.errors import UserError
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
+from methods.components.pseudo_labels import align_distribution, class_quota_mask, expected_confidence_mask
 from methods.cps import CrossPseudoSupervision
-from methods.losses.precision import float32_island
+from methods.losses.masked_cross_entropy import cross_entropy_mean_over_kept
 from methods.registry import register
 
 LABELED_MARGINALS = ("prediction", "ground_truth")
 OVER_EXPECTATION = ("expected_confidence", "class_quota", "none")
-_EPS = 1e-8
-
-
-@float32_island
-@torch.no_grad()
-def align_distribution(probabilities: torch.Tensor, labeled_marginal: torch.Tensor,
-                       unlabeled_marginal: torch.Tensor) -> torch.Tensor:
-    """``p * pi_L / pi_U`` per class (channel dim 1), renormalised over the classes per pixel; no gradient."""
-    shape = (1, -1) + (1,) * (probabilities.dim() - 2)
-    ratio = (labeled_marginal / unlabeled_marginal.clamp_min(_EPS)).view(shape)
-    aligned = probabilities.detach() * ratio
-    return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(_EPS)
-
-
-def expected_confidence_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor,
-                             expectation: torch.Tensor) -> torch.Tensor:
-    """Keep a pixel iff its confidence is at least the expected confidence of its pseudo-label's class."""
-    return confidence >= expectation[pseudo_labels]
-
-
-def class_quota_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor, class_shares: torch.Tensor) -> torch.Tensor:
-    """Keep, per class c, the ``round(class_shares[c] * N)`` most confident of the pixels labeled c (N = all
-    pixels given; every pixel of c if there are fewer). Exactly that many even when confidences tie."""
-    flat_confidence, flat_labels = confidence.reshape(-1), pseudo_labels.reshape(-1)
-    quotas = torch.round(class_shares.detach().double() * flat_confidence.numel()).long().tolist()
-    keep = torch.zeros_like(flat_labels, dtype=torch.bool)
-    for label, quota in enumerate(quotas):
-        members = torch.nonzero(flat_labels == label).squeeze(1)
-        count = min(quota, members.numel())
-        if count > 0:
-            keep[members[flat_confidence[members].topk(count).indices]] = True
-    return keep.view_as(pseudo_labels)
-
-
-@float32_island
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean pixel CE over the kept pixels (``sum M CE / sum M``); zero, with gradient, when nothing is kept."""
-    per_pixel = F.cross_entropy(logits, targets, reduction="none")
-    weights = mask.to(per_pixel.dtype)
-    return (per_pixel * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 class ModelStatistics(nn.Module):
@@ -188,8 +149,8 @@ class CoDistributionAlignment(CrossPseudoSupervision):
             pseudo = [self.pseudo_labels(model_logits[n_labeled:], statistics)
                       for model_logits, statistics in zip(logits, self.statistics)]
             # Each model learns from the OTHER model's aligned, filtered pseudo-labels.
-            oce1 = masked_cross_entropy(logits[0][n_labeled:], *pseudo[1])
-            oce2 = masked_cross_entropy(logits[1][n_labeled:], *pseudo[0])
+            oce1 = cross_entropy_mean_over_kept(logits[0][n_labeled:], *pseudo[1])
+            oce2 = cross_entropy_mean_over_kept(logits[1][n_labeled:], *pseudo[0])
             for model, (_, keep) in enumerate(pseudo, start=1):
                 monitors[f"kept_fraction_model{model}"] = keep.float().mean()
         else:  # RATIO=1.0: no unlabeled stream, supervised training of both models

@@ -109,7 +109,8 @@ from methods.components.mixing import cutmix_box_masks, mix_with_next
 from methods.components.perturbations import channel_dropout, gaussian_noise
 from methods.components.photometric import random_blur, random_intensity_jitter
 from methods.cps import CrossPseudoSupervision
-from methods.losses.precision import float32_island
+from methods.losses.contrastive import info_nce_all_keys, l2_prototype_info_nce
+from methods.losses.masked_cross_entropy import cross_entropy_mean_over_all
 from methods.registry import register
 
 MULTISCALE_READINGS = ("patch_pixel", "decoder_scales")
@@ -119,31 +120,7 @@ LEVEL_STRIDES = (8, 4, 2, 1)
 DEFAULT_PATCH_GRID = {2: 8, 3: 4}
 
 
-# ---- losses ---------------------------------------------------------------------------------------------
-@float32_island
-def masked_cross_entropy(logits: torch.Tensor, pseudo_labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """CE on the kept pixels, divided by ALL pixels (UniMatch); with every pixel kept this is the plain mean CE."""
-    per_pixel = F.cross_entropy(logits, pseudo_labels, reduction="none")
-    return (per_pixel * keep.to(per_pixel.dtype)).sum() / per_pixel.numel()
-
-
-@float32_island
-def patch_info_nce(anchors: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE of (M, D) anchors against all (K, D) keys, the positive of anchor i being key ``positives[i]``:
-    ``mean_i -log softmax_j(a_i . k_j / tau)[positives[i]]``."""
-    return F.cross_entropy(anchors @ keys.T / temperature, positives)
-
-
-@float32_island
-def prototype_info_nce(
-    anchors: torch.Tensor, prototype: torch.Tensor, negatives: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """InfoNCE of (A, D) anchors with one positive (D,) prototype and shared (K, D) negatives:
-    ``mean_a -log(exp(a.p / tau) / (exp(a.p / tau) + sum_n exp(a.n / tau)))``."""
-    logits = torch.cat([(anchors @ prototype).unsqueeze(1), anchors @ negatives.T], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(anchors.shape[0], dtype=torch.long, device=anchors.device))
-
-
+# ---- pixel sampling -------------------------------------------------------------------------------------
 def priority_sample(candidates: torch.Tensor, preferred: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """Indices of up to ``count`` candidates (1-D masks), preferred ones first, in random order within each group."""
     keys = torch.rand(candidates.shape, generator=generator, device=generator.device) + (~preferred).float()
@@ -200,27 +177,6 @@ def gather_pixels(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     flat = features.flatten(2)
     pixels = flat.shape[2]
     return flat[index // pixels, :, index % pixels]
-
-
-@float32_island
-def pixel_contrast_loss(
-    anchors: list[torch.Tensor],
-    prototype_members: list[torch.Tensor],
-    negatives: list[torch.Tensor],
-    temperature: float = 0.1,
-) -> torch.Tensor:
-    """Mean over classes of the prototype InfoNCE of the class's anchors (A_c, D); its prototype is the
-    L2-normalised mean of the L2-normalised (P_c, D) member embeddings, its negatives the (K_c, D) embeddings.
-    All embeddings are normalised here; prototypes and negatives carry no gradient."""
-    per_class = []
-    for class_anchors, members, class_negatives in zip(anchors, prototype_members, negatives):
-        prototype = F.normalize(F.normalize(members.detach(), dim=1).mean(dim=0), dim=0)
-        per_class.append(
-            prototype_info_nce(
-                F.normalize(class_anchors, dim=1), prototype, F.normalize(class_negatives.detach(), dim=1), temperature
-            )
-        )
-    return torch.stack(per_class).mean()
 
 
 # ---- projection heads -----------------------------------------------------------------------------------
@@ -416,7 +372,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         pool = F.adaptive_avg_pool3d if boxes.dim() == 4 else F.adaptive_avg_pool2d
         mostly_pasted = pool(boxes.unsqueeze(1).float(), grid).squeeze(1) >= 0.5
         (positives,) = mix_with_next(~mostly_pasted, cells)
-        return patch_info_nce(anchors, keys, positives.reshape(-1), self.hp["patch_temperature"])
+        return info_nce_all_keys(anchors, keys, positives.reshape(-1), self.hp["patch_temperature"])
 
     def pixel_contrast(
         self, outputs: list[dict], probabilities: list[torch.Tensor], labels: list[torch.Tensor],
@@ -456,7 +412,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
                 keys[1 - side] = (embedded[n_mine:n_mine + n_theirs], embedded[n_mine + n_theirs:])
             for side in range(2):
                 if samples[side].classes and anchors[side] is not None and keys[side] is not None:
-                    total = total + weight * pixel_contrast_loss(anchors[side], *keys[side], hp["pixel_temperature"])
+                    total = total + weight * l2_prototype_info_nce(anchors[side], *keys[side], hp["pixel_temperature"])
         return total
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -491,9 +447,9 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
                 strong_term = fp_term = labeled.new_zeros(())
             else:
                 confidence, pseudo = probabilities[other][n_labeled:].max(dim=1)
-                fp_term = masked_cross_entropy(outputs[side]["fp_logits"], pseudo, confidence >= threshold)
+                fp_term = cross_entropy_mean_over_all(outputs[side]["fp_logits"], pseudo, confidence >= threshold)
                 mixed_pseudo, mixed_confidence = mix_with_next(~boxes, pseudo, confidence)
-                strong_term = masked_cross_entropy(outputs[side]["strong_logits"], mixed_pseudo, mixed_confidence >= threshold)
+                strong_term = cross_entropy_mean_over_all(outputs[side]["strong_logits"], mixed_pseudo, mixed_confidence >= threshold)
                 pixel_labels[side] = torch.cat([labels, pseudo])
                 pixel_valid[side] = torch.cat([pixel_valid[side], confidence >= self.hp["pixel_confidence"]])
             losses[f"cross_strong{side + 1}"], losses[f"cross_fp{side + 1}"] = strong_term, fp_term

@@ -75,6 +75,7 @@ from core.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.components.strong_augment import StrongAugmentation
+from methods.losses.contrastive import l1_pixel_nce_within_image
 from methods.losses.precision import float32_island
 from methods.registry import register
 
@@ -114,28 +115,6 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, faithful: bool = 
     union = (weights * (probabilities + target)).sum(dim=(2, 3))
     iou = 1 - (intersection + 1) / (union - intersection + 1)
     return (bce + iou).mean()
-
-
-@float32_island
-def pixel_info_nce(
-    query: torch.Tensor, key: torch.Tensor, temperature: float = 0.07, constant_positive: bool = False,
-    diagonal_logit: float = -10.0,
-) -> torch.Tensor:
-    """PatchNCE (CUT) over the pixels of one image, as MMS's contrastive losses.
-
-    q, k (B, C, h, w), every pixel vector L1-normalised over C; l_pos[b, i] = q_bi . k_bi (or the constant 0),
-    l_neg[b, i, j] = q_bi . k_bj with the diagonal replaced by ``diagonal_logit``; the mean over (b, i) of the
-    cross-entropy of [l_pos, l_neg[b, i, :]] / tau with target 0. Negatives come from the same image only.
-    """
-    q = F.normalize(query.flatten(2), p=1, dim=1).transpose(1, 2)  # (B, P, C)
-    k = F.normalize(key.flatten(2), p=1, dim=1).transpose(1, 2)
-    batch, pixels = q.shape[:2]
-    negatives = torch.bmm(q, k.transpose(1, 2)).masked_fill(
-        torch.eye(pixels, dtype=torch.bool, device=q.device), diagonal_logit
-    )
-    positives = q.new_zeros(batch, pixels, 1) if constant_positive else (q * k).sum(dim=-1, keepdim=True)
-    logits = torch.cat([positives, negatives], dim=-1) / temperature
-    return F.cross_entropy(logits.reshape(batch * pixels, pixels + 1), logits.new_zeros(batch * pixels, dtype=torch.long))
 
 
 def foreground_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -252,7 +231,7 @@ class MinMaxSimilarity(SemiSupervisedMethod):
     def contrast(self, query_side: torch.Tensor, key_side: torch.Tensor, constant_positive: bool) -> torch.Tensor:
         """Network 1's embedding as query against network 2's detached one; both directions unless faithful."""
         def nce(query, key):
-            return pixel_info_nce(query, key.detach(), self.hp["temperature"], constant_positive, self.hp["diagonal_logit"])
+            return l1_pixel_nce_within_image(query, key.detach(), self.hp["temperature"], constant_positive, self.hp["diagonal_logit"])
 
         if self.hp["faithful_asymmetric"]:
             return nce(query_side, key_side)

@@ -10,7 +10,7 @@ import torch
 from benchmark.config import resolve_config
 from core.errors import UserError
 from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
-from methods.losses.consistency import mutual_consistency_loss, sharpen
+from methods.losses.consistency import mutual_consistency_loss
 from methods.mc_net_plus import MCNetPlus, binary_dice_loss, foreground_dice_loss, mcnet_dice_loss
 from methods.networks import build_network
 from methods.registry import get_method
@@ -35,17 +35,6 @@ def test_cps_cross_pseudo_loss_on_a_2x2_example():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert logits.grad is not None and other.grad is None  # hard pseudo-labels carry no gradient
-
-
-def test_sharpen_by_hand():
-    p = torch.tensor([0.0, 0.5, 0.6, 1.0])
-    assert torch.allclose(sharpen(p, 0.5), torch.tensor([0.0, 0.5, 9 / 13, 1.0]))  # 0.36 / (0.36 + 0.16)
-    assert sharpen(torch.tensor([0.6]), 0.1).item() == pytest.approx(0.6**10 / (0.6**10 + 0.4**10))
-    # element-wise, not renormalised over channels (MC-Net's sharpening)
-    three = sharpen(torch.tensor([0.2, 0.3, 0.5]), 0.5)
-    assert three.sum().item() != pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        sharpen(p, 0.0)
 
 
 def test_mutual_consistency_by_hand_and_target_gradient():
