@@ -34,25 +34,12 @@ unlabeled images; one optimizer):
   (expected_confidence) ``E``, so a run shows the alignment at work on the rare classes.
 * Without unlabeled data (RATIO=1.0) both models train supervised; ``pi_L`` is still tracked.
 
-Hyperparameters (``method.<key>=...``):
-  consistency                  1.0    lambda_max, weight of the over-expectation CE after the ramp-up
-  consistency_rampup_fraction  0.4    ramp-up length as a fraction of trainer.max_steps (sigmoid, in steps)
-  consistency_rampup           200.0  used only with consistency_rampup_fraction=null: SSL4MIS's iteration // 150
-  align_distribution           true   false = no alignment (pseudo-labels from the raw softmax): an ablation
-  labeled_marginal             prediction  prediction (the abstract: "marginal predictions on labeled data")
-                                      | ground_truth (class frequencies of the labels)
-  marginal_momentum            0.99   EMA momentum of pi_L and pi_U (ReMixMatch averages ~128 batches)
-  over_expectation             expected_confidence  | class_quota | none (see above)
-  expectation_momentum         0.99   EMA momentum of the per-class expected confidence E
-  network_inits                null   A's and B's initialisation; null = CPS's upstream one for the dimensionality
-                                      (2-D [default, default], 3-D [kaiming, xavier]; methods/cps.py)
-  dice_include_background      null   CPS's flag: null = the dataset's Dice convention
-  predict_with                 average  model1 (A) | model2 (B) | average (mean of both softmax maps). The abstract
-                                      does not say; both models are trained symmetrically as peers, so neither is
-                                      preferred and their average is the steadier prediction (cps keeps model1,
-                                      as its upstream tests).
+Hyperparameters: :class:`CoDistributionAlignmentHyperparameters` (their meaning beside each default).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +49,9 @@ from core.errors import UserError
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.components.pseudo_labels import align_distribution, class_quota_mask, expected_confidence_mask
 from methods.cps import CrossPseudoSupervision
+from methods.hyperparameters import Hyperparameters
 from methods.losses.masked_cross_entropy import cross_entropy_mean_over_kept
 from methods.registry import register
-
-LABELED_MARGINALS = ("prediction", "ground_truth")
-OVER_EXPECTATION = ("expected_confidence", "class_quota", "none")
-
 
 class ModelStatistics(nn.Module):
     """One model's running statistics: labeled and unlabeled class marginals, per-class expected confidence."""
@@ -80,33 +64,41 @@ class ModelStatistics(nn.Module):
         self.expectation = RunningClassMean(num_classes, expectation_momentum, initial=0.0)
 
 
+@dataclass(frozen=True)
+class CoDistributionAlignmentHyperparameters(Hyperparameters):
+    consistency: float = 1.0  # lambda_max, the weight of the over-expectation CE after the ramp-up
+    # used only with consistency_rampup_fraction=null: SSL4MIS's ramp-up over iteration // 150
+    consistency_rampup: float = 200.0
+    # the ramp-up's length as a fraction of trainer.max_steps (sigmoid, in steps)
+    consistency_rampup_fraction: float | None = 0.4
+    align_distribution: bool = True  # false = no alignment (pseudo-labels from the raw softmax): an ablation
+    # pi_L from the model's softmax on labeled pixels (the abstract: "marginal predictions on labeled data") or
+    # from the labels' class frequencies
+    labeled_marginal: Literal["prediction", "ground_truth"] = "prediction"
+    marginal_momentum: float = 0.99  # EMA momentum of pi_L and pi_U, in [0, 1) (ReMixMatch averages ~128 batches)
+    over_expectation: Literal["expected_confidence", "class_quota", "none"] = "expected_confidence"  # the filter
+    expectation_momentum: float = 0.99  # EMA momentum of the per-class expected confidence E, in [0, 1)
+    # The abstract does not say; both models are trained symmetrically as peers, so neither is preferred and the
+    # mean of both softmax maps is the steadier prediction (cps keeps model1, as its upstream tests).
+    predict_with: Literal["model1", "model2", "average"] = "average"
+    # A's and B's initialisation; null = CPS's upstream one for the dimensionality (methods/cps.py)
+    network_inits: list[str] | None = None
+    dice_include_background: bool | None = None  # CPS's flag: null = the dataset's Dice convention
+
+
 @register("co_da")
 class CoDistributionAlignment(CrossPseudoSupervision):
-    defaults = {
-        "consistency": 1.0,
-        "consistency_rampup": 200.0,
-        "consistency_rampup_fraction": 0.4,
-        "align_distribution": True,
-        "labeled_marginal": "prediction",
-        "marginal_momentum": 0.99,
-        "over_expectation": "expected_confidence",
-        "expectation_momentum": 0.99,
-        "predict_with": "average",
-        "network_inits": None,  # CPS's upstream initialisation per dimensionality (see methods/cps.py)
-        "dice_include_background": None,  # CPS's: null = the dataset's Dice convention
-    }
+    hyperparameters = CoDistributionAlignmentHyperparameters
+    hp: CoDistributionAlignmentHyperparameters
 
     def build(self) -> None:
-        for key, known in (("labeled_marginal", LABELED_MARGINALS), ("over_expectation", OVER_EXPECTATION)):
-            if self.hp[key] not in known:
-                raise UserError(f"unknown method.{key} '{self.hp[key]}' for co_da", where=f"known: {', '.join(known)}")
         for key in ("marginal_momentum", "expectation_momentum"):
             if not 0.0 <= self.hp[key] < 1.0:
                 raise UserError(f"method.{key}={self.hp[key]} for co_da is out of range", fix="use a value in [0, 1), e.g. 0.99")
         super().build()
         num_classes = self.spec.num_classes
         self.statistics = nn.ModuleList(
-            ModelStatistics(num_classes, self.hp["marginal_momentum"], self.hp["expectation_momentum"]) for _ in range(2)
+            ModelStatistics(num_classes, self.hp.marginal_momentum, self.hp.expectation_momentum) for _ in range(2)
         )
 
     @torch.no_grad()
@@ -114,11 +106,11 @@ class CoDistributionAlignment(CrossPseudoSupervision):
         """Aligned hard pseudo-labels of one model on unlabeled logits and the over-expectation mask to keep."""
         probabilities = torch.softmax(logits.detach(), dim=1)
         statistics.unlabeled_marginal.update_marginal(probabilities)
-        if self.hp["align_distribution"]:
+        if self.hp.align_distribution:
             probabilities = align_distribution(
                 probabilities, statistics.labeled_marginal.value, statistics.unlabeled_marginal.value)
         confidence, labels = probabilities.max(dim=1)
-        mode = self.hp["over_expectation"]
+        mode = self.hp.over_expectation
         if mode == "expected_confidence":
             expectation = statistics.expectation.update_per_class_mean(confidence, labels)
             return labels, expected_confidence_mask(confidence, labels, expectation)
@@ -137,7 +129,7 @@ class CoDistributionAlignment(CrossPseudoSupervision):
         with torch.no_grad():
             for model, (model_logits, statistics) in enumerate(zip(logits, self.statistics), start=1):
                 labeled_logits = model_logits[:n_labeled].detach()
-                if self.hp["labeled_marginal"] == "ground_truth":
+                if self.hp.labeled_marginal == "ground_truth":
                     statistics.labeled_marginal.update_marginal(F.one_hot(labels, num_classes).movedim(-1, 1).float())
                 else:
                     statistics.labeled_marginal.update_marginal(torch.softmax(labeled_logits, dim=1))
@@ -160,7 +152,7 @@ class CoDistributionAlignment(CrossPseudoSupervision):
             for index, class_name in enumerate(self.spec.class_names):
                 monitors[f"pi_labeled_model{model}_{class_name}"] = statistics.labeled_marginal.value[index].clone()
                 monitors[f"pi_unlabeled_model{model}_{class_name}"] = statistics.unlabeled_marginal.value[index].clone()
-                if self.hp["over_expectation"] == "expected_confidence":
+                if self.hp.over_expectation == "expected_confidence":
                     monitors[f"expectation_model{model}_{class_name}"] = statistics.expectation.value[index].clone()
 
         weight = self.consistency_weight()

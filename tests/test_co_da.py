@@ -3,6 +3,7 @@ round trip, two DDP ranks), gradient routing, presets, inference choice and an e
 hand: tests/test_pseudo_labels.py (alignment, filters) and tests/test_losses_masked_cross_entropy.py (the CE)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -40,7 +41,7 @@ def test_method_aligns_with_the_labeled_over_the_unlabeled_marginal_of_the_batch
     # the first update of pi_U is the batch mean itself (0.75, 0.25), used in the same step
     assert statistics.unlabeled_marginal.value.tolist() == pytest.approx([0.75, 0.25])
     assert labels.flatten().tolist() == [1, 1, 0, 0] and keep.all()
-    model.hp["align_distribution"] = False  # the ablation: raw argmax
+    model.hp = dataclasses.replace(model.hp, align_distribution=False)  # the ablation: raw argmax
     labels, _ = model.pseudo_labels(logits, statistics)
     assert labels.flatten().tolist() == [0, 0, 0, 0]
 
@@ -185,9 +186,9 @@ def test_predict_with_model1_model2_or_average():
     with torch.no_grad():
         mean = (torch.softmax(model.net1(images), 1) + torch.softmax(model.net2(images), 1)) / 2
         assert torch.allclose(torch.softmax(model.predict_logits(images), 1), mean, atol=1e-6)
-        model.hp["predict_with"] = "model1"
+        model.hp = dataclasses.replace(model.hp, predict_with="model1")
         assert torch.equal(model.predict_logits(images), model.net1(images))
-        model.hp["predict_with"] = "model2"
+        model.hp = dataclasses.replace(model.hp, predict_with="model2")
         assert torch.equal(model.predict_logits(images), model.net2(images))
 
 
