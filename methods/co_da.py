@@ -76,12 +76,15 @@ class CoDistributionAlignmentHyperparameters(Hyperparameters):
     # from the labels' class frequencies
     labeled_marginal: Literal["prediction", "ground_truth"] = "prediction"
     marginal_momentum: float = 0.99  # EMA momentum of pi_L and pi_U, in [0, 1) (ReMixMatch averages ~128 batches)
-    over_expectation: Literal["expected_confidence", "class_quota", "none"] = "expected_confidence"  # the filter
+    # the over-expectation filter (above)
+    over_expectation: Literal["expected_confidence", "class_quota", "none"] = "expected_confidence"
     expectation_momentum: float = 0.99  # EMA momentum of the per-class expected confidence E, in [0, 1)
-    # The abstract does not say; both models are trained symmetrically as peers, so neither is preferred and the
-    # mean of both softmax maps is the steadier prediction (cps keeps model1, as its upstream tests).
+    # model1 = A, model2 = B, average = the mean of both softmax maps. The abstract does not say; both models are
+    # trained symmetrically as peers, so neither is preferred and their mean is the steadier prediction (cps keeps
+    # model1, as its upstream tests).
     predict_with: Literal["model1", "model2", "average"] = "average"
-    # A's and B's initialisation; null = CPS's upstream one for the dimensionality (methods/cps.py)
+    # A's and B's initialisation; null = CPS's upstream one for the dimensionality (2-D [default, default],
+    # 3-D [kaiming, xavier]; methods/cps.py)
     network_inits: list[str] | None = None
     dice_include_background: bool | None = None  # CPS's flag: null = the dataset's Dice convention
 
