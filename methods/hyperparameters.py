@@ -8,9 +8,8 @@ field's type (``float`` takes a whole number, ``X | None`` takes null, ``Literal
 refuses a wrong one with a :class:`core.errors.UserError` naming the key. Values are kept as given (no conversion),
 so the numbers a run computes do not change.
 
-``hp["key"]`` still reads a field, for the code of a parent method that has no dataclass of its own yet (Co-DA
-runs CPS's code). A subclass method extends its parent's dataclass and may re-declare a field to change its
-default; the field keeps its place.
+``hp["key"]`` reads a field too (checks that loop over several keys). A subclass method extends its parent's
+dataclass and may re-declare a field to change its default; the field keeps its place.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """CPS and MC-Net+: each loss term by hand, gradient routing, ramp-ups, presets and smoke fits (2D, 3D, RATIO=1)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from unittest import mock
 
@@ -140,7 +141,7 @@ def test_cps_networks_start_apart_and_predict_with_model1_or_average():
     images = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.predict_logits(images), model.net1(images))
-        model.hp["predict_with"] = "average"
+        model.hp = dataclasses.replace(model.hp, predict_with="average")
         mean = (torch.softmax(model.net1(images), 1) + torch.softmax(model.net2(images), 1)) / 2
         assert torch.allclose(torch.softmax(model.predict_logits(images), 1), mean, atol=1e-6)
     with pytest.raises(Exception, match="predict_with"):

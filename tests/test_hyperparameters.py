@@ -81,14 +81,18 @@ def test_typed_methods_get_their_defaults_from_the_dataclass_and_hp_is_an_instan
     assert model.hp.threshold_start == 0.5 and model.hp.consistency_start_step == 0 and model.hp.ema_decay == 0.99
 
 
-def test_a_method_with_a_defaults_dict_of_its_own_stays_untyped():
-    # mcl_cs extends cps with a dict; if cps were typed, mcl_cs must not inherit its dataclass.
-    for name in method_names():
-        cls = get_method(name)
-        if cls.hyperparameters is not None:
-            assert "defaults" not in vars(cls) or cls.defaults == cls.hyperparameters.defaults()
-    model = build_method("mcl_cs", patch=(32, 32))
-    assert isinstance(model.hp, dict)
+def test_a_subclass_with_a_defaults_dict_of_its_own_is_untyped_and_one_with_a_dataclass_typed():
+    mean_teacher = get_method("mean_teacher")
+
+    class WithDict(mean_teacher):
+        defaults = {**mean_teacher.defaults, "extra": 1}
+
+    class WithDataclass(WithDict):
+        hyperparameters = Child
+
+    assert WithDict.hyperparameters is None and WithDict.defaults["extra"] == 1
+    assert WithDataclass.defaults == Child.defaults()
+    assert mean_teacher.hyperparameters is not None  # the parent keeps its own
 
 
 def test_a_bad_value_in_a_config_file_stops_a_typed_method_before_it_builds():

@@ -4,6 +4,7 @@ The smoke fits (2D, 3D, RATIO=1.0) are in test_methods_smoke.py, which runs ever
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -140,7 +141,7 @@ def test_feature_perturbation_decodes_a_dropped_copy_in_the_same_pass():
     assert perturbed["fp_logits"].shape == perturbed["logits"][2:].shape
     assert not torch.allclose(perturbed["fp_logits"], perturbed["logits"][2:])
     net.eval()  # no encoder dropout: with p = 0 the copy is the clean unlabeled prediction
-    model.hp["feature_dropout"] = 0.0
+    model.hp = dataclasses.replace(model.hp, feature_dropout=0.0)
     clean = model.forward_network(net, labeled, unlabeled, None, generator(1))
     assert torch.allclose(clean["fp_logits"], clean["logits"][2:], atol=1e-6)
 
