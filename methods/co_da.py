@@ -48,8 +48,7 @@ from torch import nn
 from core.errors import UserError
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.components.pseudo_labels import align_distribution, class_quota_mask, expected_confidence_mask
-from methods.cps import CrossPseudoSupervision
-from methods.hyperparameters import Hyperparameters
+from methods.cps import CrossPseudoSupervision, CrossPseudoSupervisionHyperparameters
 from methods.losses.masked_cross_entropy import cross_entropy_mean_over_kept
 from methods.registry import register
 
@@ -65,12 +64,15 @@ class ModelStatistics(nn.Module):
 
 
 @dataclass(frozen=True)
-class CoDistributionAlignmentHyperparameters(Hyperparameters):
+class CoDistributionAlignmentHyperparameters(CrossPseudoSupervisionHyperparameters):
     consistency: float = 1.0  # lambda_max, the weight of the over-expectation CE after the ramp-up
-    # used only with consistency_rampup_fraction=null: SSL4MIS's ramp-up over iteration // 150
-    consistency_rampup: float = 200.0
-    # the ramp-up's length as a fraction of trainer.max_steps (sigmoid, in steps)
+    # the ramp-up's length as a fraction of trainer.max_steps (sigmoid, in steps); null = CPS's consistency_rampup
+    # (SSL4MIS's ramp-up over iteration // 150)
     consistency_rampup_fraction: float | None = 0.4
+    # model1 = A, model2 = B, average = the mean of both softmax maps. The abstract does not say; both models are
+    # trained symmetrically as peers, so neither is preferred and their mean is the steadier prediction (cps keeps
+    # model1, as its upstream tests).
+    predict_with: Literal["model1", "model2", "average"] = "average"
     align_distribution: bool = True  # false = no alignment (pseudo-labels from the raw softmax): an ablation
     # pi_L from the model's softmax on labeled pixels (the abstract: "marginal predictions on labeled data") or
     # from the labels' class frequencies
@@ -79,14 +81,6 @@ class CoDistributionAlignmentHyperparameters(Hyperparameters):
     # the over-expectation filter (above)
     over_expectation: Literal["expected_confidence", "class_quota", "none"] = "expected_confidence"
     expectation_momentum: float = 0.99  # EMA momentum of the per-class expected confidence E, in [0, 1)
-    # model1 = A, model2 = B, average = the mean of both softmax maps. The abstract does not say; both models are
-    # trained symmetrically as peers, so neither is preferred and their mean is the steadier prediction (cps keeps
-    # model1, as its upstream tests).
-    predict_with: Literal["model1", "model2", "average"] = "average"
-    # A's and B's initialisation; null = CPS's upstream one for the dimensionality (2-D [default, default],
-    # 3-D [kaiming, xavier]; methods/cps.py)
-    network_inits: list[str] | None = None
-    dice_include_background: bool | None = None  # CPS's flag: null = the dataset's Dice convention
 
 
 @register("co_da")
