@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.brats import MODALITIES, SEG, preprocess_case
-from datamodules.synthetic import _bias_field, _ellipsoid_distance, _random_rotation, _rng, _smooth_field, _write_h5, _write_list
+from datamodules.synthetic_drawing import bias_field, ellipsoid_distance, random_rotation, seeded_rng, smooth_field
+from datamodules.synthetic_files import write_h5, write_list
 
 RAW_FOLDER = "MICCAI_BraTS_2019_Data_Training"
 SITES = ("TCIA01", "TCIA02", "TCIA03", "TCIA04", "TCIA05", "TCIA06", "TCIA08", "TCIA10", "TCIA12", "TCIA13", "CBICA", "2013")
@@ -28,7 +29,7 @@ _IDS_STREAM, _CASE_STREAM = 11, 12
 
 def brats_ids(seed: int, count: int) -> list[str]:
     """Distinct IDs like the real ones: BraTS19_<site>_<3 letters or digits>_1."""
-    rng = _rng(seed, _IDS_STREAM)
+    rng = seeded_rng(seed, _IDS_STREAM)
     ids: dict[str, None] = {}
     while len(ids) < count:
         site = SITES[int(rng.integers(len(SITES)))]
@@ -39,28 +40,28 @@ def brats_ids(seed: int, count: int) -> list[str]:
 
 def brats_raw_case(seed: int, index: int, shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The four contrasts (int16, zeros outside the brain) and the seg (uint8 {0, 1, 2, 4}), all (z, y, x)."""
-    rng = _rng(seed, _CASE_STREAM, index)
+    rng = seeded_rng(seed, _CASE_STREAM, index)
     size = np.asarray(shape, dtype=np.float64)
     grid = np.indices(shape, dtype=np.float64)
     center = size / 2 + rng.normal(0, 0.02, 3) * size
-    brain_distance = _ellipsoid_distance(grid, center, size * np.array([0.4, 0.42, 0.36]), _random_rotation(rng, 0.1))
-    brain_distance *= 1 + 0.05 * _smooth_field(rng, shape, min(shape) / 5)
+    brain_distance = ellipsoid_distance(grid, center, size * np.array([0.4, 0.42, 0.36]), random_rotation(rng, 0.1))
+    brain_distance *= 1 + 0.05 * smooth_field(rng, shape, min(shape) / 5)
     brain = brain_distance < 1
     ventricles = np.zeros(shape, bool)
     for side in (-1, 1):
         offset = np.array([0.0, 0.0, side * 0.07]) * size
-        ventricles |= _ellipsoid_distance(grid, center + offset, size * np.array([0.12, 0.18, 0.04]), np.eye(3)) < 1
+        ventricles |= ellipsoid_distance(grid, center + offset, size * np.array([0.12, 0.18, 0.04]), np.eye(3)) < 1
 
     # The tumour sits off-centre inside the brain: core (necrosis + enhancing rim) inside a larger oedema.
     direction = rng.normal(0, 1, 3)
     direction /= np.linalg.norm(direction)
     tumour_center = center + direction * size * rng.uniform(0.08, 0.18)
     core_radius = min(shape) * rng.uniform(0.07, 0.13)
-    rotation = _random_rotation(rng, np.pi)
-    core_distance = _ellipsoid_distance(grid, tumour_center, core_radius * rng.uniform(0.8, 1.2, 3), rotation)
-    core_distance *= 1 + 0.15 * _smooth_field(rng, shape, min(shape) / 8)
-    oedema_distance = _ellipsoid_distance(grid, tumour_center, core_radius * rng.uniform(1.6, 2.4, 3), rotation)
-    oedema_distance *= 1 + 0.25 * _smooth_field(rng, shape, min(shape) / 8)
+    rotation = random_rotation(rng, np.pi)
+    core_distance = ellipsoid_distance(grid, tumour_center, core_radius * rng.uniform(0.8, 1.2, 3), rotation)
+    core_distance *= 1 + 0.15 * smooth_field(rng, shape, min(shape) / 8)
+    oedema_distance = ellipsoid_distance(grid, tumour_center, core_radius * rng.uniform(1.6, 2.4, 3), rotation)
+    oedema_distance *= 1 + 0.25 * smooth_field(rng, shape, min(shape) / 8)
     low_grade = rng.random() < 0.3  # LGG: often no enhancing rim
     seg = np.zeros(shape, np.uint8)
     seg[(oedema_distance < 1) & brain] = 2
@@ -73,7 +74,7 @@ def brats_raw_case(seed: int, index: int, shape: tuple[int, int, int]) -> tuple[
     mimic = np.zeros(shape, bool)
     if rng.random() < 0.5:
         mimic_center = center - direction * size * rng.uniform(0.12, 0.2)
-        mimic = (_ellipsoid_distance(grid, mimic_center, (min(shape) * rng.uniform(0.04, 0.07),) * 3, np.eye(3)) < 1) & brain
+        mimic = (ellipsoid_distance(grid, mimic_center, (min(shape) * rng.uniform(0.04, 0.07),) * 3, np.eye(3)) < 1) & brain
 
     #                     tissue  csf   oedema  necrosis  rim   mimic
     contrasts = {
@@ -85,13 +86,13 @@ def brats_raw_case(seed: int, index: int, shape: tuple[int, int, int]) -> tuple[
     volumes = {}
     for modality in MODALITIES:
         tissue, csf, oedema, necrosis, rim, mimic_value = (value * rng.uniform(0.85, 1.15) for value in contrasts[modality])
-        image = tissue * (1 + 0.08 * _smooth_field(rng, shape, 2.0))
+        image = tissue * (1 + 0.08 * smooth_field(rng, shape, 2.0))
         image[ventricles] = csf
-        image[seg == 2] = oedema * (1 + 0.08 * _smooth_field(rng, shape, 2.0))[seg == 2]
+        image[seg == 2] = oedema * (1 + 0.08 * smooth_field(rng, shape, 2.0))[seg == 2]
         image[seg == 1] = necrosis
         image[seg == 4] = rim
         image[mimic] = mimic_value
-        image = image * _bias_field(rng, shape, 0.15) + rng.normal(0, 0.03 * tissue, shape)
+        image = image * bias_field(rng, shape, 0.15) + rng.normal(0, 0.03 * tissue, shape)
         volumes[modality] = np.where(brain, np.clip(np.round(image), 1, 32767), 0).astype(np.int16)
     seg[~brain] = 0
     return volumes, seg
@@ -124,7 +125,7 @@ def write_brats_layout(
         volumes, seg = brats_raw_case(seed, index, tuple(shape))
         if form == "h5":
             (root / "data").mkdir(parents=True, exist_ok=True)
-            _write_h5(root / "data" / f"{case_id}.h5", *preprocess_case(volumes, seg, ("flair",), regions=False))
+            write_h5(root / "data" / f"{case_id}.h5", *preprocess_case(volumes, seg, ("flair",), regions=False))
             continue
         grade = "LGG" if not (seg == 4).any() else "HGG"
         folder = root / RAW_FOLDER / grade / case_id
@@ -134,7 +135,7 @@ def write_brats_layout(
             # NIfTI stores (x, y, z); the suite's arrays are (z, y, x) like SimpleITK's.
             nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), folder / f"{case_id}_{kind}.nii.gz")
     # SSL4MIS's lists are in a random order (not sorted); the first 25/50 of train.txt are the labeled cases.
-    _write_list(root / "train.txt", ids[:n_train])
-    _write_list(root / "val.txt", ids[n_train : n_train + n_val])
-    _write_list(root / "test.txt", ids[n_train + n_val :])
+    write_list(root / "train.txt", ids[:n_train])
+    write_list(root / "val.txt", ids[n_train : n_train + n_val])
+    write_list(root / "test.txt", ids[n_train + n_val :])
     return root

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from datamodules.cadis import TEST_VIDEOS, TRAIN_VIDEOS, VAL_VIDEOS, video_folder
-from datamodules.synthetic import _ellipse_distance, _rng, _smooth_field
+from datamodules.synthetic_drawing import ellipse_distance, seeded_rng, smooth_field
 
 _CADIS_STREAM = 31
 PUPIL, TAPE, HAND, RETRACTORS, IRIS, SKIN, CORNEA = range(7)
@@ -28,14 +28,14 @@ COLOURS = {PUPIL: (110, 35, 30), TAPE: (225, 225, 215), HAND: (120, 140, 205), R
 
 def cadis_frame(seed: int, video: int, frame: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8, original-class uint8) of one frame."""
-    scene = _rng(seed, _CADIS_STREAM, video)  # what stays the same over a video
-    rng = _rng(seed, _CADIS_STREAM, 1000 * video + frame + 1)
+    scene = seeded_rng(seed, _CADIS_STREAM, video)  # what stays the same over a video
+    rng = seeded_rng(seed, _CADIS_STREAM, 1000 * video + frame + 1)
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     unit = min(shape) / 54.0
     label = np.full(shape, SKIN, np.uint8)
     center = (shape[0] * scene.uniform(0.4, 0.6) + rng.normal(0, unit), shape[1] * scene.uniform(0.4, 0.6) + rng.normal(0, unit))
     cornea_radius = min(shape) * scene.uniform(0.32, 0.42)
-    distance = _ellipse_distance(rows, cols, center, (cornea_radius, cornea_radius * 1.05), 0.0)
+    distance = ellipse_distance(rows, cols, center, (cornea_radius, cornea_radius * 1.05), 0.0)
     label[distance < 1] = CORNEA
     label[distance < scene.uniform(0.6, 0.75)] = IRIS
     label[distance < scene.uniform(0.3, 0.45)] = PUPIL
@@ -45,7 +45,7 @@ def cadis_frame(seed: int, video: int, frame: int, shape: tuple[int, int]) -> tu
     if scene.random() < 0.5:
         label[:, : int(4 * unit)] = TAPE
     if scene.random() < 0.4:
-        label[_ellipse_distance(rows, cols, (shape[0], shape[1]), (12 * unit, 18 * unit), 0.3) < 1] = HAND
+        label[ellipse_distance(rows, cols, (shape[0], shape[1]), (12 * unit, 18 * unit), 0.3) < 1] = HAND
     for _ in range(int(scene.integers(1, 3))):
         tip, handle = TOOLS[int(scene.integers(len(TOOLS)))]
         angle = scene.uniform(0, 2 * math.pi) + rng.normal(0, 0.1)
@@ -60,7 +60,7 @@ def cadis_frame(seed: int, video: int, frame: int, shape: tuple[int, int]) -> tu
     for cls in np.unique(label):
         colour = np.array(COLOURS.get(int(cls), (195, 195, 205) if cls in {t for t, _ in TOOLS} else (95, 95, 105)))
         image[label == cls] = colour * scene.uniform(0.9, 1.1)
-    image *= 1 + 0.06 * _smooth_field(rng, shape, 2 * unit)[..., None]
+    image *= 1 + 0.06 * smooth_field(rng, shape, 2 * unit)[..., None]
     image = np.stack([ndimage.gaussian_filter(image[..., c], 0.6 * unit) for c in range(3)], axis=-1)
     image += rng.normal(0, 3, image.shape)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), label

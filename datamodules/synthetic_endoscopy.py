@@ -24,16 +24,14 @@ from datamodules.endoscopy import (
     ENDOVIS_TRAIN_SEQUENCES,
     endovis_sequence_folder,
 )
-from datamodules.synthetic import _kvasir_ids, _write_list
+from datamodules.synthetic_drawing import seeded_rng
+from datamodules.synthetic_files import write_list
+from datamodules.synthetic_kvasir import kvasir_ids
 
 ENDOVIS_INSTRUMENT_FOLDERS = ("Left_Prograsp_Forceps_labels", "Right_Prograsp_Forceps_labels", "Other_labels")
 # The part values of the challenge's label PNGs (binary segmentation uses any value > 0).
 SHAFT, WRIST, CLASPERS = 10, 20, 30
 _FRAME_STREAM, _SEQUENCE_STREAM = 101, 102
-
-
-def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, stream, index])
 
 
 def _tissue(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -81,13 +79,13 @@ def write_kvasir_instrument_layout(root: str | Path, n_train: int = 10, n_test: 
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
-    ids = _kvasir_ids(seed, n_train + n_test)
+    ids = kvasir_ids(seed, n_train + n_test)
     for index, image_id in enumerate(ids):
-        image, instruments = _draw_tools(_rng(seed, _FRAME_STREAM, index), tuple(shape), 1)
+        image, instruments = _draw_tools(seeded_rng(seed, _FRAME_STREAM, index), tuple(shape), 1)
         Image.fromarray(image, "RGB").save(root / "images" / f"{image_id}.jpg", quality=90)
         Image.fromarray(((instruments[0] > 0) * 255).astype(np.uint8), "L").save(root / "masks" / f"{image_id}.png")
-    _write_list(root / "train.txt", ids[:n_train])
-    _write_list(root / "test.txt", ids[n_train:])
+    write_list(root / "train.txt", ids[:n_train])
+    write_list(root / "test.txt", ids[n_train:])
     return root
 
 
@@ -106,7 +104,7 @@ def write_endovis17_layout(root: str | Path, frames_per_sequence: int = 3, shape
         for sub in ("left_frames", "right_frames", *(f"ground_truth/{name}" for name in instrument_folders)):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         for frame in range(frames_per_sequence):
-            rng = _rng(seed, _SEQUENCE_STREAM, number * 10_000 + frame)
+            rng = seeded_rng(seed, _SEQUENCE_STREAM, number * 10_000 + frame)
             image, instruments = _draw_tools(rng, tuple(shape), len(instrument_folders))
             if tuple(shape) == ENDOVIS_FULL_FRAME:
                 bordered = np.zeros_like(image)
@@ -133,7 +131,7 @@ def write_image_mask_folders(root: str | Path, n_train: int = 10, n_test: int = 
         (root / split / "image").mkdir(parents=True, exist_ok=True)
         (root / split / "mask").mkdir(parents=True, exist_ok=True)
         for number in range(1, count + 1):
-            image, instruments = _draw_tools(_rng(seed, _FRAME_STREAM, index), tuple(shape), 1)
+            image, instruments = _draw_tools(seeded_rng(seed, _FRAME_STREAM, index), tuple(shape), 1)
             index += 1
             Image.fromarray(image, "RGB").save(root / split / "image" / f"{number}{image_suffix}")
             Image.fromarray(((instruments[0] > 0) * 255).astype(np.uint8), "L").save(root / split / "mask" / f"{number}.png")

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from datamodules.nuclei import DSB_FOLDER, MONUSEG_SPLITS
-from datamodules.synthetic import _ellipse_distance, _rng, _smooth_field
+from datamodules.synthetic_drawing import ellipse_distance, seeded_rng, smooth_field
 
 _MONUSEG_STREAM, _DSB_STREAM = 21, 22
 
@@ -39,7 +39,7 @@ def _nuclei(rng: np.random.Generator, shape: tuple[int, int], count: int, radius
             center = (r0 + (size + radii[0]) * math.sin(angle), c0 + (size + radii[0]) * math.cos(angle))
         else:
             center = (rng.uniform(0, shape[0]), rng.uniform(0, shape[1]))
-        distance = _ellipse_distance(rows, cols, center, radii, rng.uniform(0, math.pi))
+        distance = ellipse_distance(rows, cols, center, radii, rng.uniform(0, math.pi))
         distance *= 1 + 0.08 * np.cos(3 * np.arctan2(rows - center[0], cols - center[1]) + rng.uniform(0, 6.3))
         mask = (distance < 1) & ~occupied
         if mask.sum() < 6:
@@ -52,7 +52,7 @@ def _nuclei(rng: np.random.Generator, shape: tuple[int, int], count: int, radius
 
 def monuseg_tile(seed: int, index: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 image, uint8 mask 0/255) of one H&E-like tile."""
-    rng = _rng(seed, _MONUSEG_STREAM, index)
+    rng = seeded_rng(seed, _MONUSEG_STREAM, index)
     unit = min(shape) / 200.0
     density = rng.uniform(0.6, 1.4)
     masks = _nuclei(rng, shape, int(density * 40 * (shape[0] * shape[1]) / 200**2), (3.5 * unit, 8.0 * unit), 0.3)
@@ -66,10 +66,10 @@ def monuseg_tile(seed: int, index: int, shape: tuple[int, int]) -> tuple[np.ndar
     eosin = np.array([235, 165, 200]) * rng.uniform(0.9, 1.05, 3)
     hematoxylin = np.array([85, 50, 135]) * rng.uniform(0.8, 1.2, 3)
     pale = (eosin + hematoxylin) / 2 * rng.uniform(1.0, 1.15)
-    fibres = _smooth_field(rng, shape, 1.5 * unit)
+    fibres = smooth_field(rng, shape, 1.5 * unit)
     image = eosin[None, None, :] * (1 + 0.06 * fibres[..., None])
     image[cytoplasm] = pale * (1 + 0.05 * fibres[cytoplasm, None])
-    chromatin = _smooth_field(rng, shape, 0.8 * unit)
+    chromatin = smooth_field(rng, shape, 0.8 * unit)
     image[nuclei] = hematoxylin * (1 + 0.15 * chromatin[nuclei, None])
     image = np.stack([ndimage.gaussian_filter(image[..., c], 0.8 * unit) for c in range(3)], axis=-1)
     image += rng.normal(0, 4, image.shape)
@@ -110,7 +110,7 @@ def write_dsb_layout(root: str | Path, n_images: int = 10, shape: tuple[int, int
 
     folder = Path(root) / DSB_FOLDER
     for index in range(n_images):
-        rng = _rng(seed, _DSB_STREAM, index)
+        rng = seeded_rng(seed, _DSB_STREAM, index)
         size = (shape[0] + int(rng.integers(0, 3)) * 8, shape[1] + int(rng.integers(0, 3)) * 8)  # sizes vary
         image_id = hashlib.sha256(f"dsb-{seed}-{index}".encode()).hexdigest()
         masks = _nuclei(rng, size, int(rng.integers(8, 20)), (3.0, 8.0), 0.25)

@@ -22,6 +22,7 @@ from core.errors import NonFiniteLossError, UserError
 from core.evaluation import Evaluator
 from core.spec import DatasetSpec
 from methods.components.ramps import sigmoid_rampup
+from methods.hyperparameters import Hyperparameters
 from methods.losses import SupervisedSegmentationLoss
 from methods.networks import SegmentationNetwork, build_network
 
@@ -54,6 +55,9 @@ class SemiSupervisedMethod(pl.LightningModule):
     # Hyperparameters of the method with their defaults (the `paper` values); presets per profile live in
     # benchmark/configs/methods/<name>.yaml. Unknown keys in a config are rejected.
     defaults: ClassVar[dict[str, Any]] = {}
+    # Or typed (methods/hyperparameters.py): a frozen dataclass whose fields give ``defaults``; ``self.hp`` is then
+    # an instance of it. A subclass that writes a ``defaults`` dict of its own is untyped again.
+    hyperparameters: ClassVar[type[Hyperparameters] | None] = None
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
     # Training stages in order (benchmark/run.py trains them one after the other, each from the previous one's
@@ -66,6 +70,13 @@ class SemiSupervisedMethod(pl.LightningModule):
     # >1: the labeled set is split into this many disjoint consecutive parts and every labeled batch is their
     # concatenation in equal shares (datamodules/samplers.py PartitionedStepSampler), e.g. MMS's one part per network.
     labeled_partitions: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "hyperparameters" in vars(cls):
+            cls.defaults = cls.hyperparameters.defaults() if cls.hyperparameters is not None else {}
+        elif "defaults" in vars(cls):
+            cls.hyperparameters = None
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
@@ -80,6 +91,8 @@ class SemiSupervisedMethod(pl.LightningModule):
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
+        if self.hyperparameters is not None:
+            self.hp = self.hyperparameters.from_values(self.hp, self.name)
         self.check_dataset(spec)
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
         policy = config["trainer"].get("on_nonfinite_loss", "stop")

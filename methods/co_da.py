@@ -34,25 +34,12 @@ unlabeled images; one optimizer):
   (expected_confidence) ``E``, so a run shows the alignment at work on the rare classes.
 * Without unlabeled data (RATIO=1.0) both models train supervised; ``pi_L`` is still tracked.
 
-Hyperparameters (``method.<key>=...``):
-  consistency                  1.0    lambda_max, weight of the over-expectation CE after the ramp-up
-  consistency_rampup_fraction  0.4    ramp-up length as a fraction of trainer.max_steps (sigmoid, in steps)
-  consistency_rampup           200.0  used only with consistency_rampup_fraction=null: SSL4MIS's iteration // 150
-  align_distribution           true   false = no alignment (pseudo-labels from the raw softmax): an ablation
-  labeled_marginal             prediction  prediction (the abstract: "marginal predictions on labeled data")
-                                      | ground_truth (class frequencies of the labels)
-  marginal_momentum            0.99   EMA momentum of pi_L and pi_U (ReMixMatch averages ~128 batches)
-  over_expectation             expected_confidence  | class_quota | none (see above)
-  expectation_momentum         0.99   EMA momentum of the per-class expected confidence E
-  network_inits                null   A's and B's initialisation; null = CPS's upstream one for the dimensionality
-                                      (2-D [default, default], 3-D [kaiming, xavier]; methods/cps.py)
-  dice_include_background      null   CPS's flag: null = the dataset's Dice convention
-  predict_with                 average  model1 (A) | model2 (B) | average (mean of both softmax maps). The abstract
-                                      does not say; both models are trained symmetrically as peers, so neither is
-                                      preferred and their average is the steadier prediction (cps keeps model1,
-                                      as its upstream tests).
+Hyperparameters: :class:`CoDistributionAlignmentHyperparameters` (their meaning beside each default).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,53 +47,10 @@ from torch import nn
 
 from core.errors import UserError
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
-from methods.cps import CrossPseudoSupervision
-from methods.losses.precision import float32_island
+from methods.components.pseudo_labels import align_distribution, class_quota_mask, expected_confidence_mask
+from methods.cps import CrossPseudoSupervision, CrossPseudoSupervisionHyperparameters
+from methods.losses.masked_cross_entropy import cross_entropy_mean_over_kept
 from methods.registry import register
-
-LABELED_MARGINALS = ("prediction", "ground_truth")
-OVER_EXPECTATION = ("expected_confidence", "class_quota", "none")
-_EPS = 1e-8
-
-
-@float32_island
-@torch.no_grad()
-def align_distribution(probabilities: torch.Tensor, labeled_marginal: torch.Tensor,
-                       unlabeled_marginal: torch.Tensor) -> torch.Tensor:
-    """``p * pi_L / pi_U`` per class (channel dim 1), renormalised over the classes per pixel; no gradient."""
-    shape = (1, -1) + (1,) * (probabilities.dim() - 2)
-    ratio = (labeled_marginal / unlabeled_marginal.clamp_min(_EPS)).view(shape)
-    aligned = probabilities.detach() * ratio
-    return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(_EPS)
-
-
-def expected_confidence_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor,
-                             expectation: torch.Tensor) -> torch.Tensor:
-    """Keep a pixel iff its confidence is at least the expected confidence of its pseudo-label's class."""
-    return confidence >= expectation[pseudo_labels]
-
-
-def class_quota_mask(confidence: torch.Tensor, pseudo_labels: torch.Tensor, class_shares: torch.Tensor) -> torch.Tensor:
-    """Keep, per class c, the ``round(class_shares[c] * N)`` most confident of the pixels labeled c (N = all
-    pixels given; every pixel of c if there are fewer). Exactly that many even when confidences tie."""
-    flat_confidence, flat_labels = confidence.reshape(-1), pseudo_labels.reshape(-1)
-    quotas = torch.round(class_shares.detach().double() * flat_confidence.numel()).long().tolist()
-    keep = torch.zeros_like(flat_labels, dtype=torch.bool)
-    for label, quota in enumerate(quotas):
-        members = torch.nonzero(flat_labels == label).squeeze(1)
-        count = min(quota, members.numel())
-        if count > 0:
-            keep[members[flat_confidence[members].topk(count).indices]] = True
-    return keep.view_as(pseudo_labels)
-
-
-@float32_island
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean pixel CE over the kept pixels (``sum M CE / sum M``); zero, with gradient, when nothing is kept."""
-    per_pixel = F.cross_entropy(logits, targets, reduction="none")
-    weights = mask.to(per_pixel.dtype)
-    return (per_pixel * weights).sum() / weights.sum().clamp_min(1.0)
-
 
 class ModelStatistics(nn.Module):
     """One model's running statistics: labeled and unlabeled class marginals, per-class expected confidence."""
@@ -119,33 +63,39 @@ class ModelStatistics(nn.Module):
         self.expectation = RunningClassMean(num_classes, expectation_momentum, initial=0.0)
 
 
+@dataclass(frozen=True)
+class CoDistributionAlignmentHyperparameters(CrossPseudoSupervisionHyperparameters):
+    consistency: float = 1.0  # lambda_max, the weight of the over-expectation CE after the ramp-up
+    # the ramp-up's length as a fraction of trainer.max_steps (sigmoid, in steps); null = CPS's consistency_rampup
+    # (SSL4MIS's ramp-up over iteration // 150)
+    consistency_rampup_fraction: float | None = 0.4
+    # model1 = A, model2 = B, average = the mean of both softmax maps. The abstract does not say; both models are
+    # trained symmetrically as peers, so neither is preferred and their mean is the steadier prediction (cps keeps
+    # model1, as its upstream tests).
+    predict_with: Literal["model1", "model2", "average"] = "average"
+    align_distribution: bool = True  # false = no alignment (pseudo-labels from the raw softmax): an ablation
+    # pi_L from the model's softmax on labeled pixels (the abstract: "marginal predictions on labeled data") or
+    # from the labels' class frequencies
+    labeled_marginal: Literal["prediction", "ground_truth"] = "prediction"
+    marginal_momentum: float = 0.99  # EMA momentum of pi_L and pi_U, in [0, 1) (ReMixMatch averages ~128 batches)
+    # the over-expectation filter (above)
+    over_expectation: Literal["expected_confidence", "class_quota", "none"] = "expected_confidence"
+    expectation_momentum: float = 0.99  # EMA momentum of the per-class expected confidence E, in [0, 1)
+
+
 @register("co_da")
 class CoDistributionAlignment(CrossPseudoSupervision):
-    defaults = {
-        "consistency": 1.0,
-        "consistency_rampup": 200.0,
-        "consistency_rampup_fraction": 0.4,
-        "align_distribution": True,
-        "labeled_marginal": "prediction",
-        "marginal_momentum": 0.99,
-        "over_expectation": "expected_confidence",
-        "expectation_momentum": 0.99,
-        "predict_with": "average",
-        "network_inits": None,  # CPS's upstream initialisation per dimensionality (see methods/cps.py)
-        "dice_include_background": None,  # CPS's: null = the dataset's Dice convention
-    }
+    hyperparameters = CoDistributionAlignmentHyperparameters
+    hp: CoDistributionAlignmentHyperparameters
 
     def build(self) -> None:
-        for key, known in (("labeled_marginal", LABELED_MARGINALS), ("over_expectation", OVER_EXPECTATION)):
-            if self.hp[key] not in known:
-                raise UserError(f"unknown method.{key} '{self.hp[key]}' for co_da", where=f"known: {', '.join(known)}")
         for key in ("marginal_momentum", "expectation_momentum"):
             if not 0.0 <= self.hp[key] < 1.0:
                 raise UserError(f"method.{key}={self.hp[key]} for co_da is out of range", fix="use a value in [0, 1), e.g. 0.99")
         super().build()
         num_classes = self.spec.num_classes
         self.statistics = nn.ModuleList(
-            ModelStatistics(num_classes, self.hp["marginal_momentum"], self.hp["expectation_momentum"]) for _ in range(2)
+            ModelStatistics(num_classes, self.hp.marginal_momentum, self.hp.expectation_momentum) for _ in range(2)
         )
 
     @torch.no_grad()
@@ -153,11 +103,11 @@ class CoDistributionAlignment(CrossPseudoSupervision):
         """Aligned hard pseudo-labels of one model on unlabeled logits and the over-expectation mask to keep."""
         probabilities = torch.softmax(logits.detach(), dim=1)
         statistics.unlabeled_marginal.update_marginal(probabilities)
-        if self.hp["align_distribution"]:
+        if self.hp.align_distribution:
             probabilities = align_distribution(
                 probabilities, statistics.labeled_marginal.value, statistics.unlabeled_marginal.value)
         confidence, labels = probabilities.max(dim=1)
-        mode = self.hp["over_expectation"]
+        mode = self.hp.over_expectation
         if mode == "expected_confidence":
             expectation = statistics.expectation.update_per_class_mean(confidence, labels)
             return labels, expected_confidence_mask(confidence, labels, expectation)
@@ -176,7 +126,7 @@ class CoDistributionAlignment(CrossPseudoSupervision):
         with torch.no_grad():
             for model, (model_logits, statistics) in enumerate(zip(logits, self.statistics), start=1):
                 labeled_logits = model_logits[:n_labeled].detach()
-                if self.hp["labeled_marginal"] == "ground_truth":
+                if self.hp.labeled_marginal == "ground_truth":
                     statistics.labeled_marginal.update_marginal(F.one_hot(labels, num_classes).movedim(-1, 1).float())
                 else:
                     statistics.labeled_marginal.update_marginal(torch.softmax(labeled_logits, dim=1))
@@ -188,8 +138,8 @@ class CoDistributionAlignment(CrossPseudoSupervision):
             pseudo = [self.pseudo_labels(model_logits[n_labeled:], statistics)
                       for model_logits, statistics in zip(logits, self.statistics)]
             # Each model learns from the OTHER model's aligned, filtered pseudo-labels.
-            oce1 = masked_cross_entropy(logits[0][n_labeled:], *pseudo[1])
-            oce2 = masked_cross_entropy(logits[1][n_labeled:], *pseudo[0])
+            oce1 = cross_entropy_mean_over_kept(logits[0][n_labeled:], *pseudo[1])
+            oce2 = cross_entropy_mean_over_kept(logits[1][n_labeled:], *pseudo[0])
             for model, (_, keep) in enumerate(pseudo, start=1):
                 monitors[f"kept_fraction_model{model}"] = keep.float().mean()
         else:  # RATIO=1.0: no unlabeled stream, supervised training of both models
@@ -199,7 +149,7 @@ class CoDistributionAlignment(CrossPseudoSupervision):
             for index, class_name in enumerate(self.spec.class_names):
                 monitors[f"pi_labeled_model{model}_{class_name}"] = statistics.labeled_marginal.value[index].clone()
                 monitors[f"pi_unlabeled_model{model}_{class_name}"] = statistics.unlabeled_marginal.value[index].clone()
-                if self.hp["over_expectation"] == "expected_confidence":
+                if self.hp.over_expectation == "expected_confidence":
                     monitors[f"expectation_model{model}_{class_name}"] = statistics.expectation.value[index].clone()
 
         weight = self.consistency_weight()

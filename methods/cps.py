@@ -22,24 +22,12 @@ Upstream: HiLab-git/SSL4MIS ``code/train_cross_pseudo_supervision_2D.py`` (ACDC)
   probabilities instead, ``model2`` uses network 2.
 * Without unlabeled data (RATIO=1.0) the pseudo-label terms are absent: both networks train supervised.
 
-Hyperparameters (``method.<key>=...``):
-  consistency                  0.1    weight of the pseudo-label terms after the ramp-up
-  consistency_rampup           200.0  ramp-up length in units of 150 iterations (upstream)
-  consistency_rampup_fraction  null   if set, the ramp-up instead lasts this fraction of trainer.max_steps,
-                                      counted in steps (the cpu/smoke presets: upstream lengths never finish there)
-  predict_with                 model1 model1 (upstream) | model2 | average (mean of both networks' softmax)
-  dice_include_background      null   null = the dataset's Dice convention (DatasetSpec.dice_include_background);
-                                      true/false = with / without the background class (SSL4MIS: true; the LA
-                                      `paper` preset sets it, configs/methods/cps.yaml)
-  network_inits                null   initialisation of network 1 and network 2, two of kaiming | xavier | default
-                                      (``default`` keeps PyTorch's layer init, what single-network methods get).
-                                      null = upstream's for the dimensionality: [default, default] in 2-D,
-                                      [kaiming, xavier] in 3-D. The re-initialisations draw conv weights 2.4x
-                                      (Kaiming) and 1.7x (Xavier) larger than the defaults; behind batch norm that
-                                      divides the effective learning rate by about their square, which a short run
-                                      does not absorb (leaderboards/reading.md: the CPS investigation).
+Hyperparameters: :class:`CrossPseudoSupervisionHyperparameters`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +35,12 @@ import torch.nn.functional as F
 from core.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
+from methods.hyperparameters import Hyperparameters
 from methods.losses import SupervisedSegmentationLoss
 from methods.losses.precision import float32_island
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
 
-PREDICT_WITH = ("model1", "model2", "average")
 #: Upstream's initialisation of (network 1, network 2) per dimensionality (``network_inits: null``).
 UPSTREAM_NETWORK_INITS = {2: ("default", "default"), 3: ("kaiming", "xavier")}
 
@@ -64,28 +52,35 @@ def cross_pseudo_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch
     return F.cross_entropy(logits, pseudo_labels)
 
 
+@dataclass(frozen=True)
+class CrossPseudoSupervisionHyperparameters(Hyperparameters):
+    consistency: float = 0.1  # weight of the pseudo-label terms after the ramp-up
+    consistency_rampup: float = 200.0  # ramp-up length in units of 150 iterations (upstream)
+    # If set, the ramp-up instead lasts this fraction of trainer.max_steps, counted in steps (the cpu/smoke
+    # presets: upstream lengths never finish there).
+    consistency_rampup_fraction: float | None = None
+    # model1 (upstream) | model2 | average (the mean of both networks' softmax)
+    predict_with: Literal["model1", "model2", "average"] = "model1"
+    # Initialisation of network 1 and network 2, two of kaiming | xavier | default (``default`` keeps PyTorch's
+    # layer init, what single-network methods get); null = upstream's for the dimensionality
+    # (UPSTREAM_NETWORK_INITS: [default, default] in 2-D, [kaiming, xavier] in 3-D). The re-initialisations draw
+    # conv weights 2.4x (Kaiming) and 1.7x (Xavier) larger than the defaults; behind batch norm that divides the
+    # effective learning rate by about their square, which a short run does not absorb (leaderboards/reading.md:
+    # the CPS investigation).
+    network_inits: list[str] | None = None
+    # null = the dataset's Dice convention (DatasetSpec.dice_include_background); true/false = with / without the
+    # background class (SSL4MIS: true; the LA `paper` preset sets it, configs/methods/cps.yaml)
+    dice_include_background: bool | None = None
+
+
 @register("cps")
 class CrossPseudoSupervision(SemiSupervisedMethod):
-    defaults = {
-        "consistency": 0.1,
-        "consistency_rampup": 200.0,
-        "consistency_rampup_fraction": None,
-        "predict_with": "model1",
-        "network_inits": None,  # upstream's per dimensionality (UPSTREAM_NETWORK_INITS)
-        "dice_include_background": None,
-    }
+    hyperparameters = CrossPseudoSupervisionHyperparameters
+    hp: CrossPseudoSupervisionHyperparameters
 
     def build(self) -> None:
-        if self.hp["predict_with"] not in PREDICT_WITH:
-            raise UserError(
-                f"unknown method.predict_with '{self.hp['predict_with']}' for {self.name}",
-                where=f"known: {', '.join(PREDICT_WITH)}",
-            )
-        include_background = self.hp["dice_include_background"]
+        include_background = self.hp.dice_include_background
         if include_background is not None:
-            if not isinstance(include_background, bool):
-                raise UserError(f"method.dice_include_background={include_background!r} for {self.name}",
-                                fix="give true, false or null (the dataset's convention)")
             self.supervised_criterion = SupervisedSegmentationLoss(include_background=include_background,
                                                                    ignore_index=self.spec.ignore_index)
         self.net1, self.net2 = (init_weights(self.build_network(), scheme) for scheme in self.network_inits())
@@ -93,7 +88,7 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def network_inits(self) -> tuple[str, str]:
         """The initialisation scheme of each network: ``method.network_inits``, or upstream's for the data's
         dimensionality when it is null."""
-        inits = self.hp["network_inits"]
+        inits = self.hp.network_inits
         if inits is None:
             return UPSTREAM_NETWORK_INITS[self.spec.spatial_dims]
         if not isinstance(inits, (list, tuple)) or len(inits) != 2 or not set(inits) <= set(INIT_CHOICES):
@@ -105,10 +100,10 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
     def unsupervised_ramp(self) -> float:
         """The sigmoid ramp-up factor in [0, 1] of this step (upstream's per-150-iteration one, or a fraction
         of the run)."""
-        return self.rampup(self.hp["consistency_rampup"], fraction=self.hp["consistency_rampup_fraction"])
+        return self.rampup(self.hp.consistency_rampup, fraction=self.hp.consistency_rampup_fraction)
 
     def consistency_weight(self) -> float:
-        return self.hp["consistency"] * self.unsupervised_ramp()
+        return self.hp.consistency * self.unsupervised_ramp()
 
     def forward_networks(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Both networks' logits on the labeled images followed by the unlabeled ones: one forward per network
@@ -145,8 +140,8 @@ class CrossPseudoSupervision(SemiSupervisedMethod):
         return {"net1": self.net1, "net2": self.net2}
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if self.hp["predict_with"] == "average":
+        if self.hp.predict_with == "average":
             return average_probability_logits([self.net1(images), self.net2(images)])
-        if self.hp["predict_with"] == "model2":
+        if self.hp.predict_with == "model2":
             return self.net2(images)
         return self.net1(images)

@@ -71,49 +71,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
-from methods.losses.precision import float32_island
+from methods.losses.contrastive import sim_max_loss, sim_min_loss
 from methods.mc_net_plus import MCNetPlus
 from methods.registry import register
 
 CONTRAST_MODES = ("auto", "binary", "per_class")
-SIMILARITY_MIN, SIMILARITY_MAX = 0.0005, 0.9995
-
-
-# ---- losses ---------------------------------------------------------------------------------------------
-def clamped_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, B) cosine similarities of the rows of ``a`` and ``b``, clamped to [5e-4, 0.9995] (``cos_simi``)."""
-    similarity = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T
-    return similarity.clamp(SIMILARITY_MIN, SIMILARITY_MAX)
-
-
-def rank_weights(similarity: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``exp(-alpha (rank - 1))`` with ``rank`` the 0-based position of each entry in its row sorted by
-    descending similarity (the top entry gets exp(+alpha)). No gradient."""
-    with torch.no_grad():
-        order = similarity.argsort(dim=1, descending=True, stable=True)
-        rank = order.argsort(dim=1)
-        return torch.exp(-alpha * (rank - 1).to(similarity.dtype))
-
-
-@float32_island
-def sim_max_loss(embeddings: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
-    """Pull the (B, D) embeddings of all images together: mean of ``w * -log S`` over the B x B matrix."""
-    similarity = clamped_cosine(embeddings, embeddings)
-    loss = (-torch.log(similarity)).clamp_min(0)
-    return (loss * rank_weights(similarity, alpha)).mean()
-
-
-@float32_island
-def sim_min_loss(embeddings: torch.Tensor, others: torch.Tensor, alpha: float = 2.5) -> torch.Tensor:
-    """Push every row of ``embeddings`` away from every row of ``others``: mean of ``w * -log(1 - S)``, ranked
-    along the rows of ``embeddings`` (upstream call order SimMin(fg, bg))."""
-    similarity = clamped_cosine(embeddings, others)
-    loss = (-torch.log(1 - similarity)).clamp_min(0)
-    return (loss * rank_weights(similarity, alpha)).mean()
 
 
 # ---- the contrastive module -----------------------------------------------------------------------------

@@ -63,42 +63,12 @@ The two readings of "multiscale" (``multiscale``):
 Without unlabeled data (RATIO=1.0) the cross-supervision and patch terms are zero (kept connected to the heads so
 DDP sees every parameter used) and the pixel contrast runs on the labeled images.
 
-Hyperparameters (``method.<key>=...``), besides CPS's ``consistency_rampup``, ``consistency_rampup_fraction`` and
-``predict_with``:
-  consistency               1.0     w_u after the ramp-up (spec: max 1.0)
-  contrastive_weight        0.1     w_c after the ramp-up (spec: max 0.1)
-  pseudo_label_threshold    0.95    confidence for a pseudo-label to supervise (0 = every pixel, CPS)
-  strong_weight             1.0     weight of the strong-view cross-supervision term of each network
-  fp_weight                 1.0     weight of the feature-perturbation cross-supervision term
-  feature_dropout           0.5     channel-dropout probability of the feature perturbation (UniMatch)
-  noise_max_std             0.1     strong view: noise std drawn from U(0, this) per sample
-  noise_clamp               0.2     ... noise clipped to +-this
-  jitter_probability        0.8     strong view: intensity jitter probability (UniMatch's colour jitter)
-  jitter_strength           0.5     ... brightness and contrast factors U(1 - s, 1 + s)
-  blur_probability          0.5     strong view: Gaussian blur probability
-  blur_sigma                [0.1, 2.0]  ... sigma range in pixels (in-plane)
-  cutmix_probability        0.5     CutMix box probability per sample
-  cutmix_area               [0.02, 0.4]  box share of the image
-  cutmix_aspect             [0.3, 3.333]  box aspect ratio range
-  multiscale                patch_pixel   patch_pixel | decoder_scales (see above)
-  patch_grid                null    cells per axis of the patch grid; null = 8 in 2-D, 4 in 3-D (clipped to the
-                                    bottleneck size)
-  patch_dim                 128     patch embedding size
-  patch_temperature         0.1
-  pixel_dim                 64      pixel embedding size
-  pixel_temperature         0.1
-  pixel_anchors_per_class   256
-  pixel_negatives           512     negatives per class
-  pixel_prototype_samples   1024    class pixels averaged into a prototype (null = all)
-  pixel_confidence          0.9     unlabeled pixels enter the pixel contrast above this confidence
-  pixel_hard_threshold      0.97    anchors with own probability below this are hard (preferred)
-  scale_strides             [4, 2, 1]        decoder_scales: decoder strides to contrast at (of 8, 4, 2, 1)
-  scale_weights             [1.0, 0.7, 0.4]  decoder_scales: weight of each
+Hyperparameters: :class:`MultiscaleContrastCrossSupervisionHyperparameters` (CPS's and its own).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -108,42 +78,18 @@ from core.errors import UserError
 from methods.components.mixing import cutmix_box_masks, mix_with_next
 from methods.components.perturbations import channel_dropout, gaussian_noise
 from methods.components.photometric import random_blur, random_intensity_jitter
-from methods.cps import CrossPseudoSupervision
-from methods.losses.precision import float32_island
+from methods.cps import CrossPseudoSupervision, CrossPseudoSupervisionHyperparameters
+from methods.losses.contrastive import info_nce_all_keys, l2_prototype_info_nce
+from methods.losses.masked_cross_entropy import cross_entropy_mean_over_all
 from methods.registry import register
 
-MULTISCALE_READINGS = ("patch_pixel", "decoder_scales")
 #: Decoder strides whose maps the pixel contrast can use (``decoder.forward_features`` of both backbones).
 LEVEL_STRIDES = (8, 4, 2, 1)
 #: Patch grid cells per axis when ``patch_grid`` is null (docs/methods.md#mcl-cs-what-is-reconstructed).
 DEFAULT_PATCH_GRID = {2: 8, 3: 4}
 
 
-# ---- losses ---------------------------------------------------------------------------------------------
-@float32_island
-def masked_cross_entropy(logits: torch.Tensor, pseudo_labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """CE on the kept pixels, divided by ALL pixels (UniMatch); with every pixel kept this is the plain mean CE."""
-    per_pixel = F.cross_entropy(logits, pseudo_labels, reduction="none")
-    return (per_pixel * keep.to(per_pixel.dtype)).sum() / per_pixel.numel()
-
-
-@float32_island
-def patch_info_nce(anchors: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE of (M, D) anchors against all (K, D) keys, the positive of anchor i being key ``positives[i]``:
-    ``mean_i -log softmax_j(a_i . k_j / tau)[positives[i]]``."""
-    return F.cross_entropy(anchors @ keys.T / temperature, positives)
-
-
-@float32_island
-def prototype_info_nce(
-    anchors: torch.Tensor, prototype: torch.Tensor, negatives: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """InfoNCE of (A, D) anchors with one positive (D,) prototype and shared (K, D) negatives:
-    ``mean_a -log(exp(a.p / tau) / (exp(a.p / tau) + sum_n exp(a.n / tau)))``."""
-    logits = torch.cat([(anchors @ prototype).unsqueeze(1), anchors @ negatives.T], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(anchors.shape[0], dtype=torch.long, device=anchors.device))
-
-
+# ---- pixel sampling -------------------------------------------------------------------------------------
 def priority_sample(candidates: torch.Tensor, preferred: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """Indices of up to ``count`` candidates (1-D masks), preferred ones first, in random order within each group."""
     keys = torch.rand(candidates.shape, generator=generator, device=generator.device) + (~preferred).float()
@@ -202,27 +148,6 @@ def gather_pixels(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat[index // pixels, :, index % pixels]
 
 
-@float32_island
-def pixel_contrast_loss(
-    anchors: list[torch.Tensor],
-    prototype_members: list[torch.Tensor],
-    negatives: list[torch.Tensor],
-    temperature: float = 0.1,
-) -> torch.Tensor:
-    """Mean over classes of the prototype InfoNCE of the class's anchors (A_c, D); its prototype is the
-    L2-normalised mean of the L2-normalised (P_c, D) member embeddings, its negatives the (K_c, D) embeddings.
-    All embeddings are normalised here; prototypes and negatives carry no gradient."""
-    per_class = []
-    for class_anchors, members, class_negatives in zip(anchors, prototype_members, negatives):
-        prototype = F.normalize(F.normalize(members.detach(), dim=1).mean(dim=0), dim=0)
-        per_class.append(
-            prototype_info_nce(
-                F.normalize(class_anchors, dim=1), prototype, F.normalize(class_negatives.detach(), dim=1), temperature
-            )
-        )
-    return torch.stack(per_class).mean()
-
-
 # ---- projection heads -----------------------------------------------------------------------------------
 def _conv(spatial_dims: int) -> type[nn.Module]:
     return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
@@ -272,39 +197,44 @@ def _resize_nearest(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor
 
 
 # ---- the method -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MultiscaleContrastCrossSupervisionHyperparameters(CrossPseudoSupervisionHyperparameters):
+    consistency: float = 1.0  # w_u after the ramp-up (spec: max 1.0)
+    contrastive_weight: float = 0.1  # w_c after the ramp-up (spec: max 0.1)
+    pseudo_label_threshold: float = 0.95  # confidence for a pseudo-label to supervise (0 = every pixel, CPS)
+    strong_weight: float = 1.0  # weight of the strong-view cross-supervision term of each network
+    fp_weight: float = 1.0  # weight of the feature-perturbation cross-supervision term
+    feature_dropout: float = 0.5  # channel-dropout probability of the feature perturbation (UniMatch), in [0, 1)
+    noise_max_std: float = 0.1  # strong view: noise std drawn from U(0, this) per sample ...
+    noise_clamp: float = 0.2  # ... noise clipped to +-this
+    jitter_probability: float = 0.8  # strong view: intensity jitter probability (UniMatch's colour jitter) ...
+    jitter_strength: float = 0.5  # ... brightness and contrast factors U(1 - s, 1 + s)
+    blur_probability: float = 0.5  # strong view: Gaussian blur probability ...
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # ... sigma range in pixels (in-plane)
+    cutmix_probability: float = 0.5  # CutMix box probability per sample
+    cutmix_area: list[float] = field(default_factory=lambda: [0.02, 0.4])  # box share of the image
+    cutmix_aspect: list[float] = field(default_factory=lambda: [0.3, 1 / 0.3])  # box aspect ratio range
+    multiscale: Literal["patch_pixel", "decoder_scales"] = "patch_pixel"  # the two readings (above)
+    # cells per axis of the patch grid; null = 8 in 2-D, 4 in 3-D (clipped to the bottleneck size)
+    patch_grid: int | None = None
+    patch_dim: int = 128  # patch embedding size
+    patch_temperature: float = 0.1
+    pixel_dim: int = 64  # pixel embedding size
+    pixel_temperature: float = 0.1
+    pixel_anchors_per_class: int = 256
+    pixel_negatives: int = 512  # negatives per class
+    pixel_prototype_samples: int | None = 1024  # class pixels averaged into a prototype (null = all)
+    pixel_confidence: float = 0.9  # unlabeled pixels enter the pixel contrast above this confidence
+    pixel_hard_threshold: float = 0.97  # anchors with own probability below this are hard (preferred)
+    # decoder_scales: the decoder strides to contrast at (of 8, 4, 2, 1) and the weight of each
+    scale_strides: list[int] = field(default_factory=lambda: [4, 2, 1])
+    scale_weights: list[float] = field(default_factory=lambda: [1.0, 0.7, 0.4])
+
+
 @register("mcl_cs")
 class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
-    defaults = {
-        **CrossPseudoSupervision.defaults,
-        "consistency": 1.0,
-        "contrastive_weight": 0.1,
-        "pseudo_label_threshold": 0.95,
-        "strong_weight": 1.0,
-        "fp_weight": 1.0,
-        "feature_dropout": 0.5,
-        "noise_max_std": 0.1,
-        "noise_clamp": 0.2,
-        "jitter_probability": 0.8,
-        "jitter_strength": 0.5,
-        "blur_probability": 0.5,
-        "blur_sigma": [0.1, 2.0],
-        "cutmix_probability": 0.5,
-        "cutmix_area": [0.02, 0.4],
-        "cutmix_aspect": [0.3, 1 / 0.3],
-        "multiscale": "patch_pixel",
-        "patch_grid": None,
-        "patch_dim": 128,
-        "patch_temperature": 0.1,
-        "pixel_dim": 64,
-        "pixel_temperature": 0.1,
-        "pixel_anchors_per_class": 256,
-        "pixel_negatives": 512,
-        "pixel_prototype_samples": 1024,
-        "pixel_confidence": 0.9,
-        "pixel_hard_threshold": 0.97,
-        "scale_strides": [4, 2, 1],
-        "scale_weights": [1.0, 0.7, 0.4],
-    }
+    hyperparameters = MultiscaleContrastCrossSupervisionHyperparameters
+    hp: MultiscaleContrastCrossSupervisionHyperparameters
 
     def build(self) -> None:
         self._check_hyperparameters()
@@ -312,17 +242,17 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         dims = self.spec.spatial_dims
         channels = self.net1.encoder.channels  # per level, shallow to deep (stride 1, 2, 4, 8, 16); a decoder map
         # at stride s has the channels of encoder level log2(s) in both backbones
-        self.pixel_strides = [1] if self.hp["multiscale"] == "patch_pixel" else list(self.hp["scale_strides"])
+        self.pixel_strides = [1] if self.hp.multiscale == "patch_pixel" else list(self.hp.scale_strides)
         self.pixel_heads = nn.ModuleList(
             nn.ModuleDict({
-                str(stride): PixelProjectionHead(channels[stride.bit_length() - 1], self.hp["pixel_dim"])
+                str(stride): PixelProjectionHead(channels[stride.bit_length() - 1], self.hp.pixel_dim)
                 for stride in self.pixel_strides
             })
             for _ in range(2)
         )
         self.patch_heads = None
-        if self.hp["multiscale"] == "patch_pixel":
-            self.patch_heads = nn.ModuleList(PatchProjectionHead(dims, channels[-1], self.hp["patch_dim"]) for _ in range(2))
+        if self.hp.multiscale == "patch_pixel":
+            self.patch_heads = nn.ModuleList(PatchProjectionHead(dims, channels[-1], self.hp.patch_dim) for _ in range(2))
 
     def _check_hyperparameters(self) -> None:
         hp = self.hp
@@ -330,40 +260,36 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         def fail(key: str, problem: str, fix: str) -> None:
             raise UserError(f"method.{key}={hp[key]!r} for mcl_cs: {problem}", fix=fix)
 
-        if hp["multiscale"] not in MULTISCALE_READINGS:
-            fail("multiscale", "unknown reading", f"one of {', '.join(MULTISCALE_READINGS)}")
         for key in ("pseudo_label_threshold", "pixel_confidence", "pixel_hard_threshold", "jitter_probability",
                     "blur_probability", "cutmix_probability"):
             if not 0.0 <= hp[key] <= 1.0:
                 fail(key, "must lie in [0, 1]", "e.g. 0.95")
-        if not 0.0 <= hp["feature_dropout"] < 1.0:
+        if not 0.0 <= hp.feature_dropout < 1.0:
             fail("feature_dropout", "must lie in [0, 1)", "e.g. 0.5 (UniMatch)")
         for key in ("blur_sigma", "cutmix_area", "cutmix_aspect"):
-            if not (isinstance(hp[key], (list, tuple)) and len(hp[key]) == 2 and 0 < hp[key][0] <= hp[key][1]):
+            if not (len(hp[key]) == 2 and 0 < hp[key][0] <= hp[key][1]):
                 fail(key, "must be a range [low, high] with 0 < low <= high", "e.g. [0.1, 2.0]")
-        if hp["cutmix_area"][1] > 1.0:
+        if hp.cutmix_area[1] > 1.0:
             fail("cutmix_area", "a box cannot cover more than the image", "e.g. [0.02, 0.4]")
-        strides, weights = hp["scale_strides"], hp["scale_weights"]
+        strides, weights = hp.scale_strides, hp.scale_weights
         if not strides or any(s not in LEVEL_STRIDES for s in strides) or len(set(strides)) != len(strides):
             fail("scale_strides", f"must be distinct decoder strides of {list(LEVEL_STRIDES)}", "e.g. [4, 2, 1]")
         if len(weights) != len(strides):
             fail("scale_weights", f"needs one weight per stride of scale_strides={strides}", "e.g. [1.0, 0.7, 0.4]")
-        grid = hp["patch_grid"]
-        if grid is not None and not (isinstance(grid, int) and not isinstance(grid, bool) and grid >= 1):
+        grid = hp.patch_grid
+        if grid is not None and grid < 1:
             fail("patch_grid", "must be a whole number >= 1 or null", "e.g. 8 (2-D) or 4 (3-D); null picks those")
         for key in ("patch_dim", "pixel_dim", "pixel_anchors_per_class", "pixel_negatives", "pixel_prototype_samples"):
-            if key == "pixel_prototype_samples" and hp[key] is None:
-                continue  # all pixels of the class
-            if not (isinstance(hp[key], int) and not isinstance(hp[key], bool) and hp[key] >= 1):
-                fail(key, "must be a whole number >= 1", "see the method's docstring for the defaults")
+            if hp[key] is not None and hp[key] < 1:  # None: all pixels of the class (pixel_prototype_samples)
+                fail(key, "must be a whole number >= 1", f"e.g. the default, {self.hyperparameters.defaults()[key]}")
 
     # ---- perturbations ----------------------------------------------------------------------------------
     def strong_view(self, images: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise, jitter, blur, then CutMix: inside its box a sample shows the next one (cyclically)."""
         hp = self.hp
-        view = gaussian_noise(images, generator, hp["noise_max_std"], hp["noise_clamp"])
-        view = random_intensity_jitter(view, generator, hp["jitter_strength"], hp["jitter_probability"])
-        view = random_blur(view, generator, tuple(hp["blur_sigma"]), hp["blur_probability"])
+        view = gaussian_noise(images, generator, hp.noise_max_std, hp.noise_clamp)
+        view = random_intensity_jitter(view, generator, hp.jitter_strength, hp.jitter_probability)
+        view = random_blur(view, generator, tuple(hp.blur_sigma), hp.blur_probability)
         return mix_with_next(~boxes, view)[0]
 
     def forward_network(
@@ -377,7 +303,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         n_clean = images.shape[0]
         features = net.encoder(images)
         if unlabeled is not None:
-            p = self.hp["feature_dropout"]
+            p = self.hp.feature_dropout
             features = [torch.cat([f, channel_dropout(f[n_labeled:], p, generator)]) for f in features]
         logits, levels = net.decoders[0].forward_features(features)
         by_stride = {}  # the decoder's maps by stride; where a stride has two, the later (more refined) one
@@ -396,7 +322,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         return out
 
     def patch_grid(self, bottleneck: torch.Tensor) -> tuple[int, ...]:
-        cells = self.hp["patch_grid"] or DEFAULT_PATCH_GRID[self.spec.spatial_dims]
+        cells = self.hp.patch_grid or DEFAULT_PATCH_GRID[self.spec.spatial_dims]
         return tuple(min(cells, size) for size in bottleneck.shape[2:])
 
     # ---- contrast ---------------------------------------------------------------------------------------
@@ -416,7 +342,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         pool = F.adaptive_avg_pool3d if boxes.dim() == 4 else F.adaptive_avg_pool2d
         mostly_pasted = pool(boxes.unsqueeze(1).float(), grid).squeeze(1) >= 0.5
         (positives,) = mix_with_next(~mostly_pasted, cells)
-        return patch_info_nce(anchors, keys, positives.reshape(-1), self.hp["patch_temperature"])
+        return info_nce_all_keys(anchors, keys, positives.reshape(-1), self.hp.patch_temperature)
 
     def pixel_contrast(
         self, outputs: list[dict], probabilities: list[torch.Tensor], labels: list[torch.Tensor],
@@ -429,7 +355,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         ``probabilities[m]`` (network m's detached softmax) tells hard anchors. Each network's head runs once per
         stride, on its anchors and on the keys it provides to the other direction."""
         hp = self.hp
-        weights = [1.0] if hp["multiscale"] == "patch_pixel" else hp["scale_weights"]
+        weights = [1.0] if hp.multiscale == "patch_pixel" else hp.scale_weights
         total = probabilities[0].new_zeros(())
         for stride, weight in zip(self.pixel_strides, weights):
             features = [out["levels"][stride] for out in outputs]
@@ -438,8 +364,8 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
                 sample_pixels(
                     _resize_nearest(labels[side], size), _resize_nearest(valid[side], size),
                     _resize_nearest(probabilities[side].gather(1, labels[side].unsqueeze(1)).squeeze(1), size),
-                    generator, self.spec.num_classes, hp["pixel_anchors_per_class"], hp["pixel_negatives"],
-                    hp["pixel_prototype_samples"], hp["pixel_hard_threshold"],
+                    generator, self.spec.num_classes, hp.pixel_anchors_per_class, hp.pixel_negatives,
+                    hp.pixel_prototype_samples, hp.pixel_hard_threshold,
                 )
                 for side in range(2)
             ]
@@ -456,7 +382,7 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
                 keys[1 - side] = (embedded[n_mine:n_mine + n_theirs], embedded[n_mine + n_theirs:])
             for side in range(2):
                 if samples[side].classes and anchors[side] is not None and keys[side] is not None:
-                    total = total + weight * pixel_contrast_loss(anchors[side], *keys[side], hp["pixel_temperature"])
+                    total = total + weight * l2_prototype_info_nce(anchors[side], *keys[side], hp.pixel_temperature)
         return total
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -468,8 +394,8 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         boxes = strong = None
         if unlabeled is not None:
             boxes = cutmix_box_masks(
-                unlabeled.shape[0], unlabeled.shape[2:], generator, self.hp["cutmix_probability"],
-                tuple(self.hp["cutmix_area"]), tuple(self.hp["cutmix_aspect"]),
+                unlabeled.shape[0], unlabeled.shape[2:], generator, self.hp.cutmix_probability,
+                tuple(self.hp.cutmix_area), tuple(self.hp.cutmix_aspect),
             )
             strong = self.strong_view(unlabeled, boxes, generator)
         networks = (self.net1, self.net2)
@@ -484,20 +410,20 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         cross = labeled.new_zeros(())
         pixel_labels = [labels, labels]
         pixel_valid = [torch.ones_like(labels, dtype=torch.bool)] * 2
-        threshold = self.hp["pseudo_label_threshold"]
+        threshold = self.hp.pseudo_label_threshold
         for side in range(2):
             other = 1 - side
             if unlabeled is None:
                 strong_term = fp_term = labeled.new_zeros(())
             else:
                 confidence, pseudo = probabilities[other][n_labeled:].max(dim=1)
-                fp_term = masked_cross_entropy(outputs[side]["fp_logits"], pseudo, confidence >= threshold)
+                fp_term = cross_entropy_mean_over_all(outputs[side]["fp_logits"], pseudo, confidence >= threshold)
                 mixed_pseudo, mixed_confidence = mix_with_next(~boxes, pseudo, confidence)
-                strong_term = masked_cross_entropy(outputs[side]["strong_logits"], mixed_pseudo, mixed_confidence >= threshold)
+                strong_term = cross_entropy_mean_over_all(outputs[side]["strong_logits"], mixed_pseudo, mixed_confidence >= threshold)
                 pixel_labels[side] = torch.cat([labels, pseudo])
-                pixel_valid[side] = torch.cat([pixel_valid[side], confidence >= self.hp["pixel_confidence"]])
+                pixel_valid[side] = torch.cat([pixel_valid[side], confidence >= self.hp.pixel_confidence])
             losses[f"cross_strong{side + 1}"], losses[f"cross_fp{side + 1}"] = strong_term, fp_term
-            cross = cross + self.hp["strong_weight"] * strong_term + self.hp["fp_weight"] * fp_term
+            cross = cross + self.hp.strong_weight * strong_term + self.hp.fp_weight * fp_term
 
         pixel = self.pixel_contrast(outputs, probabilities, pixel_labels, pixel_valid, generator)
         losses["pixel_contrast"] = pixel
@@ -513,8 +439,8 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         contrast = contrast + zero_through(self.pixel_heads, self.patch_heads)
 
         ramp = self.unsupervised_ramp()
-        consistency_weight = self.hp["consistency"] * ramp
-        contrastive_weight = self.hp["contrastive_weight"] * ramp
+        consistency_weight = self.hp.consistency * ramp
+        contrastive_weight = self.hp.contrastive_weight * ramp
         losses["loss"] = (
             losses["supervised1"] + losses["supervised2"] + consistency_weight * cross + contrastive_weight * contrast
         )

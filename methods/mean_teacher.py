@@ -8,43 +8,50 @@ scripts: ``if iter_num < 1000: consistency_loss = 0``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
+from methods.hyperparameters import Hyperparameters
 from methods.registry import register
+
+
+@dataclass(frozen=True)
+class MeanTeacherHyperparameters(Hyperparameters):
+    ema_decay: float = 0.99
+    consistency: float = 0.1  # weight of the consistency after the ramp-up
+    consistency_rampup: float = 200.0  # in units of 150 iterations (SSL4MIS passes iteration // 150)
+    # If set, the ramp-up instead lasts this fraction of trainer.max_steps (counted in steps), for families whose
+    # budgets differ per data set (the endoscopy sets' paper runs are 11 682 to 27 819 steps).
+    consistency_rampup_fraction: float | None = None
+    consistency_start_step: int = 1000  # no consistency before this step (SSL4MIS's 2D scripts)
+    noise_std: float = 0.1  # the teacher's input noise ...
+    noise_clamp: float = 0.2  # ... clamped to +-this
 
 
 @register("mean_teacher")
 class MeanTeacher(SemiSupervisedMethod):
-    defaults = {
-        "ema_decay": 0.99,
-        "consistency": 0.1,
-        "consistency_rampup": 200.0,  # in units of 150 iterations (SSL4MIS passes iteration // 150)
-        # If set, the ramp-up instead lasts this fraction of trainer.max_steps (counted in steps), for families whose
-        # budgets differ per data set (the endoscopy sets' paper runs are 11 682 to 27 819 steps).
-        "consistency_rampup_fraction": None,
-        "consistency_start_step": 1000,
-        "noise_std": 0.1,
-        "noise_clamp": 0.2,
-    }
+    hyperparameters = MeanTeacherHyperparameters
+    hp: MeanTeacherHyperparameters
 
     def build(self) -> None:
         self.net = self.build_network()
-        self.teacher = make_ema_teacher(self.net, self.hp["ema_decay"])
+        self.teacher = make_ema_teacher(self.net, self.hp.ema_decay)
 
     def teacher_input(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``images`` + clamped Gaussian noise. Without ``generator``, this step's own stream (the same noise on every
         call within a step); a method that needs several different draws in one step passes one generator."""
         generator = self.step_generator() if generator is None else generator
-        noise = torch.randn(images.shape, generator=generator, device=images.device) * self.hp["noise_std"]
-        return images + noise.clamp(-self.hp["noise_clamp"], self.hp["noise_clamp"])
+        noise = torch.randn(images.shape, generator=generator, device=images.device) * self.hp.noise_std
+        return images + noise.clamp(-self.hp.noise_clamp, self.hp.noise_clamp)
 
     def consistency_weight(self) -> float:
-        if self.global_step < self.hp["consistency_start_step"]:
+        if self.global_step < self.hp.consistency_start_step:
             return 0.0
-        return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"],
-                                                    fraction=self.hp["consistency_rampup_fraction"])
+        return self.hp.consistency * self.rampup(self.hp.consistency_rampup,
+                                                    fraction=self.hp.consistency_rampup_fraction)
 
     def consistency_loss(self, student_logits: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -39,33 +39,22 @@ gridmask.py); spec in docs/methods.md#mms.
 * Evaluation with network 1 (upstream tests each network separately and reports per network);
   ``predict_with: average`` averages both networks' probabilities.
 
-Upstream bugs, each a flag; the default is the intended behaviour (docs/methods.md#mms-upstream-bugs-and-flags):
-  faithful_structure_loss     MMS passes sigmoid(o) to binary_cross_entropy_with_logits (double sigmoid) with a
-                              legacy reduce='none' that makes it a plain mean (no boundary weights)
-  faithful_consistency        L_diff is computed with .item(): logged, but no gradient; divided by the batch size
-  faithful_frozen_heads       projectors and classifiers are not given to the optimizer (random, frozen weights;
-                              BN statistics still update; gradients still flow through them)
-  faithful_asymmetric         one direction only, keys detached: network 2 gets no contrastive gradient, network 1
-                              all of it
-  faithful_test_unnormalised  the test loader forgets the ImageNet normalisation (the network sees [0, 1] images
-                              at test time only); no effect on data without normalisation
-  (unsorted os.listdir split / glob order in test.py / hard-coded test paths: not reproducible by design here,
-  the split comes from the list files and metrics from the suite's evaluator.)
+Upstream bugs, each a ``faithful_*`` flag of :class:`MinMaxSimilarityHyperparameters` (what each reproduces is
+said there); the default is the intended behaviour (docs/methods.md#mms-upstream-bugs-and-flags). Not reproducible by
+design here: upstream's unsorted os.listdir split, glob order in test.py and hard-coded test paths (the split comes
+from the list files, the metrics from the suite's evaluator).
 The `paper` profile turns every faithful_* flag on: upstream's arithmetic, pinned to numbers produced by upstream's
 code in tests/test_golden_fba_mms.py (cpu and smoke keep the defaults).
 Optimisation (dataset preset kvasir_seg: Adam 1e-4, poly per step for every method; MMS's `paper` preset sets the
 poly per epoch as train_mms.py does: ``optim.schedule=poly_epoch``, 99 epochs, divisor 100).
 
-Hyperparameters (``method.<key>=...``):
-  supervised_weight 0.25, consistency_weight 0.25, unlabeled_contrast_weight 0.25, labeled_contrast_weight 0.25
-  temperature 0.07, diagonal_logit -10.0, projector_channels 16, classifier_channels 32
-  gridmask_probability 0.8, strong_augmentation true (false: both networks see the unlabeled batch as loaded)
-  predict_with model1 | average, encoder unet | <smp encoder name>, encoder_weights null | <path>
-  the five faithful_* flags above (false)
+Hyperparameters: :class:`MinMaxSimilarityHyperparameters`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +64,11 @@ from core.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
 from methods.components.strong_augment import StrongAugmentation
+from methods.hyperparameters import Hyperparameters
+from methods.losses.contrastive import l1_pixel_nce_within_image
 from methods.losses.precision import float32_island
 from methods.registry import register
 
-PREDICT_WITH = ("model1", "average")
 PROJECTOR_WIDTHS = (8, 16)  # stride 4
 CLASSIFIER_WIDTHS = (8, 16, 32)  # stride 8
 
@@ -116,28 +106,6 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, faithful: bool = 
     return (bce + iou).mean()
 
 
-@float32_island
-def pixel_info_nce(
-    query: torch.Tensor, key: torch.Tensor, temperature: float = 0.07, constant_positive: bool = False,
-    diagonal_logit: float = -10.0,
-) -> torch.Tensor:
-    """PatchNCE (CUT) over the pixels of one image, as MMS's contrastive losses.
-
-    q, k (B, C, h, w), every pixel vector L1-normalised over C; l_pos[b, i] = q_bi . k_bi (or the constant 0),
-    l_neg[b, i, j] = q_bi . k_bj with the diagonal replaced by ``diagonal_logit``; the mean over (b, i) of the
-    cross-entropy of [l_pos, l_neg[b, i, :]] / tau with target 0. Negatives come from the same image only.
-    """
-    q = F.normalize(query.flatten(2), p=1, dim=1).transpose(1, 2)  # (B, P, C)
-    k = F.normalize(key.flatten(2), p=1, dim=1).transpose(1, 2)
-    batch, pixels = q.shape[:2]
-    negatives = torch.bmm(q, k.transpose(1, 2)).masked_fill(
-        torch.eye(pixels, dtype=torch.bool, device=q.device), diagonal_logit
-    )
-    positives = q.new_zeros(batch, pixels, 1) if constant_positive else (q * k).sum(dim=-1, keepdim=True)
-    logits = torch.cat([positives, negatives], dim=-1) / temperature
-    return F.cross_entropy(logits.reshape(batch * pixels, pixels + 1), logits.new_zeros(batch * pixels, dtype=torch.long))
-
-
 def foreground_logits(logits: torch.Tensor) -> torch.Tensor:
     """(B, C, ...) class logits -> (B, C - 1, ...) one-vs-rest logits f_c = l_c - logsumexp_{j != c} l_j, so that
     sigmoid(f_c) is the softmax probability of class c (two classes: f = l_1 - l_0)."""
@@ -158,34 +126,44 @@ def contrast_head(in_channels: int, widths: tuple[int, ...], out_channels: int) 
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class MinMaxSimilarityHyperparameters(Hyperparameters):
+    supervised_weight: float = 0.25
+    consistency_weight: float = 0.25
+    unlabeled_contrast_weight: float = 0.25
+    labeled_contrast_weight: float = 0.25
+    temperature: float = 0.07  # of both pixel contrasts
+    diagonal_logit: float = -10.0  # the self pair's logit among the negatives
+    projector_channels: int = 16
+    classifier_channels: int = 32
+    strong_augmentation: bool = True  # false: both networks see the unlabeled batch as loaded
+    gridmask_probability: float = 0.8
+    predict_with: Literal["model1", "average"] = "model1"
+    encoder: str = "unet"  # unet | the name of a segmentation-models-pytorch encoder
+    encoder_weights: str | None = None  # a local state-dict file of that encoder
+    # MMS passes sigmoid(o) to binary_cross_entropy_with_logits (double sigmoid) with a legacy reduce='none' that
+    # makes it a plain mean (no boundary weights)
+    faithful_structure_loss: bool = False
+    # L_diff is computed with .item(): logged, but no gradient; divided by the batch size
+    faithful_consistency: bool = False
+    # projectors and classifiers are not given to the optimizer (random, frozen weights; BN statistics still
+    # update; gradients still flow through them)
+    faithful_frozen_heads: bool = False
+    # one direction only, keys detached: network 2 gets no contrastive gradient, network 1 all of it
+    faithful_asymmetric: bool = False
+    # the test loader forgets the ImageNet normalisation (the network sees [0, 1] images at test time only); no
+    # effect on data without normalisation
+    faithful_test_unnormalised: bool = False
+
+
 @register("mms")
 class MinMaxSimilarity(SemiSupervisedMethod):
     spatial_dims = (2,)
     labeled_partitions = 2
-    defaults = {
-        "supervised_weight": 0.25,
-        "consistency_weight": 0.25,
-        "unlabeled_contrast_weight": 0.25,
-        "labeled_contrast_weight": 0.25,
-        "temperature": 0.07,
-        "diagonal_logit": -10.0,
-        "projector_channels": 16,
-        "classifier_channels": 32,
-        "strong_augmentation": True,
-        "gridmask_probability": 0.8,
-        "predict_with": "model1",
-        "encoder": "unet",
-        "encoder_weights": None,
-        "faithful_structure_loss": False,
-        "faithful_consistency": False,
-        "faithful_frozen_heads": False,
-        "faithful_asymmetric": False,
-        "faithful_test_unnormalised": False,
-    }
+    hyperparameters = MinMaxSimilarityHyperparameters
+    hp: MinMaxSimilarityHyperparameters
 
     def build(self) -> None:
-        if self.hp["predict_with"] not in PREDICT_WITH:
-            raise UserError(f"unknown method.predict_with '{self.hp['predict_with']}' for mms", where=f"known: {', '.join(PREDICT_WITH)}")
         stride = 2 ** len(CLASSIFIER_WIDTHS)
         patch = tuple(self.config["data"]["patch_size"])
         if any(size % stride for size in patch):
@@ -196,19 +174,19 @@ class MinMaxSimilarity(SemiSupervisedMethod):
         self.net1 = self.build_segmentation_network()
         self.net2 = self.build_segmentation_network()
         foreground = self.spec.num_classes - 1
-        self.projector1 = contrast_head(foreground, PROJECTOR_WIDTHS, self.hp["projector_channels"])
-        self.projector2 = contrast_head(foreground, PROJECTOR_WIDTHS, self.hp["projector_channels"])
-        self.classifier1 = contrast_head(foreground, CLASSIFIER_WIDTHS, self.hp["classifier_channels"])
-        self.classifier2 = contrast_head(foreground, CLASSIFIER_WIDTHS, self.hp["classifier_channels"])
-        if self.hp["faithful_frozen_heads"]:
+        self.projector1 = contrast_head(foreground, PROJECTOR_WIDTHS, self.hp.projector_channels)
+        self.projector2 = contrast_head(foreground, PROJECTOR_WIDTHS, self.hp.projector_channels)
+        self.classifier1 = contrast_head(foreground, CLASSIFIER_WIDTHS, self.hp.classifier_channels)
+        self.classifier2 = contrast_head(foreground, CLASSIFIER_WIDTHS, self.hp.classifier_channels)
+        if self.hp.faithful_frozen_heads:
             for head in (self.projector1, self.projector2, self.classifier1, self.classifier2):
                 head.requires_grad_(False)  # outside the optimizer; gradients still pass through to the networks
         self.strong_augmentation = StrongAugmentation(
-            self.spec.in_channels, self.spec.image_normalization, self.hp["gridmask_probability"]
+            self.spec.in_channels, self.spec.image_normalization, self.hp.gridmask_probability
         )
 
     def build_segmentation_network(self) -> nn.Module:
-        encoder = self.hp["encoder"]
+        encoder = self.hp.encoder
         if encoder == "unet":
             return self.build_network()
         try:
@@ -222,7 +200,7 @@ class MinMaxSimilarity(SemiSupervisedMethod):
             network = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=self.spec.in_channels, classes=self.spec.num_classes)
         except (KeyError, ValueError) as error:
             raise UserError(f"segmentation-models-pytorch does not know the encoder '{encoder}' ({error})") from error
-        weights = self.hp["encoder_weights"]
+        weights = self.hp.encoder_weights
         if weights:
             path = Path(weights).expanduser()
             if not path.is_file():
@@ -235,7 +213,7 @@ class MinMaxSimilarity(SemiSupervisedMethod):
 
     # ---- the two views -------------------------------------------------------------------------------------
     def augment_unlabeled(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.hp["strong_augmentation"]:
+        if not self.hp.strong_augmentation:
             return images
         seed = int(torch.randint(0, 2**62, (1,), generator=self.step_generator(), device=self.device))
         return self.strong_augmentation(images, torch.Generator().manual_seed(seed))
@@ -245,16 +223,16 @@ class MinMaxSimilarity(SemiSupervisedMethod):
         return F.one_hot(labels.long(), self.spec.num_classes).movedim(-1, 1)[:, 1:].float()
 
     def structure(self, foreground: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.hp["faithful_structure_loss"]:
+        if self.hp.faithful_structure_loss:
             return structure_loss(torch.sigmoid(foreground), target, faithful=True)
         return structure_loss(foreground, target)
 
     def contrast(self, query_side: torch.Tensor, key_side: torch.Tensor, constant_positive: bool) -> torch.Tensor:
         """Network 1's embedding as query against network 2's detached one; both directions unless faithful."""
         def nce(query, key):
-            return pixel_info_nce(query, key.detach(), self.hp["temperature"], constant_positive, self.hp["diagonal_logit"])
+            return l1_pixel_nce_within_image(query, key.detach(), self.hp.temperature, constant_positive, self.hp.diagonal_logit)
 
-        if self.hp["faithful_asymmetric"]:
+        if self.hp.faithful_asymmetric:
             return nce(query_side, key_side)
         return 0.5 * (nce(query_side, key_side) + nce(key_side, query_side))
 
@@ -272,7 +250,7 @@ class MinMaxSimilarity(SemiSupervisedMethod):
             consistency = self.structure(unlabeled1, torch.sigmoid(unlabeled2).detach()) + self.structure(
                 unlabeled2, torch.sigmoid(unlabeled1).detach()
             )
-            if self.hp["faithful_consistency"]:  # upstream: (...).item() / batch size, a constant
+            if self.hp.faithful_consistency:  # upstream: (...).item() / batch size, a constant
                 consistency = consistency.detach() / view.shape[0]
             unlabeled_contrast = self.contrast(self.projector1(unlabeled1), self.projector2(unlabeled2), constant_positive=False)
         else:  # RATIO=1.0: two supervised networks with the labeled all-negative term
@@ -280,8 +258,8 @@ class MinMaxSimilarity(SemiSupervisedMethod):
 
         hp = self.hp
         loss = (
-            hp["supervised_weight"] * supervised + hp["consistency_weight"] * consistency
-            + hp["unlabeled_contrast_weight"] * unlabeled_contrast + hp["labeled_contrast_weight"] * labeled_contrast
+            hp.supervised_weight * supervised + hp.consistency_weight * consistency
+            + hp.unlabeled_contrast_weight * unlabeled_contrast + hp.labeled_contrast_weight * labeled_contrast
         )
         return {
             "loss": loss, "supervised": supervised, "consistency": consistency,
@@ -289,8 +267,8 @@ class MinMaxSimilarity(SemiSupervisedMethod):
         }
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if self.hp["faithful_test_unnormalised"]:
+        if self.hp.faithful_test_unnormalised:
             images = self.strong_augmentation.to_unit_range(images)
-        if self.hp["predict_with"] == "average":
+        if self.hp.predict_with == "average":
             return average_probability_logits([self.net1(images), self.net2(images)])
         return self.net1(images)

@@ -8,19 +8,28 @@ became upstream's PyTorch init).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from core.errors import UserError
 from methods.base import SemiSupervisedMethod
+from methods.hyperparameters import Hyperparameters
 from methods.networks import INIT_CHOICES, init_weights
 from methods.registry import register
+
+
+@dataclass(frozen=True)
+class SupervisedHyperparameters(Hyperparameters):
+    network_init: str = "default"  # default (PyTorch's own) or one of CPS's schemes (INIT_CHOICES)
 
 
 @register("supervised")
 class Supervised(SemiSupervisedMethod):
     uses_unlabeled = False
-    defaults = {"network_init": "default"}
+    hyperparameters = SupervisedHyperparameters
+    hp: SupervisedHyperparameters
 
     def build(self) -> None:
-        scheme = self.hp["network_init"]
+        scheme = self.hp.network_init
         if scheme not in INIT_CHOICES:
             raise UserError(f"unknown method.network_init '{scheme}' for {self.name}", fix=f"give one of: {', '.join(INIT_CHOICES)}")
         self.net = init_weights(self.build_network(), scheme)

@@ -16,36 +16,40 @@ uncertainty passes draw their own input noise, as upstream's fresh ``randn_like`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from methods.components.ramps import sigmoid_rampup
-from methods.mean_teacher import MeanTeacher
+from methods.mean_teacher import MeanTeacher, MeanTeacherHyperparameters
 from methods.registry import register
+
+
+@dataclass(frozen=True)
+class UncertaintyAwareMeanTeacherHyperparameters(MeanTeacherHyperparameters):
+    consistency_start_step: int = 0  # SSL4MIS train_uncertainty_aware_mean_teacher_2D.py has no delay
+    uncertainty_passes: int = 8  # T noisy teacher passes (even: T/2 forwards of a doubled batch)
+    threshold_start: float = 0.75  # the entropy threshold, as a share of the maximum entropy, ramped from ...
+    threshold_end: float = 1.0  # ... to this over the whole budget
+    entropy_of_two_classes: bool = False  # faithful flag: SSL4MIS/UA-MT use ln 2 for any number of classes
 
 
 @register("ua_mt")
 class UncertaintyAwareMeanTeacher(MeanTeacher):
-    defaults = {
-        **MeanTeacher.defaults,
-        "consistency_start_step": 0,  # SSL4MIS train_uncertainty_aware_mean_teacher_2D.py has no delay
-        "uncertainty_passes": 8,
-        "threshold_start": 0.75,
-        "threshold_end": 1.0,
-        "entropy_of_two_classes": False,  # faithful flag: SSL4MIS/UA-MT use ln 2 for any number of classes
-    }
+    hyperparameters = UncertaintyAwareMeanTeacherHyperparameters
+    hp: UncertaintyAwareMeanTeacherHyperparameters
 
     def uncertainty_threshold(self) -> float:
-        classes = 2 if self.hp["entropy_of_two_classes"] else self.spec.num_classes
+        classes = 2 if self.hp.entropy_of_two_classes else self.spec.num_classes
         ramp = sigmoid_rampup(self.global_step, self.config["trainer"]["max_steps"])
-        start, end = self.hp["threshold_start"], self.hp["threshold_end"]
+        start, end = self.hp.threshold_start, self.hp.threshold_end
         return (start + (end - start) * ramp) * math.log(classes)
 
     @torch.no_grad()
     def teacher_uncertainty(self, unlabeled: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Entropy (B, 1, *S) of the mean softmax over T noisy passes, two copies per forward as upstream; every pass
         draws new noise from ``generator``."""
-        passes = self.hp["uncertainty_passes"]
+        passes = self.hp.uncertainty_passes
         if passes % 2:
             raise ValueError("uncertainty_passes must be even (UA-MT runs T/2 forwards of a doubled batch)")
         doubled = unlabeled.repeat(2, *([1] * (unlabeled.ndim - 1)))

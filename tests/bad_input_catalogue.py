@@ -47,7 +47,9 @@ class Sources:
 
 def build_sources(folder: Path, acdc: Path | None = None, la: Path | None = None) -> Sources:
     """Write the small datasets (reusing given ACDC / LA trees, e.g. the test session's fixtures) and one run."""
-    from datamodules.synthetic import write_acdc_layout, write_kvasir_layout, write_la_layout
+    from datamodules.synthetic_acdc import write_acdc_layout
+    from datamodules.synthetic_kvasir import write_kvasir_layout
+    from datamodules.synthetic_la import write_la_layout
     from datamodules.synthetic_brats import write_brats_layout
     from tests.conftest import TINY_ACDC, TINY_LA
 

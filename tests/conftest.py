@@ -63,7 +63,7 @@ def real_acdc() -> Path:
 
 @pytest.fixture(scope="session")
 def acdc_root(tmp_path_factory) -> Path:
-    from datamodules.synthetic import write_acdc_layout
+    from datamodules.synthetic_acdc import write_acdc_layout
 
     return write_acdc_layout(tmp_path_factory.mktemp("acdc"), **TINY_ACDC)
 
@@ -71,7 +71,7 @@ def acdc_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def la_root(tmp_path_factory) -> Path:
     """LA with CRLF lists at the root (FBA-Net's copies), the data folder name with its space."""
-    from datamodules.synthetic import write_la_layout
+    from datamodules.synthetic_la import write_la_layout
 
     return write_la_layout(tmp_path_factory.mktemp("la"), crlf=True, **TINY_LA)
 

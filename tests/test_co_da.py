@@ -1,9 +1,10 @@
-"""Co-DA: alignment, both over-expectation filters and the masked CE by hand, running statistics (updates,
-checkpoint round trip, two DDP ranks), gradient routing, presets, inference choice and an end-to-end CLI run."""
+"""Co-DA: alignment and both over-expectation filters through the method, running statistics (updates, checkpoint
+round trip, two DDP ranks), gradient routing, presets, inference choice and an end-to-end CLI run. The pieces by
+hand: tests/test_pseudo_labels.py (alignment, filters) and tests/test_losses_masked_cross_entropy.py (the CE)."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 
 import pandas as pd
 import pytest
@@ -13,12 +14,6 @@ from benchmark.cli import main
 from benchmark.config import resolve_config
 from benchmark.run import load_weights
 from core.errors import UserError
-from methods.co_da import (
-    align_distribution,
-    class_quota_mask,
-    expected_confidence_mask,
-    masked_cross_entropy,
-)
 from methods.components.class_statistics import RunningClassMean, batch_dice_per_class
 from methods.registry import get_method
 from tests.conftest import run_two_rank_script
@@ -37,25 +32,6 @@ def as_logits(probabilities: list[list[float]], spatial=(1,)) -> torch.Tensor:
 # Alignment
 
 
-def test_alignment_raises_a_rare_class_towards_its_labeled_share_by_hand():
-    # Two classes, four unlabeled pixels; the model under-predicts the rare class 1 on them.
-    rare = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    probabilities = torch.stack([1 - rare, rare]).view(1, 2, 4, 1).requires_grad_()
-    unlabeled_marginal = torch.tensor([0.75, 0.25])  # mean of p over the 4 pixels
-    labeled_marginal = torch.tensor([0.5, 0.5])  # the share of class 1 on labeled data
-    aligned = align_distribution(probabilities, labeled_marginal, unlabeled_marginal)
-    # ratios: class 1 x 0.5/0.25 = 2, class 0 x 0.5/0.75 = 2/3 -> p~ = 2p / (2p + (2/3)(1-p)) = 3p / (1 + 2p)
-    expected = [1.2 / 1.8, 0.9 / 1.6, 0.6 / 1.4, 0.3 / 1.2]
-    assert aligned[0, 1, :, 0].tolist() == pytest.approx(expected, rel=1e-6)
-    assert torch.allclose(aligned.sum(dim=1), torch.ones(1, 4, 1))
-    assert not aligned.requires_grad  # the pseudo-label source carries no gradient
-    # pseudo-label share of the rare class: 0 of 4 before, 2 of 4 (= its labeled share 0.5) after
-    assert (probabilities.argmax(1) == 1).float().mean().item() == 0.0
-    assert (aligned.argmax(1) == 1).float().mean().item() == 0.5
-    # its mean probability moves from 0.25 towards 0.5
-    assert aligned[0, 1].mean().item() == pytest.approx(sum(expected) / 4)  # 0.477
-
-
 def test_method_aligns_with_the_labeled_over_the_unlabeled_marginal_of_the_batch():
     model = build_method("co_da", dataset="synthetic_la", overrides=["method.over_expectation=none"])
     statistics = model.statistics[0]
@@ -65,21 +41,13 @@ def test_method_aligns_with_the_labeled_over_the_unlabeled_marginal_of_the_batch
     # the first update of pi_U is the batch mean itself (0.75, 0.25), used in the same step
     assert statistics.unlabeled_marginal.value.tolist() == pytest.approx([0.75, 0.25])
     assert labels.flatten().tolist() == [1, 1, 0, 0] and keep.all()
-    model.hp["align_distribution"] = False  # the ablation: raw argmax
+    model.hp = dataclasses.replace(model.hp, align_distribution=False)  # the ablation: raw argmax
     labels, _ = model.pseudo_labels(logits, statistics)
     assert labels.flatten().tolist() == [0, 0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Over-expectation filters and the masked CE
-
-
-def test_expected_confidence_filter_keeps_pixels_at_or_over_their_class_expectation():
-    confidence = torch.tensor([0.9, 0.6, 0.7, 0.5, 0.6, 0.8, 0.55])
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
-    keep = expected_confidence_mask(confidence, labels, torch.tensor([0.7, 0.6, 0.9]))
-    # class 0 (E 0.7): 0.9 yes, 0.6 no; class 1 (E 0.6): 0.7 yes, 0.5 no, 0.6 yes (equal); class 2 (E 0.9): none
-    assert keep.tolist() == [True, False, True, False, True, False, False]
+# Over-expectation filters
 
 
 def test_expected_confidence_through_the_method_uses_the_running_class_means():
@@ -101,19 +69,6 @@ def test_expected_confidence_through_the_method_uses_the_running_class_means():
     assert keep.flatten().tolist() == [False]
 
 
-def test_class_quota_filter_keeps_the_most_confident_up_to_the_labeled_share():
-    # 10 pixels, shares (0.5, 0.3, 0.2, 0.0) -> quotas 5, 3, 2, 0
-    confidence = torch.tensor([0.9, 0.2, 0.8, 0.3, 0.7, 0.6, 0.4, 0.5, 0.45, 0.99])
-    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1, 3])
-    keep = class_quota_mask(confidence.view(1, 2, 5), labels.view(1, 2, 5), torch.tensor([0.5, 0.3, 0.2, 0.0]))
-    # class 0 has 7 pixels: its 5 most confident (0.9, 0.8, 0.7, 0.6, 0.4) stay, 0.2 and 0.3 go; class 1 has 2
-    # (under its quota of 3): both stay; class 3's quota is 0: its pixel goes however confident
-    assert keep.flatten().tolist() == [True, False, True, False, True, True, True, True, True, False]
-    # ties: exactly the quota
-    tied = class_quota_mask(torch.full((4,), 0.5), torch.zeros(4, dtype=torch.long), torch.tensor([0.5, 0.5]))
-    assert tied.sum().item() == 2
-
-
 def test_class_quota_through_the_method_uses_the_labeled_marginal():
     model = build_method("co_da", overrides=["method.align_distribution=false", "method.over_expectation=class_quota"])
     statistics = model.statistics[0]
@@ -124,20 +79,6 @@ def test_class_quota_through_the_method_uses_the_labeled_marginal():
     labels, keep = model.pseudo_labels(as_logits(pixels), statistics)
     assert labels.flatten().tolist() == [0, 0, 0, 1]
     assert keep.flatten().tolist() == [True, False, True, True]
-
-
-def test_masked_cross_entropy_by_hand():
-    log3 = math.log(3.0)
-    logits = torch.tensor([[[log3, 0.0, 0.0]], [[0.0, 0.0, log3]]]).unsqueeze(0).requires_grad_()  # (1, 2, 1, 3)
-    targets = torch.tensor([[[0, 0, 1]]])
-    # pixel CE: log(4/3), log 2, log(4/3); mask keeps pixels 0 and 1
-    mask = torch.tensor([[[True, True, False]]])
-    loss = masked_cross_entropy(logits, targets, mask)
-    assert loss.item() == pytest.approx((math.log(4 / 3) + math.log(2)) / 2, rel=1e-6)
-    empty = masked_cross_entropy(logits, targets, torch.zeros_like(mask))
-    assert empty.item() == 0.0
-    empty.backward()  # nothing kept: a zero loss that still back-propagates (zero gradient)
-    assert logits.grad.abs().sum().item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,9 +186,9 @@ def test_predict_with_model1_model2_or_average():
     with torch.no_grad():
         mean = (torch.softmax(model.net1(images), 1) + torch.softmax(model.net2(images), 1)) / 2
         assert torch.allclose(torch.softmax(model.predict_logits(images), 1), mean, atol=1e-6)
-        model.hp["predict_with"] = "model1"
+        model.hp = dataclasses.replace(model.hp, predict_with="model1")
         assert torch.equal(model.predict_logits(images), model.net1(images))
-        model.hp["predict_with"] = "model2"
+        model.hp = dataclasses.replace(model.hp, predict_with="model2")
         assert torch.equal(model.predict_logits(images), model.net2(images))
 
 

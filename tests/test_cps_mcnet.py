@@ -1,6 +1,7 @@
 """CPS and MC-Net+: each loss term by hand, gradient routing, ramp-ups, presets and smoke fits (2D, 3D, RATIO=1)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from unittest import mock
 
@@ -10,7 +11,7 @@ import torch
 from benchmark.config import resolve_config
 from core.errors import UserError
 from methods.cps import CrossPseudoSupervision, cross_pseudo_loss
-from methods.losses.consistency import mutual_consistency_loss, sharpen
+from methods.losses.consistency import mutual_consistency_loss
 from methods.mc_net_plus import MCNetPlus, binary_dice_loss, foreground_dice_loss, mcnet_dice_loss
 from methods.networks import build_network
 from methods.registry import get_method
@@ -35,17 +36,6 @@ def test_cps_cross_pseudo_loss_on_a_2x2_example():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert logits.grad is not None and other.grad is None  # hard pseudo-labels carry no gradient
-
-
-def test_sharpen_by_hand():
-    p = torch.tensor([0.0, 0.5, 0.6, 1.0])
-    assert torch.allclose(sharpen(p, 0.5), torch.tensor([0.0, 0.5, 9 / 13, 1.0]))  # 0.36 / (0.36 + 0.16)
-    assert sharpen(torch.tensor([0.6]), 0.1).item() == pytest.approx(0.6**10 / (0.6**10 + 0.4**10))
-    # element-wise, not renormalised over channels (MC-Net's sharpening)
-    three = sharpen(torch.tensor([0.2, 0.3, 0.5]), 0.5)
-    assert three.sum().item() != pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        sharpen(p, 0.0)
 
 
 def test_mutual_consistency_by_hand_and_target_gradient():
@@ -151,7 +141,7 @@ def test_cps_networks_start_apart_and_predict_with_model1_or_average():
     images = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.predict_logits(images), model.net1(images))
-        model.hp["predict_with"] = "average"
+        model.hp = dataclasses.replace(model.hp, predict_with="average")
         mean = (torch.softmax(model.net1(images), 1) + torch.softmax(model.net2(images), 1)) / 2
         assert torch.allclose(torch.softmax(model.predict_logits(images), 1), mean, atol=1e-6)
     with pytest.raises(Exception, match="predict_with"):

@@ -13,7 +13,7 @@ from datamodules import DATASETS, build_datamodule, get_dataset
 from datamodules.acdc import ACDC_SPEC, ACDCDataModule
 from datamodules.base import resolve_labeled_count
 from datamodules.la import LA_SPEC, LADataModule
-from datamodules.synthetic import write_la_layout
+from datamodules.synthetic_la import write_la_layout
 from tests.conftest import TINY_LA
 
 

@@ -15,7 +15,7 @@ from core.errors import UserError
 from core.evaluation import Evaluator, pooled_f1, summarize
 from core.inference import predict_whole_image
 from datamodules.endoscopy import IMAGENET_MEAN, IMAGENET_STD, KVASIR_SEG_SPEC, KvasirDataModule
-from datamodules.synthetic import write_kvasir_layout
+from datamodules.synthetic_kvasir import write_kvasir_layout
 from tests.conftest import require_real_kvasir
 
 TINY_KVASIR = dict(n_train=8, n_val=2, n_test=3, shape=(40, 52), seed=0)

@@ -1,7 +1,6 @@
-"""FBA-Net+ / FBA-Net: SimMax / SimMin by hand, contrastive module shapes, gradient routing, presets, smoke fits."""
+"""FBA-Net+ / FBA-Net (SimMax / SimMin by hand: test_losses_contrastive.py): contrastive module shapes, gradient routing, presets, smoke fits."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -10,67 +9,11 @@ import torch
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
-from methods.fba_net import ContrastiveModule, FBANet, FBANetPlus, sim_max_loss, sim_min_loss
+from methods.fba_net import ContrastiveModule, FBANet, FBANetPlus
 from tests.method_helpers import build_method, has_grad, random_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SimMax / SimMin on a 4 x 4 example
-
-
-def planar(degrees, radii):
-    rows = [[r * math.cos(math.radians(d)), r * math.sin(math.radians(d))] for d, r in zip(degrees, radii)]
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def clamp(value):
-    return min(max(value, 0.0005), 0.9995)
-
-
-def expected_loss(angle_differences, ranks, alpha, term):
-    total = 0.0
-    for row_angles, row_ranks in zip(angle_differences, ranks):
-        for angle, rank in zip(row_angles, row_ranks):
-            similarity = clamp(math.cos(math.radians(angle)))
-            total += math.exp(-alpha * (rank - 1)) * term(similarity)
-    return total / 16
-
-
-def test_sim_max_by_hand_with_rank_weights_and_clamping():
-    # embeddings at 0, 30, 75, 100 degrees with different norms (cosine ignores them)
-    z = planar([0, 30, 75, 100], [1.0, 2.0, 0.5, 3.0])
-    differences = [[0, 30, 75, 100], [30, 0, 45, 70], [75, 45, 0, 25], [100, 70, 25, 0]]
-    # cos: 1 -> 0.9995 on the diagonal, cos 100 < 0 -> 0.0005; ranks = positions in each row sorted descending
-    ranks = [[0, 1, 2, 3], [1, 0, 2, 3], [3, 2, 0, 1], [3, 2, 1, 0]]
-    expected = expected_loss(differences, ranks, 0.25, lambda s: -math.log(s))
-    assert sim_max_loss(z, 0.25).item() == pytest.approx(expected, rel=1e-9)
-    # the diagonal (top rank) weighs exp(+0.25); its clamped -log(0.9995) is in the mean
-    assert math.exp(0.25) * -math.log(0.9995) / 16 < expected
-
-
-def test_sim_min_by_hand_with_rank_weights_and_clamping():
-    fg = planar([0, 30, 75, 100], [1.0, 2.0, 0.5, 3.0])
-    bg = planar([0, 45, 80, 20], [4.0, 1.0, 1.0, 0.2])
-    differences = [[0, 45, 80, 20], [30, 15, 50, 10], [75, 30, 5, 55], [100, 55, 20, 80]]
-    # (0, 0): cos 1 -> 0.9995, the top rank: weight exp(2.5) x -log(0.0005) dominates; (3, 0): cos 100 -> 0.0005
-    ranks = [[0, 2, 3, 1], [2, 1, 3, 0], [3, 1, 0, 2], [3, 1, 0, 2]]
-    expected = expected_loss(differences, ranks, 2.5, lambda s: -math.log(1 - s))
-    assert sim_min_loss(fg, bg, 2.5).item() == pytest.approx(expected, rel=1e-9)
-    assert expected > math.exp(2.5) * -math.log(0.0005) / 16
-    # ranked along the rows of the first argument: not symmetric
-    assert sim_min_loss(bg, fg, 2.5).item() != pytest.approx(expected, rel=1e-3)
-
-
-def test_rank_weights_carry_no_gradient_and_clamped_entries_none_either():
-    z = planar([0, 30, 75, 100], [1.0, 2.0, 0.5, 3.0]).requires_grad_()
-    sim_max_loss(z, 0.25).backward()
-    assert z.grad.abs().sum() > 0
-    same = torch.ones(3, 4, requires_grad=True)  # identical embeddings: every similarity clamped at 0.9995
-    sim_max_loss(same).backward()
-    assert same.grad.abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The smoke fits (2D, 3D, RATIO=1.0) are in test_methods_smoke.py, which runs ever
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,14 +14,7 @@ from benchmark.config import resolve_config, shared_recipe
 from core.errors import UserError
 from methods.components.mixing import cutmix_box_masks, mix_with_next
 from methods.components.perturbations import channel_dropout, gaussian_noise
-from methods.mcl_cs import (
-    masked_cross_entropy,
-    patch_info_nce,
-    pixel_contrast_loss,
-    priority_sample,
-    prototype_info_nce,
-    sample_pixels,
-)
+from methods.mcl_cs import priority_sample, sample_pixels
 from methods.registry import get_method
 from tests.method_helpers import build_method, has_grad, random_batch
 
@@ -33,60 +27,6 @@ def generator(seed=0):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses by hand
-
-
-def test_masked_cross_entropy_divides_by_all_pixels():
-    log3 = math.log(3.0)
-    # two pixels: logits [log 3, 0] -> p = (3/4, 1/4); [0, 0] -> (1/2, 1/2); pseudo-labels 0 and 1
-    logits = torch.tensor([[[[log3, 0.0]], [[0.0, 0.0]]]])
-    pseudo = torch.tensor([[[0, 1]]])
-    everything = masked_cross_entropy(logits, pseudo, torch.tensor([[[True, True]]]))
-    assert everything.item() == pytest.approx((math.log(4 / 3) + math.log(2)) / 2)
-    confident_only = masked_cross_entropy(logits, pseudo, torch.tensor([[[True, False]]]))
-    assert confident_only.item() == pytest.approx(math.log(4 / 3) / 2)  # / 2 pixels, not / 1 kept
-
-
-def test_patch_info_nce_by_hand():
-    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    # tau 0.5: similarities / tau = [2, 0, -2] for anchor 1 and [0, 2, 0] for anchor 2
-    e = math.e
-    first = -math.log(e**2 / (e**2 + 1 + e**-2))
-    second = -math.log(e**2 / (e**2 + 2))
-    same_cell = patch_info_nce(anchors, keys, torch.tensor([0, 1]), 0.5)
-    assert same_cell.item() == pytest.approx((first + second) / 2, rel=1e-6)
-    # a pasted cell takes another key as positive: anchor 1's positive is key 2 (similarity 0)
-    pasted = patch_info_nce(anchors, keys, torch.tensor([1, 1]), 0.5)
-    assert pasted.item() == pytest.approx((-math.log(1 / (e**2 + 1 + e**-2)) + second) / 2, rel=1e-6)
-
-
-def test_prototype_info_nce_by_hand():
-    anchors = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    prototype = torch.tensor([1.0, 0.0])
-    negatives = torch.tensor([[0.0, 1.0]])
-    expected = (-math.log(math.e / (math.e + 1)) - math.log(math.exp(0.6) / (math.exp(0.6) + math.exp(0.8)))) / 2
-    assert prototype_info_nce(anchors, prototype, negatives, 1.0).item() == pytest.approx(expected, rel=1e-6)
-    # temperature 0.5 doubles every logit
-    expected_half = (
-        -math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(1.6)))
-    ) / 2
-    assert prototype_info_nce(anchors, prototype, negatives, 0.5).item() == pytest.approx(expected_half, rel=1e-6)
-
-
-def test_pixel_contrast_normalises_averages_classes_and_stops_key_gradients():
-    # class 0: anchor (5, 0) -> (1, 0); members (2, 0), (0, 3) -> (1, 0), (0, 1) -> prototype (1, 1)/sqrt 2;
-    #          negative (0, -2) -> (0, -1).  logits (tau 1): [1/sqrt 2, 0]
-    # class 1: anchor (0, 1); member (0, 4) -> (0, 1); negative (3, 0) -> (1, 0). logits [1, 0]
-    anchors = [torch.tensor([[5.0, 0.0]], requires_grad=True), torch.tensor([[0.0, 1.0]], requires_grad=True)]
-    members = [torch.tensor([[2.0, 0.0], [0.0, 3.0]], requires_grad=True), torch.tensor([[0.0, 4.0]], requires_grad=True)]
-    negatives = [torch.tensor([[0.0, -2.0]], requires_grad=True), torch.tensor([[3.0, 0.0]], requires_grad=True)]
-    r = 1 / math.sqrt(2)
-    expected = (-math.log(math.exp(r) / (math.exp(r) + 1)) - math.log(math.e / (math.e + 1))) / 2
-    loss = pixel_contrast_loss(anchors, members, negatives, temperature=1.0)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    loss.backward()
-    assert all(a.grad is not None for a in anchors)
-    assert all(t.grad is None for t in members + negatives)  # prototypes and negatives are targets
 
 
 def test_priority_sample_takes_preferred_first_and_never_a_non_candidate():
@@ -179,9 +119,9 @@ def test_strong_view_pseudo_labels_are_mixed_with_the_image_boxes(monkeypatch):
 
     model = build_method("mcl_cs", overrides=["method.pseudo_label_threshold=0.0", "method.cutmix_probability=1.0"])
     recorded = {"boxes": [], "ce": []}
-    real_masks, real_ce = module.cutmix_box_masks, module.masked_cross_entropy
+    real_masks, real_ce = module.cutmix_box_masks, module.cross_entropy_mean_over_all
     monkeypatch.setattr(module, "cutmix_box_masks", lambda *a, **k: recorded["boxes"].append(real_masks(*a, **k)) or recorded["boxes"][-1])
-    monkeypatch.setattr(module, "masked_cross_entropy", lambda logits, pseudo, keep: recorded["ce"].append(pseudo) or real_ce(logits, pseudo, keep))
+    monkeypatch.setattr(module, "cross_entropy_mean_over_all", lambda logits, pseudo, keep: recorded["ce"].append(pseudo) or real_ce(logits, pseudo, keep))
     model.compute_losses(random_batch(model, n_unlabeled=3, generator=generator(1)))
     (boxes,) = recorded["boxes"]
     assert boxes.any()
@@ -201,7 +141,7 @@ def test_feature_perturbation_decodes_a_dropped_copy_in_the_same_pass():
     assert perturbed["fp_logits"].shape == perturbed["logits"][2:].shape
     assert not torch.allclose(perturbed["fp_logits"], perturbed["logits"][2:])
     net.eval()  # no encoder dropout: with p = 0 the copy is the clean unlabeled prediction
-    model.hp["feature_dropout"] = 0.0
+    model.hp = dataclasses.replace(model.hp, feature_dropout=0.0)
     clean = model.forward_network(net, labeled, unlabeled, None, generator(1))
     assert torch.allclose(clean["fp_logits"], clean["logits"][2:], atol=1e-6)
 

@@ -1,6 +1,7 @@
 """Mean Teacher and UA-MT: the EMA rule, each loss term by hand, gradient routing, DDP teacher agreement."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -88,7 +89,7 @@ def test_consistency_weight_schedule():
     model = build_method("mean_teacher", overrides=["method.consistency_start_step=10", "method.consistency_rampup=40.0"],
                          patch=(32, 32))
     assert model.consistency_weight() == 0.0  # step 0 < start
-    model.hp["consistency_start_step"] = 0
+    model.hp = dataclasses.replace(model.hp, consistency_start_step=0)
     assert model.consistency_weight() == pytest.approx(0.1 * math.exp(-5))
 
 
@@ -109,7 +110,7 @@ def test_consistency_ramp_up_over_a_fraction_of_the_run():
 def test_ua_mt_threshold_uses_ln_classes_or_the_faithful_ln2():
     model = build_method("ua_mt", patch=(32, 32))
     assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(4))
-    model.hp["entropy_of_two_classes"] = True
+    model.hp = dataclasses.replace(model.hp, entropy_of_two_classes=True)
     assert model.uncertainty_threshold() == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
 
 
@@ -134,7 +135,7 @@ def test_ua_mt_uncertainty_is_the_entropy_of_the_mean_of_t_passes(monkeypatch):
     outputs = iter([torch.log(torch.tensor([0.9, 0.1])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1),
                     torch.log(torch.tensor([0.5, 0.5])).reshape(1, 2, 1, 1).repeat(2, 1, 1, 1)])
     monkeypatch.setattr(model.teacher, "forward", lambda x: next(outputs))
-    model.hp["uncertainty_passes"] = 4
+    model.hp = dataclasses.replace(model.hp, uncertainty_passes=4)
     entropy = model.teacher_uncertainty(torch.zeros(1, 1, 1, 1), model.step_generator())
     mean = torch.tensor([0.7, 0.3])
     assert entropy.item() == pytest.approx(-(mean * torch.log(mean + 1e-6)).sum().item(), rel=1e-5)

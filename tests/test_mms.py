@@ -13,7 +13,7 @@ import torch
 from benchmark.cli import main
 from benchmark.config import resolve_config
 from methods.components.strong_augment import grid_mask
-from methods.mms import foreground_logits, pixel_info_nce, structure_loss
+from methods.mms import foreground_logits, structure_loss
 from methods.registry import get_method
 from tests.method_helpers import build_method
 
@@ -34,65 +34,6 @@ def batch_for(model, n_labeled=2, n_unlabeled=2):
         labels[:, 12:16, 14:18] = model.spec.num_classes - 1
     return {"labeled": {"image": torch.randn(n_labeled, channels, *shape, generator=generator), "label": labels},
             "unlabeled": {"image": torch.randn(n_unlabeled, channels, *shape, generator=generator)}}
-
-
-# ---- the pixel InfoNCE by hand -----------------------------------------------------------------------------------
-# One image, 2 channels, 1 x 3 pixels. L1-normalised vectors (by hand):
-#   q = [(1, 0), (0.5, 0.5), (0, 1)]       from raw (2, 0), (1, 1), (0, -3) -> the last is (0, -1)
-#   k = [(1, 0), (0, 1), (0.25, -0.75)]    from raw (1, 0), (0, 4), (1, -3)
-Q_RAW = torch.tensor([[[[2.0, 1.0, 0.0]], [[0.0, 1.0, -3.0]]]])  # (B=1, C=2, h=1, w=3)
-K_RAW = torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 4.0, -3.0]]]])
-Q = [(1.0, 0.0), (0.5, 0.5), (0.0, -1.0)]
-K = [(1.0, 0.0), (0.0, 1.0), (0.25, -0.75)]
-
-
-def dot(a, b):
-    return a[0] * b[0] + a[1] * b[1]
-
-
-def expected_nce(tau, constant_positive, diagonal=-10.0):
-    total = 0.0
-    for i in range(3):
-        positive = 0.0 if constant_positive else dot(Q[i], K[i])
-        negatives = [diagonal if j == i else dot(Q[i], K[j]) for j in range(3)]
-        logits = [positive / tau] + [n / tau for n in negatives]
-        total += -logits[0] + math.log(sum(math.exp(v) for v in logits))
-    return total / 3
-
-
-@pytest.mark.parametrize("tau", [0.07, 0.5])
-def test_unlabeled_info_nce_by_hand(tau):
-    # e.g. pixel 0, tau 0.5: logits [q0.k0 = 1, -10, q0.k1 = 0, q0.k2 = 0.25] / 0.5 = [2, -20, 0, 0.5]
-    value = pixel_info_nce(Q_RAW.double(), K_RAW.double(), temperature=tau)
-    assert value.item() == pytest.approx(expected_nce(tau, False), rel=1e-9)
-
-
-def test_info_nce_pixel_zero_spelled_out():
-    # tau 0.5, pixel 0 only (1 x 1 image): no negatives but the masked diagonal: CE([2, -20], 0)
-    q, k = torch.tensor([[[[3.0]], [[0.0]]]], dtype=torch.float64), torch.tensor([[[[5.0]], [[0.0]]]], dtype=torch.float64)
-    value = pixel_info_nce(q, k, temperature=0.5)
-    assert value.item() == pytest.approx(-2 + math.log(math.exp(2) + math.exp(-20)), rel=1e-9)
-
-
-def test_labeled_all_negative_loss_by_hand():
-    # constant 0 positive: log(1 + sum_j exp(s_ij / tau)) with s_ii = -10
-    value = pixel_info_nce(Q_RAW.double(), K_RAW.double(), temperature=0.07, constant_positive=True)
-    expected = sum(
-        math.log(1 + sum(math.exp((-10.0 if j == i else dot(Q[i], K[j])) / 0.07) for j in range(3))) for i in range(3)
-    ) / 3
-    assert value.item() == pytest.approx(expected, rel=1e-9)
-    assert expected == pytest.approx(expected_nce(0.07, True), rel=1e-12)
-
-
-def test_diagonal_mask_matters_and_same_image_only():
-    # A different diagonal value changes the loss (the mask is applied); a second image does not change the first
-    # image's anchors (negatives come from the same image only).
-    a = pixel_info_nce(Q_RAW, K_RAW, 0.5, diagonal_logit=-10.0)
-    b = pixel_info_nce(Q_RAW, K_RAW, 0.5, diagonal_logit=0.0)
-    assert a.item() != pytest.approx(b.item())
-    doubled = pixel_info_nce(torch.cat([Q_RAW, Q_RAW]), torch.cat([K_RAW, 7 * K_RAW.flip(-1)]), 0.5)
-    second = pixel_info_nce(Q_RAW, 7 * K_RAW.flip(-1), 0.5)
-    assert doubled.item() == pytest.approx((a.item() + second.item()) / 2, rel=1e-6)
 
 
 # ---- the structure loss by hand ----------------------------------------------------------------------------------
@@ -267,7 +208,7 @@ def test_smoke_fit(tmp_path, dataset):
 
 def test_inference_speed_benchmark_reports_ratios():
     # Tiny sizes: the function's contract (three paths, ratios to the plain forward), not a timing.
-    from benchmark.perf_mms import measure
+    from benchmark.perf.mms_inference_speed import measure
 
     model = make_mms().eval()
     result = measure(model, size=(32, 32), frame=(40, 52), warmup=1, repeats=2)

@@ -22,12 +22,16 @@ from methods.action import distillation_kl, similarity_logits
 from methods.components.class_statistics import RunningClassMean
 from methods.components.ema import make_ema_teacher
 from methods.components.memory_bank import MemoryQueue
-from methods.fba_net import sim_max_loss, sim_min_loss
 from methods.losses import SupervisedSegmentationLoss
 from methods.losses.consistency import mutual_consistency_loss
+from methods.losses.contrastive import (
+    info_nce_all_keys,
+    info_nce_shared_negatives,
+    l1_pixel_nce_within_image,
+    sim_max_loss,
+    sim_min_loss,
+)
 from methods.losses.precision import float32_island, to_float32
-from methods.mcl_cs import patch_info_nce, prototype_info_nce
-from methods.mms import pixel_info_nce
 from methods.networks import build_network
 from methods.registry import get_method, method_names
 from tests.method_helpers import build_method, random_batch
@@ -96,12 +100,13 @@ def _embeddings(*shape: int, seed: int = 0) -> torch.Tensor:
 ISLANDS = {
     "similarity_logits_t0.07": lambda: similarity_logits(_embeddings(64, 32), _embeddings(256, 32, seed=1), 0.07),
     "distillation_kl": lambda: distillation_kl(_embeddings(16, 64) * 10, _embeddings(16, 64, seed=1) * 10),
-    "patch_info_nce_t0.07": lambda: patch_info_nce(F.normalize(_embeddings(32, 16).float(), dim=1).bfloat16(),
-                                                   F.normalize(_embeddings(48, 16, seed=1).float(), dim=1).bfloat16(),
-                                                   torch.arange(32), 0.07),
-    "prototype_info_nce": lambda: prototype_info_nce(_embeddings(32, 16), _embeddings(16, seed=1),
-                                                     _embeddings(64, 16, seed=2), 0.1),
-    "pixel_info_nce_t0.07": lambda: pixel_info_nce(_embeddings(2, 8, 8, 8), _embeddings(2, 8, 8, 8, seed=1), 0.07),
+    "info_nce_all_keys_t0.07": lambda: info_nce_all_keys(F.normalize(_embeddings(32, 16).float(), dim=1).bfloat16(),
+                                                         F.normalize(_embeddings(48, 16, seed=1).float(), dim=1).bfloat16(),
+                                                         torch.arange(32), 0.07),
+    "info_nce_shared_negatives": lambda: info_nce_shared_negatives(_embeddings(32, 16), _embeddings(16, seed=1),
+                                                                   _embeddings(64, 16, seed=2), 0.1),
+    "l1_pixel_nce_within_image_t0.07": lambda: l1_pixel_nce_within_image(_embeddings(2, 8, 8, 8),
+                                                                         _embeddings(2, 8, 8, 8, seed=1), 0.07),
     "sim_max_loss": lambda: sim_max_loss(_embeddings(8, 32)),
     "sim_min_loss": lambda: sim_min_loss(_embeddings(8, 32), _embeddings(8, 32, seed=1)),
     "supervised_ce_dice": lambda: SupervisedSegmentationLoss()(_embeddings(2, 4, 16, 16), torch.randint(0, 4, (2, 16, 16), generator=torch.Generator().manual_seed(0))),

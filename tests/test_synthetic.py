@@ -16,14 +16,10 @@ import numpy as np
 import pytest
 
 from core.errors import UserError
-from datamodules import synthetic
-from datamodules.synthetic import (
-    LA_DATA_FOLDER,
-    SYNTHETIC_DATASETS,
-    ensure_synthetic,
-    write_acdc_layout,
-    write_la_layout,
-)
+from datamodules import synthetic, synthetic_acdc
+from datamodules.synthetic import SYNTHETIC_DATASETS, ensure_synthetic
+from datamodules.synthetic_acdc import write_acdc_layout
+from datamodules.synthetic_la import LA_DATA_FOLDER, write_la_layout
 from tests.conftest import require_real_acdc
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +328,7 @@ def test_unknown_synthetic_name_is_a_user_error(tmp_path):
 
 
 def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, small_builtins, monkeypatch):
-    real_write_h5 = synthetic._write_h5
+    real_write_h5 = synthetic_acdc.write_h5
     written = []
 
     def failing_write_h5(path, image, label):
@@ -341,7 +337,7 @@ def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, small_bu
         written.append(path)
         real_write_h5(path, image, label)
 
-    monkeypatch.setattr(synthetic, "_write_h5", failing_write_h5)
+    monkeypatch.setattr(synthetic_acdc, "write_h5", failing_write_h5)
     with pytest.raises(OSError, match="simulated"):
         ensure_synthetic("synthetic_acdc", cache_dir=tmp_path)
     assert len(written) == 5
@@ -349,7 +345,7 @@ def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, small_bu
     assert not partial_folders(tmp_path)
     assert not list(tmp_path.rglob("*.list")), "no list file anywhere: nothing resembles a dataset"
 
-    monkeypatch.setattr(synthetic, "_write_h5", real_write_h5)
+    monkeypatch.setattr(synthetic_acdc, "write_h5", real_write_h5)
     root = ensure_synthetic("synthetic_acdc", cache_dir=tmp_path)
     assert_same_snapshot(snapshot(root), snapshot(write_acdc_layout(tmp_path / "direct", **SMALL_ACDC)))
 
@@ -405,8 +401,8 @@ def test_losing_the_rename_race_returns_the_winners_copy(tmp_path, small_builtin
 KILLED_GENERATION = """
 import sys, time
 from pathlib import Path
-from datamodules import synthetic
-real_write_h5 = synthetic._write_h5
+from datamodules import synthetic, synthetic_la
+real_write_h5 = synthetic_la.write_h5
 count = 0
 def slow_write_h5(*args):
     global count
@@ -415,7 +411,7 @@ def slow_write_h5(*args):
     if count == 3:
         Path(sys.argv[2]).write_text("half way")
         time.sleep(60)
-synthetic._write_h5 = slow_write_h5
+synthetic_la.write_h5 = slow_write_h5
 synthetic.ensure_synthetic("synthetic_la", cache_dir=sys.argv[1])
 """
 

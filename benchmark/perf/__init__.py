@@ -12,5 +12,6 @@ jobs). Sections, one module each:
 - ``inference_speed``    2-D images/s at 512x288 and 3-D volumes/min with the LA protocol;
 - ``precision``          what ``trainer.precision`` / channels-last do (the CPU path stays fp32).
 
-``python -m benchmark.perf [--quick] [--out perf]`` writes ``report.json`` and ``report.md``.
+``python -m benchmark.perf [--quick] [--out perf]`` writes ``report.json`` and ``report.md``. Outside the report,
+``python -m benchmark.perf.mms_inference_speed`` compares MMS's prediction paths with its bare network.
 """

@@ -43,7 +43,7 @@ def perturbed_acdc_prediction(gt: np.ndarray) -> np.ndarray:
 
 def write_la_sized(root: Path, n_train: int = 6, n_test: int = 2, shape=LA_SIZED_SHAPE) -> Path:
     """The synthetic LA generator at the real volumes' size, in the UA-MT layout (so the real loader reads it)."""
-    from datamodules.synthetic import write_la_layout
+    from datamodules.synthetic_la import write_la_layout
 
     if not (root / "train.list").is_file():
         write_la_layout(root, n_train=n_train, n_test=n_test, shape=tuple(shape), seed=0)

@@ -1,10 +1,11 @@
-"""Sharpening and the mutual-consistency loss of MC-Net / MC-Net+ (Wu et al., MICCAI 2021 / MedIA 2022).
+"""The mutual-consistency loss of MC-Net / MC-Net+, with its sharpening (Wu et al., MICCAI 2021 / MedIA 2022).
 
 Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` and ``code/train_mcnet_2d.py`` (``sharpening`` and the
 double loop over decoders with ``losses.mse_loss``); FBA-Net+ (cys1102/FBA-Net ``code/train_3d.py``) reuses both.
 
-* ``sharpen`` is element-wise, ``p^(1/T) / (p^(1/T) + (1 - p)^(1/T))``, applied to every channel on its own: it
-  is not renormalised over the classes (for two classes it equals the renormalised form, for more it does not).
+* ``sharpen`` (methods/components/pseudo_labels.py) is element-wise, ``p^(1/T) / (p^(1/T) + (1 - p)^(1/T))``,
+  applied to every channel on its own: it is not renormalised over the classes (for two classes it equals the
+  renormalised form, for more it does not).
 * ``mutual_consistency_loss`` sums, over all ordered pairs (i, j) with i != j, ``mean((P_i - sharpen(P_j))^2)``,
   the mean running over every element (samples, channels, voxels) of the batch it is given. Upstream gives it
   the whole batch (labeled and unlabeled samples).
@@ -20,18 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from methods.components.pseudo_labels import sharpen
 from methods.losses.precision import float32_island
-
-
-@float32_island
-def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Element-wise sharpening ``p^(1/T) / (p^(1/T) + (1-p)^(1/T))`` (MC-Net's ``sharpening``, T=0.1 upstream)."""
-    if temperature <= 0:
-        raise ValueError(f"sharpening temperature must be > 0, got {temperature}")
-    power = 1.0 / temperature
-    high = probabilities.pow(power)
-    low = (1.0 - probabilities).pow(power)
-    return high / (high + low)
 
 
 @float32_island

@@ -11,8 +11,9 @@ as images per second and as ratios to the plain forward of network 1:
 
 Usage::
 
-    python -m benchmark.perf_mms                       # the paper-profile MMS network (U-Net 16), random weights
-    python -m benchmark.perf_mms --run-dir runs/kvasir_seg/mms/<run>   # a trained run (config + last checkpoint)
+    python -m benchmark.perf.mms_inference_speed            # the paper-profile MMS network (U-Net 16), random weights
+    python -m benchmark.perf.mms_inference_speed --run-dir runs/kvasir_seg/mms/<run>
+                                                            # a trained run (config + last checkpoint)
 
 Speed does not depend on the weights' values, so the first form measures the same network as a trained one.
 """
@@ -97,7 +98,7 @@ def measure(model, size=PAPER_SIZE, frame=FRAME_SIZE, warmup: int = 3, repeats: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.perf_mms", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmark.perf.mms_inference_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=None, help="a finished MMS run folder (default: paper network)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
