@@ -54,13 +54,14 @@ from benchmark.checkpoints import (
     checkpoint_callbacks, checkpoint_folder, checkpoint_space_needed, checkpoint_step_and_seconds, read_checkpoint,
 )
 from benchmark.config import NON_SEMANTIC_KEYS, PER_STAGE, config_hash, stage_config
+from benchmark.finalize import finalize
 from benchmark.hardware import check_hardware
 from benchmark.precision import check_numerics, chosen_precision
 from core.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
 from core.errors import UserError
 from core.evaluation import Evaluator, summarize
 from benchmark.leaderboard import (
-    append_rows, check_writable, curve_archive, leaderboard_dir_for, per_case_archive, read_leaderboard, recorded_rows,
+    append_rows, check_writable, curve_archive, per_case_archive, read_leaderboard, recorded_rows,
 )
 from benchmark.resume import read_run_config
 from benchmark.run_report import write_run_report_safely
@@ -100,30 +101,34 @@ def _global_rank(devices_per_node: int = 1) -> int:
 
 
 def prepare(config: dict[str, Any]):
-    """Validate everything a user can get wrong, before anything is written or trained."""
+    """Check everything a user can get wrong and build the DataModule, before anything is written or trained.
+    ``config`` is finished (benchmark/finalize.py) and stays as it is."""
     validate_config(config)  # again: tuning trials and callers of run() bypass resolve_config
     check_hardware(config["trainer"])
     entry = get_dataset(config["dataset"])
     method_cls = get_method(config["method_name"])
     method_cls.check_dataset(entry.spec)
     check_numerics(config, entry.spec)
-    if config["data"]["patch_size"] is None:
-        config["data"]["patch_size"] = list(entry.spec.patch_size)
+    check_finished(config)
     datamodule = build_datamodule(
         config["dataset"], config, use_unlabeled=method_cls.uses_unlabeled, labeled_partitions=method_cls.labeled_partitions
     )
-    # The hash covers the resolved labeled count, not how it was asked for (RATIO or LABELED).
-    config["data"]["labeled"] = datamodule.split.labeled_count
-    trainer = config["trainer"]
-    if trainer["val_every"] > trainer["max_steps"]:
-        trainer["val_every"] = trainer["max_steps"]
+    if datamodule.split.labeled_count != config["data"]["labeled"]:
+        raise RuntimeError(f"the labeled count finished from the lists of {config['dataset']} ({config['data']['labeled']}) "
+                           f"differs from the DataModule's split ({datamodule.split.labeled_count}): datamodules/listing.py "
+                           "counts this layout's units otherwise than its read_split")
     check_world_fits(config, datamodule, method_cls.uses_unlabeled)  # once, here, not in every launched rank
     run = config["run"]
-    run["leaderboard_dir"] = str(leaderboard_dir_for(config["profile"], run["leaderboard_dir"], run["out"]))
     check_writable(Path(run["out"]))
     check_writable(Path(run["leaderboard_dir"]))
     read_leaderboard(leaderboard_path(config))  # a damaged CSV stops the run now, not after training
     return entry, method_cls, datamodule
+
+
+def check_finished(config: dict[str, Any]) -> None:
+    """A config that did not go through benchmark/finalize.py is a programming error (its hash would be wrong)."""
+    if config != finalize(config):
+        raise ValueError("run.prepare() needs a finished config: pass it through benchmark.finalize.finalize() first")
 
 
 def leaderboard_path(config: dict[str, Any]) -> Path:
@@ -624,9 +629,10 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
 
 
 def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
-    """:func:`run_once`, with SIGTERM and SIGINT stopping it as :class:`RunStopped` (benchmark/stops.py)."""
+    """:func:`run_once` of the finished ``config`` (benchmark/finalize.py; finishing a finished config changes
+    nothing), with SIGTERM and SIGINT stopping it as :class:`RunStopped` (benchmark/stops.py)."""
     with stop_signals_raise():
-        return run_once(config, callbacks, resume)
+        return run_once(finalize(config), callbacks, resume)
 
 
 def resume_hint(folder: RunFolder) -> str:

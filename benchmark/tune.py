@@ -7,7 +7,8 @@ and out-of-memory kills cannot confuse it.
 - A **worker** loops: under the study's budget lock it fails stale trials of killed workers, counts the trials
   and, while the budget (``--trials``) is not used up, asks for one (TPE with ``constant_liar``, so concurrent
   workers spread out). The lock makes the count exact with any number of workers on any storage.
-- The **trial** runs ``python -m benchmark.tune TRIAL_JSON`` in its own process group: the resolved config with
+- The **trial** runs ``python -m benchmark.tune TRIAL_JSON`` in its own process group, dying with its worker
+  (benchmark/child_processes.py): the resolved config with
   the trial's parameters, ``run.test=false`` (the test set is never evaluated), its own folder. A Lightning
   callback appends every validation score (``val/dice`` at a global step) to ``progress.jsonl``.
 - The worker reads those lines as they come, reports them to the trial and asks the pruner (median or
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -45,12 +45,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from benchmark import child_processes
 from benchmark.config import apply_overrides, config_hash
 from benchmark.search_space import load_search_space, override_text
 from benchmark.tune_storage import RETRIED_FROM_ATTR, Liveness, StorageSpec
 from core.errors import UserError
 
-PARENT_PID_ENV = "SSL_BENCH_TUNE_PARENT"
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVE = "best validation Dice (val/dice) over the validations of the trial; never test data"
 STUDY_FILE = "study.json"
@@ -217,8 +217,8 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
         trial.set_user_attr(key, value)
 
     log = open(trial_dir / "trial.log", "ab")
-    process = subprocess.Popen([*settings.trial_command, str(trial_dir / "trial.json")], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env=_trial_environment())
+    process = child_processes.start([*settings.trial_command, str(trial_dir / "trial.json")], own_group=True, stdout=log,
+                                    stderr=subprocess.STDOUT, env=_trial_environment())
     scores: list[float] = []
     seen_lines, last_beat = 0, time.monotonic()
     try:
@@ -230,7 +230,7 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
                 scores.append(float(record["val_dice"]))
                 trial.report(float(record["val_dice"]), int(record["step"]))
                 if trial.should_prune():
-                    _kill_group(process)
+                    child_processes.kill_group(process)
                     return _finish(study, trial, TrialState.PRUNED, f"pruned at step {record['step']}", scores)
             seen_lines = len(lines)
             if finished:
@@ -240,7 +240,7 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
                 last_beat = time.monotonic()
             time.sleep(settings.poll_seconds)
     except BaseException:
-        _kill_group(process)
+        child_processes.kill_group(process)
         trial.set_user_attr("error", "the worker was interrupted")
         study.tell(trial, state=TrialState.FAIL)
         raise
@@ -259,17 +259,8 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
     return _finish(study, trial, TrialState.COMPLETE, f"val Dice {max(scores):.4f}", scores)
 
 
-# A worker started as one task of a multi-task launch (srun -n 4, torchrun) must not hand its rank to the trial:
-# Lightning would take the trial for one rank of a bigger job. A trial is a job of its own on this machine.
-# TORCHELASTIC_RUN_ID is what Lightning's TorchElasticEnvironment detects torchrun by.
-LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                      "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS")
-
-
 def _trial_environment() -> dict[str, str]:
-    environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    environment[PARENT_PID_ENV] = str(os.getpid())
-    return environment
+    return child_processes.environment(own_job=True)
 
 
 def _finish(study, trial, state: TrialState, what: str, scores: list[float]) -> TrialState:
@@ -282,16 +273,6 @@ def _finish(study, trial, state: TrialState, what: str, scores: list[float]) -> 
     return state
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """The trial and everything it started (DDP ranks, data-loader workers) share one process group."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
 def _tail(path: Path, lines: int = 15, chars: int = 2000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -301,20 +282,6 @@ def _tail(path: Path, lines: int = 15, chars: int = 2000) -> str:
 
 
 # ---- the trial process ---------------------------------------------------------------------------------------
-def exit_with_parent() -> None:
-    """Die when the worker that started this trial dies (Linux ``PR_SET_PDEATHSIG``), so that a killed worker
-    leaves no orphan training behind; elsewhere the heartbeat still recovers the trial."""
-    parent = os.environ.get(PARENT_PID_ENV)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if parent and os.getppid() != int(parent):  # the worker died before the line above
-        os._exit(1)
-
-
 def _validation_reporter(progress: Path):
     import pytorch_lightning as pl
 
@@ -332,8 +299,6 @@ def _validation_reporter(progress: Path):
 
 
 def trial_main(argv: list[str]) -> int:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks Lightning starts die with rank 0 on their own
-        exit_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
     from benchmark.run import run
 
@@ -557,6 +522,7 @@ def best_trial_overrides(reference: str, method: str) -> tuple[list[str], str]:
 
 
 def settings_from_args(args, config: dict[str, Any]) -> TuneSettings:
+    from benchmark.finalize import finalize
     from benchmark.run import prepare
 
     if args.trials < 1 or args.workers < 1:
@@ -565,6 +531,7 @@ def settings_from_args(args, config: dict[str, Any]) -> TuneSettings:
         raise UserError(f"unknown pruner '{args.pruner}'", fix=f"one of: {', '.join(PRUNERS)}")
     if args.heartbeat_interval < 1 or args.grace_period <= args.heartbeat_interval:
         raise UserError("--heartbeat-interval must be >= 1 s and --grace-period longer than it")
+    config = finalize(config)
     prepare(config)  # bad data, names and values stop here, before a study exists
     name = args.study_name or default_study_name(config)
     study_dir = Path(config["run"]["out"]).resolve() / "tune" / name
