@@ -24,6 +24,8 @@ def resolve_labeled_count(
     RATIO maps to the conventional count (ACDC 0.1 -> 7 patients, LA 0.2 -> 16 scans) when the training list has
     its published length (``listed_units``, counted before any validation hold-out); otherwise (other ratios,
     fixtures, synthetic data) to round(r * units). RATIO=1.0 is every available unit (full supervision).
+    ``spec`` is read for its ``name``, ``labeled_unit`` and ``labeled_counts`` only (a DatasetSpec, or a description
+    of one).
     """
     if labeled is not None:
         if isinstance(labeled, bool) or not isinstance(labeled, int):
