@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace, first_overrides: Sequence[str] = 
 def command_run(args: argparse.Namespace) -> int:
     study_overrides: list[str] = []
     if args.from_study:
-        from benchmark.tune import best_trial_overrides
+        from benchmark.tune_results import best_trial_overrides
 
         study_overrides, origin = best_trial_overrides(args.from_study, args.method)
         print(f"{origin}: {' '.join(study_overrides)}")

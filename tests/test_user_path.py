@@ -305,7 +305,7 @@ def test_the_leaderboard_config_column_names_what_differs_from_the_profile(tmp_p
 def test_the_importance_plot_warns_when_every_trial_scored_zero(tmp_path):
     import optuna
 
-    from benchmark.tune import ALL_ZERO_WARNING, _write_plots
+    from benchmark.tune_results import ALL_ZERO_WARNING, _write_plots
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
