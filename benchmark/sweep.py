@@ -76,14 +76,14 @@ def split_words(values: Sequence[str]) -> list[str]:
 def expand_grid(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int]) -> list[GridPoint]:
     """Every (method, ratio, seed), seeds outermost: all methods of seed 0 finish before any seed 1 starts, so a
     sweep stopped half way has comparable rows. Repeated values are dropped; unknown methods are a UserError."""
-    from methods.registry import method_names
+    from benchmark.catalogue import catalogue
 
     methods, ratios, seeds = _unique(methods), _unique(ratios), _unique(seeds)
     empty = [name for name, values in (("METHODS", methods), ("RATIOS", ratios), ("SEEDS", seeds)) if not values]
     if empty:
         raise UserError(f"the sweep grid is empty: no {' and no '.join(empty)} given",
                         fix='e.g. make sweep METHODS="supervised mean_teacher" RATIOS="0.05 0.1" SEEDS="0 1 2"')
-    known = method_names()
+    known = catalogue()["methods"]
     for method in methods:
         if method not in known:
             raise unknown_name("method", method, known)

@@ -72,7 +72,7 @@ from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, Split, check_files_exist, read_list, report_foreign_files
 from datamodules.checks import active_checks, report
 from datamodules.images import pixel_array
-from datamodules.listing import (
+from datamodules.listing import (  # noqa: F401 (the ENDOVIS_ constants: this family's, for its importers)
     DEFAULT_VAL_FRACTION, ENDOVIS_FOLDS, ENDOVIS_RELEASED_TEST_SEQUENCES, ENDOVIS_TEST_SETS, ENDOVIS_TRAIN_SEQUENCES,
     FOLDER_IMAGE, FOLDER_MASK, FOLDER_SUFFIXES, endovis_sequence_folder, endovis_sequence_roles, png_stems,
     validation_holdout_count,

@@ -200,6 +200,21 @@ def test_planning_builds_no_datamodule_and_imports_no_method(tmp_path, monkeypat
     assert sweep_cli(tmp_path, "--seeds", "0", "1", "--dry-run", "--methods", "supervised", "mean_teacher") == 0
 
 
+def test_a_dry_run_imports_neither_torch_nor_lightning(tmp_path):
+    from benchmark.catalogue import catalogue
+
+    catalogue()  # the subprocess reads this session's catalogue (building it would import every method)
+    argv = ["sweep", *SMOKE_GRID, "--seeds", "0", "1", "--methods", "supervised", "mean_teacher", "--out", str(tmp_path / "runs"),
+            "--leaderboard-dir", str(tmp_path / "lb"), "--dry-run"]
+    script = ("import sys\nfrom benchmark.cli import main\n"
+              f"assert main({argv!r}) == 0\n"
+              "print(sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules.registry', 'methods.registry') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]" and result.stdout.count("[sweep] to run") == 4
+
+
 def test_runs_carry_the_sweep_name_and_sweep_settings(tmp_path):
     planned = plan(options(tmp_path, seeds=[0, 1], name="my-sweep", overrides=["trainer.max_steps=3"]))
     assert [p.config["run"]["sweep"] for p in planned] == ["my-sweep", "my-sweep"]
