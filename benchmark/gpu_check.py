@@ -187,8 +187,10 @@ def check_method(config: dict[str, Any], precisions: list[str], device: torch.de
                  warmup: int, row_seconds: float = float("inf")) -> list[dict[str, Any]]:
     """One row per precision for the method and stage ``config`` names; a failing row carries its error."""
     from benchmark.perf.training_step import batches_in_memory
+    from benchmark.finalize import finalize
     from benchmark.run import prepare
 
+    config.update(finalize(config))  # finished in place: the caller's config is the run's
     entry, method_cls, datamodule = prepare(config)
     batches = batches_in_memory(datamodule, DISTINCT_BATCHES)
     seed = config["run"]["seed"]

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
+from benchmark.finalize import REPOSITORY_LEADERBOARDS, SMOKE_LEADERBOARDS, leaderboard_dir_for  # noqa: F401 (re-exported)
 from core.atomic import remove_stale_temporaries, replaced_atomically
 from core.errors import UserError
 
@@ -174,17 +175,3 @@ def check_writable(folder: Path) -> None:
             pass
     except OSError as error:
         raise UserError(f"cannot write to {folder} ({error.strerror})", where=str(folder), fix="choose a writable folder (OUT=... / LEADERBOARD_DIR=...)") from error
-
-
-# The repository's own, tracked leaderboards: rows of the `smoke` profile (seconds-long runs for tests and trying
-# things out) never go there, so a trial run cannot slip into a committed table.
-REPOSITORY_LEADERBOARDS = Path(__file__).resolve().parent.parent / "leaderboards"
-SMOKE_LEADERBOARDS = "leaderboards-smoke"
-
-
-def leaderboard_dir_for(profile: str, leaderboard_dir: str | Path, out: str | Path) -> Path:
-    """Where a run of ``profile`` appends its rows: ``leaderboard_dir``, except that `smoke` rows aimed at the
-    repository's leaderboards/ go to ``<out>/leaderboards-smoke`` instead."""
-    if profile == "smoke" and Path(leaderboard_dir).expanduser().resolve() == REPOSITORY_LEADERBOARDS:
-        return Path(out) / SMOKE_LEADERBOARDS
-    return Path(leaderboard_dir)

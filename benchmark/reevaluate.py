@@ -28,6 +28,7 @@ def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "la
     """(config, dataset entry, datamodule, model with the checkpoint's weights, the checkpoint's step) of a run
     folder; for multi-stage methods the final stage. ``overrides`` must not change the weights (loaded as saved)."""
     from benchmark.config import stage_config
+    from benchmark.finalize import finalize
     from benchmark.run import RunFolder, prepare
     from methods.registry import get_method
 
@@ -43,6 +44,7 @@ def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "la
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=True)
     path = folder.last_checkpoint(final_stage) if checkpoint == "last" else folder.best_checkpoint(final_stage)
     config["run"]["out"] = str(run_dir.parent)  # prepare() checks it is writable; nothing is written there
+    config.update(finalize(config))  # finished in place: the caller's config is the run's
     entry, method_cls, datamodule = prepare(config)
     model = method_cls(entry.spec, stage_config(config, final_stage))
     state = read_checkpoint(path, f"the {checkpoint} checkpoint of this run")

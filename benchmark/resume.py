@@ -11,16 +11,13 @@ from typing import Any, Sequence
 
 import yaml
 
+from benchmark import run_request
 from benchmark.config import apply_overrides
 from benchmark.overrides import join_split_overrides
 from core.errors import UserError
 
-# Run options that set one config key (the option's dest -> the key).
-OPTION_KEYS = {
-    "data_root": "data.root", "labeled": "data.labeled", "seed": "run.seed", "devices": "trainer.devices",
-    "num_nodes": "trainer.num_nodes", "out": "run.out", "leaderboard_dir": "run.leaderboard_dir", "wandb": "run.wandb",
-    "accelerator": "trainer.accelerator", "precision": "trainer.precision",
-}
+# Run options that set one config key (the option's dest -> the key); a new ratio is resolved anew (below).
+OPTION_KEYS = {name: key for name, key in (*run_request.OPTION_KEYS, ("wandb", "run.wandb")) if name != "ratio"}
 # Options naming the run itself: stored as top-level keys of the config.
 NAME_KEYS = {"method": "method_name", "dataset": "dataset", "profile": "profile"}
 

@@ -1,19 +1,18 @@
 """The `run` command: its options, its parser and what it does.
 
-Shared by the command line (benchmark/cli.py) and the sweep (benchmark/sweep.py), which resolves and runs the
-same command for every point of its grid; keeping it here lets the sweep use it without importing the cli that
-launches the sweep.
+Shared by the command line (benchmark/cli.py) and the sweep (benchmark/sweep.py), which runs the same request
+(benchmark/run_request.py) for every point of its grid; keeping it here lets the sweep use it without importing
+the cli that launches the sweep.
 """
 from __future__ import annotations
 
 import argparse
-import os
+from pathlib import Path
 from typing import Sequence
 
 from core.errors import UserError
 
 PROG = "python -m benchmark"
-WANDB_MODES_FROM_ENV = {"offline": "offline", "dryrun": "offline", "online": "online", "run": "online"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,54 +75,47 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, first_overrides: Sequence[str] = ()) -> dict:
-    """The resolved config of the run options; ``first_overrides`` come before the user's --set (which win)."""
-    from benchmark.config import resolve_config
-    from methods.registry import get_method
+    """The resolved config of the run options (not yet finished); ``first_overrides`` come before the user's --set
+    (which win)."""
+    from benchmark.run_request import RunRequest
 
-    method_cls = get_method(args.method)
-    from datamodules import get_dataset
-
-    entry = get_dataset(args.dataset)
-    from benchmark.overrides import join_split_overrides
-
-    overrides = [*first_overrides, *join_split_overrides(args.overrides)]
-    # W&B stays off unless asked for, by --wandb or by the environment W&B itself reads.
-    wandb = args.wandb or WANDB_MODES_FROM_ENV.get(os.environ.get("WANDB_MODE", ""))
-    for key, value in (
-        ("data.root", args.data_root), ("data.ratio", args.ratio), ("data.labeled", args.labeled),
-        ("run.seed", args.seed), ("trainer.devices", args.devices), ("trainer.num_nodes", args.num_nodes),
-        ("trainer.accelerator", args.accelerator), ("trainer.precision", args.precision),
-        ("run.out", args.out), ("run.leaderboard_dir", args.leaderboard_dir), ("run.wandb", wandb),
-    ):
-        if value is not None and value != "":
-            overrides.insert(0, f"{key}={value}")
-    if args.no_progress:
-        overrides.insert(0, "run.progress=false")
-    return resolve_config(args.dataset, args.method, args.profile, overrides, method_cls.defaults, family=entry.family)
+    return RunRequest.from_args(args).resolve(first_overrides)
 
 
 def command_run(args: argparse.Namespace) -> int:
     study_overrides: list[str] = []
     if args.from_study:
-        from benchmark.tune import best_trial_overrides
+        from benchmark.tune_results import best_trial_overrides
 
         study_overrides, origin = best_trial_overrides(args.from_study, args.method)
         print(f"{origin}: {' '.join(study_overrides)}")
+    from benchmark.finalize import finalize
+
     if args.resume:
         from benchmark.resume import resumed_config
 
         config = resumed_config(args, getattr(args, "given_options", set(vars(args))), study_overrides)
     else:
         config = config_from_args(args, study_overrides)
+    if not args.show_config:  # a machine that cannot run the request says so first (show-config imports no torch)
+        from benchmark.hardware import check_hardware
+
+        check_hardware(config["trainer"])
+    config = finalize(config)
     if args.show_config:
         from benchmark.show_config import show_config
 
         print(show_config(config), end="")
         return 0
+    return execute(config, args.resume)
+
+
+def execute(config: dict, resume: str | Path | None = None) -> int:
+    """Train and test a finished config (continuing the run folder ``resume``), print the summary of its rows."""
     from benchmark.run import run
     from core.distributed import release_process_group
 
-    rows = run(config, resume=args.resume)
+    rows = run(config, resume=resume)
     release_process_group()
     if rows:
         print_summary(rows)

@@ -34,7 +34,7 @@ def profile_defaults(config: dict[str, Any]) -> dict[str, Any]:
     entry = get_dataset(config["dataset"])
     defaults = resolve_config(config["dataset"], config["method_name"], config["profile"], (),
                               get_method(config["method_name"]).defaults, family=entry.family)
-    if defaults["data"]["patch_size"] is None:  # what the run fills in (run.prepare)
+    if defaults["data"]["patch_size"] is None:  # what finishing the config fills in (benchmark/finalize.py)
         defaults["data"]["patch_size"] = list(entry.spec.patch_size)
     return defaults
 

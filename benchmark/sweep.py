@@ -2,9 +2,10 @@
 
 How a sweep stays fair, resumable and safe to run several times at once:
 
-- **Planning without training.** Every point is resolved through the very command line `python -m benchmark run`
-  would get (``run_command.config_from_args`` then ``run.prepare``), so its config hash is the hash the run will write.
-  Bad input (unknown method, empty grid, missing data, damaged or locked leaderboard) stops the sweep here,
+- **Planning without training.** Every point is a :class:`~benchmark.run_request.RunRequest`, finished into its
+  config by the step the run itself takes (``RunRequest.finalized``, benchmark/finalize.py), so its config hash is
+  the hash the run will write; no DataModule is built and no method imported. Bad input (unknown method, a method
+  that does not fit the dataset, empty grid, missing data, damaged or locked leaderboard) stops the sweep here,
   before anything trains.
 - **Skip what is done, resume what was cut short.** A point is done when the leaderboard holds a row with
   status ``ok`` for the same dataset, config hash and seed. Failed rows do not count: the next sweep retries
@@ -15,7 +16,7 @@ How a sweep stays fair, resumable and safe to run several times at once:
   grid therefore never run a point twice; the kernel drops the claim of a killed sweep, so no stale claim blocks a
   resume.
 - **Isolation.** Each run is its own subprocess (a crash, an OOM kill or a CUDA error does not end the sweep).
-  The run inherits the claim and dies with the sweep (``PR_SET_PDEATHSIG``): a sweep killed inside a run leaves no
+  The run inherits the claim and dies with the sweep (benchmark/child_processes.py): a sweep killed inside a run leaves no
   row for it, since rows are only appended, atomically, at the end of a run (``leaderboard.append_rows``).
   A run that raises writes its own ``failed`` row (run.py); a run that dies without one (signal, OOM) gets a
   ``failed`` row from the sweep. A run stopped by SIGTERM or SIGINT (exit 143 / 130, benchmark/stops.py) gets no
@@ -27,7 +28,6 @@ How a sweep stays fair, resumable and safe to run several times at once:
 """
 from __future__ import annotations
 
-import ctypes
 import copy
 import fcntl
 import hashlib
@@ -45,7 +45,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from benchmark.leaderboard import append_rows, locked, read_leaderboard
+from benchmark import child_processes
+from benchmark.leaderboard import append_rows, check_writable, locked, read_leaderboard
+from benchmark.run_request import RunRequest
 from core.errors import UserError, unknown_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -74,14 +76,14 @@ def split_words(values: Sequence[str]) -> list[str]:
 def expand_grid(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int]) -> list[GridPoint]:
     """Every (method, ratio, seed), seeds outermost: all methods of seed 0 finish before any seed 1 starts, so a
     sweep stopped half way has comparable rows. Repeated values are dropped; unknown methods are a UserError."""
-    from methods.registry import method_names
+    from benchmark.catalogue import catalogue
 
     methods, ratios, seeds = _unique(methods), _unique(ratios), _unique(seeds)
     empty = [name for name, values in (("METHODS", methods), ("RATIOS", ratios), ("SEEDS", seeds)) if not values]
     if empty:
         raise UserError(f"the sweep grid is empty: no {' and no '.join(empty)} given",
                         fix='e.g. make sweep METHODS="supervised mean_teacher" RATIOS="0.05 0.1" SEEDS="0 1 2"')
-    known = method_names()
+    known = catalogue()["methods"]
     for method in methods:
         if method not in known:
             raise unknown_name("method", method, known)
@@ -155,9 +157,14 @@ class SweepOptions:
 class PlannedRun:
     index: int
     point: GridPoint
-    argv: list[str]  # the `python -m benchmark run` command line (without the program)
-    config: dict[str, Any]  # resolved and prepared exactly as run.run() will do
+    request: RunRequest
+    config: dict[str, Any]  # finished exactly as run.run() will have it
     config_hash: str
+
+    @property
+    def argv(self) -> list[str]:
+        """The point's `python -m benchmark run` command line (without the program), for a run in its own process."""
+        return self.request.argv()
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -167,26 +174,16 @@ class PlannedRun:
         return f"{self.index + 1}/{total} {self.point.describe()} (config {self.config_hash})"
 
 
-def run_argv(options: SweepOptions, point: GridPoint) -> list[str]:
-    argv = ["run", "--dataset", options.dataset, "--method", point.method, "--ratio", repr(point.ratio),
-            "--seed", str(point.seed), "--profile", options.profile, "--out", str(options.out),
-            "--leaderboard-dir", str(options.leaderboard_dir)]
-    for flag, value in (("--data-root", options.data_root), ("--devices", options.devices),
-                        ("--num-nodes", options.num_nodes), ("--wandb", options.wandb)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if not options.progress:
-        argv.append("--no-progress")
-    for override in [f"run.sweep={options.sweep_name()}", *options.overrides]:
-        argv += ["--set", override]
-    return argv
+def run_request(options: SweepOptions, point: GridPoint) -> RunRequest:
+    return RunRequest(method=point.method, dataset=options.dataset, profile=options.profile, data_root=options.data_root,
+                      ratio=point.ratio, seed=point.seed, devices=options.devices, num_nodes=options.num_nodes,
+                      out=str(options.out), leaderboard_dir=str(options.leaderboard_dir), wandb=options.wandb,
+                      progress=options.progress, overrides=[f"run.sweep={options.sweep_name()}", *options.overrides])
 
 
 def plan(options: SweepOptions) -> list[PlannedRun]:
-    """This shard's points with their resolved configs and hashes (nothing is trained or written)."""
-    from benchmark.run_command import config_from_args, run_parser
+    """This shard's points with their finished configs and hashes (nothing is built, trained or written)."""
     from benchmark.config import config_hash
-    from benchmark.run import prepare
 
     if options.launcher not in LAUNCHERS:
         raise unknown_name("launcher", options.launcher, LAUNCHERS)
@@ -197,13 +194,12 @@ def plan(options: SweepOptions) -> list[PlannedRun]:
         raise UserError(f"shard {index}/{count} of this {count}-way split holds no grid point", fix="use fewer shards than grid points")
     if options.in_process and (options.devices or 1) * (options.num_nodes or 1) > 1:
         raise UserError("--in-process cannot run DDP (Lightning re-launches the command line per rank)", fix="drop --in-process")
-    parser = run_parser()
+    check_writable(Path(options.out))
     planned = []
     for position, point in enumerate(points):
-        argv = run_argv(options, point)
-        config = config_from_args(parser.parse_args(argv))
-        prepare(config)
-        planned.append(PlannedRun(position, point, argv, config, config_hash(config)))
+        request = run_request(options, point)
+        config = request.finalized()
+        planned.append(PlannedRun(position, point, request, config, config_hash(config)))
     return planned
 
 
@@ -254,28 +250,17 @@ def run_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "benchmark", *argv]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the sweep dies, so no orphan run writes rows later."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass  # not Linux: a killed sweep may leave its current run finishing on its own
-
-
 def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=None, own_job: bool = True) -> tuple[int, str]:
     """Run one point; stream its output through and return (exit code, the last lines of its stderr).
 
     ``own_job``: the run is a job of its own on this machine, so it must not take the sweep's launcher variables
     (a sweep inside an sbatch or srun allocation) for its DDP rank; Lightning then starts DEVICES ranks itself.
     A submitit task keeps them: there every task is one rank of the run."""
-    from benchmark.tune import LAUNCHER_VARIABLES
-
-    hidden = set(LAUNCHER_VARIABLES) if own_job else set()
-    env = {key: value for key, value in os.environ.items() if key not in hidden}
+    env = child_processes.environment(own_job)
     # The run imports this very copy of the suite, even when another copy is installed in the environment.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    process = subprocess.Popen(run_command(argv), stderr=subprocess.PIPE, text=True, errors="replace", env=env,
-                               pass_fds=tuple(keep_fds), preexec_fn=_die_with_parent)
+    process = child_processes.start(run_command(argv), stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+                                    pass_fds=tuple(keep_fds))
     if on_start:
         on_start(process)
     tail: deque[str] = deque(maxlen=30)
@@ -292,12 +277,12 @@ def run_subprocess(argv: Sequence[str], keep_fds: Sequence[int] = (), on_start=N
     return code, "".join(tail)
 
 
-def run_in_process(argv: Sequence[str]) -> tuple[int, str]:
-    from benchmark.run_command import command_run, run_parser
+def run_in_process(planned: PlannedRun, resume: Path | None) -> tuple[int, str]:
+    from benchmark.run_command import execute
     from core.errors import EXIT_USER_ERROR
 
     try:
-        return command_run(run_parser().parse_args(list(argv))), ""
+        return execute(planned.config, resume), ""
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return EXIT_USER_ERROR, " ".join(error.message.split())
@@ -343,16 +328,19 @@ def settle(options: SweepOptions, planned: PlannedRun, rows_before: int, code: i
     return Outcome("failed", reason)
 
 
-def resumed_argv(planned: PlannedRun) -> list[str]:
-    """The point's command line, continuing the folder a killed run of it left (``--resume``) if there is one.
-    Called while holding the point's claim, so no other sweep runs or resumes that folder meanwhile."""
+def folder_to_resume(planned: PlannedRun) -> Path | None:
+    """The folder a killed run of this point left, to continue (``--resume``), if there is one. Called while
+    holding the point's claim, so no other sweep runs or resumes that folder meanwhile."""
     from benchmark.run import unfinished_run_folder
 
     folder = unfinished_run_folder(planned.config, planned.config_hash)
-    if folder is None:
-        return planned.argv
-    say(f"resume {planned.point.describe()} from {folder}")
-    return [*planned.argv, "--resume", str(folder)]
+    if folder is not None:
+        say(f"resume {planned.point.describe()} from {folder}")
+    return folder
+
+
+def resumed_argv(planned: PlannedRun, folder: Path | None) -> list[str]:
+    return planned.argv if folder is None else [*planned.argv, "--resume", str(folder)]
 
 
 def say(message: str) -> None:
@@ -366,12 +354,12 @@ def execute_local(options: SweepOptions, planned: PlannedRun, total: int) -> Out
         if planned.key in done_keys(options.leaderboard):
             return Outcome("done")
         rows_before = row_count(options.leaderboard, planned.key)
-        argv = resumed_argv(planned)
+        folder = folder_to_resume(planned)
         if options.in_process:
             say(f"start {planned.describe(total)} in-process")
-            code, tail = run_in_process(argv)
+            code, tail = run_in_process(planned, folder)
         else:
-            code, tail = run_subprocess(argv, keep_fds=(descriptor,),
+            code, tail = run_subprocess(resumed_argv(planned, folder), keep_fds=(descriptor,),
                                         on_start=lambda p: say(f"start {planned.describe(total)} pid={p.pid}"))
         return settle(options, planned, rows_before, code, tail)
 
@@ -444,7 +432,7 @@ def execute_submitit(options: SweepOptions, runs: list[PlannedRun], total: int, 
                     report(planned, outcomes[planned.index], total)
                     continue
                 rows_before = row_count(options.leaderboard, planned.key)
-                job = executor.submit(job_main, resumed_argv(planned))
+                job = executor.submit(job_main, resumed_argv(planned, folder_to_resume(planned)))
                 say(f"start {planned.describe(total)} job={job.job_id}")
                 in_flight[planned.index] = (job, planned, context, rows_before)
             time.sleep(1.0 if in_flight else 0)

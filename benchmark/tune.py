@@ -7,7 +7,8 @@ and out-of-memory kills cannot confuse it.
 - A **worker** loops: under the study's budget lock it fails stale trials of killed workers, counts the trials
   and, while the budget (``--trials``) is not used up, asks for one (TPE with ``constant_liar``, so concurrent
   workers spread out). The lock makes the count exact with any number of workers on any storage.
-- The **trial** runs ``python -m benchmark.tune TRIAL_JSON`` in its own process group: the resolved config with
+- The **trial** runs ``python -m benchmark.tune TRIAL_JSON`` in its own process group, dying with its worker
+  (benchmark/child_processes.py): the resolved config with
   the trial's parameters, ``run.test=false`` (the test set is never evaluated), its own folder. A Lightning
   callback appends every validation score (``val/dice`` at a global step) to ``progress.jsonl``.
 - The worker reads those lines as they come, reports them to the trial and asks the pruner (median or
@@ -22,38 +23,34 @@ and out-of-memory kills cannot confuse it.
   folder ``<out>/tune/<study>/``; ``--report-only`` rewrites them from the storage.
 
 ``python -m benchmark run ... --from-study STUDY`` (``make bench FROM_STUDY=...``) trains with the best trial's
-parameters, STUDY being the study folder or ``STORAGE_URL#STUDY_NAME``.
+parameters, STUDY being the study folder or ``STORAGE_URL#STUDY_NAME``. What a study found (summary, plots, the best
+trial) is read in benchmark/tune_results.py.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import warnings
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from benchmark import child_processes
 from benchmark.config import apply_overrides, config_hash
 from benchmark.search_space import load_search_space, override_text
+from benchmark.tune_results import OBJECTIVE, STUDY_FILE, print_summary, quiet_optuna, write_atomic, write_report
 from benchmark.tune_storage import RETRIED_FROM_ATTR, Liveness, StorageSpec
 from core.errors import UserError
 
-PARENT_PID_ENV = "SSL_BENCH_TUNE_PARENT"
 PRUNERS = ("median", "hyperband", "none")
-OBJECTIVE = "best validation Dice (val/dice) over the validations of the trial; never test data"
-STUDY_FILE = "study.json"
 
 
 @dataclass
@@ -86,12 +83,6 @@ def default_study_name(config: dict[str, Any]) -> str:
     return f"{config['method_name']}-{config['dataset']}-L{config['data']['labeled']}-{config['profile']}"
 
 
-def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
-
 def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
     if settings.pruner == "median":
         # No pruning in the first quarter of the budget: while the unlabeled terms ramp up, early scores say little.
@@ -106,7 +97,7 @@ def make_pruner(settings: TuneSettings) -> optuna.pruners.BasePruner:
 
 
 def open_study(settings: TuneSettings, sampler_seed: int | None = None) -> tuple[optuna.Study, Liveness]:
-    _quiet_optuna()
+    quiet_optuna()
     storage = settings.storage.open(settings.heartbeat_interval, settings.grace_period, settings.max_retry)
     sampler = optuna.samplers.TPESampler(constant_liar=True, seed=sampler_seed, n_startup_trials=settings.sampler_startup_trials)
     study = optuna.create_study(study_name=settings.study_name, storage=storage, direction="maximize", sampler=sampler,
@@ -146,7 +137,7 @@ def create_study(settings: TuneSettings) -> optuna.Study:
         "storage": settings.storage.kind if local else settings.storage.display(),
         **identity,
     }
-    _write_atomic(settings.study_dir / STUDY_FILE, json.dumps(study_file, indent=1))
+    write_atomic(settings.study_dir / STUDY_FILE, json.dumps(study_file, indent=1))
     return study
 
 
@@ -217,8 +208,8 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
         trial.set_user_attr(key, value)
 
     log = open(trial_dir / "trial.log", "ab")
-    process = subprocess.Popen([*settings.trial_command, str(trial_dir / "trial.json")], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, env=_trial_environment())
+    process = child_processes.start([*settings.trial_command, str(trial_dir / "trial.json")], own_group=True, stdout=log,
+                                    stderr=subprocess.STDOUT, env=_trial_environment())
     scores: list[float] = []
     seen_lines, last_beat = 0, time.monotonic()
     try:
@@ -230,7 +221,7 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
                 scores.append(float(record["val_dice"]))
                 trial.report(float(record["val_dice"]), int(record["step"]))
                 if trial.should_prune():
-                    _kill_group(process)
+                    child_processes.kill_group(process)
                     return _finish(study, trial, TrialState.PRUNED, f"pruned at step {record['step']}", scores)
             seen_lines = len(lines)
             if finished:
@@ -240,7 +231,7 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
                 last_beat = time.monotonic()
             time.sleep(settings.poll_seconds)
     except BaseException:
-        _kill_group(process)
+        child_processes.kill_group(process)
         trial.set_user_attr("error", "the worker was interrupted")
         study.tell(trial, state=TrialState.FAIL)
         raise
@@ -259,17 +250,8 @@ def execute_trial(settings: TuneSettings, study: optuna.Study, trial: optuna.Tri
     return _finish(study, trial, TrialState.COMPLETE, f"val Dice {max(scores):.4f}", scores)
 
 
-# A worker started as one task of a multi-task launch (srun -n 4, torchrun) must not hand its rank to the trial:
-# Lightning would take the trial for one rank of a bigger job. A trial is a job of its own on this machine.
-# TORCHELASTIC_RUN_ID is what Lightning's TorchElasticEnvironment detects torchrun by.
-LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
-                      "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_NUM_TASKS")
-
-
 def _trial_environment() -> dict[str, str]:
-    environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
-    environment[PARENT_PID_ENV] = str(os.getpid())
-    return environment
+    return child_processes.environment(own_job=True)
 
 
 def _finish(study, trial, state: TrialState, what: str, scores: list[float]) -> TrialState:
@@ -282,16 +264,6 @@ def _finish(study, trial, state: TrialState, what: str, scores: list[float]) -> 
     return state
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """The trial and everything it started (DDP ranks, data-loader workers) share one process group."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
 def _tail(path: Path, lines: int = 15, chars: int = 2000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -301,20 +273,6 @@ def _tail(path: Path, lines: int = 15, chars: int = 2000) -> str:
 
 
 # ---- the trial process ---------------------------------------------------------------------------------------
-def exit_with_parent() -> None:
-    """Die when the worker that started this trial dies (Linux ``PR_SET_PDEATHSIG``), so that a killed worker
-    leaves no orphan training behind; elsewhere the heartbeat still recovers the trial."""
-    parent = os.environ.get(PARENT_PID_ENV)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if parent and os.getppid() != int(parent):  # the worker died before the line above
-        os._exit(1)
-
-
 def _validation_reporter(progress: Path):
     import pytorch_lightning as pl
 
@@ -332,8 +290,6 @@ def _validation_reporter(progress: Path):
 
 
 def trial_main(argv: list[str]) -> int:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP ranks Lightning starts die with rank 0 on their own
-        exit_with_parent()
     spec = json.loads(Path(argv[0]).read_text())
     from benchmark.run import run
 
@@ -372,191 +328,11 @@ def tune(settings: TuneSettings) -> dict[str, Any]:
     return summary
 
 
-# ---- results -------------------------------------------------------------------------------------------------
-def study_summary(study: optuna.Study, settings: TuneSettings) -> dict[str, Any]:
-    trials = study.get_trials(deepcopy=False)
-    counts = Counter(trial.state.name.lower() for trial in trials)
-    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
-    best = None
-    if complete:
-        trial = study.best_trial
-        best = {"number": trial.number, "value": trial.value, "params": trial.params,
-                "seed": trial.user_attrs.get("seed"), "trial_dir": trial.user_attrs.get("trial_dir")}
-    config = settings.config
-    ratio = config["data"].get("ratio")
-    return {
-        "study": settings.study_name, "storage": settings.storage.display(), "study_dir": str(settings.study_dir),
-        "method": config["method_name"], "dataset": config["dataset"], "profile": config["profile"],
-        "labeled": config["data"]["labeled"], "objective": OBJECTIVE, "direction": "maximize",
-        "trials": len(trials), **{state: counts.get(state, 0) for state in ("complete", "pruned", "fail", "running", "waiting")},
-        "best": best,
-        "bench_command": " ".join([
-            f"make bench METHOD={config['method_name']} DATASET={config['dataset']}",
-            *([f"DATA_ROOT={config['data']['root']}"] if config["data"].get("root") else []),
-            f"RATIO={ratio}" if ratio else f"LABELED={config['data']['labeled']}",
-            f"PROFILE={config['profile']} FROM_STUDY={settings.study_dir}",
-        ]),
-        "dashboard_command": f"optuna-dashboard {_dashboard_target(settings.storage)}",
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trial_table": [
-            {"number": t.number, "state": t.state.name.lower(), "value": t.value,
-             "last_step": max(t.intermediate_values) if t.intermediate_values else None,
-             "seed": t.user_attrs.get("seed"), "params": t.params}
-            for t in trials
-        ],
-    }
-
-
-def _dashboard_target(storage: StorageSpec) -> str:
-    return storage.target if storage.kind == "journal" else storage.display()
-
-
-def write_report(settings: TuneSettings) -> dict[str, Any]:
-    """summary.json, summary.md and the plots, next to the study (atomic writes: several workers may finish)."""
-    _quiet_optuna()
-    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage.open())
-    summary = study_summary(study, settings)
-    summary["plots"] = _write_plots(study, settings.study_dir)
-    _write_atomic(settings.study_dir / "summary.json", json.dumps(summary, indent=1, default=str))
-    _write_atomic(settings.study_dir / "summary.md", _markdown(summary))
-    return summary
-
-
-ALL_ZERO_WARNING = "warning: every complete trial scored 0, so these importances say nothing about the parameters"
-
-
-def all_scored_zero(trials: list) -> bool:
-    """Whether every trial's objective is 0 (nothing was learned: importances are then fitted to noise-free ties)."""
-    return bool(trials) and all(trial.value == 0 for trial in trials)
-
-
-def _write_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
-    """Image files by name, or why a plot was not drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    plots = {
-        "history": (optuna_plots.plot_optimization_history, 1, "no complete trial"),
-        # Importance needs the objective to vary over at least two complete trials.
-        "importance": (optuna_plots.plot_param_importances, 2, "fewer than 2 complete trials"),
-        "intermediate": (optuna_plots.plot_intermediate_values, 0, ""),
-    }
-    written = {}
-    for name, (plot, needed, reason) in plots.items():
-        if len(complete) < needed:
-            written[name] = f"not drawn: {reason}"
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. "parameter importances will be equal" on tiny studies
-                axes = plot(study)
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            if name == "importance" and all_scored_zero(complete):
-                figure.text(0.5, 0.98, ALL_ZERO_WARNING, ha="center", va="top", color="red", fontsize=9, wrap=True)
-            figure.set_size_inches(8, 5)
-            figure.tight_layout()
-            figure.savefig(folder / f"{name}.png", dpi=100)
-            plt.close(figure)
-            written[name] = f"{name}.png" + (f" ({ALL_ZERO_WARNING})" if name == "importance" and all_scored_zero(complete) else "")
-        except (ValueError, RuntimeError, ZeroDivisionError) as error:
-            written[name] = f"not drawn: {error}"
-            plt.close("all")
-    return written
-
-
-def _markdown(summary: dict[str, Any]) -> str:
-    lines = [
-        f"# Study `{summary['study']}`", "",
-        f"{summary['method']} on {summary['dataset']} ({summary['profile']} profile), {summary['labeled']} labeled; "
-        f"objective: {summary['objective']}.", "",
-        f"Trials: {summary['trials']} (complete {summary['complete']}, pruned {summary['pruned']}, failed {summary['fail']}, "
-        f"running {summary['running']}, waiting {summary['waiting']}). Storage: `{summary['storage']}`.", "",
-    ]
-    best = summary["best"]
-    if best:
-        lines += [f"**Best: trial {best['number']}, validation Dice {best['value']:.4f}** (seed {best['seed']})", "",
-                  "| parameter | value |", "| --- | --- |"]
-        lines += [f"| `{key}` | {value:.6g} |" if isinstance(value, float) else f"| `{key}` | {value} |" for key, value in best["params"].items()]
-        lines += ["", f"Train and test with these values: `{summary['bench_command']}`", ""]
-    else:
-        lines += ["No complete trial yet.", ""]
-    ranked = sorted(summary["trial_table"], key=lambda t: (t["value"] is None, -(t["value"] or 0.0)))
-    lines += ["| trial | state | val Dice | last step | params |", "| --- | --- | --- | --- | --- |"]
-    for t in ranked[:20]:
-        value = "" if t["value"] is None else f"{t['value']:.4f}"
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
-        lines.append(f"| {t['number']} | {t['state']} | {value} | {t['last_step'] if t['last_step'] is not None else ''} | {params} |")
-    plots = [f"![{name}]({target})" for name, target in summary.get("plots", {}).items() if target.endswith(".png")]
-    lines += ["", *plots, "", f"Browse the study: `{summary['dashboard_command']}`", ""]
-    return "\n".join(lines)
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-    print(f"\nstudy {summary['study']}: {summary['trials']} trials (complete {summary['complete']}, pruned {summary['pruned']}, "
-          f"failed {summary['fail']}, running {summary['running']})")
-    best = summary["best"]
-    if best:
-        print(f"best: trial {best['number']}, validation Dice {best['value']:.4f}, seed {best['seed']}")
-        for key, value in best["params"].items():
-            print(f"  {key} = {value:.6g}" if isinstance(value, float) else f"  {key} = {value}")
-        print(f"train and test it: {summary['bench_command']}")
-    else:
-        print("no complete trial")
-    print(f"summary: {Path(summary['study_dir']) / 'summary.md'}  (json, plots beside it)")
-    print(f"dashboard: {summary['dashboard_command']}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 # ---- the best trial for `run --from-study` ---------------------------------------------------------------------
-def resolve_study(reference: str) -> tuple[StorageSpec, str | None, dict[str, Any]]:
-    """A study folder (with study.json) or ``STORAGE_URL[#STUDY_NAME]``."""
-    folder = Path(reference)
-    if (folder / STUDY_FILE).is_file():
-        info = json.loads((folder / STUDY_FILE).read_text())
-        return StorageSpec.parse(info["storage"], folder), info["study_name"], info
-    if folder.is_dir() or "://" not in reference and not reference.startswith("journal:"):
-        raise UserError(f"'{reference}' is neither a study folder (with {STUDY_FILE}) nor a storage URL",
-                        where="--from-study / FROM_STUDY=", fix="give runs/tune/<study> or STORAGE_URL#STUDY_NAME")
-    url, _, name = reference.partition("#")
-    return StorageSpec.parse(url, None), name or None, {}
-
-
-def best_trial_overrides(reference: str, method: str) -> tuple[list[str], str]:
-    """``section.key=value`` overrides of the best trial, and a line saying where they come from."""
-    _quiet_optuna()
-    storage_spec, name, _ = resolve_study(reference)
-    storage = storage_spec.open()
-    names = optuna.get_all_study_names(storage=storage)
-    if name is None:
-        if len(names) != 1:
-            raise UserError(f"the storage holds {len(names)} studies; say which", where=storage_spec.display(),
-                            fix=f"append #NAME to the URL; studies: {', '.join(names) or 'none'}")
-        name = names[0]
-    if name not in names:
-        raise UserError(f"no study '{name}' in the storage", where=storage_spec.display(), fix=f"studies: {', '.join(names) or 'none'}")
-    study = optuna.load_study(study_name=name, storage=storage)
-    tuned_method = study.user_attrs.get("method")
-    if tuned_method is not None and tuned_method != method:
-        raise UserError(f"study '{name}' tuned method '{tuned_method}', not '{method}'", where=reference,
-                        fix=f"use --method {tuned_method} or another study")
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        raise UserError(f"study '{name}' has no complete trial yet", where=reference, fix="let `make tune` finish some trials")
-    best = study.best_trial
-    origin = (f"hyperparameters of trial {best.number} of study '{name}' (validation Dice {best.value:.4f}, "
-              f"tuned on {study.user_attrs.get('dataset', '?')} / {study.user_attrs.get('profile', '?')} profile)")
-    return [override_text(key, value) for key, value in best.params.items()], origin
 
 
 def settings_from_args(args, config: dict[str, Any]) -> TuneSettings:
+    from benchmark.finalize import finalize
     from benchmark.run import prepare
 
     if args.trials < 1 or args.workers < 1:
@@ -565,6 +341,7 @@ def settings_from_args(args, config: dict[str, Any]) -> TuneSettings:
         raise UserError(f"unknown pruner '{args.pruner}'", fix=f"one of: {', '.join(PRUNERS)}")
     if args.heartbeat_interval < 1 or args.grace_period <= args.heartbeat_interval:
         raise UserError("--heartbeat-interval must be >= 1 s and --grace-period longer than it")
+    config = finalize(config)
     prepare(config)  # bad data, names and values stop here, before a study exists
     name = args.study_name or default_study_name(config)
     study_dir = Path(config["run"]["out"]).resolve() / "tune" / name

@@ -19,6 +19,7 @@ from datamodules.base import (
     ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
 )
 from core.spec import DatasetSpec
+from datamodules.listing import patient_of
 from datamodules.transforms import acdc_train_transform
 
 ACDC_SPEC = DatasetSpec(
@@ -33,10 +34,6 @@ ACDC_SPEC = DatasetSpec(
     labeled_unit="patient",
     dice_include_background=True,
 )
-
-
-def patient_of(slice_name: str) -> str:
-    return slice_name.split("_")[0]
 
 
 class ACDCDataModule(SemiSupervisedDataModule):

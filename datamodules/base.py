@@ -24,6 +24,7 @@ from core.distributed import check_shareable
 from core.errors import UserError
 from core.spec import DatasetSpec
 from datamodules.checks import Checks, check_arrays, collecting, report
+from datamodules.listing import LABELED_OPTION, RATIO_OPTION, read_list, report_duplicates, resolve_labeled_count  # noqa: F401 (re-exported)
 from datamodules.samplers import PartitionedStepSampler, PositionedEpoch, StepSampler
 
 
@@ -69,81 +70,6 @@ class Split:
 
     def write(self, path: Path) -> None:
         write_text_atomically(path, json.dumps(asdict(self), indent=1))
-
-
-RATIO_OPTION, LABELED_OPTION = "RATIO= (--ratio, data.ratio)", "LABELED= (--labeled, data.labeled)"
-
-
-def resolve_labeled_count(
-    spec: DatasetSpec, total_units: int, ratio: float | None, labeled: int | None, listed_units: int | None = None
-) -> int:
-    """Number of labeled units from LABELED=N or RATIO=r, following the dataset's published convention.
-
-    RATIO maps to the conventional count (ACDC 0.1 -> 7 patients, LA 0.2 -> 16 scans) when the training list has
-    its published length (``listed_units``, counted before any validation hold-out); otherwise (other ratios,
-    fixtures, synthetic data) to round(r * units). RATIO=1.0 is every available unit (full supervision).
-    """
-    if labeled is not None:
-        if isinstance(labeled, bool) or not isinstance(labeled, int):
-            raise UserError(f"LABELED must be a whole number, got {labeled!r}", where=LABELED_OPTION, fix="e.g. LABELED=7")
-        if not 1 <= labeled <= total_units:
-            raise UserError(
-                f"LABELED={labeled} is impossible for {spec.name}: it has {total_units} training {spec.labeled_unit}s",
-                where=LABELED_OPTION, fix=f"choose 1 <= LABELED <= {total_units}",
-            )
-        return labeled
-    if ratio is None:
-        raise UserError("neither RATIO nor LABELED was given", where=f"{RATIO_OPTION}, {LABELED_OPTION}", fix="e.g. RATIO=0.1 or LABELED=7")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise UserError(f"RATIO must be a number in (0, 1], got {ratio!r}", where=RATIO_OPTION,
-                        fix="e.g. RATIO=0.1; 1.0 is full supervision")
-    ratio = float(ratio)
-    if ratio == 1.0:
-        return total_units
-    published_total = spec.labeled_counts.get(1.0)
-    listed = total_units if listed_units is None else listed_units
-    if listed == published_total and ratio in spec.labeled_counts:
-        return min(spec.labeled_counts[ratio], total_units)
-    return max(1, round(ratio * total_units))
-
-
-def read_list(path: Path, what: str) -> list[str]:
-    """Lines of a list file: CRLF tolerated, blank lines dropped, names checked to stay inside the data root.
-
-    Inside ``collecting()`` (datamodules/checks.py) a missing or empty list and bad names are recorded and the
-    usable names returned; otherwise the first problem raises.
-    """
-    if not path.is_file():
-        report(UserError(f"missing {what} list file", where=str(path), fix="check DATA_ROOT points at the dataset's top folder"))
-        return []
-    # utf-8-sig: a byte-order mark (Windows editors) would otherwise become part of the first name.
-    numbered = [(number, line.strip()) for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)
-                if line.strip()]
-    names = [name for _, name in numbered]
-    report_duplicates(numbered, path)
-    bad = [name for name in names if "/" in name or "\\" in name or name.startswith(".")]
-    for name in bad:
-        report(UserError(
-            f"list entry '{name}' is not a plain case name (paths are not allowed in list files)",
-            where=str(path),
-            fix="list files hold case names only, e.g. patient001_frame01",
-        ))
-    if not names:
-        report(UserError(f"the {what} list is empty", where=str(path), fix="restore the list file from the dataset"))
-    return [name for name in names if name not in bad]
-
-
-def report_duplicates(numbered: Sequence[tuple[int, str]], path: Path) -> None:
-    """A name listed twice would be trained or scored twice (and counted twice as labeled): refused, with the lines."""
-    lines: dict[str, list[int]] = {}
-    for number, name in numbered:
-        lines.setdefault(name, []).append(number)
-    repeated = {name: numbers for name, numbers in lines.items() if len(numbers) > 1}
-    if repeated:
-        shown = "; ".join(f"{name} on lines {', '.join(map(str, numbers))}" for name, numbers in list(repeated.items())[:5])
-        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
-        report(UserError(f"{len(repeated)} name(s) listed more than once: {shown}{more}", where=str(path),
-                         fix="keep each name once (a repeated name would count twice)"))
 
 
 def report_foreign_files(folder: Path, suffixes: Sequence[str], what: str) -> None:

@@ -34,13 +34,12 @@ import numpy as np
 from core.errors import UserError
 from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist
+from datamodules.listing import CADIS_TEST_VIDEOS, CADIS_TRAIN_VIDEOS, CADIS_VAL_VIDEOS, cadis_video_folder, png_stems
 from datamodules.checks import report
 from datamodules.nuclei import read_image
 from datamodules.transforms import random_crop
 
-TRAIN_VIDEOS = (1, 3, 4, 6, 8, 9, 10, 11, 13, 14, 15, 17, 18, 19, 20, 21, 23, 24, 25)
-VAL_VIDEOS = (5, 7, 16)
-TEST_VIDEOS = (2, 12, 22)
+TRAIN_VIDEOS, VAL_VIDEOS, TEST_VIDEOS = CADIS_TRAIN_VIDEOS, CADIS_VAL_VIDEOS, CADIS_TEST_VIDEOS
 IGNORE = 255
 ORIGINAL_CLASSES = 36
 
@@ -101,8 +100,7 @@ CADIS_SPECS = {task: cadis_spec(task) for task in TASKS}
 FRAME = re.compile(r"^Video(\d+)_frame\d+$")
 
 
-def video_folder(number: int) -> str:
-    return f"Video{number:02d}"
+video_folder = cadis_video_folder
 
 
 def cadis_train_transform(rng: np.random.Generator, image, label, size):
@@ -127,7 +125,7 @@ class CaDISDataModule(SemiSupervisedDataModule):
                     report(UserError(f"CaDIS video folder '{video_folder(number)}/Images' is missing", where=str(self.root),
                                      fix="DATA_ROOT is the 'segmentation' folder holding Video01 .. Video25"))
                     continue
-                names = sorted(p.stem for p in images.glob("*.png"))
+                names = png_stems(images)
                 wrong = [n for n in names if not FRAME.match(n) or int(FRAME.match(n).group(1)) != number]
                 if wrong:
                     report(UserError(f"{len(wrong)} frame name(s) in {video_folder(number)} do not start with Video{number}_frame"

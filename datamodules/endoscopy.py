@@ -72,6 +72,11 @@ from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, Split, check_files_exist, read_list, report_foreign_files
 from datamodules.checks import active_checks, report
 from datamodules.images import pixel_array
+from datamodules.listing import (  # noqa: F401 (the ENDOVIS_ constants: this family's, for its importers)
+    DEFAULT_VAL_FRACTION, ENDOVIS_FOLDS, ENDOVIS_RELEASED_TEST_SEQUENCES, ENDOVIS_TEST_SETS, ENDOVIS_TRAIN_SEQUENCES,
+    FOLDER_IMAGE, FOLDER_MASK, FOLDER_SUFFIXES, endovis_sequence_folder, endovis_sequence_roles, png_stems,
+    validation_holdout_count,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +85,6 @@ MASK_SUFFIXES = (".jpg", ".png")
 # JPEG masks carry compression noise around 0 and 255; the midpoint separates them.
 MASK_THRESHOLD = 128
 # When a set has no validation list, this share of the training ids (the last ones) validates.
-DEFAULT_VAL_FRACTION = 0.1
 
 KVASIR_SEG_SPEC = DatasetSpec(
     name="kvasir_seg",
@@ -195,16 +199,7 @@ class EndoscopyDataModule(SemiSupervisedDataModule):
         """(training ids, validation ids) for a set without a validation split: the last ids of ``ids`` validate,
         ``data.val_holdout`` of them when it is > 0, else round(``data.val_fraction`` x len(ids)), at least one."""
         fraction = self.options.get("val_fraction", DEFAULT_VAL_FRACTION)
-        if self.val_holdout:
-            count = self.val_holdout
-        elif isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise UserError(f"data.val_fraction must be a number in (0, 1), got {fraction!r}", fix="e.g. data.val_fraction=0.1")
-        else:
-            count = max(1, round(fraction * len(ids)))
-        if not 0 < count < len(ids):
-            raise UserError(f"cannot hold out {count} of the {len(ids)} training {self.spec.labeled_unit}s for validation: "
-                            "at least one must validate and one train", where=str(source),
-                            fix="choose data.val_holdout (a count) or data.val_fraction (a share) accordingly")
+        count = validation_holdout_count(len(ids), self.val_holdout, fraction, self.spec.labeled_unit, source)
         return ids[:-count], ids[-count:]
 
 
@@ -255,22 +250,12 @@ class KvasirInstrumentDataModule(KvasirDataModule):
 
 
 # ---- EndoVis 2017 --------------------------------------------------------------------------------------------------
-ENDOVIS_TRAIN_SEQUENCES = tuple(range(1, 9))
-# ternaus/robot-surgery-segmentation prepare_train_val.py: fold -> the training sequences it tests on.
-ENDOVIS_FOLDS = {0: (1, 3), 1: (2, 5), 2: (4, 8), 3: (6, 7)}
-# Released after the challenge; two surgeries absent from the training download.
-ENDOVIS_RELEASED_TEST_SEQUENCES = (9, 10)
-ENDOVIS_TEST_SETS = ("fold", "released")
 ENDOVIS_FULL_FRAME = (1080, 1920)
 # ternaus prepare_data.py: h_start 28, w_start 320, 1024 x 1280 (the challenge: "crop from the pixel (320, 28)").
 ENDOVIS_BLACK_BORDER_CROP = (slice(28, 28 + 1024), slice(320, 320 + 1280))
 ENDOVIS_FRAMES_PER_SEQUENCE = 225
 # Label folders of other, non-robotic tools ("Other_labels"): background in the binary task (ternaus).
 ENDOVIS_NON_ROBOTIC = "Other"
-
-
-def endovis_sequence_folder(number: int) -> str:
-    return f"instrument_dataset_{number}"
 
 
 class EndoVis17DataModule(EndoscopyDataModule):
@@ -286,20 +271,7 @@ class EndoVis17DataModule(EndoscopyDataModule):
     # -- which sequences do what
     def sequence_roles(self) -> dict[str, list[tuple[str, int]]]:
         """{"train" | "val" | "test": [(download split folder, sequence number), ...]} from the data options."""
-        fold, test_set = self.options["fold"], self.options["test_set"]
-        if test_set not in ENDOVIS_TEST_SETS:
-            raise UserError(f"data.test_set must be one of {', '.join(ENDOVIS_TEST_SETS)}, got {test_set!r}",
-                            fix="data.test_set=fold (4-fold CV on the training sequences) or released (sequences 9 and 10)")
-        if test_set == "released":
-            test = [("test", n) for n in ENDOVIS_RELEASED_TEST_SEQUENCES]
-            rest = list(ENDOVIS_TRAIN_SEQUENCES)
-        else:
-            if isinstance(fold, bool) or fold not in ENDOVIS_FOLDS:
-                raise UserError(f"data.fold must be one of {sorted(ENDOVIS_FOLDS)}, got {fold!r}",
-                                fix="the 4 folds of the 8 training sequences: data.fold=0 .. 3")
-            test = [("train", n) for n in ENDOVIS_FOLDS[fold]]
-            rest = [n for n in ENDOVIS_TRAIN_SEQUENCES if n not in ENDOVIS_FOLDS[fold]]
-        return {"train": [("train", n) for n in rest[:-1]], "val": [("train", rest[-1])], "test": test}
+        return endovis_sequence_roles(self.options["fold"], self.options["test_set"])
 
     def read_split(self):
         roles = self.sequence_roles()
@@ -355,7 +327,7 @@ class EndoVis17DataModule(EndoscopyDataModule):
         if missing:
             report(UserError(f"EndoVis 2017 sequence folder '{sequence}' lacks {' and '.join(missing)}/", where=str(folder), fix=fix))
             return []
-        names = sorted(p.stem for p in frames.glob("*.png"))
+        names = png_stems(frames)
         report_foreign_files(frames, (".png",), "frames")
         if not names:
             report(UserError(f"no frames (*.png) in '{sequence}/left_frames'", where=str(frames), fix=fix))
@@ -432,8 +404,6 @@ class EndoVis17DataModule(EndoscopyDataModule):
 
 # ---- image/mask folders as MMS packs ART-Net and RoboTool ------------------------------------------------------------
 FOLDER_SPLITS = ("train", "test")
-FOLDER_IMAGE, FOLDER_MASK = "image", "mask"
-FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class ImageMaskFoldersDataModule(EndoscopyDataModule):

@@ -19,6 +19,7 @@ from datamodules.base import (
     ListedData, SemiSupervisedDataModule, check_files_exist, check_stored_dtypes, read_h5, read_list,
 )
 from core.spec import DatasetSpec
+from datamodules.listing import LA_DATA_FOLDER, check_val_holdout, la_lists_folder
 from datamodules.transforms import la_train_transform
 
 LA_SPEC = DatasetSpec(
@@ -36,19 +37,12 @@ LA_SPEC = DatasetSpec(
     dice_include_background=False,
 )
 
-DATA_FOLDER = "2018LA_Seg_Training Set"
+DATA_FOLDER = LA_DATA_FOLDER
 
 
 class LADataModule(SemiSupervisedDataModule):
     def lists_folder(self) -> Path:
-        for folder in (self.root, self.root / DATA_FOLDER, self.root / "lists"):
-            if (folder / "train.list").is_file():
-                return folder
-        raise UserError(
-            "no train.list found for LA",
-            where=f"{self.root}, {self.root / DATA_FOLDER}, {self.root / 'lists'}",
-            fix=f"DATA_ROOT must contain '{DATA_FOLDER}/' and train.list/test.list (at the root, in the data folder or in lists/)",
-        )
+        return la_lists_folder(self.root)
 
     def read_split(self):
         lists = self.lists_folder()
@@ -62,12 +56,7 @@ class LADataModule(SemiSupervisedDataModule):
         test_ids = read_list(lists / "test.list", "test")
         check_files_exist([self.case_path(i) for i in train_ids], lists / "train.list")
         check_files_exist([self.case_path(i) for i in test_ids], lists / "test.list")
-        if not 0 <= self.val_holdout < len(train_ids):
-            raise UserError(
-                f"data.val_holdout={self.val_holdout} leaves no training cases ({len(train_ids)} in train.list)",
-                fix="choose a smaller data.val_holdout",
-            )
-        cut = len(train_ids) - self.val_holdout
+        cut = check_val_holdout(self.val_holdout, len(train_ids), "cases")
         units = [(case, [case]) for case in train_ids[:cut]]
         return ListedData(units, train_ids[cut:], test_ids, listed_units=len(train_ids))
 

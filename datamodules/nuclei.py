@@ -35,13 +35,14 @@ from core.errors import UserError
 from core.spec import DatasetSpec
 from datamodules.base import ListedData, SemiSupervisedDataModule, check_files_exist, report_foreign_files
 from datamodules.checks import report
+from datamodules.listing import (
+    DSB_FOLDER, DSB_TRAIN_FRACTION, MONUSEG_SPLITS, NUCLEI_IMAGE_SUFFIXES, check_val_holdout, dsb_image_ids, dsb_images_folder,
+    monuseg_tiles,
+)
 from datamodules.images import SIXTEEN_BIT_MAX, SIXTEEN_BIT_MODES, pixel_array
 from datamodules.transforms import random_crop, random_rot_flip
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
-MONUSEG_SPLITS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
-DSB_FOLDER = "stage1_train"
-DSB_TRAIN_FRACTION = 0.8
+IMAGE_SUFFIXES = NUCLEI_IMAGE_SUFFIXES
 
 NUCLEI_SPEC = DatasetSpec(
     name="monuseg",
@@ -125,7 +126,7 @@ class MoNuSegDataModule(NucleiDataModule):
                                  fix="DATA_ROOT holds Train_Folder/, Val_Folder/ and Test_Folder/, each with img/ and labelcol/"))
                 stems[split] = []
                 continue
-            files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = monuseg_tiles(images)
             report_foreign_files(images, IMAGE_SUFFIXES, "tiles")
             if not files:
                 report(UserError(f"no images in '{folder}/img'", where=str(images), fix="copy the tiles (.png or .tif) into it"))
@@ -155,11 +156,11 @@ class MoNuSegDataModule(NucleiDataModule):
 
 class DSB2018DataModule(NucleiDataModule):
     def images_folder(self) -> Path:
-        return self.root / DSB_FOLDER if (self.root / DSB_FOLDER).is_dir() else self.root
+        return dsb_images_folder(self.root)
 
     def read_split(self):
         folder = self.images_folder()
-        ids = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "images").is_dir())
+        ids = dsb_image_ids(folder)
         if len(ids) < 2:
             report(UserError(f"found {len(ids)} DSB image folders (<id>/images/<id>.png with <id>/masks/)", where=str(folder),
                              fix=f"DATA_ROOT is the folder holding {DSB_FOLDER}/ (or {DSB_FOLDER}/ itself)"))
@@ -171,10 +172,7 @@ class DSB2018DataModule(NucleiDataModule):
                              fix="use stage1_train (the labelled part of DSB 2018); stage1_test has no masks"))
         cut = int(len(ids) * DSB_TRAIN_FRACTION)
         train, test = ids[:cut], ids[cut:]
-        if not 0 <= self.val_holdout < len(train):
-            raise UserError(f"data.val_holdout={self.val_holdout} leaves no training images ({len(train)})",
-                            fix="choose a smaller data.val_holdout")
-        keep = len(train) - self.val_holdout
+        keep = check_val_holdout(self.val_holdout, len(train), "images")
         return ListedData([(i, [i]) for i in train[:keep]], train[keep:], test, listed_units=len(train))
 
     def image_path(self, image_id: str) -> Path:

@@ -100,13 +100,13 @@ RANK_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LO
     ({"NODE_RANK": "0", "LOCAL_RANK": "1"}, 4, 1),
 ])
 def test_rank_detection_follows_lightning_cluster_environments(monkeypatch, variables, devices, rank):
-    from benchmark.run import _global_rank
+    from benchmark.run_folder import global_rank
 
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    assert _global_rank(devices) == rank
+    assert global_rank(devices) == rank
 
 
 @pytest.mark.slow

@@ -168,16 +168,51 @@ def test_dry_run_lists_the_plan(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
 
 
-def test_a_point_is_parsed_as_the_full_command_line_parses_it(tmp_path):
-    """The sweep parses its points with the run-only parser; the namespace (hence config and hash) must not differ."""
+def test_a_point_run_in_its_own_process_gets_the_request_the_sweep_planned(tmp_path):
+    """A point's subprocess parses the request's command line: the same request, hence config and hash, whichever
+    parser reads it."""
     from benchmark.cli import build_parser
     from benchmark.run_command import run_parser
-    from benchmark.sweep import run_argv
+    from benchmark.run_request import RunRequest
+    from benchmark.sweep import run_request
 
     settings = options(tmp_path, devices=2, wandb="offline", data_root=str(tmp_path), overrides=["trainer.max_steps=3"])
-    argv = run_argv(settings, GridPoint("mean_teacher", 0.1, 3))
-    assert vars(run_parser().parse_args(argv)) == vars(build_parser().parse_args(argv))
-    assert vars(run_parser().parse_args(argv))["method"] == "mean_teacher"
+    request = run_request(settings, GridPoint("mean_teacher", 0.1, 3))
+    for parser in (run_parser(), build_parser()):
+        assert RunRequest.from_args(parser.parse_args(request.argv())) == request
+    assert request.method == "mean_teacher" and request.overrides[-1] == "trainer.max_steps=3"
+
+
+def test_planning_builds_no_datamodule_and_imports_no_method(tmp_path, monkeypatch):
+    from benchmark.catalogue import catalogue
+    from datamodules.base import SemiSupervisedDataModule
+
+    catalogue()  # built (or read) before: building it reads the registries
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a DataModule was built while planning")
+
+    monkeypatch.setattr(SemiSupervisedDataModule, "__init__", refuse)
+    monkeypatch.setattr("datamodules.registry.build_datamodule", refuse)
+    monkeypatch.setattr("methods.registry.get_method", refuse)
+    planned = plan(options(tmp_path, seeds=[0, 1], methods=["supervised", "mean_teacher"]))
+    assert len(planned) == 4 and {p.config["data"]["labeled"] for p in planned} == {4}
+    assert sweep_cli(tmp_path, "--seeds", "0", "1", "--dry-run", "--methods", "supervised", "mean_teacher") == 0
+
+
+def test_a_dry_run_imports_neither_torch_nor_lightning(tmp_path):
+    from benchmark.catalogue import catalogue
+
+    catalogue()  # the subprocess reads this session's catalogue (building it would import every method)
+    argv = ["sweep", *SMOKE_GRID, "--seeds", "0", "1", "--methods", "supervised", "mean_teacher", "--out", str(tmp_path / "runs"),
+            "--leaderboard-dir", str(tmp_path / "lb"), "--dry-run"]
+    script = ("import sys\nfrom benchmark.cli import main\n"
+              f"assert main({argv!r}) == 0\n"
+              "print(sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules.registry', 'methods.registry') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]" and result.stdout.count("[sweep] to run") == 4
 
 
 def test_runs_carry_the_sweep_name_and_sweep_settings(tmp_path):

@@ -26,8 +26,8 @@ from benchmark.cli import main
 from benchmark.config import resolve_config
 from benchmark.search_space import load_search_space
 from core.errors import UserError
-from benchmark.tune import (TuneSettings, _worker_process, best_trial_overrides, create_study, run_worker, trial_config,
-                            tune, write_report)
+from benchmark.tune import TuneSettings, _worker_process, create_study, run_worker, trial_config, tune
+from benchmark.tune_results import best_trial_overrides, write_report
 from benchmark.tune_storage import StorageSpec
 from datamodules import get_dataset
 from methods.registry import get_method, method_names

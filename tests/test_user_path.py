@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark import leaderboard
+from benchmark import finalize
 from benchmark.cli import main
 from benchmark.leaderboard import REPOSITORY_LEADERBOARDS, leaderboard_dir_for
 from tests.conftest import PROJECT_ROOT
@@ -25,7 +25,7 @@ def test_a_smoke_run_never_writes_into_the_repository_leaderboards(tmp_path, mon
     # A stand-in for the repository's folder, so that a failure of this test cannot touch the real one.
     tracked = tmp_path / "tracked"
     tracked.mkdir()
-    monkeypatch.setattr(leaderboard, "REPOSITORY_LEADERBOARDS", tracked.resolve())
+    monkeypatch.setattr(finalize, "REPOSITORY_LEADERBOARDS", tracked.resolve())
     assert main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
                  "--leaderboard-dir", str(tracked), "--dataset", "synthetic_acdc", "--ratio", "0.2"]) == 0
     assert list(tracked.iterdir()) == []
@@ -122,7 +122,7 @@ def test_help_and_list_import_neither_torch_nor_the_registries_and_name_what_the
               "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
               "    assert main(['list', 'methods']) == 0 and main(['list', 'datasets']) == 0\n"
               "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
-              "heavy = sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules', 'methods.registry') if m in sys.modules)\n"
+              "heavy = sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules.registry', 'methods.registry') if m in sys.modules)\n"
               "print(heavy, out.getvalue().split())")
     result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
@@ -305,7 +305,7 @@ def test_the_leaderboard_config_column_names_what_differs_from_the_profile(tmp_p
 def test_the_importance_plot_warns_when_every_trial_scored_zero(tmp_path):
     import optuna
 
-    from benchmark.tune import ALL_ZERO_WARNING, _write_plots
+    from benchmark.tune_results import ALL_ZERO_WARNING, _write_plots
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))

@@ -16,8 +16,10 @@ SKIPPED_BATCHES = 4
 
 def loader_batch_seconds(config: dict, batches: int) -> float:
     """Seconds per combined batch (every stream of the method) from the DataModule's own loaders."""
+    from benchmark.finalize import finalize
     from benchmark.run import prepare
 
+    config.update(finalize(config))  # finished in place: the caller's config is the run's
     _, _, datamodule = prepare(config)
     streams = datamodule.train_dataloader().iterables
     iterators = {name: iter(loader) for name, loader in streams.items()}

@@ -54,8 +54,10 @@ def protocol_config(method: str, protocol: str, out: Path, quick: bool) -> dict[
 
 def step_flops(config: dict[str, Any]) -> int:
     """FLOPs of one bare training step (forward, losses, backward) of the method and stage the config names."""
+    from benchmark.finalize import finalize
     from benchmark.run import prepare
 
+    config.update(finalize(config))  # finished in place: the caller's config is the run's
     entry, method_cls, datamodule = prepare(config)
     batch = batches_in_memory(datamodule, 1)[0]
     pl.seed_everything(config["run"]["seed"], verbose=False)

@@ -67,8 +67,10 @@ def method_config(method: str, dataset: str, profile: str, steps: int, out: Path
 def suite_fit(config: dict, callback: pl.Callback) -> None:
     """One fit through ``benchmark.run``'s own pieces (DataModule, method, trainer with its loggers and
     checkpointing), with ``callback`` added to the trainer's."""
+    from benchmark.finalize import finalize
     from benchmark.run import build_trainer, make_run_dir, prepare
 
+    config.update(finalize(config))  # finished in place: the caller's config is the run's
     entry, method_cls, datamodule = prepare(config)
     digest = config_hash(config)
     run_dir = make_run_dir(config, digest)
@@ -138,8 +140,10 @@ def batches_in_memory(datamodule, count: int) -> list[dict]:
 
 
 def bare_steps(config: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    from benchmark.finalize import finalize
     from benchmark.run import prepare
 
+    config.update(finalize(config))  # finished in place: the caller's config is the run's
     entry, method_cls, datamodule = prepare(config)
     batches = batches_in_memory(datamodule, min(DISTINCT_BATCHES, steps))
     pl.seed_everything(config["run"]["seed"], verbose=False)
