@@ -224,6 +224,21 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
     return prototypes, present, draws
 
 
+def negative_products(keys: torch.Tensor, negatives: torch.Tensor, anchors: torch.Tensor,
+                      chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """(Q, N): anchors[q] . keys[negatives[q, j]], the gathered keys in chunks of queries of at most ``chunk_bytes``:
+    a single (Q, N, R) gather (32 MB at Q=256, N=512, R=64) is above glibc's largest mmap threshold, so every step
+    page-faults it in afresh, which cost three times the gather itself here; smaller blocks come from the heap."""
+    per_query = negatives.shape[1] * keys.shape[1] * keys.element_size()
+    step = max(1, chunk_bytes // per_query)
+    products = []
+    for start in range(0, negatives.shape[0], step):
+        rows = negatives[start:start + step]
+        gathered = keys.index_select(0, rows.reshape(-1)).view(*rows.shape, keys.shape[1])
+        products.append(torch.bmm(gathered, anchors[start:start + step].unsqueeze(2)).squeeze(2))
+    return torch.cat(products)
+
+
 @float32_island
 def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                              probabilities: torch.Tensor, generator: torch.Generator, strong_threshold: float = 0.97,
@@ -240,17 +255,20 @@ def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor,
         labels.reshape(-1), valid.reshape(-1), probabilities, features, strong_threshold, temperature,
         num_queries, num_negatives, generator)
     total = representation.sum() * 0 if representation.requires_grad else representation.new_zeros(())
-    # cos(query, key) as one batched product of unit vectors; keys carry no gradient, so every pixel's unit vector is
-    # computed once (a pixel is drawn as a negative many times over) and gathered
-    features_without_gradient = features.detach()
-    unit_features = features_without_gradient * (1 / torch.linalg.vector_norm(features_without_gradient, dim=1, keepdim=True).clamp_min(1e-8))
-    for position, queries, negatives in draws:
+    # cos(query, key) = (unit query . key) / |key|: keys carry no gradient, so every pixel's inverse norm is computed
+    # once (a pixel is drawn as a negative many times over) and applied to the (Q, N) products, not to the keys
+    keys = features.detach()
+    inverse_norms = 1 / torch.linalg.vector_norm(keys, dim=1).clamp_min(1e-8)
+    if not draws:
+        return total
+    # every class's queries in one call: one gather (and one scatter in backward) of the hypercolumn neighbourhoods
+    all_queries = torch.cat([queries for _, queries, _ in draws])
+    all_anchors = features[all_queries] if query_representation is None else query_representation(all_queries)
+    for (position, _, negatives), anchors in zip(draws, all_anchors.split(num_queries)):
         unit_prototype = F.normalize(prototypes[position], dim=0, eps=1e-8)
-        unit_negatives = unit_features.index_select(0, negatives.reshape(-1)).view(num_queries, num_negatives, channels)
-        anchors = features[queries] if query_representation is None else query_representation(queries)
         unit_anchors = F.normalize(anchors, dim=1, eps=1e-8)
         positive = unit_anchors @ unit_prototype  # (Q,): the prototype is key 0 of every query
-        negative = torch.bmm(unit_negatives, unit_anchors.unsqueeze(2)).squeeze(2)  # (Q, N)
+        negative = negative_products(keys, negatives, unit_anchors) * inverse_norms[negatives]  # (Q, N)
         logits = torch.cat([positive.unsqueeze(1), negative], dim=1) / temperature
         total = total + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=logits.device))
     return total / len(present) if len(present) > 1 else total

@@ -91,9 +91,11 @@ class HypercolumnHead:
                              for corner in corners], dim=-1)  # (n, K, 2^d)
         weight = torch.stack([math.prod(fractions[a] if corner[a] else 1 - fractions[a] for a in range(self.dims))
                               for corner in corners], dim=-1)  # (n, K, 2^d)
-        flat = level.flatten(2).transpose(1, 2)  # (B, P, C)
-        values = flat[batch_index.view(-1, 1, 1), index]  # (n, K, 2^d, C)
-        return (weight.unsqueeze(-1) * values).sum(2)
+        pixels = math.prod(low)
+        rows = level.movedim(1, -1).reshape(-1, level.shape[1])  # (B P, C): a view of a channels-last map
+        # index_select: its backward is one index_add into the map's gradient
+        values = rows.index_select(0, (batch_index.view(-1, 1, 1) * pixels + index).reshape(-1)).view(*index.shape, -1)
+        return (weight.unsqueeze(-1) * values).sum(2)  # (n, K, C)
 
 
 def interpolation_matrix(full: int, low: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
