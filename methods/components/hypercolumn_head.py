@@ -11,7 +11,8 @@ touches only those neighbourhoods instead of the full-resolution hypercolumn and
 no non-linearity, so it splits into one linear map per decoder map. Upsampling (per axis an interpolation matrix)
 commutes with mixing channels, so a coarse map is first projected to the head's R channels per kernel offset at its
 own resolution and then interpolated with the kernel's shifts folded into the per-axis matrices: for the 8x8
-bottleneck of 128 channels under a 3x3 head that is ~50x fewer multiplications than upsampling it and convolving.
+bottleneck of 128 channels under a 3x3 head that is tens of times fewer multiplications than upsampling it and
+convolving.
 Maps where that does not pay (the full-resolution one) take the plain upsample-and-convolve path.
 """
 from __future__ import annotations
@@ -148,10 +149,13 @@ def _dense_head(levels, size, first_weight, second_weight, second_bias, radius) 
 
 
 def _direct_cost(channels, low, size, out_channels, kernel) -> float:
+    """Multiplications per sample of upsampling a map and convolving it."""
     return math.prod(size) * channels * (out_channels * kernel ** len(size) + (4 if tuple(low) != tuple(size) else 0))
 
 
 def _separable_cost(channels, low, size, out_channels, kernel) -> float:
+    """Multiplications per sample of projecting a map and interpolating it, every axis counted as a dense matrix
+    product (the band taken for the last one only makes it cheaper)."""
     dims = len(size)
     cost = out_channels * kernel ** dims * channels * math.prod(low)  # the projection at low resolution
     for axis in reversed(range(dims)):  # axis a: (offset, low) -> full, with the axes after it already full
