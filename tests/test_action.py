@@ -509,7 +509,7 @@ def test_head_at_chosen_pixels_equals_the_dense_head_in_value_and_gradient(dims,
 
 
 @pytest.mark.parametrize("dims, shape, channels_last", [(2, (64, 48), False), (2, (64, 64), True), (3, (32, 32, 16), False)])
-def test_head_at_every_pixel_without_gradient_equals_the_upsampled_hypercolumn_head(dims, shape, channels_last):
+def test_head_at_every_pixel_without_gradient_equals_the_upsampled_hypercolumn_head(dims, shape, channels_last, monkeypatch):
     from methods.components import hypercolumn_head
     from methods.components.hypercolumn_head import HypercolumnHead
     from methods.networks import build_network
@@ -535,6 +535,8 @@ def test_head_at_every_pixel_without_gradient_equals_the_upsampled_hypercolumn_h
     dense = HypercolumnHead(levels, shape, head).dense()
     assert dense.shape == expected.shape and not dense.requires_grad
     assert torch.allclose(dense, expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(hypercolumn_head, "SEPARABLE_CHUNK_BYTES", 1)  # one sample at a time
+    assert torch.allclose(HypercolumnHead(levels, shape, head).dense(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
