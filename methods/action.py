@@ -34,7 +34,8 @@ Stages (``stages`` below; benchmark/run.py trains them in order, each from the p
    * ``L_reco`` (anatomical contrast, ReCo ``compute_reco_loss``) on a full-resolution representation: every
      decoder map of ``forward_features`` upsampled (align_corners) and concatenated, then
      ``Conv(k3, no bias) -> Conv1x1`` to R channels. Its keys carry no gradient, so the head runs at full
-     resolution without gradient and, with gradient, only at the query pixels (their 3x3 neighbourhoods of the
+     resolution without gradient (coarse decoder maps projected to R channels before they are interpolated, the
+     hypercolumn never built) and, with gradient, only at the query pixels (their 3x3 neighbourhoods of the
      hypercolumn interpolated from the decoder maps; methods/components/hypercolumn_head.py): the same values
      and gradients as the dense head with gradient (``dense_representation``), without its backward. Valid pixels: all labeled ones, unlabeled ones with
      conf >= 0.7. Per present class c: prototype = mean valid representation; 256 hard queries drawn (with
@@ -198,8 +199,9 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
     device = representation.device
     members = [torch.nonzero(valid & (labels == c)).squeeze(1) for c in range(probabilities.shape[1])]
     present = [c for c, idx in enumerate(members) if idx.numel() > 0]
-    with torch.no_grad():
-        prototypes = torch.stack([representation[members[c]].mean(0) for c in present]) if present else None
+    with torch.no_grad():  # class means as one (classes, pixels) x (pixels, R) product instead of per-class gathers
+        membership = torch.stack([valid & (labels == c) for c in present]).to(representation.dtype) if present else None
+        prototypes = (membership @ representation.detach()) / membership.sum(1, keepdim=True) if present else None
     draws = []
     if len(present) < 2:
         return prototypes, present, draws
@@ -222,6 +224,21 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
     return prototypes, present, draws
 
 
+def negative_products(keys: torch.Tensor, negatives: torch.Tensor, anchors: torch.Tensor,
+                      chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """(Q, N): anchors[q] . keys[negatives[q, j]], the gathered keys in chunks of queries of at most ``chunk_bytes``:
+    a single (Q, N, R) gather (32 MB at Q=256, N=512, R=64) is above glibc's largest mmap threshold, so every step
+    page-faults it in afresh, which cost three times the gather itself here; smaller blocks come from the heap."""
+    per_query = negatives.shape[1] * keys.shape[1] * keys.element_size()
+    step = max(1, chunk_bytes // per_query)
+    products = []
+    for start in range(0, negatives.shape[0], step):
+        rows = negatives[start:start + step]
+        gathered = keys.index_select(0, rows.reshape(-1)).view(*rows.shape, keys.shape[1])
+        products.append(torch.bmm(gathered, anchors[start:start + step].unsqueeze(2)).squeeze(2))
+    return torch.cat(products)
+
+
 @float32_island
 def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
                              probabilities: torch.Tensor, generator: torch.Generator, strong_threshold: float = 0.97,
@@ -237,13 +254,22 @@ def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor,
     prototypes, present, draws = sample_anatomical_contrast(
         labels.reshape(-1), valid.reshape(-1), probabilities, features, strong_threshold, temperature,
         num_queries, num_negatives, generator)
-    total = representation.sum() * 0
-    for position, queries, negatives in draws:
-        keys = torch.cat([prototypes[position].expand(num_queries, 1, channels), features[negatives].detach()], dim=1)
-        anchors = features[queries] if query_representation is None else query_representation(queries)
-        # cos(query, key) as one batched product of unit vectors; the keys' normalisation needs no gradient
-        unit_keys = F.normalize(keys, dim=2, eps=1e-8)
-        logits = torch.einsum("qr,qjr->qj", F.normalize(anchors, dim=1, eps=1e-8), unit_keys) / temperature
+    total = representation.sum() * 0 if representation.requires_grad else representation.new_zeros(())
+    # cos(query, key) = (unit query . key) / |key|: keys carry no gradient, so every pixel's inverse norm is computed
+    # once (a pixel is drawn as a negative many times over) and applied to the (Q, N) products, not to the keys
+    keys = features.detach()
+    inverse_norms = 1 / torch.linalg.vector_norm(keys, dim=1).clamp_min(1e-8)
+    if not draws:
+        return total
+    # every class's queries in one call: one gather (and one scatter in backward) of the hypercolumn neighbourhoods
+    all_queries = torch.cat([queries for _, queries, _ in draws])
+    all_anchors = features[all_queries] if query_representation is None else query_representation(all_queries)
+    for (position, _, negatives), anchors in zip(draws, all_anchors.split(num_queries)):
+        unit_prototype = F.normalize(prototypes[position], dim=0, eps=1e-8)
+        unit_anchors = F.normalize(anchors, dim=1, eps=1e-8)
+        positive = unit_anchors @ unit_prototype  # (Q,): the prototype is key 0 of every query
+        negative = negative_products(keys, negatives, unit_anchors) * inverse_norms[negatives]  # (Q, N)
+        logits = torch.cat([positive.unsqueeze(1), negative], dim=1) / temperature
         total = total + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=logits.device))
     return total / len(present) if len(present) > 1 else total
 
@@ -470,9 +496,8 @@ class ACTION(SemiSupervisedMethod):
         the only place the loss's gradient reaches; ``dense_representation`` runs it with gradient everywhere."""
         if self.hp["dense_representation"]:
             return self.representation(levels, size), None
-        with torch.no_grad():
-            keys = self.representation(levels, size)
-        return keys, HypercolumnHead(levels, size, self.representation_head).at
+        head = HypercolumnHead(levels, size, self.representation_head)
+        return head.dense(), head.at
 
     def finetune_losses(self, batch) -> dict[str, torch.Tensor]:
         hp = self.hp

@@ -508,6 +508,37 @@ def test_head_at_chosen_pixels_equals_the_dense_head_in_value_and_gradient(dims,
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("dims, shape, channels_last", [(2, (64, 48), False), (2, (64, 64), True), (3, (32, 32, 16), False)])
+def test_head_at_every_pixel_without_gradient_equals_the_upsampled_hypercolumn_head(dims, shape, channels_last, monkeypatch):
+    from methods.components import hypercolumn_head
+    from methods.components.hypercolumn_head import HypercolumnHead
+    from methods.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network(dims, 1, 3, base_features=4)
+    conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    representation = 16
+    head = torch.nn.Sequential(conv(sum(net.decoders[0].feature_channels), representation, 3, padding=1, bias=False),
+                               conv(representation, representation, 1))
+    images = torch.rand(2, 1, *shape)
+    if channels_last:
+        net, head, images = (x.to(memory_format=torch.channels_last) for x in (net, head, images))
+    with torch.no_grad():
+        _, levels = net.forward_features(images)
+    mode = "bilinear" if dims == 2 else "trilinear"
+    expected = head(torch.cat([torch.nn.functional.interpolate(level, size=shape, mode=mode, align_corners=True)
+                               for level in levels], dim=1))
+    # both ways of computing a level's part are exercised: projected then interpolated, and upsampled then convolved
+    separable = [hypercolumn_head._separable_cost(level.shape[1], level.shape[2:], shape, representation, 3)
+                 < hypercolumn_head._direct_cost(level.shape[1], level.shape[2:], shape, representation, 3) for level in levels]
+    assert any(separable) and not all(separable)
+    dense = HypercolumnHead(levels, shape, head).dense()
+    assert dense.shape == expected.shape and not dense.requires_grad
+    assert torch.allclose(dense, expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(hypercolumn_head, "SEPARABLE_CHUNK_BYTES", 1)  # one sample at a time
+    assert torch.allclose(HypercolumnHead(levels, shape, head).dense(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dataset", ["synthetic_acdc", "synthetic_la"])
 def test_finetune_losses_and_gradients_equal_the_dense_representation(dataset):
     batch = smoke_batch(dataset)
@@ -521,6 +552,9 @@ def test_finetune_losses_and_gradients_equal_the_dense_representation(dataset):
         assert sparse_losses[name].item() == pytest.approx(dense_losses[name].item(), rel=1e-5), name
     sparse_losses["loss"].backward()
     dense_losses["loss"].backward()
+    # Float-order noise relative to the step's gradients: a conv bias followed by BatchNorm has gradient 0 in exact
+    # arithmetic and ~1e-8 noise in either path.
+    scale = max(b.grad.abs().max().item() for b in dense.parameters() if b.grad is not None)
     for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
         if b.grad is not None:
-            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale), name

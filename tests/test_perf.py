@@ -89,6 +89,9 @@ def test_training_step_times_each_stage_of_a_multi_stage_method(one_torch_thread
     # stage 3 over stage 1, after asserting that the query-only head equals the dense one
     ratio = results["action_stage_ratio"]
     assert "error" not in ratio and ratio["identical_to_dense_head"] and ratio["finetune_over_pretrain_global"] > 0
+    parts = ratio["finetune_parts_ms"]
+    assert {"student passes", "teacher pass", "keys: head at every pixel, no grad", "backward"} <= set(parts)
+    assert all(value >= 0 for value in parts.values())
 
 
 @pytest.mark.parametrize("cpu_per_round, expected_rounds", [

@@ -123,6 +123,11 @@ def markdown(report: dict[str, Any]) -> str:
                       f"{_fmt(action['finetune_over_pretrain_global'], 2)} at the `{action['profile']}` profile "
                       f"({_fmt(action['cpu_step_median_s']['finetune'], 2)} s / {_fmt(action['cpu_step_median_s']['pretrain_global'], 2)} s); "
                       "the query-only head gave the dense head's losses and gradients")]
+            if "finetune_parts_ms" in action:
+                for stage in ("finetune", "pretrain_global"):
+                    parts = action[f"{stage}_parts_ms"]
+                    lines.append(f"- {stage} step, CPU ms per part: " + ", ".join(
+                        f"{label} {value:.0f}" for label, value in sorted(parts.items(), key=lambda item: -item[1])))
         measured = [r for r in t["methods"].values() if "error" not in r]
         if measured:
             waiting = max(r["suite_waiting_for_batch_median_s"] / r["suite_step_median_s"] for r in measured)

@@ -285,7 +285,65 @@ def action_stage_ratio(profile: str, steps: int, warmup: int) -> dict[str, Any]:
     return {"profile": profile, "steps_timed": steps, "patch": base["data"]["patch_size"],
             "batch": {stage: [len(b["labeled"]["image"]), len(b["unlabeled"]["image"])] for stage, (_, _, b) in loops.items()},
             "cpu_step_median_s": medians, "finetune_over_pretrain_global": medians["finetune"] / medians["pretrain_global"],
+            "ratio_per_step": [f / p for f, p in zip(times["finetune"], times["pretrain_global"])],
+            "finetune_parts_ms": _finetune_parts(*loops["finetune"], steps=max(1, steps // 2)),
+            "pretrain_global_parts_ms": _finetune_parts(*loops["pretrain_global"], steps=max(1, steps // 2)),
             "identical_to_dense_head": True}
+
+
+def _finetune_parts(model, optimizer, batch, steps: int) -> dict[str, float]:
+    """Median CPU ms per part of an ACTION step, each timed around its call; 'other losses' is the rest of
+    compute_losses (mixing, photometric views, the supervised and unsupervised terms, stage 1's latent heads and its
+    EMA update)."""
+    import methods.action as action_module
+
+    parts: dict[str, list[float]] = {}
+    current: dict[str, float] = {}
+
+    def timed(owner, attribute: str, label: str):
+        original = getattr(owner, attribute)
+
+        def wrapper(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                current[label] = current.get(label, 0.0) + time.process_time() - started
+        setattr(owner, attribute, wrapper)
+        return owner, attribute, original
+
+    patched = [timed(model.net, "forward_features", "student passes"),
+               timed(model.teacher.module, "forward", "teacher pass"),
+               timed(model.teacher.module, "forward_features", "teacher pass"),
+               timed(model, "contrast_inputs", "keys: head at every pixel, no grad"),
+               timed(action_module, "anatomical_contrast_loss", "contrast: sampling, query head, logits"),
+               timed(model, "isd_call_side_effects", "unused ISD call (student pass + EMA)")]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for index in range(steps):
+                current.clear()
+                started = time.process_time()
+                loss = model.training_step(batch, index)
+                losses_end = time.process_time()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                backward_end = time.process_time()
+                optimizer.step()
+                model.on_train_batch_end(loss, batch, index)
+                ended = time.process_time()
+                current["other losses"] = losses_end - started - sum(current.values())
+                current["backward"] = backward_end - losses_end
+                current["optimizer step, EMA after it"] = ended - backward_end
+                for label, value in current.items():
+                    parts.setdefault(label, []).append(value)
+    finally:
+        for owner, attribute, original in patched:
+            if owner is action_module:
+                setattr(owner, attribute, original)
+            else:
+                delattr(owner, attribute)  # the instance attribute shadowed the class's method
+    return {label: 1000 * statistics.median(values) for label, values in parts.items()}
 
 
 def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
@@ -311,7 +369,7 @@ def run(quick: bool, methods: list[str] | None = None) -> dict[str, Any]:
                 results["methods"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
     if "action" in names:
         try:
-            results["action_stage_ratio"] = action_stage_ratio("smoke" if quick else "cpu", 2 if quick else 3, 1)
+            results["action_stage_ratio"] = action_stage_ratio("smoke" if quick else "cpu", 2 if quick else 6, 1)
         except Exception as error:
             results["action_stage_ratio"] = {"error": f"{type(error).__name__}: {error}"[:300]}
     return results

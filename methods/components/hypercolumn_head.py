@@ -6,6 +6,14 @@ pixels (prototypes and negative keys are read without gradient). ``at(pixels)`` 
 neighbourhood of the hypercolumn from the low-resolution maps directly (zero outside the image, as the conv's
 padding) and applies the head as a linear map: the same values as the dense head up to float order, and backward
 touches only those neighbourhoods instead of the full-resolution hypercolumn and conv.
+
+``dense()`` gives the head at every pixel without gradient (the keys) without building the hypercolumn: the head has
+no non-linearity, so it splits into one linear map per decoder map. Upsampling (per axis an interpolation matrix)
+commutes with mixing channels, so a coarse map is first projected to the head's R channels per kernel offset at its
+own resolution and then interpolated with the kernel's shifts folded into the per-axis matrices: for the 8x8
+bottleneck of 128 channels under a 3x3 head that is tens of times fewer multiplications than upsampling it and
+convolving.
+Maps where that does not pay (the full-resolution one) take the plain upsample-and-convolve path.
 """
 from __future__ import annotations
 
@@ -14,7 +22,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from methods.losses.precision import float32_island
 
 
 class HypercolumnHead:
@@ -26,11 +37,19 @@ class HypercolumnHead:
             raise ValueError("HypercolumnHead needs a same-padded odd-kernel conv without bias followed by a 1x1 conv")
         self.levels, self.size = list(levels), tuple(int(s) for s in size)
         self.dims = len(self.size)
+        self.radius = radius
         self.first_weight = first.weight  # (R, C, k, ...)
         self.second_weight = second.weight.flatten(1)  # (R, R)
         self.second_bias = second.bias
         # kernel order: row-major over the kernel, offset = kernel index - radius (the conv is a cross-correlation)
         self.offsets = list(itertools.product(range(-radius, radius + 1), repeat=self.dims))
+
+    # ---- every pixel, without gradient ----------------------------------------------------------------------
+    @torch.no_grad()
+    def dense(self) -> torch.Tensor:
+        """(B, R, *size) head outputs at every pixel, without gradient, laid out channels-last (so the caller's
+        per-pixel view needs no copy)."""
+        return _dense_head(self.levels, self.size, self.first_weight, self.second_weight, self.second_bias, self.radius)
 
     # ---- at chosen pixels, with gradient ---------------------------------------------------------------------
     def at(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -73,6 +92,123 @@ class HypercolumnHead:
                              for corner in corners], dim=-1)  # (n, K, 2^d)
         weight = torch.stack([math.prod(fractions[a] if corner[a] else 1 - fractions[a] for a in range(self.dims))
                               for corner in corners], dim=-1)  # (n, K, 2^d)
-        flat = level.flatten(2).transpose(1, 2)  # (B, P, C)
-        values = flat[batch_index.view(-1, 1, 1), index]  # (n, K, 2^d, C)
-        return (weight.unsqueeze(-1) * values).sum(2)
+        pixels = math.prod(low)
+        rows = level.movedim(1, -1).reshape(-1, level.shape[1])  # (B P, C): a view of a channels-last map
+        # index_select: its backward is one index_add into the map's gradient
+        values = rows.index_select(0, (batch_index.view(-1, 1, 1) * pixels + index).reshape(-1)).view(*index.shape, -1)
+        return (weight.unsqueeze(-1) * values).sum(2)  # (n, K, C)
+
+
+#: Largest intermediate of the separable part per call, in bytes (see _dense_head).
+SEPARABLE_CHUNK_BYTES = 16 << 20
+
+
+def interpolation_matrix(full: int, low: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(full, low): linear interpolation with align_corners (F.interpolate's sampling positions) along one axis."""
+    scale = (low - 1) / (full - 1) if full > 1 else 0.0
+    source = torch.arange(full, dtype=torch.float64, device=device) * scale
+    lower = source.floor().long().clamp(0, low - 1)
+    upper = (lower + 1).clamp(max=low - 1)
+    fraction = source - lower.to(torch.float64)
+    matrix = torch.zeros(full, low, dtype=torch.float64, device=device)
+    rows = torch.arange(full, device=device)
+    matrix.index_put_((rows, lower), 1 - fraction, accumulate=True)
+    matrix.index_put_((rows, upper), fraction, accumulate=True)
+    return matrix.to(dtype)
+
+
+def shifted_interpolation(full: int, low: int, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(full, k, low): row X, offset i reads the interpolated axis at X + i - radius, zero outside (the conv's
+    zero padding)."""
+    base = interpolation_matrix(full, low, dtype, device)
+    padded = F.pad(base, (0, 0, radius, radius))
+    return torch.stack([padded[i:i + full] for i in range(2 * radius + 1)], dim=1)
+
+
+@float32_island
+def _dense_head(levels, size, first_weight, second_weight, second_bias, radius) -> torch.Tensor:
+    kernel = 2 * radius + 1
+    weight = torch.einsum("rs,sc...->rc...", second_weight, first_weight)  # no non-linearity: fold the 1x1 conv in
+    out_channels = weight.shape[0]
+    direct, separable, start = [], [], 0
+    for level in levels:
+        channels, low = level.shape[1], tuple(level.shape[2:])
+        part = (level, weight[:, start:start + channels])
+        start += channels
+        cheaper = _separable_cost(channels, low, size, out_channels, kernel) < _direct_cost(channels, low, size, out_channels, kernel)
+        (separable if cheaper else direct).append(part)
+    # (B, *size, R) contiguous, which the separable parts add into as matrix products
+    if direct:  # the maps at or near full resolution: upsampled and convolved together, bias included
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        upsampled = [level if tuple(level.shape[2:]) == tuple(size) else F.interpolate(level, size=size, mode=mode, align_corners=True)
+                     for level, _ in direct]
+        conv = F.conv2d if len(size) == 2 else F.conv3d
+        total = conv(torch.cat(upsampled, dim=1), torch.cat([w for _, w in direct], dim=1), second_bias, padding=radius)
+        total = total.movedim(1, -1).contiguous()
+    else:
+        total = second_bias.expand(levels[0].shape[0], *size, out_channels).clone()
+    for level, level_weight in separable:
+        # a few samples at a time: intermediates above glibc's largest mmap threshold (32 MB) are page-faulted in
+        # afresh on every call (a fifth of this part's time here), smaller ones come from the heap
+        per_sample = _largest_intermediate(level.shape[2:], size, out_channels, kernel) * total.element_size()
+        step = max(1, SEPARABLE_CHUNK_BYTES // per_sample)
+        for start in range(0, level.shape[0], step):
+            _add_separable_part(total[start:start + step], level[start:start + step], level_weight, size, radius)
+    return total.movedim(-1, 1)
+
+
+def _direct_cost(channels, low, size, out_channels, kernel) -> float:
+    """Multiplications per sample of upsampling a map and convolving it."""
+    return math.prod(size) * channels * (out_channels * kernel ** len(size) + (4 if tuple(low) != tuple(size) else 0))
+
+
+def _separable_cost(channels, low, size, out_channels, kernel) -> float:
+    """Multiplications per sample of projecting a map and interpolating it, every axis counted as a dense matrix
+    product (the band taken for the last one only makes it cheaper)."""
+    dims = len(size)
+    cost = out_channels * kernel ** dims * channels * math.prod(low)  # the projection at low resolution
+    for axis in reversed(range(dims)):  # axis a: (offset, low) -> full, with the axes after it already full
+        cost += (out_channels * math.prod(kernel * low[b] for b in range(axis + 1)) * size[axis]
+                 * math.prod(size[axis + 1:]))
+    return cost
+
+
+def _largest_intermediate(low, size, out_channels, kernel) -> int:
+    """Elements per sample of the largest tensor _add_separable_part allocates: the projected map, or the map after
+    one of its axes other than the first has been interpolated."""
+    dims = len(size)
+    sizes = [out_channels * kernel ** dims * math.prod(low)]
+    sizes += [out_channels * math.prod(kernel * low[b] for b in range(axis)) * math.prod(size[axis:]) for axis in range(1, dims)]
+    return max(sizes)
+
+
+def _add_separable_part(total, level, weight, size, radius) -> None:
+    """total (B, *size, R) += sum over offsets and low-resolution pixels of interp[X + offset, x] (W_offset level)[x],
+    one axis at a time (last first), each a few matrix products over contiguous memory."""
+    dims, batch, out_channels = len(size), level.shape[0], weight.shape[0]
+    low, kernel = level.shape[2:], weight.shape[2]
+    # (B, *low, *offsets, R), then interleaved to (B, low_1, k, ..., low_d, k, R)
+    projected = (level.movedim(1, -1).reshape(-1, level.shape[1]) @ weight.movedim(0, -1).reshape(level.shape[1], -1))
+    projected = projected.view(batch, *low, *([kernel] * dims), out_channels)
+    order = [0] + [index for axis in range(dims) for index in (1 + axis, 1 + dims + axis)] + [1 + 2 * dims]
+    current = projected.permute(order).contiguous()
+    for axis in reversed(range(dims)):
+        matrix = shifted_interpolation(size[axis], low[axis], radius, current.dtype, current.device)
+        matrix = matrix.transpose(1, 2).reshape(size[axis], low[axis] * kernel)  # columns (low, offset), as current
+        outer = batch * math.prod(kernel * low[b] for b in range(axis))
+        operand = current.reshape(outer, low[axis] * kernel, -1)
+        if axis == 0:  # the largest product, into the output: only the band of the matrix
+            _add_banded_product(matrix, operand, total.view(batch, size[0], -1))
+        else:
+            current = torch.matmul(matrix, operand)
+
+
+def _add_banded_product(matrix: torch.Tensor, operand: torch.Tensor, result: torch.Tensor, block: int = 16) -> None:
+    """result[:, rows] += matrix[rows] @ operand for blocks of rows, each over only the columns its rows touch (an
+    interpolation matrix with the kernel's shifts is banded: ~2k non-zeros per row)."""
+    touched = matrix != 0
+    for start in range(0, matrix.shape[0], block):
+        columns = torch.nonzero(touched[start:start + block].any(0)).squeeze(1)
+        first, last = int(columns[0]), int(columns[-1]) + 1
+        part = matrix[start:start + block, first:last]
+        result[:, start:start + block].baddbmm_(part.expand(operand.shape[0], -1, -1), operand[:, first:last])
