@@ -133,7 +133,7 @@ def command_sweep(args: argparse.Namespace) -> int:
 
 
 def command_leaderboard(args: argparse.Namespace) -> int:
-    from benchmark.report import render_leaderboards
+    from benchmark.leaderboard_page import render_leaderboards
 
     written = render_leaderboards(Path(args.dir), Path(args.out) if args.out else None, args.datasets)
     for path in written:

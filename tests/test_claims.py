@@ -8,7 +8,8 @@ import pytest
 
 from benchmark.claims import cited_documents, claims, nearest_count, published_gain, verdict
 from benchmark.leaderboard import append_rows
-from benchmark.report import REPORTED_COLUMNS, load_reported, render_leaderboards
+from benchmark.leaderboard_page import render_leaderboards
+from benchmark.report import REPORTED_COLUMNS, load_reported
 
 CASES = [f"c{i}" for i in range(6)]
 SUPERVISED = [0.5, 0.6, 0.7, 0.8, 0.9, 0.4]  # seed s adds 0.02 * s; mean 0.65 at seed 0

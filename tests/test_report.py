@@ -155,7 +155,7 @@ def test_committed_reported_csv():
 
 
 def test_the_hand_written_reading_goes_above_the_generated_tables(board):
-    from benchmark.report import READING_FILE, render_leaderboards
+    from benchmark.leaderboard_page import READING_FILE, render_leaderboards
 
     (board / READING_FILE).write_text("## Reading\n\nMean Teacher beats supervised by 10 points.\n")
     text = render_leaderboards(board)[0].read_text()
