@@ -127,8 +127,8 @@ class FBANetHyperparameters(Hyperparameters):
     # lambda on the Dice (upstream train_fba.py: 1). A number: MC-Net+'s null (its per-dimensionality lamda) is
     # not upstream FBA's and is refused.
     supervised_weight: float = 1.0
-    supervised_loss: SupervisedLossChoice = "upstream"
-    predict_with: DecoderPrediction = "decoder1"
+    supervised_loss: SupervisedLossChoice = "upstream"  # as MC-Net+'s: upstream (MC-Net's Dice) | ce_dice
+    predict_with: DecoderPrediction = "decoder1"  # as MC-Net+'s: decoder1 (upstream) | average
     projection_dim: int = 128  # embedding size (upstream --dim)
     sim_max_alpha: float = 0.25  # rank-weight alpha of the pull terms (SimMax)
     sim_min_alpha: float = 2.5  # rank-weight alpha of the push terms (SimMin)

@@ -49,9 +49,8 @@ from methods.losses.consistency import mutual_consistency_loss
 from methods.losses.precision import float32_island
 from methods.registry import register
 
-#: upstream (MC-Net's Dice, by dimensionality: see the module docstring) | ce_dice (the suite's 0.5 * (CE + Dice))
+#: The choices of ``supervised_loss`` and ``predict_with`` (FBA-Net's hyperparameters share them).
 SupervisedLossChoice = Literal["upstream", "ce_dice"]
-#: decoder1 (upstream) | average (the mean of the decoders' softmax)
 DecoderPrediction = Literal["decoder1", "average"]
 #: Upstream ``--lamda`` per dimensionality (train_mcnet_2d.py: 1, train_mcnet_3d.py: 0.5).
 UPSTREAM_SUPERVISED_WEIGHT = {2: 1.0, 3: 0.5}
@@ -92,7 +91,8 @@ class MCNetPlusHyperparameters(Hyperparameters):
     # lambda on the summed supervised loss (a number >= 0); null = upstream's for the dimensionality
     # (UPSTREAM_SUPERVISED_WEIGHT: 2-D 1.0, 3-D 0.5)
     supervised_weight: float | None = None
-    supervised_loss: SupervisedLossChoice = "upstream"  # applied per decoder
+    # per decoder: upstream (MC-Net's Dice by dimensionality, see above) | ce_dice (the suite's 0.5 * (CE + Dice))
+    supervised_loss: SupervisedLossChoice = "upstream"
     consistency: float = 0.1  # weight of the mutual consistency after the ramp-up (LA preset: 1.0)
     consistency_rampup: float = 200.0  # ramp-up length in units of 150 iterations (LA preset: 40)
     # if set, the ramp-up instead lasts this fraction of trainer.max_steps, counted in steps
@@ -100,7 +100,7 @@ class MCNetPlusHyperparameters(Hyperparameters):
     temperature: float = 0.1  # sharpening temperature of the consistency targets
     # false = upstream (gradient also through the sharpened targets; the `paper` profile's value)
     detach_sharpened_targets: bool = True
-    predict_with: DecoderPrediction = "decoder1"
+    predict_with: DecoderPrediction = "decoder1"  # decoder1 (upstream) | average (the decoders' mean softmax)
 
 
 @register("mc_net_plus")

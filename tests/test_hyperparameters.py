@@ -142,11 +142,14 @@ def test_fba_net_has_exactly_its_own_keys_and_fba_net_plus_adds_mc_net_plus_cons
 
 
 @pytest.mark.parametrize("name, key, value, message", [
-    ("mc_net_plus", "supervised_weight", "high", r"method\.supervised_weight='high' for mc_net_plus: expected a number or null"),
+    ("mc_net_plus", "supervised_weight", "high",
+     r"method\.supervised_weight='high' for mc_net_plus: expected a number or null"),
     ("mc_net_plus", "supervised_loss", "dice", r"unknown method\.supervised_loss 'dice' for mc_net_plus"),
     ("mc_net_plus", "predict_with", "decoder2", r"unknown method\.predict_with 'decoder2' for mc_net_plus"),
-    ("mc_net_plus", "detach_sharpened_targets", "yes", r"method\.detach_sharpened_targets='yes' .*: expected true or false"),
-    ("fba_net_plus", "supervised_weight", None, r"method\.supervised_weight=None for fba_net_plus: expected a number\n"),  # not "or null"
+    ("mc_net_plus", "detach_sharpened_targets", "yes",
+     r"method\.detach_sharpened_targets='yes' .*: expected true or false"),
+    ("fba_net_plus", "supervised_weight", None,  # "a number", not "a number or null"
+     r"method\.supervised_weight=None for fba_net_plus: expected a number\n"),
     ("fba_net_plus", "contrast", "pixel", r"unknown method\.contrast 'pixel' for fba_net_plus"),
     ("fba_net", "projection_dim", 1.5, r"method\.projection_dim=1\.5 for fba_net: expected a whole number"),
     ("fba_net", "sim_min_alpha", "2.5", r"method\.sim_min_alpha='2\.5' for fba_net: expected a number\n"),
@@ -165,4 +168,5 @@ def test_fba_supervised_weight_null_is_refused_when_given_on_the_command_line():
     with pytest.raises(UserError, match=r"method\.supervised_weight=None for fba_net: expected a number\n") as error:
         build_method("fba_net", overrides=["method.supervised_weight=null"], patch=(32, 32))
     assert "method.supervised_weight=1.0" in error.value.fix
-    assert build_method("mc_net_plus", overrides=["method.supervised_weight=null"], patch=(32, 32)).supervised_weight() == 1.0
+    mc_net_plus = build_method("mc_net_plus", overrides=["method.supervised_weight=null"], patch=(32, 32))
+    assert mc_net_plus.supervised_weight() == 1.0
