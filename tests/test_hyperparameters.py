@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from benchmark.config import resolve_config
+from benchmark.config import PROFILES, _load_method_yaml, resolve_config
 from core.errors import UserError
 from datamodules import get_dataset
 from methods.hyperparameters import Hyperparameters
@@ -72,7 +72,7 @@ def test_a_choice_outside_the_literal_names_the_known_ones():
 
 def test_typed_methods_get_their_defaults_from_the_dataclass_and_hp_is_an_instance():
     typed = [name for name in method_names() if get_method(name).hyperparameters is not None]
-    assert {"mean_teacher", "ua_mt"} <= set(typed)
+    assert {"mean_teacher", "ua_mt", "mc_net_plus", "fba_net", "fba_net_plus"} <= set(typed)
     for name in typed:
         cls = get_method(name)
         assert cls.defaults == cls.hyperparameters.defaults()
@@ -104,3 +104,69 @@ def test_a_bad_value_in_a_config_file_stops_a_typed_method_before_it_builds():
     config["method"]["consistency_rampup_fraction"] = "all"
     with pytest.raises(UserError, match="method.consistency_rampup_fraction='all' for mean_teacher: expected a number or null"):
         get_method("mean_teacher")(entry.spec, config)
+
+
+TYPED_METHODS = sorted(name for name in method_names() if get_method(name).hyperparameters is not None)
+
+
+@pytest.mark.parametrize("name", TYPED_METHODS)
+def test_every_preset_of_a_typed_method_passes_the_type_check(name):
+    # Every profile on every family the method's file has presets for, plus ACDC and LA (the cpu recipe's 2-D and
+    # 3-D entries): the resolved values are the ones a run builds its dataclass from, kept as given.
+    cls = get_method(name)
+    for dataset in sorted(set(_load_method_yaml(name).get("datasets", {})) | {"acdc", "la"}):
+        for profile in PROFILES:
+            config = resolve_config(dataset, name, profile, [], cls.defaults, family=get_dataset(dataset).family)
+            hp = cls.hyperparameters.from_values({**cls.defaults, **config["method"]}, name)
+            assert dataclasses.asdict(hp) == config["method"], (dataset, profile)
+
+
+CONSISTENCY_KEYS = {"consistency", "consistency_rampup", "consistency_rampup_fraction", "temperature",
+                    "detach_sharpened_targets"}
+
+
+def test_fba_net_has_exactly_its_own_keys_and_fba_net_plus_adds_mc_net_plus_consistency():
+    mc_net_plus, fba_net, fba_net_plus = (get_method(name).hyperparameters
+                                          for name in ("mc_net_plus", "fba_net", "fba_net_plus"))
+    mc_keys, single_keys, plus_keys = (list(cls.defaults()) for cls in (mc_net_plus, fba_net, fba_net_plus))
+    assert CONSISTENCY_KEYS <= set(mc_keys) and not CONSISTENCY_KEYS & set(single_keys)
+    contrast_keys = [key for key in single_keys if key not in mc_keys]
+    assert contrast_keys and plus_keys == mc_keys + contrast_keys  # MC-Net+'s order, then the contrastive keys
+    assert single_keys == [key for key in plus_keys if key not in CONSISTENCY_KEYS]
+    # The keys they share mean the same: same type and default, but for FBA's own lambda and consistency schedule.
+    fba_own = {"supervised_weight", "consistency", "consistency_rampup"}
+    for other, keys in ((mc_net_plus, set(mc_keys) - fba_own), (fba_net, set(single_keys) - fba_own)):
+        for key in keys:
+            assert fba_net_plus.defaults()[key] == other.defaults()[key], key
+            assert fba_net_plus.__dataclass_fields__[key].type == other.__dataclass_fields__[key].type, key
+
+
+@pytest.mark.parametrize("name, key, value, message", [
+    ("mc_net_plus", "supervised_weight", "high",
+     r"method\.supervised_weight='high' for mc_net_plus: expected a number or null"),
+    ("mc_net_plus", "supervised_loss", "dice", r"unknown method\.supervised_loss 'dice' for mc_net_plus"),
+    ("mc_net_plus", "predict_with", "decoder2", r"unknown method\.predict_with 'decoder2' for mc_net_plus"),
+    ("mc_net_plus", "detach_sharpened_targets", "yes",
+     r"method\.detach_sharpened_targets='yes' .*: expected true or false"),
+    ("fba_net_plus", "supervised_weight", None,  # "a number", not "a number or null"
+     r"method\.supervised_weight=None for fba_net_plus: expected a number\n"),
+    ("fba_net_plus", "contrast", "pixel", r"unknown method\.contrast 'pixel' for fba_net_plus"),
+    ("fba_net", "projection_dim", 1.5, r"method\.projection_dim=1\.5 for fba_net: expected a whole number"),
+    ("fba_net", "sim_min_alpha", "2.5", r"method\.sim_min_alpha='2\.5' for fba_net: expected a number\n"),
+])
+def test_a_wrong_value_for_mc_net_plus_and_fba_is_a_user_error_before_the_build(name, key, value, message):
+    entry = get_dataset("synthetic_la")
+    config = resolve_config("synthetic_la", name, "smoke", [], get_method(name).defaults, family=entry.family)
+    config["method"][key] = value
+    with pytest.raises(UserError, match=message):
+        get_method(name)(entry.spec, config)
+
+
+def test_fba_supervised_weight_null_is_refused_when_given_on_the_command_line():
+    # A null override passes the override's own type check (any key may be set to null there); the dataclass
+    # refuses it for FBA, whose loss multiplies the number directly (MC-Net+'s null means upstream's lamda).
+    with pytest.raises(UserError, match=r"method\.supervised_weight=None for fba_net: expected a number\n") as error:
+        build_method("fba_net", overrides=["method.supervised_weight=null"], patch=(32, 32))
+    assert "method.supervised_weight=1.0" in error.value.fix
+    mc_net_plus = build_method("mc_net_plus", overrides=["method.supervised_weight=null"], patch=(32, 32))
+    assert mc_net_plus.supervised_weight() == 1.0
