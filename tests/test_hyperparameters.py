@@ -72,7 +72,7 @@ def test_a_choice_outside_the_literal_names_the_known_ones():
 
 def test_typed_methods_get_their_defaults_from_the_dataclass_and_hp_is_an_instance():
     typed = [name for name in method_names() if get_method(name).hyperparameters is not None]
-    assert {"mean_teacher", "ua_mt", "mc_net_plus", "fba_net", "fba_net_plus"} <= set(typed)
+    assert typed == list(method_names()) and "action" in typed  # every method, the last converted one included
     for name in typed:
         cls = get_method(name)
         assert cls.defaults == cls.hyperparameters.defaults()
@@ -170,3 +170,26 @@ def test_fba_supervised_weight_null_is_refused_when_given_on_the_command_line():
     assert "method.supervised_weight=1.0" in error.value.fix
     mc_net_plus = build_method("mc_net_plus", overrides=["method.supervised_weight=null"], patch=(32, 32))
     assert mc_net_plus.supervised_weight() == 1.0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mix", "mixup", r"unknown method\.mix 'mixup' for action"),
+    ("augment_view", "both", r"unknown method\.augment_view 'both' for action"),
+    ("queue_size", 36.0, r"method\.queue_size=36\.0 for action: expected a whole number"),
+    ("blur_sigma", [0.15, "1.15"], r"method\.blur_sigma=\[0\.15, '1\.15'\] for action: expected a list of a number"),
+    ("dice_include_background", "no", r"method\.dice_include_background='no' for action: expected true or false"),
+    ("reco_weight", None, r"method\.reco_weight=None for action: expected a number\n"),
+])
+def test_a_wrong_value_for_action_is_a_user_error_before_the_build(monkeypatch, key, value, message):
+    # ACTION's build checked mix and augment_view itself; the dataclass now refuses them (and every other wrong
+    # type) in the constructor, before the build: a build that ran would fail this test with its AssertionError.
+    method = get_method("action")
+    monkeypatch.setattr(method, "build", lambda self: pytest.fail("the build ran with a wrong hyperparameter"))
+    entry = get_dataset("synthetic_la")
+    config = resolve_config("synthetic_la", "action", "smoke", [], method.defaults, family=entry.family)
+    config["method"][key] = value
+    with pytest.raises(UserError, match=message) as error:
+        method(entry.spec, config)
+    known = {"mix": "cutmix, classmix, none", "augment_view": "student, teacher"}
+    if key in known:
+        assert error.value.where == f"known: {known[key]}"
