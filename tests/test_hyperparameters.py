@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from benchmark.config import PROFILES, _load_method_yaml, resolve_config
+from benchmark.config import PROFILES, _load_method_yaml, resolve_config, stage_config
 from core.errors import UserError
 from datamodules import get_dataset
 from methods.hyperparameters import Hyperparameters
@@ -70,29 +70,28 @@ def test_a_choice_outside_the_literal_names_the_known_ones():
     assert error.value.where == "known: a, b"
 
 
-def test_typed_methods_get_their_defaults_from_the_dataclass_and_hp_is_an_instance():
-    typed = [name for name in method_names() if get_method(name).hyperparameters is not None]
-    assert typed == list(method_names()) and "action" in typed  # every method, the last converted one included
-    for name in typed:
+def test_every_method_gets_its_defaults_from_its_dataclass_and_hp_is_an_instance():
+    assert "action" in method_names()
+    for name in method_names():
         cls = get_method(name)
+        assert cls.hyperparameters is not Hyperparameters, name  # a dataclass of its own, not the empty base
         assert cls.defaults == cls.hyperparameters.defaults()
     model = build_method("ua_mt", overrides=["method.threshold_start=0.5"], patch=(32, 32))
     assert isinstance(model.hp, get_method("ua_mt").hyperparameters)
     assert model.hp.threshold_start == 0.5 and model.hp.consistency_start_step == 0 and model.hp.ema_decay == 0.99
 
 
-def test_a_subclass_with_a_defaults_dict_of_its_own_is_untyped_and_one_with_a_dataclass_typed():
+def test_a_subclass_with_a_dataclass_takes_its_defaults_and_one_with_a_defaults_dict_is_refused():
     mean_teacher = get_method("mean_teacher")
 
-    class WithDict(mean_teacher):
-        defaults = {**mean_teacher.defaults, "extra": 1}
-
-    class WithDataclass(WithDict):
+    class WithDataclass(mean_teacher):
         hyperparameters = Child
 
-    assert WithDict.hyperparameters is None and WithDict.defaults["extra"] == 1
     assert WithDataclass.defaults == Child.defaults()
-    assert mean_teacher.hyperparameters is not None  # the parent keeps its own
+    assert mean_teacher.defaults == mean_teacher.hyperparameters.defaults()  # the parent keeps its own
+    with pytest.raises(TypeError, match="WithDict writes a defaults dict: declare a Hyperparameters dataclass"):
+        class WithDict(mean_teacher):
+            defaults = {**mean_teacher.defaults, "extra": 1}
 
 
 def test_a_bad_value_in_a_config_file_stops_a_typed_method_before_it_builds():
@@ -106,19 +105,19 @@ def test_a_bad_value_in_a_config_file_stops_a_typed_method_before_it_builds():
         get_method("mean_teacher")(entry.spec, config)
 
 
-TYPED_METHODS = sorted(name for name in method_names() if get_method(name).hyperparameters is not None)
-
-
-@pytest.mark.parametrize("name", TYPED_METHODS)
-def test_every_preset_of_a_typed_method_passes_the_type_check(name):
+@pytest.mark.parametrize("name", method_names())
+def test_every_preset_of_every_method_passes_the_type_check(name):
     # Every profile on every family the method's file has presets for, plus ACDC and LA (the cpu recipe's 2-D and
-    # 3-D entries): the resolved values are the ones a run builds its dataclass from, kept as given.
+    # 3-D entries), in every stage (ACTION's per_stage presets): the resolved values are the ones a run builds its
+    # dataclass from, kept as given.
     cls = get_method(name)
     for dataset in sorted(set(_load_method_yaml(name).get("datasets", {})) | {"acdc", "la"}):
         for profile in PROFILES:
             config = resolve_config(dataset, name, profile, [], cls.defaults, family=get_dataset(dataset).family)
-            hp = cls.hyperparameters.from_values({**cls.defaults, **config["method"]}, name)
-            assert dataclasses.asdict(hp) == config["method"], (dataset, profile)
+            for stage in cls.stages:
+                values = stage_config(config, stage)["method"]
+                hp = cls.hyperparameters.from_values({**cls.defaults, **values}, name)
+                assert dataclasses.asdict(hp) == values, (dataset, profile, stage)
 
 
 CONSISTENCY_KEYS = {"consistency", "consistency_rampup", "consistency_rampup_fraction", "temperature",
