@@ -74,40 +74,13 @@ DDP rank's BN sees its own batch anyway); in stage 2 upstream re-initialises the
 only the two networks), here they carry over from stage 1; jitter is brightness/contrast only (saturation and
 hue do nothing to one channel) and is not clamped to [0, 1]; 2D AdvMorph (missing upstream) is not applied.
 
-Hyperparameters (``method.<key>=...``; defaults are the 3D/LA paper values, the 2D/ACDC ones are in
-benchmark/configs/methods/action.yaml):
-  ema_decay                0.99   teacher (and k-head) EMA decay, constant
-  queue_size               36     K, entries of each memory bank; a multiple of the global batch
-  latent_dim               128    D of the global embedding (2D: 512)
-  output_pooling           4      s, the pooled size of each window (2D: 8)
-  window, window_stride    20, 10 local window side and stride (2D: 64, 32)
-  window_include_last      true   every full window (3D code); false = range(0, size - window, stride) (2D code)
-  student_temperature      0.1    T_s
-  teacher_temperature      0.6    T_t (2D: 0.01)
-  latent_weight            1.0    k1
-  output_weight            1.0    k2
-  augment_view             student  which view of stages 1-2 is augmented (student = 3D --combinations 1,
-                                    teacher = 2D --combinations 2)
-  pretrain_jitter          0.02   jitter strength of stages 1-2 (2D: 0.2)
-  finetune_jitter          0.02   jitter strength of stage 3 (2D: 0.25)
-  jitter_probability       0.5
-  blur_probability         0.5    in-plane Gaussian blur, sigma ~ U(0.15, 1.15)
-  blur_sigma               [0.15, 1.15]
-  mix                      classmix   cutmix | classmix | none (2D: cutmix)
-  cutmix_depth             20     slices of the 3D cutmix box
-  representation_dim       128    R (2D: 512)
-  strong_threshold         0.97   hard-query probability bound and the confident-pixel bound of w_b
-  weak_threshold           0.7    confidence for an unlabeled pixel to take part in L_reco
-  reco_temperature         0.5
-  num_queries              256
-  num_negatives            512
-  reco_weight              0.01
-  literal_local_reshape, shared_augmented_view, undetached_teacher_targets   false (see above)
-  dice_include_background  true
-  freeze_whole_decoder_in_stage_one, finetune_joint_pass, finetune_isd_call, key_heads_copy_query   false
-  dense_representation     false  true: stage 3 builds the full-resolution representation with gradient
+Hyperparameters (``method.<key>=...``): :class:`ActionHyperparameters`, their meaning beside each default; the
+defaults are the 3D/LA paper values, the 2D/ACDC ones are in benchmark/configs/methods/action.yaml.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -118,13 +91,12 @@ from methods.base import SemiSupervisedMethod
 from methods.components.ema import make_ema_teacher
 from methods.components.hypercolumn_head import HypercolumnHead
 from methods.components.memory_bank import MemoryQueue
-from methods.components.mixing import MIX_MODES, classmix_keep_masks, cutmix_keep_masks, mix_with_next
+from methods.components.mixing import MixMode, classmix_keep_masks, cutmix_keep_masks, mix_with_next
 from methods.components.photometric import random_blur, random_intensity_jitter
+from methods.hyperparameters import Hyperparameters
 from methods.losses import SupervisedSegmentationLoss
 from methods.losses.precision import float32_island
 from methods.registry import register
-
-AUGMENT_VIEWS = ("student", "teacher")
 
 
 # ---- distillation -----------------------------------------------------------------------------------------
@@ -274,75 +246,81 @@ def anatomical_contrast_loss(representation: torch.Tensor, labels: torch.Tensor,
     return total / len(present) if len(present) > 1 else total
 
 
+# ---- the hyperparameters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActionHyperparameters(Hyperparameters):
+    ema_decay: float = 0.99  # teacher (and k-head) EMA decay, constant
+    queue_size: int = 36  # K, entries of each memory bank; a multiple of the global batch
+    latent_dim: int = 128  # D of the global embedding (2D: 512)
+    output_pooling: int = 4  # s, the pooled size of each window (2D: 8)
+    window: int = 20  # local window side (2D: 64)
+    window_stride: int = 10  # local window stride (2D: 32)
+    # true: every full window (3D code); false: range(0, size - window, stride) (2D code)
+    window_include_last: bool = True
+    student_temperature: float = 0.1  # T_s
+    teacher_temperature: float = 0.6  # T_t (2D: 0.01)
+    latent_weight: float = 1.0  # k1
+    output_weight: float = 1.0  # k2
+    # which view of stages 1-2 is augmented (student = 3D --combinations 1, teacher = 2D --combinations 2)
+    augment_view: Literal["student", "teacher"] = "student"
+    pretrain_jitter: float = 0.02  # jitter strength of stages 1-2 (2D: 0.2)
+    finetune_jitter: float = 0.02  # jitter strength of stage 3 (2D: 0.25)
+    jitter_probability: float = 0.5
+    blur_probability: float = 0.5  # in-plane Gaussian blur, sigma ~ U(0.15, 1.15) (the blur_sigma range)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.15, 1.15])
+    mix: MixMode = "classmix"  # of the unlabeled batch in stage 3: cutmix | classmix | none (2D: cutmix)
+    cutmix_depth: int = 20  # slices of the 3D cutmix box
+    representation_dim: int = 128  # R (2D: 512)
+    strong_threshold: float = 0.97  # hard-query probability bound and the confident-pixel bound of w_b
+    weak_threshold: float = 0.7  # confidence for an unlabeled pixel to take part in L_reco
+    reco_temperature: float = 0.5
+    num_queries: int = 256
+    num_negatives: int = 512
+    reco_weight: float = 0.01
+    # Upstream behaviours as flags, the intended behaviour the default (module docstring):
+    literal_local_reshape: bool = False
+    shared_augmented_view: bool = False
+    undetached_teacher_targets: bool = False
+    # Upstream behaviours that are the default, with the alternative as a flag (module docstring):
+    dice_include_background: bool = True
+    freeze_whole_decoder_in_stage_one: bool = False
+    finetune_joint_pass: bool = False
+    finetune_isd_call: bool = False
+    key_heads_copy_query: bool = False
+    dense_representation: bool = False  # true: stage 3 builds the full-resolution representation with gradient
+
+
 # ---- the method -------------------------------------------------------------------------------------------
 @register("action")
 class ACTION(SemiSupervisedMethod):
     stages = ("pretrain_global", "pretrain_local", "finetune")
-    defaults = {
-        "ema_decay": 0.99,
-        "queue_size": 36,
-        "latent_dim": 128,
-        "output_pooling": 4,
-        "window": 20,
-        "window_stride": 10,
-        "window_include_last": True,
-        "student_temperature": 0.1,
-        "teacher_temperature": 0.6,
-        "latent_weight": 1.0,
-        "output_weight": 1.0,
-        "augment_view": "student",
-        "pretrain_jitter": 0.02,
-        "finetune_jitter": 0.02,
-        "jitter_probability": 0.5,
-        "blur_probability": 0.5,
-        "blur_sigma": [0.15, 1.15],
-        "mix": "classmix",
-        "cutmix_depth": 20,
-        "representation_dim": 128,
-        "strong_threshold": 0.97,
-        "weak_threshold": 0.7,
-        "reco_temperature": 0.5,
-        "num_queries": 256,
-        "num_negatives": 512,
-        "reco_weight": 0.01,
-        "literal_local_reshape": False,
-        "shared_augmented_view": False,
-        "undetached_teacher_targets": False,
-        "dice_include_background": True,
-        "freeze_whole_decoder_in_stage_one": False,
-        "finetune_joint_pass": False,
-        "finetune_isd_call": False,
-        "key_heads_copy_query": False,
-        "dense_representation": False,
-    }
+    hyperparameters = ActionHyperparameters
+    hp: ActionHyperparameters
 
     def build(self) -> None:
         hp, dims, classes = self.hp, self.spec.spatial_dims, self.spec.num_classes
-        for key, known in (("mix", MIX_MODES), ("augment_view", AUGMENT_VIEWS)):
-            if hp[key] not in known:
-                raise UserError(f"unknown method.{key} '{hp[key]}' for action", where=f"known: {', '.join(known)}")
         # Upstream's supervised term is SSL4MIS DiceLoss(num_classes) in every stage and dimension: background included.
         self.supervised_criterion = SupervisedSegmentationLoss(
-            include_background=hp["dice_include_background"], ignore_index=self.spec.ignore_index)
+            include_background=hp.dice_include_background, ignore_index=self.spec.ignore_index)
         self.net = self.build_network()
-        self.teacher = make_ema_teacher(self.net, hp["ema_decay"], warmup=False)
+        self.teacher = make_ema_teacher(self.net, hp.ema_decay, warmup=False)
         channels = self.net.decoders[0].feature_channels
         # Stages 1-2: global and local distillation heads and their memory banks.
-        self.q_latent_head = LatentHead(dims, channels[0], hp["latent_dim"])
-        self.latent_predictor = nn.Sequential(nn.Linear(hp["latent_dim"], hp["latent_dim"]), nn.Linear(hp["latent_dim"], hp["latent_dim"]))
-        self.q_outputs_head = window_head(dims, classes, hp["output_pooling"])
+        self.q_latent_head = LatentHead(dims, channels[0], hp.latent_dim)
+        self.latent_predictor = nn.Sequential(nn.Linear(hp.latent_dim, hp.latent_dim), nn.Linear(hp.latent_dim, hp.latent_dim))
+        self.q_outputs_head = window_head(dims, classes, hp.output_pooling)
         self.outputs_predictor = one_by_one_pair(dims, classes)
-        self.k_latent_head = self._key_head(self.q_latent_head, lambda: LatentHead(dims, channels[0], hp["latent_dim"]))
-        self.k_outputs_head = self._key_head(self.q_outputs_head, lambda: window_head(dims, classes, hp["output_pooling"]))
+        self.k_latent_head = self._key_head(self.q_latent_head, lambda: LatentHead(dims, channels[0], hp.latent_dim))
+        self.k_outputs_head = self._key_head(self.q_outputs_head, lambda: window_head(dims, classes, hp.output_pooling))
         self.num_windows = self._count_windows()
-        window_dim = classes * hp["output_pooling"] ** dims
-        self.latent_queue = MemoryQueue(hp["queue_size"], (hp["latent_dim"],), "the latent memory bank", "method.queue_size")
-        self.window_queue = MemoryQueue(hp["queue_size"], (self.num_windows, window_dim), "the window memory bank", "method.queue_size")
+        window_dim = classes * hp.output_pooling ** dims
+        self.latent_queue = MemoryQueue(hp.queue_size, (hp.latent_dim,), "the latent memory bank", "method.queue_size")
+        self.window_queue = MemoryQueue(hp.queue_size, (self.num_windows, window_dim), "the window memory bank", "method.queue_size")
         # Stage 3: the representation head of the anatomical contrast.
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
         self.representation_head = nn.Sequential(
-            conv(sum(channels), hp["representation_dim"], 3, padding=1, bias=False),
-            conv(hp["representation_dim"], hp["representation_dim"], 1),
+            conv(sum(channels), hp.representation_dim, 3, padding=1, bias=False),
+            conv(hp.representation_dim, hp.representation_dim, 1),
         )
         self._freeze_what_this_stage_does_not_train()
 
@@ -350,19 +328,19 @@ class ACTION(SemiSupervisedMethod):
         """The teacher-side twin of ``query_head``, an EMA of it: upstream builds it with its own random
         initialisation; ``key_heads_copy_query`` starts it as a copy (MoCo). AveragedModel copies on its first
         update, so a separately initialised head counts as already averaged once, and its first update is an EMA."""
-        if self.hp["key_heads_copy_query"]:
-            return make_ema_teacher(query_head, self.hp["ema_decay"], warmup=False)
-        head = make_ema_teacher(fresh_head(), self.hp["ema_decay"], warmup=False)
+        if self.hp.key_heads_copy_query:
+            return make_ema_teacher(query_head, self.hp.ema_decay, warmup=False)
+        head = make_ema_teacher(fresh_head(), self.hp.ema_decay, warmup=False)
         head.n_averaged.fill_(1)
         return head
 
     def _count_windows(self) -> int:
         hp = self.hp
         patch = self.config["data"]["patch_size"] or self.spec.patch_size
-        counts = [len(window_starts(int(size), hp["window"], hp["window_stride"], hp["window_include_last"])) for size in patch]
+        counts = [len(window_starts(int(size), hp.window, hp.window_stride, hp.window_include_last)) for size in patch]
         if min(counts) < 1:
             raise UserError(
-                f"method.window={hp['window']} (stride {hp['window_stride']}) leaves no local window in the training patch {list(patch)}",
+                f"method.window={hp.window} (stride {hp.window_stride}) leaves no local window in the training patch {list(patch)}",
                 fix="choose a smaller method.window / method.window_stride (the presets scale them with the patch)")
         total = 1
         for count in counts:
@@ -373,13 +351,13 @@ class ACTION(SemiSupervisedMethod):
         """Only what the stage's loss reaches keeps requires_grad (the optimizer and DDP then ignore the rest)."""
         # 3D: the latent x5_up passes through the decoder's first up-convolution, which upstream's V-Net factory
         # leaves trainable (it ignores the freeze flags).
-        first_up = [self.net.decoders[0].ups[0]] if self.spec.spatial_dims == 3 and not self.hp["freeze_whole_decoder_in_stage_one"] else []
+        first_up = [self.net.decoders[0].ups[0]] if self.spec.spatial_dims == 3 and not self.hp.freeze_whole_decoder_in_stage_one else []
         trained = {
             "pretrain_global": [self.net.encoder, self.q_latent_head, self.latent_predictor, *first_up],
             "pretrain_local": [self.net, self.q_latent_head, self.latent_predictor, self.q_outputs_head, self.outputs_predictor],
             "finetune": [self.net, self.representation_head],
         }[self.stage]
-        if self.hp["undetached_teacher_targets"] and self.stage != "finetune":
+        if self.hp.undetached_teacher_targets and self.stage != "finetune":
             trained += [self.k_latent_head] + ([self.k_outputs_head] if self.stage == "pretrain_local" else [])
         self.requires_grad_(False)
         for module in trained:
@@ -394,26 +372,26 @@ class ACTION(SemiSupervisedMethod):
     # ---- views -------------------------------------------------------------------------------------------
     def photometric(self, images: torch.Tensor, jitter: float, generator: torch.Generator) -> torch.Tensor:
         hp = self.hp
-        images = random_intensity_jitter(images, generator, jitter, hp["jitter_probability"])
-        return random_blur(images, generator, tuple(hp["blur_sigma"]), hp["blur_probability"])
+        images = random_intensity_jitter(images, generator, jitter, hp.jitter_probability)
+        return random_blur(images, generator, tuple(hp.blur_sigma), hp.blur_probability)
 
     def distillation_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(student view, teacher view) of stages 1-2."""
-        augmented = self.photometric(images, self.hp["pretrain_jitter"], self.step_generator())
-        if self.hp["shared_augmented_view"]:
+        augmented = self.photometric(images, self.hp.pretrain_jitter, self.step_generator())
+        if self.hp.shared_augmented_view:
             return augmented, augmented
-        return (augmented, images) if self.hp["augment_view"] == "student" else (images, augmented)
+        return (augmented, images) if self.hp.augment_view == "student" else (images, augmented)
 
     # ---- stages 1-2 --------------------------------------------------------------------------------------
     def update_teacher(self) -> None:
         self.teacher.update_parameters(self.net)
-        if not (self.hp["undetached_teacher_targets"] and self.spec.spatial_dims == 2):  # 2D code: k-heads by gradient only
+        if not (self.hp.undetached_teacher_targets and self.spec.spatial_dims == 2):  # 2D code: k-heads by gradient only
             self.k_latent_head.update_parameters(self.q_latent_head)
             self.k_outputs_head.update_parameters(self.q_outputs_head)
 
     def window_embeddings(self, logits: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """(P * B, C, s, ...) embeddings of all windows, window-major (upstream's concatenation order)."""
-        windows, _ = extract_windows(logits, self.hp["window"], self.hp["window_stride"], self.hp["window_include_last"])
+        windows, _ = extract_windows(logits, self.hp.window, self.hp.window_stride, self.hp.window_include_last)
         return head(windows)
 
     def local_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,10 +399,10 @@ class ACTION(SemiSupervisedMethod):
         hp, count, windows = self.hp, student_logits.shape[0], self.num_windows
         student = self.window_embeddings(student_logits, lambda x: self.outputs_predictor(self.q_outputs_head(x)))
         teacher = self.window_embeddings(teacher_logits, self.k_outputs_head)
-        if not hp["undetached_teacher_targets"]:
+        if not hp.undetached_teacher_targets:
             teacher = teacher.detach()
         bank = self.window_queue.keys.clone()  # (K, P, E)
-        if hp["literal_local_reshape"]:
+        if hp.literal_local_reshape:
             # Upstream: (P*B, C, s..) -> reshape (B, P, ...) -> reshape (P, B, -1) -> reshape (-1, P) for anchors;
             # bank (K, P, E) -> transpose (P, K, E) -> reshape (-1, P); keys = reshape (B, P, -1).
             keys = teacher.reshape(count, windows, -1)
@@ -436,8 +414,8 @@ class ACTION(SemiSupervisedMethod):
             keys = teacher.flatten(1).view(windows, count, -1).transpose(0, 1)
             teacher_rows = keys.reshape(count * windows, -1)
             bank_rows = bank.reshape(-1, bank.shape[-1])
-        loss = distillation_kl(similarity_logits(student_rows, bank_rows, hp["student_temperature"]),
-                               similarity_logits(teacher_rows, bank_rows, hp["teacher_temperature"]))
+        loss = distillation_kl(similarity_logits(student_rows, bank_rows, hp.student_temperature),
+                               similarity_logits(teacher_rows, bank_rows, hp.teacher_temperature))
         return loss, keys
 
     def distillation_losses(self, batch) -> dict[str, torch.Tensor]:
@@ -453,20 +431,20 @@ class ACTION(SemiSupervisedMethod):
             teacher_logits, teacher_levels = self.teacher.module.forward_features(teacher_view)
         query = self.latent_predictor(self.q_latent_head(levels[0]))
         key = self.k_latent_head(teacher_levels[0])
-        if not hp["undetached_teacher_targets"]:
+        if not hp.undetached_teacher_targets:
             key = key.detach()
         bank = self.latent_queue.keys.clone()
-        latent = distillation_kl(similarity_logits(query, bank, hp["student_temperature"]),
-                                 similarity_logits(key, bank, hp["teacher_temperature"]))
+        latent = distillation_kl(similarity_logits(query, bank, hp.student_temperature),
+                                 similarity_logits(key, bank, hp.teacher_temperature))
         losses = {"latent": latent}
         if self.stage == "pretrain_global":
-            losses["loss"] = hp["latent_weight"] * latent
+            losses["loss"] = hp.latent_weight * latent
             window_keys = None
         else:
             output, window_keys = self.local_loss(logits, teacher_logits)
             supervised = self.supervised_loss(logits[:n_labeled], labels)
             losses.update(output=output, supervised=supervised,
-                          loss=supervised + hp["latent_weight"] * latent + hp["output_weight"] * output)
+                          loss=supervised + hp.latent_weight * latent + hp.output_weight * output)
         self.latent_queue.enqueue(key)
         if window_keys is not None:
             self.window_queue.enqueue(window_keys)
@@ -482,9 +460,9 @@ class ACTION(SemiSupervisedMethod):
 
     def mix_unlabeled(self, images, pseudo_labels, confidence, generator):
         hp = self.hp
-        if hp["mix"] == "cutmix":
-            keep = cutmix_keep_masks(tuple(pseudo_labels.shape), generator, hp["cutmix_depth"], images.device)
-        elif hp["mix"] == "classmix":
+        if hp.mix == "cutmix":
+            keep = cutmix_keep_masks(tuple(pseudo_labels.shape), generator, hp.cutmix_depth, images.device)
+        elif hp.mix == "classmix":
             keep = classmix_keep_masks(pseudo_labels, generator)
         else:
             return images, pseudo_labels, confidence
@@ -494,7 +472,7 @@ class ACTION(SemiSupervisedMethod):
         """(representation for the keys, query function or None) of ``anatomical_contrast_loss``: by default the
         full-resolution head runs without gradient (keys carry none) and, with gradient, only at the query pixels,
         the only place the loss's gradient reaches; ``dense_representation`` runs it with gradient everywhere."""
-        if self.hp["dense_representation"]:
+        if self.hp.dense_representation:
             return self.representation(levels, size), None
         head = HypercolumnHead(levels, size, self.representation_head)
         return head.dense(), head.at
@@ -511,12 +489,12 @@ class ACTION(SemiSupervisedMethod):
             with torch.no_grad():
                 confidence, pseudo_labels = torch.softmax(self.teacher(raw_unlabeled), dim=1).max(dim=1)
             unlabeled, pseudo_labels, confidence = self.mix_unlabeled(raw_unlabeled, pseudo_labels, confidence, generator)
-            unlabeled = self.photometric(unlabeled, hp["finetune_jitter"], generator)
+            unlabeled = self.photometric(unlabeled, hp.finetune_jitter, generator)
             target_labels = torch.cat([labels, pseudo_labels])
-            valid = torch.cat([valid, confidence >= hp["weak_threshold"]])
+            valid = torch.cat([valid, confidence >= hp.weak_threshold])
         if unlabeled is None:
             logits, levels = self.net.forward_features(images)
-        elif hp["finetune_joint_pass"]:
+        elif hp.finetune_joint_pass:
             logits, levels = self.net.forward_features(torch.cat([images, unlabeled]))
         else:  # upstream: one pass per stream, so BatchNorm normalises each with its own batch statistics
             (labeled_logits, labeled_levels), (unlabeled_logits, unlabeled_levels) = (
@@ -527,15 +505,15 @@ class ACTION(SemiSupervisedMethod):
         losses = {"supervised": supervised}
         total = supervised
         if unlabeled is not None:
-            unsupervised = confidence_weighted_ce(logits[n_labeled:], pseudo_labels, confidence, hp["strong_threshold"])
+            unsupervised = confidence_weighted_ce(logits[n_labeled:], pseudo_labels, confidence, hp.strong_threshold)
             losses["unsupervised"] = unsupervised
             total = total + unsupervised
         representation, query_representation = self.contrast_inputs(levels, logits.shape[2:])
         reco = anatomical_contrast_loss(
-            representation, target_labels, valid, torch.softmax(logits, dim=1), generator, hp["strong_threshold"],
-            hp["reco_temperature"], hp["num_queries"], hp["num_negatives"], query_representation)
-        losses.update(reco=reco, loss=total + hp["reco_weight"] * reco)
-        if hp["finetune_isd_call"] and unlabeled is not None:
+            representation, target_labels, valid, torch.softmax(logits, dim=1), generator, hp.strong_threshold,
+            hp.reco_temperature, hp.num_queries, hp.num_negatives, query_representation)
+        losses.update(reco=reco, loss=total + hp.reco_weight * reco)
+        if hp.finetune_isd_call and unlabeled is not None:
             self.isd_call_side_effects(raw_unlabeled)
         return losses
 

@@ -52,12 +52,12 @@ def poly_per_epoch(max_steps: int, epochs, power: float):
 
 class SemiSupervisedMethod(pl.LightningModule):
     name: ClassVar[str] = ""
-    # Hyperparameters of the method with their defaults (the `paper` values); presets per profile live in
+    # Hyperparameters of the method (methods/hyperparameters.py): a frozen dataclass of the keys, their types and
+    # defaults (the `paper` values); ``self.hp`` is an instance of it. Presets per profile live in
     # benchmark/configs/methods/<name>.yaml. Unknown keys in a config are rejected.
+    hyperparameters: ClassVar[type[Hyperparameters]] = Hyperparameters
+    # Field name -> default, in field order, derived from ``hyperparameters`` (what config resolution starts from).
     defaults: ClassVar[dict[str, Any]] = {}
-    # Or typed (methods/hyperparameters.py): a frozen dataclass whose fields give ``defaults``; ``self.hp`` is then
-    # an instance of it. A subclass that writes a ``defaults`` dict of its own is untyped again.
-    hyperparameters: ClassVar[type[Hyperparameters] | None] = None
     # False for methods that train on the labeled stream only (no unlabeled loader is built).
     uses_unlabeled: ClassVar[bool] = True
     # Training stages in order (benchmark/run.py trains them one after the other, each from the previous one's
@@ -73,10 +73,10 @@ class SemiSupervisedMethod(pl.LightningModule):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "hyperparameters" in vars(cls):
-            cls.defaults = cls.hyperparameters.defaults() if cls.hyperparameters is not None else {}
-        elif "defaults" in vars(cls):
-            cls.hyperparameters = None
+        if "defaults" in vars(cls):
+            raise TypeError(f"{cls.__name__} writes a defaults dict: declare a Hyperparameters dataclass instead "
+                            "(methods/hyperparameters.py) and set hyperparameters = it")
+        cls.defaults = cls.hyperparameters.defaults()
 
     def __init__(self, spec: DatasetSpec, config: dict[str, Any]):
         super().__init__()
@@ -91,8 +91,7 @@ class SemiSupervisedMethod(pl.LightningModule):
         unknown = set(self.hp) - set(self.defaults)
         if unknown:
             raise ValueError(f"{type(self).__name__} got unknown hyperparameters {sorted(unknown)}")
-        if self.hyperparameters is not None:
-            self.hp = self.hyperparameters.from_values(self.hp, self.name)
+        self.hp = self.hyperparameters.from_values(self.hp, self.name)
         self.check_dataset(spec)
         self.save_hyperparameters({"config": config, "spec": asdict(spec)})
         policy = config["trainer"].get("on_nonfinite_loss", "stop")

@@ -57,28 +57,23 @@ Upstream choices exposed as flags (the intended behaviour is the default, the `p
   selected on val/dice (LA: cases held out of training, ``data.val_holdout``), never on test; no flag to do otherwise.
 * ``fba_net`` has no consistency keys (one decoder): ``method.consistency=...`` is rejected for it.
 
-Hyperparameters (``method.<key>=...``): MC-Net+'s (see methods/mc_net_plus.py) with upstream FBA-Net's defaults
-``consistency`` 1.0 and ``consistency_rampup`` 40 (both scripts; ACDC preset also ``supervised_weight`` 1.0, the 2-D
-script has no lambda), plus
-  projection_dim        128     embedding size (upstream --dim)
-  sim_max_alpha         0.25    rank-weight alpha of the pull terms
-  sim_min_alpha         2.5     rank-weight alpha of the push terms
-  contrastive_weight    1.0     weight of the summed contrastive terms (upstream: none, i.e. 1)
-  contrast              auto    auto (binary in 3-D, per_class in 2-D) | binary | per_class
+Hyperparameters: :class:`FBANetPlusHyperparameters` (MC-Net+'s with upstream FBA-Net's consistency defaults, plus
+the contrastive module's) and :class:`FBANetHyperparameters` (``fba_net``: the same without the consistency keys);
+their meaning beside each default.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from core.errors import UserError
+from methods.hyperparameters import Hyperparameters
 from methods.losses.contrastive import sim_max_loss, sim_min_loss
-from methods.mc_net_plus import MCNetPlus
+from methods.mc_net_plus import DecoderPrediction, MCNetPlus, MCNetPlusHyperparameters, SupervisedLossChoice
 from methods.registry import register
-
-CONTRAST_MODES = ("auto", "binary", "per_class")
 
 
 # ---- the contrastive module -----------------------------------------------------------------------------
@@ -122,36 +117,52 @@ class ContrastiveModule(nn.Module):
         return self.fg_projection(foreground), self.bg_projection(background)
 
 
+# ---- the hyperparameters --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FBANetHyperparameters(Hyperparameters):
+    """FBA-Net's own keys (one decoder): MC-Net+'s supervised and prediction keys and the contrastive module's,
+    none of the consistency's. Declared here rather than derived from FBA-Net+'s dataclass, which would bring the
+    consistency keys along only for this class to remove them."""
+
+    # lambda on the Dice (upstream train_fba.py: 1). A number: MC-Net+'s null (its per-dimensionality lamda) is
+    # not upstream FBA's and is refused.
+    supervised_weight: float = 1.0
+    supervised_loss: SupervisedLossChoice = "upstream"  # as MC-Net+'s: upstream (MC-Net's Dice) | ce_dice
+    predict_with: DecoderPrediction = "decoder1"  # as MC-Net+'s: decoder1 (upstream) | average
+    projection_dim: int = 128  # embedding size (upstream --dim)
+    sim_max_alpha: float = 0.25  # rank-weight alpha of the pull terms (SimMax)
+    sim_min_alpha: float = 2.5  # rank-weight alpha of the push terms (SimMin)
+    contrastive_weight: float = 1.0  # weight of the summed contrastive terms (upstream: none, i.e. 1)
+    contrast: Literal["auto", "binary", "per_class"] = "auto"  # auto = binary in 3-D, per_class in 2-D
+
+
+@dataclass(frozen=True)
+class FBANetPlusHyperparameters(FBANetHyperparameters, MCNetPlusHyperparameters):
+    """FBA-Net's keys plus MC-Net+'s consistency keys, in MC-Net+'s order followed by the contrastive ones (a
+    dataclass takes its bases' fields from the last base to the first: a key both declare keeps MC-Net+'s place
+    and FBA-Net's declaration)."""
+
+    supervised_weight: float = 0.5  # upstream train_3d.py's lamda (LA); train_2d.py has none (the ACDC preset: 1)
+    consistency: float = 1.0  # upstream FBA-Net's (both scripts)
+    consistency_rampup: float = 40.0  # in units of 150 iterations: full weight at iteration 6000 (both scripts)
+
+
 # ---- the methods ----------------------------------------------------------------------------------------
 @register("fba_net_plus")
 class FBANetPlus(MCNetPlus):
-    defaults = {
-        **MCNetPlus.defaults,
-        "supervised_weight": 0.5,  # a number, as before MC-Net+'s became per-dimensionality (presets set it)
-        "consistency": 1.0,
-        "consistency_rampup": 40.0,
-        "projection_dim": 128,
-        "sim_max_alpha": 0.25,
-        "sim_min_alpha": 2.5,
-        "contrastive_weight": 1.0,
-        "contrast": "auto",
-    }
+    hyperparameters = FBANetPlusHyperparameters
+    hp: FBANetPlusHyperparameters
     num_decoders = 3
 
     def build(self) -> None:
-        if self.hp["contrast"] not in CONTRAST_MODES:
-            raise UserError(
-                f"unknown method.contrast '{self.hp['contrast']}' for {self.name}",
-                where=f"known: {', '.join(CONTRAST_MODES)}",
-            )
         super().build()  # MC-Net+'s network; in 2-D its decoders 2/3 are (deconv, nearest), upstream FBA's
         # UNet_FBA2d has (nearest, deconv): every loss is symmetric in the decoders, decoder 1 (bilinear) is the same.
-        mode = self.hp["contrast"]
+        mode = self.hp.contrast
         self.per_class = mode == "per_class" or (mode == "auto" and self.spec.spatial_dims == 2)
         patch_size = self.config["data"]["patch_size"] or self.spec.patch_size
         self.contrastive_modules = nn.ModuleList(
             ContrastiveModule(
-                self.spec.spatial_dims, self.spec.num_classes, patch_size, self.hp["projection_dim"], self.per_class
+                self.spec.spatial_dims, self.spec.num_classes, patch_size, self.hp.projection_dim, self.per_class
             )
             for _ in range(self.num_decoders)
         )
@@ -159,7 +170,7 @@ class FBANetPlus(MCNetPlus):
     # ---- contrast -------------------------------------------------------------------------------------
     def contrastive_loss(self, module: ContrastiveModule, logits: torch.Tensor) -> torch.Tensor:
         """One decoder's contrastive term on all samples of the batch (no labels)."""
-        pull, push = self.hp["sim_max_alpha"], self.hp["sim_min_alpha"]
+        pull, push = self.hp.sim_max_alpha, self.hp.sim_min_alpha
         if not self.per_class:
             foreground, background = module(logits)
             return (
@@ -195,20 +206,14 @@ class FBANetPlus(MCNetPlus):
         else:
             supervised = self.decoder_supervised_loss(logits_list[0][: labels.shape[0]], labels)
             unsupervised = 0.0
-        loss = self.hp["supervised_weight"] * supervised + unsupervised + self.hp["contrastive_weight"] * contrastive
+        loss = self.hp.supervised_weight * supervised + unsupervised + self.hp.contrastive_weight * contrastive
         return {"loss": loss, "supervised": supervised, "contrastive": contrastive, **losses}
-
-
-_CONSISTENCY_KEYS = ("consistency", "consistency_rampup", "consistency_rampup_fraction", "temperature",
-                     "detach_sharpened_targets")
 
 
 @register("fba_net")
 class FBANet(FBANetPlus):
     """Single-decoder ablation (upstream ``train_fba.py``): Dice with weight 1 + contrast, no consistency."""
 
-    defaults = {
-        **{k: v for k, v in FBANetPlus.defaults.items() if k not in _CONSISTENCY_KEYS},
-        "supervised_weight": 1.0,
-    }
+    hyperparameters = FBANetHyperparameters
+    hp: FBANetHyperparameters
     num_decoders = 1

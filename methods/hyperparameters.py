@@ -1,8 +1,8 @@
 """Typed hyperparameters: one frozen dataclass per method, the single definition of its keys, types and defaults.
 
-A method sets ``hyperparameters = <its dataclass>`` instead of writing a ``defaults`` dict: the class's ``defaults``
-(what the config resolution starts from, methods/base.py) are derived from the fields, in field order, so config
-keys and hashes are those the dict gave; ``self.hp`` is an instance, read as ``self.hp.ema_decay`` (a reader and
+A method sets ``hyperparameters = <its dataclass>``: the class's ``defaults`` (what the config resolution starts
+from, methods/base.py) are derived from the fields, in field order (the order of a config's keys, which its hash
+depends on); ``self.hp`` is an instance, read as ``self.hp.ema_decay`` (a reader and
 an IDE see the type and the default where the field is declared). Building it checks every value against its
 field's type (``float`` takes a whole number, ``X | None`` takes null, ``Literal[...]`` names the choices) and
 refuses a wrong one with a :class:`core.errors.UserError` naming the key. Values are kept as given (no conversion),

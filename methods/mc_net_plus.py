@@ -30,19 +30,13 @@ Upstream: ycwu1997/MC-Net ``code/train_mcnet_3d.py`` (LA, ``mcnet3d_v2``), ``cod
   reported besides, averages raw logits and thresholds the foreground logit at 0.5; not reproduced.)
 * Without unlabeled data (RATIO=1.0) the consistency runs on the labeled samples only, as it would upstream.
 
-Hyperparameters (``method.<key>=...``):
-  supervised_weight            null       lambda on the summed supervised loss; null = upstream's for the
-                                          dimensionality (2-D 1.0, 3-D 0.5)
-  supervised_loss              upstream   upstream (Dice as above, by dimensionality) | ce_dice
-  consistency                  0.1        weight of the mutual consistency after the ramp-up (LA preset: 1.0)
-  consistency_rampup           200.0      ramp-up length in units of 150 iterations (LA preset: 40)
-  consistency_rampup_fraction  null       if set, the ramp-up lasts this fraction of trainer.max_steps instead
-  temperature                  0.1        sharpening temperature
-  detach_sharpened_targets     true       false = upstream (gradient also through the sharpened targets; the
-                                          `paper` profile's value)
-  predict_with                 decoder1   decoder1 (upstream) | average
+Hyperparameters: :class:`MCNetPlusHyperparameters` (their meaning beside each default; the LA and ACDC
+values are set per dataset family in configs/methods/mc_net_plus.yaml).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +44,14 @@ import torch.nn.functional as F
 from core.errors import UserError
 from methods.base import SemiSupervisedMethod
 from methods.components.ensembles import average_probability_logits
+from methods.hyperparameters import Hyperparameters
 from methods.losses.consistency import mutual_consistency_loss
 from methods.losses.precision import float32_island
 from methods.registry import register
 
-PREDICT_WITH = ("decoder1", "average")
-SUPERVISED_LOSSES = ("upstream", "ce_dice")
+#: The choices of ``supervised_loss`` and ``predict_with`` (FBA-Net's hyperparameters share them).
+SupervisedLossChoice = Literal["upstream", "ce_dice"]
+DecoderPrediction = Literal["decoder1", "average"]
 #: Upstream ``--lamda`` per dimensionality (train_mcnet_2d.py: 1, train_mcnet_3d.py: 0.5).
 UPSTREAM_SUPERVISED_WEIGHT = {2: 1.0, 3: 0.5}
 
@@ -90,47 +86,51 @@ def mcnet_dice_loss(probabilities: torch.Tensor, labels: torch.Tensor, smooth: f
     return (1 - intersection / union).mean()
 
 
+@dataclass(frozen=True)
+class MCNetPlusHyperparameters(Hyperparameters):
+    # lambda on the summed supervised loss (a number >= 0); null = upstream's for the dimensionality
+    # (UPSTREAM_SUPERVISED_WEIGHT: 2-D 1.0, 3-D 0.5)
+    supervised_weight: float | None = None
+    # per decoder: upstream (MC-Net's Dice by dimensionality, see above) | ce_dice (the suite's 0.5 * (CE + Dice))
+    supervised_loss: SupervisedLossChoice = "upstream"
+    consistency: float = 0.1  # weight of the mutual consistency after the ramp-up (LA preset: 1.0)
+    consistency_rampup: float = 200.0  # ramp-up length in units of 150 iterations (LA preset: 40)
+    # if set, the ramp-up instead lasts this fraction of trainer.max_steps, counted in steps
+    consistency_rampup_fraction: float | None = None
+    temperature: float = 0.1  # sharpening temperature of the consistency targets
+    # false = upstream (gradient also through the sharpened targets; the `paper` profile's value)
+    detach_sharpened_targets: bool = True
+    predict_with: DecoderPrediction = "decoder1"  # decoder1 (upstream) | average (the decoders' mean softmax)
+
+
 @register("mc_net_plus")
 class MCNetPlus(SemiSupervisedMethod):
-    defaults = {
-        "supervised_weight": None,  # upstream's per dimensionality (UPSTREAM_SUPERVISED_WEIGHT)
-        "supervised_loss": "upstream",
-        "consistency": 0.1,
-        "consistency_rampup": 200.0,
-        "consistency_rampup_fraction": None,
-        "temperature": 0.1,
-        "detach_sharpened_targets": True,
-        "predict_with": "decoder1",
-    }
+    hyperparameters = MCNetPlusHyperparameters
+    hp: MCNetPlusHyperparameters
     num_decoders = 3
     handles_ignore_index = False  # its upstream supervised losses one-hot the labels themselves
 
     def build(self) -> None:
-        for key, known in (("predict_with", PREDICT_WITH), ("supervised_loss", SUPERVISED_LOSSES)):
-            if self.hp[key] not in known:
-                raise UserError(
-                    f"unknown method.{key} '{self.hp[key]}' for {self.name}", where=f"known: {', '.join(known)}"
-                )
-        weight = self.hp["supervised_weight"]
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
+        weight = self.hp.supervised_weight
+        if weight is not None and weight < 0:
             raise UserError(f"method.supervised_weight={weight!r} for {self.name}",
                             fix="give a number >= 0, or null for upstream's (2-D 1.0, 3-D 0.5)")
         self.net = self.build_network(num_decoders=self.num_decoders)
 
     def supervised_weight(self) -> float:
         """lambda of the supervised loss: ``method.supervised_weight``, or upstream's for the dimensionality."""
-        weight = self.hp["supervised_weight"]
+        weight = self.hp.supervised_weight
         return UPSTREAM_SUPERVISED_WEIGHT[self.spec.spatial_dims] if weight is None else float(weight)
 
     # ---- the pieces (FBA-Net+ reuses them) --------------------------------------------------------
     def consistency_weight(self) -> float:
         # upstream increments iter_num before computing the weight: (iteration + 1) // 150
-        return self.hp["consistency"] * self.rampup(self.hp["consistency_rampup"], step_offset=1,
-                                                    fraction=self.hp["consistency_rampup_fraction"])
+        return self.hp.consistency * self.rampup(self.hp.consistency_rampup, step_offset=1,
+                                                 fraction=self.hp.consistency_rampup_fraction)
 
     def decoder_supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The supervised loss of one decoder on labeled logits (before ``supervised_weight``)."""
-        if self.hp["supervised_loss"] == "ce_dice":
+        if self.hp.supervised_loss == "ce_dice":
             return self.supervised_loss(logits, labels)
         probabilities = torch.softmax(logits, dim=1)
         if self.spec.spatial_dims == 2:
@@ -144,7 +144,7 @@ class MCNetPlus(SemiSupervisedMethod):
         supervised = sum(self.decoder_supervised_loss(logits[:n_labeled], labels) for logits in logits_list)
         probabilities = [torch.softmax(logits, dim=1) for logits in logits_list]
         consistency = mutual_consistency_loss(
-            probabilities, self.hp["temperature"], detach_targets=self.hp["detach_sharpened_targets"]
+            probabilities, self.hp.temperature, detach_targets=self.hp.detach_sharpened_targets
         )
         return supervised, consistency
 
@@ -160,6 +160,6 @@ class MCNetPlus(SemiSupervisedMethod):
         return {"loss": loss, "supervised": supervised, "consistency": consistency, "consistency_weight": weight}
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if self.hp["predict_with"] == "average":
+        if self.hp.predict_with == "average":
             return average_probability_logits(self.net.forward_all(images))
         return self.net(images)

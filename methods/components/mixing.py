@@ -8,10 +8,12 @@ partner), as upstream with batch 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
-MIX_MODES = ("cutmix", "classmix", "none")
+#: The mixes of the unlabeled batch ACTION offers (its ``method.mix``).
+MixMode = Literal["cutmix", "classmix", "none"]
 
 
 def cutmix_keep_masks(shape: tuple[int, ...], generator: torch.Generator, depth: int | None = None, device=None) -> torch.Tensor:
