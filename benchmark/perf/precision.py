@@ -53,7 +53,7 @@ DECISION = (
 LAYOUT_DECISION = (
     "Adopted: `trainer.channels_last: true` puts 2-D networks in channels-last memory format (default false, so every "
     "existing config hash stays; true is hashed, because with dropout it draws other masks than the default layout). "
-    "It is not switched on in the `cpu` recipe here, since that would change every cpu row's hash: the lead's call. "
+    "The `cpu` recipe trains its 2-D entries in channels-last (benchmark/configs/recipes/cpu.yaml; docs/protocol.md). "
     "Not adopted: torch.compile. Its steady-state gain on the float32 U-Net step is modest, and every network of a "
     "method, every stage and every new input shape (the sliding-window batches of evaluation) compiles again, for "
     "tens of seconds to minutes each on a shared 2-core machine (a cold first compile of the U-Net step took 314 s "
