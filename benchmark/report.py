@@ -8,9 +8,12 @@ benchmark/leaderboard_page.py assembles them into ``leaderboards/README.md`` (``
 - ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
 - ``<dataset>_<profile>_curves.png``: validation Dice against the training step per method and labeled count, the
   mean over seeds of the curves archived with the rows (``curves/<dataset>/<run>.csv``);
-- in the tables, a paired Wilcoxon signed-rank test of each method against ``supervised`` on the same split
-  (labeled count), seed and checkpoint kind: one pair per test case, the per-case Dice of the two runs
-  (``test_per_case_<checkpoint>.csv`` in the run folders), its difference averaged over the seeds both have.
+- in the tables, two tests of each method against ``supervised`` on the same split (labeled count) and checkpoint
+  kind. The seed-level test (Welch's t-test on the per-seed test Dice of all seeds each side has) is the one that
+  counts: it includes seed-to-seed training variation. The within-seed test (Wilcoxon signed-rank, one pair per
+  test case, the per-case Dice of the two runs of a seed from ``test_per_case_<checkpoint>.csv``, its difference
+  averaged over the seeds both have) does not: two seeds of the same method already differ by a few points on
+  nearly every case, so its p-value measures that gap, not a method effect.
 
 Only rows with status ``ok`` count; a repeated (config hash, seed, checkpoint) keeps its latest row. Rows of one
 method with different config hashes (other overrides, changed presets) are different experiments and get
@@ -19,6 +22,7 @@ separate lines.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -179,10 +183,40 @@ def baseline_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["method"] == BASELINE].drop_duplicates(SPLIT_KEYS, keep="last").set_index(SPLIT_KEYS)
 
 
+def seed_level_test(ours: Iterable[float], theirs: Iterable[float]) -> dict:
+    """Welch's t-test (unequal variances) of the per-seed test Dice of ``ours`` against ``theirs``: one number per
+    trained model, so the run-to-run variation of training is in the test. Needs at least 2 seeds on each side.
+    Returns seed_n_ours, seed_n_theirs, seed_mean_difference (ours - theirs, mean over seeds; NaN without seeds)
+    and seed_p_value (NaN when a side has fewer than 2 seeds: not testable)."""
+    from scipy.stats import ttest_ind
+
+    ours = np.asarray([float(x) for x in ours], dtype=float)
+    theirs = np.asarray([float(x) for x in theirs], dtype=float)
+    difference = float(ours.mean() - theirs.mean()) if ours.size and theirs.size else np.nan
+    p_value = np.nan
+    if ours.size >= 2 and theirs.size >= 2:
+        if np.ptp(ours) == 0 and np.ptp(theirs) == 0:
+            # No spread on either side (scipy answers NaN): equal means are no evidence, different ones certain.
+            p_value = 1.0 if difference == 0 else 0.0
+        else:
+            with warnings.catch_warnings():
+                # Repeated Dice on one side (its variance exactly 0) is a valid input, not lost precision.
+                warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+                p_value = float(ttest_ind(ours, theirs, equal_var=False).pvalue)
+    return {"seed_n_ours": int(ours.size), "seed_n_theirs": int(theirs.size),
+            "seed_mean_difference": difference, "seed_p_value": p_value}
+
+
+SEED_TEST_COLUMNS = ["seed_n_ours", "seed_n_theirs", "seed_mean_difference", "seed_p_value"]
+
+
 def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
-    """One ``paired_case_test`` per non-baseline group of ``aggregate``: per-case Dice of the method's run against
-    the supervised run of the same dataset, profile, labeled count, seed and checkpoint kind.
-    Columns: the GROUP_KEYS, pairs (cases), seeds, mean_difference (method - supervised), p_value."""
+    """Per non-baseline group of ``aggregate``, both tests against supervised-only at the same dataset, profile,
+    labeled count and checkpoint kind: ``seed_level_test`` of the group's per-seed Dice against every seed of the
+    supervised rows (``baseline_rows``), and ``paired_case_test`` of per-case Dice against the supervised run of
+    the same seed (within-seed).
+    Columns: the GROUP_KEYS, the within-seed pairs (cases), seeds, mean_difference (method - supervised) and
+    p_value, then SEED_TEST_COLUMNS."""
     rows = finished_rows(table)
     if "run_dir" not in rows:
         rows["run_dir"] = ""
@@ -194,8 +228,11 @@ def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: P
             split = tuple(row[k] for k in SPLIT_KEYS)
             if split in baseline.index:
                 pairs.append((row["dataset"], row["seed"], row["checkpoint"], row["run_dir"], baseline.loc[split, "run_dir"]))
-        results.append({**dict(zip(GROUP_KEYS, key)), **paired_case_test(pairs, base, leaderboard_dir)})
-    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "seeds", "mean_difference", "p_value"])
+        split = tuple(group.iloc[0][k] for k in SPLIT_KEYS[:-1])
+        same_split = [index[:-1] == split for index in baseline.index]
+        seed_test = seed_level_test(group["dice"].dropna(), baseline.loc[same_split, "dice"].dropna())
+        results.append({**dict(zip(GROUP_KEYS, key)), **paired_case_test(pairs, base, leaderboard_dir), **seed_test})
+    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "seeds", "mean_difference", "p_value", *SEED_TEST_COLUMNS])
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------
@@ -242,28 +279,40 @@ def config_cell(digest: str, configs: dict[str, str] | None) -> str:
     return f"{described} (`{digest}`)" if described else f"`{digest}`"
 
 
+def seed_test_cell(test) -> str:
+    """'0.0715 (2 / 3)' for a seed-level test, '– (1 / 5)' when a side has fewer than 2 seeds (not testable)."""
+    counts = f"({int(test['seed_n_ours'])} / {int(test['seed_n_theirs'])})"
+    return f"– {counts}" if pd.isna(test["seed_p_value"]) else f"{test['seed_p_value']:.3g} {counts}"
+
+
 def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.DataFrame | None,
                    configs: dict[str, str] | None = None) -> str:
-    headers = ["Method", "Labeled", "Checkpoint", "n", "Dice %", "Jaccard %", "HD95", "ASD", "ΔDice vs supervised",
-               "Wilcoxon p (cases × seeds)", "Config (changes from the profile's defaults)"]
+    headers = ["Method", "Labeled", "Checkpoint", "n", "Dice %", "Jaccard %", "HD95", "ASD",
+               "ΔDice vs supervised (seed means)",
+               "Seed-level Welch p (n method / n supervised)",
+               "Within-seed per-case test: ΔDice, Wilcoxon p (cases × seeds; no seed variation)",
+               "Config (changes from the profile's defaults)"]
     if reported is not None:
         headers.append("Published Dice % [trust] (source)")
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     indexed = tests.set_index(GROUP_KEYS) if not tests.empty else None
     for row in summary.itertuples(index=False):
         key = tuple(getattr(row, k) for k in GROUP_KEYS)
-        difference, p_text = "baseline", "–"
+        difference, seed_text, p_text = "baseline", "–", "–"
         if row.method != BASELINE:
             difference = "–"
             if indexed is not None and key in indexed.index:
                 test = indexed.loc[key]
+                seed_text = seed_test_cell(test)
+                if not pd.isna(test["seed_mean_difference"]):
+                    difference = f"{test['seed_mean_difference'] * 100:+.2f}"
                 if test["pairs"]:
-                    difference = f"{test['mean_difference'] * 100:+.2f}"
-                    p_text = f"{test['p_value']:.3g} ({int(test['pairs'])} × {int(test['seeds'])})"
+                    p_text = (f"{test['mean_difference'] * 100:+.2f}, p = {test['p_value']:.3g} "
+                              f"({int(test['pairs'])} × {int(test['seeds'])})")
         cells = [row.method, str(row.labeled_cases), row.checkpoint, str(row.n),
                  _mean_std(row.dice_mean, row.dice_std, 100, 2), _mean_std(row.jaccard_mean, row.jaccard_std, 100, 2),
                  _mean_std(row.hd95_mean, row.hd95_std, 1, 2), _mean_std(row.asd_mean, row.asd_std, 1, 2),
-                 difference, p_text, config_cell(row.config_hash, configs)]
+                 difference, seed_text, p_text, config_cell(row.config_hash, configs)]
         if reported is not None:
             cells.append(_published(reported, row.dataset, row.method, int(row.labeled_cases)))
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,6 +1,7 @@
 """Leaderboard reports on a made-up leaderboard with known means, stds and per-case differences."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -8,7 +9,8 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.leaderboard import append_rows
-from benchmark.report import REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests
+from benchmark.report import (REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests,
+                              seed_level_test)
 from tests.conftest import PROJECT_ROOT
 
 CASES = ["c1", "c2", "c3", "c4"]
@@ -85,6 +87,72 @@ def test_wilcoxon_against_supervised_on_paired_cases(board):
     assert tests.loc["cps", "pairs"] == 0 and pd.isna(tests.loc["cps", "p_value"])
 
 
+def welch_p_by_hand(ours: list[float], theirs: list[float]) -> float:
+    """Welch's two-sided p from its formula: t = difference of means / sqrt(s1²/n1 + s2²/n2), Welch-Satterthwaite
+    degrees of freedom, and P(|T| > |t|) = 1 - 2 x the integral of Student's t density from 0 to |t| (Simpson's
+    rule; the density from math.gamma), with no statistics library."""
+    def mean(x):
+        return sum(x) / len(x)
+
+    def share(x):  # s² / n
+        return sum((v - mean(x)) ** 2 for v in x) / (len(x) - 1) / len(x)
+
+    t = abs(mean(ours) - mean(theirs)) / math.sqrt(share(ours) + share(theirs))
+    df = (share(ours) + share(theirs)) ** 2 / (share(ours) ** 2 / (len(ours) - 1) + share(theirs) ** 2 / (len(theirs) - 1))
+    scale = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def density(x):
+        return scale * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    steps = 2000
+    h = t / steps
+    integral = h / 3 * sum((1 if i in (0, steps) else 4 if i % 2 else 2) * density(i * h) for i in range(steps + 1))
+    return 1 - 2 * integral
+
+
+def test_seed_level_welch_test_against_its_formula():
+    # Two seeds a side with equal variances: 2 degrees of freedom, where P(|T| > t) = 1 - t / sqrt(2 + t²);
+    # t = 0.10 / sqrt(0.0008 / 2 + 0.0008 / 2) = 5 / sqrt(2), so p = 1 - (5 / sqrt 2) / sqrt(14.5) = 0.0715.
+    test = seed_level_test([0.70, 0.74], [0.60, 0.64])
+    t = 5 / math.sqrt(2)
+    assert test["seed_p_value"] == pytest.approx(1 - t / math.sqrt(2 + t**2))
+    assert test["seed_p_value"] == pytest.approx(0.0715, abs=1e-4)
+    assert welch_p_by_hand([0.70, 0.74], [0.60, 0.64]) == pytest.approx(test["seed_p_value"], abs=1e-9)
+    assert (test["seed_n_ours"], test["seed_n_theirs"]) == (2, 2) and test["seed_mean_difference"] == pytest.approx(0.10)
+    # Unequal counts and spreads: non-integer degrees of freedom (about 2.4), no closed form.
+    ours, theirs = [0.71, 0.78, 0.74], [0.73, 0.70, 0.76, 0.74, 0.72]
+    assert seed_level_test(ours, theirs)["seed_p_value"] == pytest.approx(welch_p_by_hand(ours, theirs), abs=1e-9)
+    swapped, test = seed_level_test(theirs, ours), seed_level_test(ours, theirs)
+    assert swapped["seed_mean_difference"] == pytest.approx(-test["seed_mean_difference"])
+    assert swapped["seed_p_value"] == pytest.approx(test["seed_p_value"])
+
+
+def test_seed_level_test_needs_two_seeds_a_side():
+    one_seed = seed_level_test([0.8], [0.6, 0.7, 0.8])
+    assert pd.isna(one_seed["seed_p_value"]) and one_seed["seed_mean_difference"] == pytest.approx(0.1)
+    assert (one_seed["seed_n_ours"], one_seed["seed_n_theirs"]) == (1, 3)
+    assert pd.isna(seed_level_test([0.8, 0.9], [0.6])["seed_p_value"])
+    assert pd.isna(seed_level_test([0.8, 0.9], [])["seed_mean_difference"])
+    # No spread on either side: equal means give p = 1, different ones p = 0 (scipy alone answers NaN).
+    assert seed_level_test([0.7, 0.7], [0.7, 0.7])["seed_p_value"] == 1.0
+    assert seed_level_test([0.8, 0.8], [0.7, 0.7])["seed_p_value"] == 0.0
+
+
+def test_seed_level_tests_use_every_seed_of_each_side(board):
+    from benchmark.leaderboard import read_leaderboard
+
+    tests = paired_tests(read_leaderboard(board / "acdc.csv")).set_index("method")
+    mean_teacher = tests.loc["mean_teacher"]
+    assert (mean_teacher["seed_n_ours"], mean_teacher["seed_n_theirs"]) == (3, 3)
+    assert mean_teacher["seed_p_value"] == pytest.approx(welch_p_by_hand([0.7, 0.8, 0.9], [0.6, 0.7, 0.8]), abs=1e-9)
+    # cps has seeds 0 and 1 only and no per-case files: no within-seed test, but a seed-level one against all three
+    # supervised seeds (the failed mean_teacher row and the paper-profile supervised row do not count).
+    cps = tests.loc["cps"]
+    assert cps["pairs"] == 0 and (cps["seed_n_ours"], cps["seed_n_theirs"]) == (2, 3)
+    assert cps["seed_mean_difference"] == pytest.approx(-0.2)
+    assert cps["seed_p_value"] == pytest.approx(welch_p_by_hand([0.5, 0.5], [0.6, 0.7, 0.8]), abs=1e-9)
+
+
 def test_paired_tests_fall_back_to_the_per_case_copies_beside_the_leaderboard(board):
     # A clone of the repository has the leaderboard and its per_case/ copies, not the run folders.
     import shutil
@@ -109,7 +177,11 @@ def test_render_markdown_and_plot(board, tmp_path, capsys):
     text = (out / "README.md").read_text()
     cpu_part, paper_part = text.split("### acdc, `cpu` profile")[1].split("### acdc, `paper` profile")
     assert "| supervised | 7 | last | 3 | 70.00 ± 10.00 | 60.00 ± 10.00 |" in cpu_part
-    assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part and "| +6.50 | 0.125 (4 × 3) |" in cpu_part
+    # ΔDice: the seed means 80 - 70; Welch t = 10 / sqrt(100/3 + 100/3) with 4 degrees of freedom: p = 0.288.
+    assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part
+    assert "| +10.00 | 0.288 (3 / 3) | +6.50, p = 0.125 (4 × 3) |" in cpu_part
+    assert "| cps | 7 | last | 2 | 50.00 ± 0.00 | 40.00 ± 0.00 | 5.50 ± 0.71 | 1.00 ± 0.00 | -20.00 | 0.0742 (2 / 3) | – |" in cpu_part
+    assert "Seed-level Welch p (n method / n supervised)" in cpu_part and "no seed variation" in cpu_part
     assert "79.41" not in cpu_part and "Published" not in cpu_part  # published numbers only beside paper rows
     paper_rows = paper_part.split("### acdc: published numbers")[0]
     assert "| supervised | 7 | last | 1 | 79.00 |" in paper_rows and "79.41 [M] U-Net (sup. only), SS-Net Tab2" in paper_rows
