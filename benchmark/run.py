@@ -67,7 +67,8 @@ from benchmark.stops import RunStopped, stop_received, stop_signals_raise
 from benchmark.trainer_setup import build_loggers, build_trainer, fit
 from benchmark.weights import init_stage, load_weights, load_weights_from_rank_zero  # noqa: F401 (load_weights: for importers)
 from core.atomic import full_disk_error, is_full_disk, remove_stale_temporaries, replaced_atomically, write_text_atomically
-from core.distributed import broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share, rank_and_world
+from core.distributed import (broadcast_from_rank_zero, check_shareable, check_world_fits, gather_to_all, my_share,
+                              rank_and_world, release_process_group)
 from core.errors import UserError
 from core.evaluation import Evaluator, summarize
 from datamodules import build_datamodule, get_dataset
@@ -297,9 +298,13 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
 
 def run(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:
     """:func:`run_once` of the finished ``config`` (benchmark/finalize.py; finishing a finished config changes
-    nothing), with SIGTERM and SIGINT stopping it as :class:`RunStopped` (benchmark/stops.py)."""
+    nothing), with SIGTERM and SIGINT stopping it as :class:`RunStopped` (benchmark/stops.py). A DDP run that
+    finished releases its process group here, so that every caller (the CLI, scripts, tuning trials) gets it
+    (core/distributed.py, release_process_group)."""
     with stop_signals_raise():
-        return run_once(finalize(config), callbacks, resume)
+        rows = run_once(finalize(config), callbacks, resume)
+    release_process_group()
+    return rows
 
 
 def run_once(config: dict[str, Any], callbacks: Sequence[pl.Callback] = (), resume: str | Path | None = None) -> list[dict[str, Any]]:

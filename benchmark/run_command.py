@@ -113,10 +113,8 @@ def command_run(args: argparse.Namespace) -> int:
 def execute(config: dict, resume: str | Path | None = None) -> int:
     """Train and test a finished config (continuing the run folder ``resume``), print the summary of its rows."""
     from benchmark.run import run
-    from core.distributed import release_process_group
 
     rows = run(config, resume=resume)
-    release_process_group()
     if rows:
         print_summary(rows)
     return 0

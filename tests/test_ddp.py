@@ -150,14 +150,15 @@ def test_a_finished_run_releases_its_process_group_and_a_failed_one_does_not(tmp
     args = ["run", "--dataset", "synthetic_acdc", "--profile", "smoke", "--ratio", "0.2", "--no-progress",
             "--out", str(tmp_path / "runs"), "--leaderboard-dir", str(tmp_path / "lb")]
 
-    def failing_run(config, resume=None):
+    def failing_run(config, callbacks=(), resume=None):
         raise UserError("a rank failed")
 
     try:
+        # run() itself releases the group, so scripts calling it directly (tests/scripts/ddp_*.py) are covered too.
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-        monkeypatch.setattr("benchmark.run.run", failing_run)
+        monkeypatch.setattr("benchmark.run.run_once", failing_run)
         assert main(args) == 2 and dist.is_initialized()
-        monkeypatch.setattr("benchmark.run.run", lambda config, resume=None: [])
+        monkeypatch.setattr("benchmark.run.run_once", lambda config, callbacks=(), resume=None: [])
         assert main(args) == 0 and not dist.is_initialized()
     finally:
         if dist.is_initialized():
