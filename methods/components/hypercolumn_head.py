@@ -17,6 +17,7 @@ Maps where that does not pay (the full-resolution one) take the plain upsample-a
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -125,6 +126,14 @@ def shifted_interpolation(full: int, low: int, radius: int, dtype: torch.dtype, 
     return torch.stack([padded[i:i + full] for i in range(2 * radius + 1)], dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(full: int, low: int, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(full, low k): :func:`shifted_interpolation` with its columns ordered (low, offset), as the projected map's
+    axes are. Depends on the shapes only, so it is built once per shape rather than on every training step (read
+    only by its callers)."""
+    return shifted_interpolation(full, low, radius, dtype, device).transpose(1, 2).reshape(full, low * (2 * radius + 1))
+
+
 @float32_island
 def _dense_head(levels, size, first_weight, second_weight, second_bias, radius) -> torch.Tensor:
     kernel = 2 * radius + 1
@@ -193,8 +202,7 @@ def _add_separable_part(total, level, weight, size, radius) -> None:
     order = [0] + [index for axis in range(dims) for index in (1 + axis, 1 + dims + axis)] + [1 + 2 * dims]
     current = projected.permute(order).contiguous()
     for axis in reversed(range(dims)):
-        matrix = shifted_interpolation(size[axis], low[axis], radius, current.dtype, current.device)
-        matrix = matrix.transpose(1, 2).reshape(size[axis], low[axis] * kernel)  # columns (low, offset), as current
+        matrix = _axis_matrix(size[axis], low[axis], radius, current.dtype, current.device)
         outer = batch * math.prod(kernel * low[b] for b in range(axis))
         operand = current.reshape(outer, low[axis] * kernel, -1)
         if axis == 0:  # the largest product, into the output: only the band of the matrix
