@@ -1,6 +1,7 @@
 """Shared fixtures: format-exact data sets in tmp folders, the real ACDC copy, and a quiet, offline environment."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,26 @@ def run_smoke(tmp_path: Path, *args: str) -> int:
 
     return main(["run", "--profile", "smoke", "--no-progress", "--out", str(tmp_path / "runs"),
                  "--leaderboard-dir", str(tmp_path / "lb"), *args])
+
+
+# What a quick command must not import: they take seconds (torch, Lightning) or import every method / DataModule.
+HEAVY_MODULES = ("torch", "pytorch_lightning", "datamodules.registry", "methods.registry")
+
+
+def cli_in_fresh_interpreter(*commands: list[str]) -> tuple[list[str], str]:
+    """Run ``benchmark.cli.main`` on each argv in a new interpreter importing this checkout; return which of
+    HEAVY_MODULES it imported and what the commands printed. Each must return 0 (``--help``'s SystemExit counts)."""
+    script = ("import contextlib, io, json, sys\nfrom benchmark.cli import main\n"
+              "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              f"    for argv in {[list(c) for c in commands]!r}:\n"
+              "        try:\n            code = main(argv)\n        except SystemExit as stop:\n            code = stop.code or 0\n"
+              "        assert code == 0, (argv, code)\n"
+              f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))\nprint(out.getvalue())")
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 0, result.stderr
+    heavy, _, printed = result.stdout.partition("\n")
+    return json.loads(heavy), printed
 
 
 def run_two_rank_script(script: str, out_dir: Path, master_port: int, timeout: int = 600) -> None:

@@ -14,7 +14,7 @@ from benchmark import leaderboard, sweep as sweep_module
 from benchmark.cli import main
 from benchmark.sweep import GridPoint, SweepOptions, claim, expand_grid, parse_shard, plan, shard, sweep
 from core.errors import UserError
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, cli_in_fresh_interpreter
 from tests.test_tune import _wait_for as wait_for
 
 SMOKE_GRID = ["--dataset", "synthetic_acdc", "--profile", "smoke", "--methods", "supervised", "--ratios", "0.2"]
@@ -206,13 +206,8 @@ def test_a_dry_run_imports_neither_torch_nor_lightning(tmp_path):
     catalogue()  # the subprocess reads this session's catalogue (building it would import every method)
     argv = ["sweep", *SMOKE_GRID, "--seeds", "0", "1", "--methods", "supervised", "mean_teacher", "--out", str(tmp_path / "runs"),
             "--leaderboard-dir", str(tmp_path / "lb"), "--dry-run"]
-    script = ("import sys\nfrom benchmark.cli import main\n"
-              f"assert main({argv!r}) == 0\n"
-              "print(sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules.registry', 'methods.registry') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "[]" and result.stdout.count("[sweep] to run") == 4
+    heavy, printed = cli_in_fresh_interpreter(argv)
+    assert heavy == [] and printed.count("[sweep] to run") == 4
 
 
 def test_runs_carry_the_sweep_name_and_sweep_settings(tmp_path):

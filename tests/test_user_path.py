@@ -10,7 +10,7 @@ import pytest
 from benchmark import finalize
 from benchmark.cli import main
 from benchmark.leaderboard import REPOSITORY_LEADERBOARDS, leaderboard_dir_for
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, cli_in_fresh_interpreter
 
 
 def test_smoke_rows_aimed_at_the_repository_leaderboards_go_to_a_scratch_folder(tmp_path):
@@ -108,27 +108,14 @@ def test_accelerator_and_precision_reach_the_trainer_config():
 
 
 def test_help_and_list_import_neither_torch_nor_the_registries_and_name_what_the_registries_hold():
-    import os
-    import subprocess
-    import sys
-
     from benchmark.catalogue import build, catalogue
     from datamodules import dataset_names
     from methods.registry import method_names
 
     assert catalogue() == build()  # stored in this session's cache folder, read back equal
     assert catalogue()["methods"] == method_names() and sorted(catalogue()["datasets"]) == dataset_names()
-    script = ("import sys, contextlib, io\nfrom benchmark.cli import main\n"
-              "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-              "    assert main(['list', 'methods']) == 0 and main(['list', 'datasets']) == 0\n"
-              "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
-              "heavy = sorted(m for m in ('torch', 'pytorch_lightning', 'datamodules.registry', 'methods.registry') if m in sys.modules)\n"
-              "print(heavy, out.getvalue().split())")
-    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    assert result.returncode == 0, result.stderr
-    heavy, _, printed = result.stdout.partition(" ")
-    assert heavy == "[]", heavy
+    heavy, printed = cli_in_fresh_interpreter(["list", "methods"], ["list", "datasets"], ["--help"])
+    assert heavy == [], heavy
     assert "mean_teacher" in printed and "synthetic_acdc" in printed and "verify" in printed
 
 
