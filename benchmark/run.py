@@ -221,7 +221,13 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         resume_checkpoint = folder.resume_checkpoint(stage)
         try:
             fit(trainer, model, stage_data, stage_dir, resume_checkpoint)
+            if stop_received():  # arrived in the last moments and was lost in a finalizer (trainer_setup.StopAtNextBatch)
+                raise RunStopped(stop_received())
         except KeyboardInterrupt:
+            raise
+        except SystemExit as error:  # Lightning's SIGTERMException: a stop whose own exception was lost on the way
+            if stop_received():
+                raise RunStopped(stop_received()) from error
             raise
         except Exception as error:
             if stop_received():  # e.g. a loader worker ended by the same SIGTERM, noticed before the main process's
@@ -404,6 +410,8 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
     else:
         rows, results = evaluate_checkpoints(config, spec, method_cls, datamodule, folder, final_stage, trained, base_row,
                                              digest, clock, rank_zero)
+        if stop_received():  # a stop recorded during testing (benchmark/stops.py): no result, no row
+            raise RunStopped(stop_received())
         if not rank_zero:
             return []
         stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(folder.stage_dir(name))}

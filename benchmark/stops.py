@@ -6,7 +6,9 @@ Lightning's own handling does not do that: during ``fit`` it turns SIGTERM into 
 (the code this suite keeps for its own bugs). :func:`stop_signals_raise` installs handlers, for the duration of a
 run, that raise :class:`RunStopped` instead. Lightning keeps calling a SIGTERM handler it finds installed (after
 its own, which tells the DDP ranks it launched), and passes any exception but ``KeyboardInterrupt`` up after its
-clean-up, so the exception reaches the run, which adds the run folder, and the CLI, which prints it.
+clean-up, so the exception reaches the run, which adds the run folder, and the CLI, which prints it. A signal that lands in a
+finalizer (``__del__``), where Python would print and drop the exception, is only recorded: the run checks
+:func:`stop_received` at every batch, after training and before it writes its rows.
 
 ``RunStopped`` derives from ``BaseException`` so that no ``except Exception`` on the way (the run's "record a failed
 row" branch) takes it for a failure of the run.
@@ -48,6 +50,14 @@ def stop_received() -> int | None:
     return _received[0] if _received else None
 
 
+def _inside_a_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_stop(signum, frame) -> None:
     if os.getpid() != _owner_pid:  # a forked DataLoader worker inherited this handler: just end
         signal.signal(signum, signal.SIG_DFL)
@@ -56,6 +66,14 @@ def _raise_stop(signum, frame) -> None:
     if _received:  # a repeated signal (Ctrl+C twice, a group kill) must not break the clean-up of the first
         return
     _received.append(signum)
+    # The same group signal ends the loader workers, and PyTorch's SIGCHLD handler would report each as a failure
+    # (RuntimeError) wherever the run is at that moment, even after it has ended; from here on they are expected.
+    # Not restored: the workers of a stopped run may still end while the process exits.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if _inside_a_finalizer(frame):
+        # Python would print the exception as "ignored" and drop it (a DataLoader iterator's __del__ joins its
+        # workers for a while); the run raises it at its next check instead (stop_received()).
+        return
     raise RunStopped(signum)
 
 

@@ -13,8 +13,32 @@ from pytorch_lightning.loggers import CSVLogger
 
 from benchmark.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, read_checkpoint
 from benchmark.run_logs import join_interrupted_metrics
+from benchmark.stops import RunStopped, stop_received
 from benchmark.wandb_overlays import overlay_callbacks
 from core.errors import UserError
+
+
+class StopAtNextBatch(pl.Callback):
+    """Stops the run at the next batch when a stop signal arrived but its :class:`RunStopped` never got out.
+
+    Python prints and drops an exception raised while a finalizer runs, and a signal handler runs wherever the main
+    thread is: a DataLoader iterator's ``__del__`` joins its workers, and a signal that lands there would be lost, so
+    a Ctrl+C would let the training go on and a SIGTERM would end it through Lightning's own flag as if finished."""
+
+    @staticmethod
+    def _raise_if_stopped() -> None:
+        signum = stop_received()
+        if signum is not None:
+            raise RunStopped(signum)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._raise_if_stopped()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._raise_if_stopped()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self._raise_if_stopped()
 
 
 def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
@@ -66,7 +90,7 @@ def build_trainer(
         # The DataModule's own step-indexed samplers are already per rank (docs/design.md#samplers).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[random_states, best, resumable, *overlay_callbacks(config), *callbacks],
+        callbacks=[StopAtNextBatch(), random_states, best, resumable, *overlay_callbacks(config), *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,

@@ -26,13 +26,59 @@ LONG_RUN = ["run", "--profile", "smoke", "--no-progress", "--dataset", "syntheti
             "--set", "trainer.max_steps=100000", "--set", "trainer.val_every=2"]
 
 
-def _child(workspace: Path, stderr_file: Path, extra: list[str]) -> None:
+class _SignalInsideFinalizer:
+    """Sends ``signum`` to its own process from ``__del__``: Python prints and drops the exception the handler raises
+    there, as it would for a signal landing in a DataLoader iterator's ``__del__`` while it joins its workers."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        time.sleep(0.01)  # the handler runs here, inside the finalizer
+
+
+def _lose_a_stop_signal_in_a_finalizer_at_step(step: int, signum: int) -> None:
+    """In the forked child only: a Trainer callback that, at training step ``step``, lets ``signum`` arrive inside a
+    finalizer."""
+    import pytorch_lightning as pl
+
+    from benchmark import trainer_setup
+
+    class LoseASignal(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == step:
+                _SignalInsideFinalizer(signum)  # created and finalized at once
+
+    overlays = trainer_setup.overlay_callbacks
+    trainer_setup.overlay_callbacks = lambda config: [*overlays(config), LoseASignal()]
+
+
+def _child(workspace: Path, stderr_file: Path, extra: list[str], lost_signal: int | None = None) -> None:
+    if lost_signal is not None:
+        _lose_a_stop_signal_in_a_finalizer_at_step(3, lost_signal)
     os.setpgrp()  # a process group of its own, signalled as a whole as SLURM, Kubernetes and Ctrl+C do
     stderr = io.StringIO()
     with redirect_stderr(stderr):
         code = main([*LONG_RUN, "--out", str(workspace / "runs"), "--leaderboard-dir", str(workspace / "lb"), *extra])
     stderr_file.write_text(stderr.getvalue())
-    os._exit(code)
+    # The way the CLI ends: Python's exit, where multiprocessing ends the loader workers still running (os._exit
+    # would skip that and leave them orphaned).
+    sys.exit(code)
+
+
+def group_ended(pgid: int, grace_s: float = 15.0) -> bool:
+    """Whether every process of group ``pgid`` (a run and its loader workers) has ended within ``grace_s``; kills
+    the ones left, so that none outlives the test holding its output pipes."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
 
 
 def stop_while_training(workspace: Path, signum: int, extra: list[str] = ()) -> tuple[int, str]:
@@ -47,7 +93,26 @@ def stop_while_training(workspace: Path, signum: int, extra: list[str] = ()) -> 
         time.sleep(0.1)
     os.killpg(child.pid, signum)  # the run and its loader workers
     child.join(60)
+    assert group_ended(child.pid), "a process of the stopped run (a loader worker) outlived it"
     return child.exitcode, stderr_file.read_text() if stderr_file.exists() else ""
+
+
+@pytest.mark.slow  # a real training run in a forked child for a few steps: 10-30 s on 2 busy cores
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_lost_inside_a_finalizer_still_stops_the_run(tmp_path, signum, code):
+    stderr_file = tmp_path / "stderr.txt"
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(tmp_path, stderr_file, [], signum))
+    child.start()
+    child.join(180)
+    if child.is_alive():  # the stop was lost and the run trains on: end it, and fail below
+        os.killpg(child.pid, signal.SIGKILL)
+        child.join()
+    assert group_ended(child.pid), "a process of the stopped run (a loader worker) outlived it"
+    stderr = stderr_file.read_text() if stderr_file.exists() else ""
+    assert child.exitcode == code, stderr[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "RESUME=" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
+    assert not (tmp_path / "lb" / "synthetic_acdc.csv").exists()
 
 
 @pytest.mark.slow  # a real training run in a forked child until its first checkpoint: 15-35 s on 2 busy cores
