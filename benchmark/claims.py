@@ -3,18 +3,19 @@
 One line per method (and config) with finished ``last``-checkpoint rows of a non-smoke profile, per labeled count:
 
 - measured gain: the method's test Dice minus supervised-only's at the same dataset, profile, labeled count and
-  seed (the supervised row ``report.paired_tests`` pairs it with), mean ± sample std over the seeds both have, in
-  points; beside it the seed-level test (``report.seed_level_test``: Welch's t-test of the method's per-seed Dice,
-  all its seeds, against supervised-only's, all its seeds) and the within-seed per-case Wilcoxon test, which leaves
+  seed, mean ± sample std over the seeds both have, in points, with its seed-paired t-test
+  (``report.seed_paired_test``: seed k of both draws the same labeled batches, and of a single-network method
+  starts from the same weights); beside it the unpaired seed-level test (``report.seed_level_test``: Welch's t-test
+  of all the method's seeds against all supervised-only's) and the within-seed per-case Wilcoxon test, which leaves
   out seed-to-seed training variation and so is shown but decides nothing;
 - paper gain: the published row of the method (reported.csv) at the labeled count nearest the measured one (nearest
   on a log scale, ties to the smaller count) minus the supervised-only row of the same source at that count. A
   source is the documents its text cites (segments split at " / " and " = ", each cut before its first " (",
   " - " or ";"); two rows share a source when they cite a document in common. Of several published rows at that
   count, one with a same-source baseline wins, then the better trust tag (V, S, M), then file order;
-- verdict, by rule, from the seed-level test: "not testable (fewer than 2 seeds)" when a side has fewer than 2
-  seeds, "not resolved (seed-level p >= 0.05)" when its p is at least 0.05, else "same direction" or "opposite
-  direction" by the signs of the difference of the seed means and the paper gain.
+- verdict, by rule, from the seed-paired test: "not testable (fewer than 2 seeds)" with fewer than 2 seeds both
+  have, "not resolved (seed-paired p >= 0.05)" when its p is at least 0.05, else "same direction" or "opposite
+  direction" by the signs of the mean paired difference and the paper gain.
 
 Full supervision (supervised rows with ratio 1) gets a line per smaller labeled count of supervised-only: its gain
 over that count, beside the paper's full-supervision row minus its supervised-only row at the nearest count.
@@ -28,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.report import (BASELINE, baseline_rows, config_cell, finished_rows, paired_case_test, seed_level_test,
-                              seed_test_cell)
+from benchmark.report import (BASELINE, baseline_rows, config_cell, dice_by_seed, finished_rows, paired_case_test,
+                              paired_test_cell, seed_level_test, seed_paired_test, seed_test_cell)
 
 CHECKPOINT = "last"
 ALPHA = 0.05
 SKIPPED_PROFILES = {"smoke"}
 FULL = "full supervision"
 TRUST_ORDER = {"V": 0, "S": 1, "M": 2}
-VERDICTS = ("same direction", "opposite direction", f"not resolved (seed-level p >= {ALPHA:g})",
+VERDICTS = ("same direction", "opposite direction", f"not resolved (seed-paired p >= {ALPHA:g})",
             "not testable (fewer than 2 seeds)")
 
 
@@ -93,8 +94,8 @@ def published_gain(reported: pd.DataFrame, dataset: str, method: str, labeled: i
 
 # ---- measured gains ---------------------------------------------------------------------------------------
 def verdict(mean_difference: float, p_value: float, paper_gain: float) -> str:
-    """The rule of the verdict column, from the seed-level test's difference of seed means and p (NaN: a side
-    has fewer than 2 seeds) and the paper gain."""
+    """The rule of the verdict column, from the seed-paired test's mean difference and p (NaN: fewer than 2
+    seeds both have) and the paper gain."""
     if pd.isna(paper_gain):
         return "no paper gain to compare"
     if pd.isna(p_value) or pd.isna(mean_difference):
@@ -113,8 +114,8 @@ def _is_full_row(rows: pd.DataFrame) -> pd.Series:
 
 
 def _measured(ours: pd.DataFrame, theirs: pd.DataFrame, base: Path, leaderboard_dir: Path | None) -> dict:
-    """Per-seed Dice gains (points) of ``ours`` over ``theirs`` (indexed by seed), the seed-level test over all
-    seeds of both and the within-seed per-case test."""
+    """Per-seed Dice gains (points) of ``ours`` over ``theirs`` (indexed by seed) with their paired test, the
+    seed-level test over all seeds of both and the within-seed per-case test."""
     gains, pairs = [], []
     for _, row in ours.iterrows():
         if row["seed"] not in theirs.index:
@@ -124,8 +125,9 @@ def _measured(ours: pd.DataFrame, theirs: pd.DataFrame, base: Path, leaderboard_
         pairs.append((row["dataset"], row["seed"], row["checkpoint"], row["run_dir"], other["run_dir"]))
     test = paired_case_test(pairs, base, leaderboard_dir)
     seed_test = seed_level_test(ours["dice"].dropna(), theirs["dice"].dropna())
+    paired = seed_paired_test(dice_by_seed(ours), dice_by_seed(theirs.reset_index()))
     return {"n": len(gains), "gain_mean": float(np.mean(gains)) if gains else np.nan,
-            "gain_std": float(np.std(gains, ddof=1)) if len(gains) > 1 else np.nan, **test, **seed_test}
+            "gain_std": float(np.std(gains, ddof=1)) if len(gains) > 1 else np.nan, **test, **seed_test, **paired}
 
 
 def claims(table: pd.DataFrame, reported: pd.DataFrame, base: Path = Path("."),
@@ -145,11 +147,11 @@ def claims(table: pd.DataFrame, reported: pd.DataFrame, base: Path = Path("."),
                         "full_cases": full_cases,
                         "config_hash": digest, **measured, "paper_count": paper["count"], "paper_gain": paper["gain"],
                         "paper_method_row": paper["method_row"], "paper_baseline_row": paper["baseline_row"],
-                        "verdict": verdict(measured["seed_mean_difference"], measured["seed_p_value"], paper["gain"])})
+                        "verdict": verdict(measured["paired_mean_difference"], measured["paired_p_value"], paper["gain"])})
 
     def split_baseline(dataset, profile, labeled):
         keys = [(d, p, c, k, s) for d, p, c, k, s in baselines.index if (d, p, c, k) == (dataset, profile, labeled, CHECKPOINT)]
-        return baselines.loc[keys].reset_index().set_index("seed") if keys else pd.DataFrame(columns=["dice", "run_dir"])
+        return baselines.loc[keys].reset_index().set_index("seed") if keys else pd.DataFrame(columns=["dice", "run_dir"]).rename_axis("seed")
 
     # Full supervision against supervised-only at every smaller count with supervised rows.
     for (dataset, profile, labeled, digest), group in rows[full & (rows["method"] == BASELINE)].groupby(
@@ -186,15 +188,16 @@ def _published_cell(record: dict) -> str:
 
 
 def claims_table(records: pd.DataFrame, configs: dict[str, str] | None = None) -> str:
-    headers = ["Method", "Profile", "Labeled", "Config", "n seeds", "Measured gain (points, mean ± std over seeds)",
+    headers = ["Method", "Profile", "Labeled", "Config", "n seeds",
+               "Measured gain: seed-paired ΔDice ± std (points), paired t-test p (seeds both have)",
                "Seed-level Welch p (n method / n supervised)",
                "Within-seed per-case test: ΔDice, Wilcoxon p (cases × seeds; no seed variation)", "Paper gain (points)",
                "Paper split and source [trust]",
                "Verdict"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for record in records.to_dict("records"):
-        gain = "–" if pd.isna(record["gain_mean"]) else f"{record['gain_mean']:+.2f}" + (
-            "" if pd.isna(record["gain_std"]) else f" ± {record['gain_std']:.2f}")
+        gain = "–" if pd.isna(record["gain_mean"]) else (
+            f"{record['gain_mean']:+.2f} ({record['n']})" if pd.isna(record["paired_p_value"]) else paired_test_cell(record))
         test = "–" if not record["pairs"] else (
             f"{record['mean_difference'] * 100:+.2f}, p = {record['p_value']:.3g} ({record['pairs']} × {record['seeds']})")
         paper = "–" if pd.isna(record["paper_gain"]) else f"{record['paper_gain']:+.2f}"

@@ -27,11 +27,12 @@ PROFILE_NOTES = {
 CLAIMS_NOTE = (
     "*Each method's gain over supervised-only (same profile, labeled count and seed; `last` checkpoint) beside the "
     "gain its paper reports at the nearest published split (the paper's row minus the same source's supervised-only "
-    "row). Verdict by rule, from the seed-level Welch test (per-seed Dice of all seeds of each side): \"not "
-    "testable\" with fewer than 2 seeds on a side, \"not resolved\" when its p ≥ 0.05, else whether the measured "
-    "difference of seed means and the published gain point the same way (leaderboards/reading.md, \"Reading the "
-    "tables\"). The within-seed per-case Wilcoxon test is shown but decides nothing: it leaves out seed-to-seed "
-    "training variation. The recipe is not the papers': compare directions, not sizes.*")
+    "row). Verdict by rule, from the seed-paired t-test (per-seed Dice of the seeds both sides have; seed k of both "
+    "draws the same labeled batches): \"not testable\" with fewer than 2 pairs, \"not resolved\" when its p ≥ 0.05, "
+    "else whether the mean paired difference and the published gain point the same way (leaderboards/reading.md, "
+    "\"Reading the tables\"). The unpaired Welch test of all seeds of each side stands beside it. The within-seed "
+    "per-case Wilcoxon test is shown but decides nothing: it leaves out seed-to-seed training variation. The recipe "
+    "is not the papers': compare directions, not sizes.*")
 
 
 def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterable[str] | None = None) -> list[Path]:
@@ -57,8 +58,10 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         "the mean over cases of the mean over foreground classes; HD95 and ASD in voxels (pixels for 2D sets) unless "
         "the config says otherwise. `last` = the final weights, `best` = the best validation Dice. "
         "ΔDice vs supervised is the method's mean test Dice over its seeds minus the `supervised` mean over its seeds "
-        "(same split and checkpoint kind); the seed-level p is Welch's t-test on those per-seed Dice (– with fewer "
-        "than 2 seeds on a side) and is the test to read. The within-seed Wilcoxon signed-rank p compares per-case "
+        "(same split and checkpoint kind). The seed-paired test is the test to read: the per-seed difference from "
+        "the `supervised` run of the same seed (which drew the same labeled batches), mean ± std, and its paired "
+        "t-test p (– with fewer than 2 pairs). The seed-level p is Welch's unpaired t-test on the per-seed Dice of all "
+        "seeds of each side. The within-seed Wilcoxon signed-rank p compares per-case "
         "Dice with the `supervised` run of the same seed (one pair per test case, its difference averaged over the "
         "seeds both have); it leaves out seed-to-seed training variation, so two seeds of one method already give "
         "small p-values. "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -207,7 +207,34 @@ def seed_level_test(ours: Iterable[float], theirs: Iterable[float]) -> dict:
             "seed_mean_difference": difference, "seed_p_value": p_value}
 
 
+def seed_paired_test(ours: Mapping[Any, float], theirs: Mapping[Any, float]) -> dict:
+    """Paired t-test of the per-seed test Dice over the seeds both ``ours`` and ``theirs`` (seed -> Dice) have.
+
+    Seed k of any method and seed k of supervised-only draw the same labeled batches, and a method with
+    supervised-only's single network starts from the same weights (tests/test_seed_pairing.py), so the per-seed
+    difference leaves out most of the run-to-run variation that the unpaired (Welch) test has to carry. Needs 2
+    pairs. Returns paired_n, paired_mean_difference (ours - theirs), paired_std (sample std of the differences)
+    and paired_p_value (NaN with fewer than 2 pairs; with all differences equal, 1 if they are 0, else 0)."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(set(ours) & set(theirs))
+    differences = np.asarray([float(ours[s]) - float(theirs[s]) for s in seeds], dtype=float)
+    result = {"paired_n": len(seeds), "paired_mean_difference": float(differences.mean()) if seeds else np.nan,
+              "paired_std": float(differences.std(ddof=1)) if len(seeds) > 1 else np.nan, "paired_p_value": np.nan}
+    if len(seeds) >= 2:
+        if np.ptp(differences) < 1e-9:  # equal up to float rounding (Dice is stored to far fewer digits): no spread
+            result["paired_p_value"] = 1.0 if abs(differences[0]) < 1e-9 else 0.0
+        else:
+            with warnings.catch_warnings():
+                # Nearly equal differences are a valid input, not lost precision.
+                warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+                result["paired_p_value"] = float(ttest_rel([float(ours[s]) for s in seeds],
+                                                           [float(theirs[s]) for s in seeds]).pvalue)
+    return result
+
+
 SEED_TEST_COLUMNS = ["seed_n_ours", "seed_n_theirs", "seed_mean_difference", "seed_p_value"]
+PAIRED_TEST_COLUMNS = ["paired_n", "paired_mean_difference", "paired_std", "paired_p_value"]
 
 
 def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
@@ -231,8 +258,17 @@ def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: P
         split = tuple(group.iloc[0][k] for k in SPLIT_KEYS[:-1])
         same_split = [index[:-1] == split for index in baseline.index]
         seed_test = seed_level_test(group["dice"].dropna(), baseline.loc[same_split, "dice"].dropna())
-        results.append({**dict(zip(GROUP_KEYS, key)), **paired_case_test(pairs, base, leaderboard_dir), **seed_test})
-    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "seeds", "mean_difference", "p_value", *SEED_TEST_COLUMNS])
+        paired = seed_paired_test(dice_by_seed(group), dice_by_seed(baseline.loc[same_split].reset_index()))
+        results.append({**dict(zip(GROUP_KEYS, key)), **paired_case_test(pairs, base, leaderboard_dir), **seed_test,
+                        **paired})
+    return pd.DataFrame(results, columns=[*GROUP_KEYS, "pairs", "seeds", "mean_difference", "p_value", *SEED_TEST_COLUMNS,
+                                          *PAIRED_TEST_COLUMNS])
+
+
+def dice_by_seed(rows: pd.DataFrame) -> dict:
+    """Seed -> test Dice of finished rows with a Dice (one row per seed: the last one written wins)."""
+    rows = rows.dropna(subset=["dice"])
+    return dict(zip(rows["seed"], rows["dice"].astype(float)))
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------
@@ -279,6 +315,15 @@ def config_cell(digest: str, configs: dict[str, str] | None) -> str:
     return f"{described} (`{digest}`)" if described else f"`{digest}`"
 
 
+def paired_test_cell(test) -> str:
+    """'-2.36 ± 1.02, p = 0.057 (3)' for a seed-paired test (points), '– (1)' with fewer than 2 pairs."""
+    n = int(test["paired_n"])
+    if pd.isna(test["paired_p_value"]):
+        return f"– ({n})"
+    return (f"{test['paired_mean_difference'] * 100:+.2f} ± {test['paired_std'] * 100:.2f}, "
+            f"p = {test['paired_p_value']:.3g} ({n})")
+
+
 def seed_test_cell(test) -> str:
     """'0.0715 (2 / 3)' for a seed-level test, '– (1 / 5)' when a side has fewer than 2 seeds (not testable)."""
     counts = f"({int(test['seed_n_ours'])} / {int(test['seed_n_theirs'])})"
@@ -289,6 +334,7 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
                    configs: dict[str, str] | None = None) -> str:
     headers = ["Method", "Labeled", "Checkpoint", "n", "Dice %", "Jaccard %", "HD95", "ASD",
                "ΔDice vs supervised (seed means)",
+               "Seed-paired test: ΔDice ± std, p (seeds both have)",
                "Seed-level Welch p (n method / n supervised)",
                "Within-seed per-case test: ΔDice, Wilcoxon p (cases × seeds; no seed variation)",
                "Config (changes from the profile's defaults)"]
@@ -298,12 +344,12 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
     indexed = tests.set_index(GROUP_KEYS) if not tests.empty else None
     for row in summary.itertuples(index=False):
         key = tuple(getattr(row, k) for k in GROUP_KEYS)
-        difference, seed_text, p_text = "baseline", "–", "–"
+        difference, paired_text, seed_text, p_text = "baseline", "–", "–", "–"
         if row.method != BASELINE:
             difference = "–"
             if indexed is not None and key in indexed.index:
                 test = indexed.loc[key]
-                seed_text = seed_test_cell(test)
+                seed_text, paired_text = seed_test_cell(test), paired_test_cell(test)
                 if not pd.isna(test["seed_mean_difference"]):
                     difference = f"{test['seed_mean_difference'] * 100:+.2f}"
                 if test["pairs"]:
@@ -312,7 +358,7 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
         cells = [row.method, str(row.labeled_cases), row.checkpoint, str(row.n),
                  _mean_std(row.dice_mean, row.dice_std, 100, 2), _mean_std(row.jaccard_mean, row.jaccard_std, 100, 2),
                  _mean_std(row.hd95_mean, row.hd95_std, 1, 2), _mean_std(row.asd_mean, row.asd_std, 1, 2),
-                 difference, seed_text, p_text, config_cell(row.config_hash, configs)]
+                 difference, paired_text, seed_text, p_text, config_cell(row.config_hash, configs)]
         if reported is not None:
             cells.append(_published(reported, row.dataset, row.method, int(row.labeled_cases)))
         lines.append("| " + " | ".join(cells) + " |")

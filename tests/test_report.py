@@ -10,7 +10,7 @@ import pytest
 from benchmark.cli import main
 from benchmark.leaderboard import append_rows
 from benchmark.report import (REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests,
-                              seed_level_test)
+                              seed_level_test, seed_paired_test)
 from tests.conftest import PROJECT_ROOT
 
 CASES = ["c1", "c2", "c3", "c4"]
@@ -127,6 +127,22 @@ def test_seed_level_welch_test_against_its_formula():
     assert swapped["seed_p_value"] == pytest.approx(test["seed_p_value"])
 
 
+def test_seed_paired_test_against_its_formula():
+    # Differences 0.04, 0.03, 0.02 on seeds 0-2 (seed 3 has no pair): mean 0.03, sample std 0.01,
+    # t = 0.03 / (0.01 / sqrt 3) = 5.196 with 2 degrees of freedom, where P(|T| > t) = 1 - t / sqrt(2 + t²).
+    test = seed_paired_test({0: 0.70, 1: 0.74, 2: 0.71}, {0: 0.66, 1: 0.71, 2: 0.69, 3: 0.90})
+    t = 0.03 / (0.01 / math.sqrt(3))
+    assert test["paired_n"] == 3 and test["paired_mean_difference"] == pytest.approx(0.03)
+    assert test["paired_std"] == pytest.approx(0.01)
+    assert test["paired_p_value"] == pytest.approx(1 - t / math.sqrt(2 + t**2)) and test["paired_p_value"] < 0.05
+    # The same numbers unpaired: the seed-to-seed spread (0.70-0.74 against 0.66-0.90) hides the difference.
+    assert seed_level_test([0.70, 0.74, 0.71], [0.66, 0.71, 0.69, 0.90])["seed_p_value"] > 0.5
+    assert pd.isna(seed_paired_test({0: 0.8, 1: 0.9}, {1: 0.7, 2: 0.6})["paired_p_value"])  # one pair
+    assert seed_paired_test({0: 0.8, 1: 0.9}, {0: 0.7, 1: 0.8})["paired_p_value"] == 0.0  # equal differences
+    assert seed_paired_test({0: 0.8, 1: 0.9}, {0: 0.8, 1: 0.9})["paired_p_value"] == 1.0
+    assert seed_paired_test({}, {0: 0.8})["paired_n"] == 0
+
+
 def test_seed_level_test_needs_two_seeds_a_side():
     one_seed = seed_level_test([0.8], [0.6, 0.7, 0.8])
     assert pd.isna(one_seed["seed_p_value"]) and one_seed["seed_mean_difference"] == pytest.approx(0.1)
@@ -179,8 +195,14 @@ def test_render_markdown_and_plot(board, tmp_path, capsys):
     assert "| supervised | 7 | last | 3 | 70.00 ± 10.00 | 60.00 ± 10.00 |" in cpu_part
     # ΔDice: the seed means 80 - 70; Welch t = 10 / sqrt(100/3 + 100/3) with 4 degrees of freedom: p = 0.288.
     assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part
-    assert "| +10.00 | 0.288 (3 / 3) | +6.50, p = 0.125 (4 × 3) |" in cpu_part
-    assert "| cps | 7 | last | 2 | 50.00 ± 0.00 | 40.00 ± 0.00 | 5.50 ± 0.71 | 1.00 ± 0.00 | -20.00 | 0.0742 (2 / 3) | – |" in cpu_part
+    # Seed-paired: +0.10 on each of the three seeds, no spread: p = 0 by convention (scipy alone answers NaN).
+    assert "| +10.00 | +10.00 ± 0.00, p = 0 (3) | 0.288 (3 / 3) | +6.50, p = 0.125 (4 × 3) |" in cpu_part
+    # cps seeds 0 and 1 (0.5, 0.5) against supervised-only's (0.6, 0.7): differences -0.1, -0.2; t = 3 with one
+    # degree of freedom, where P(|T| > t) = 1 - 2 / pi * atan(t) = 0.205.
+    assert f"{1 - 2 / math.pi * math.atan(3):.3g}" == "0.205"
+    assert ("| cps | 7 | last | 2 | 50.00 ± 0.00 | 40.00 ± 0.00 | 5.50 ± 0.71 | 1.00 ± 0.00 | -20.00 | "
+            "-15.00 ± 7.07, p = 0.205 (2) | 0.0742 (2 / 3) | – |") in cpu_part
+    assert "Seed-paired test: ΔDice ± std, p (seeds both have)" in cpu_part
     assert "Seed-level Welch p (n method / n supervised)" in cpu_part and "no seed variation" in cpu_part
     assert "79.41" not in cpu_part and "Published" not in cpu_part  # published numbers only beside paper rows
     paper_rows = paper_part.split("### acdc: published numbers")[0]

@@ -1,0 +1,41 @@
+"""Seed k of every method draws the same labeled batches as seed k of supervised-only, and a method built on
+supervised-only's single network starts from its weights: the leaderboard's seed-paired test
+(report.seed_paired_test) rests on this."""
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from benchmark.config import resolve_config
+from benchmark.finalize import finalize
+from benchmark.run import prepare
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def start_of_run(method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first network's initial parameters, flattened; the first labeled batch's images) as a run builds them
+    (benchmark/run.py: prepare, seed, build the method)."""
+    config = finalize(resolve_config("synthetic_acdc", method, "smoke", [f"run.seed={seed}", "data.ratio=0.2"], family="acdc"))
+    entry, method_cls, datamodule = prepare(config)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    model = method_cls(entry.spec, config)
+    network = next(module for module in model.children() if any(True for _ in module.parameters()))
+    weights = torch.cat([p.detach().flatten() for p in network.parameters()])
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return weights, batch["labeled"]["image"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seed_k_pairs_the_labeled_batches_and_a_shared_networks_start(seed):
+    supervised_weights, supervised_batch = start_of_run("supervised", seed)
+    teacher_weights, teacher_batch = start_of_run("mean_teacher", seed)
+    assert torch.equal(teacher_weights, supervised_weights)  # Mean Teacher's student: supervised-only's network
+    assert torch.equal(teacher_batch, supervised_batch)
+    _, two_network_batch = start_of_run("cps", seed)
+    assert torch.equal(two_network_batch, supervised_batch)
+    other_weights, other_batch = start_of_run("supervised", seed + 1)
+    assert not torch.equal(other_weights, supervised_weights) and not torch.equal(other_batch, supervised_batch)
