@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import resource
 import time
 import zipfile
 from pathlib import Path
@@ -93,12 +94,11 @@ def read_checkpoint(path: Path, what: str, map_location=None) -> dict[str, Any]:
         ) from error
 
 
-def checkpoint_step_and_seconds(path: Path) -> tuple[int, float]:
-    """A finished stage's global step and the run's wall seconds when it was saved (0 if saved before the
-    run clock was kept in checkpoints)."""
+def checkpoint_step_and_clock(path: Path) -> tuple[int, dict[str, float]]:
+    """A finished stage's global step and the run clock's state when it was saved (``RunClock.state_dict``; empty
+    if saved before the run clock was kept in checkpoints)."""
     checkpoint = read_checkpoint(path, "a finished stage's checkpoint")
-    seconds = checkpoint.get("callbacks", {}).get(RunClock.__qualname__, {}).get("seconds", 0.0)
-    return int(checkpoint.get("global_step", -1)), float(seconds)
+    return int(checkpoint.get("global_step", -1)), dict(checkpoint.get("callbacks", {}).get(RunClock.__qualname__, {}))
 
 
 def best_validation_score(path: Path) -> float | None:
@@ -177,9 +177,18 @@ class RandomStates(pl.Callback):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) and of its children that have ended and been
+    waited for (DataLoader workers once their loader shuts them down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class RunClock(pl.Callback):
-    """The run's wall time across invocations: the seconds recorded in the checkpoint a resume starts from, plus
-    this invocation's. Without it a resumed run's ``wall_time_s`` would count its last invocation only.
+    """The run's wall time and CPU time across invocations: the seconds recorded in the checkpoint a resume starts
+    from, plus this invocation's. Without it a resumed run's ``wall_time_s`` would count its last invocation only.
+    CPU time (``cpu_time_s``) is what a run costs on a shared machine, where wall time grows with the other jobs'
+    load; it counts this process and its ended loader workers (under DDP, rank 0's).
 
     Every checkpoint stores ``seconds()`` at its saving (Lightning saves a callback's ``state_dict``); loading a
     resume checkpoint, or a finished stage's ``last.ckpt`` that a resume skips, carries that value over. Steps
@@ -188,21 +197,33 @@ class RunClock(pl.Callback):
     carries nothing (its run's earlier time is then missing, as before)."""
 
     def __init__(self) -> None:
-        self.started = time.time()
-        self.carried = 0.0
+        self.started, self.cpu_started = time.time(), _process_cpu_seconds()
+        self.carried: float = 0.0
+        self.cpu_carried: float | None = 0.0
 
     def seconds(self) -> float:
         return self.carried + time.time() - self.started
 
-    def carry(self, seconds: float) -> None:
-        """Continue from a checkpoint saved ``seconds`` into the run: this invocation's time is added to them."""
+    def cpu_seconds(self) -> float | None:
+        """None when the run continues from a checkpoint that recorded wall time but not CPU time (an older run)."""
+        if self.cpu_carried is None:
+            return None
+        return self.cpu_carried + _process_cpu_seconds() - self.cpu_started
+
+    def carry(self, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Continue from a checkpoint saved ``seconds`` (``cpu_seconds`` of CPU time) into the run: this
+        invocation's time is added to them."""
         self.carried = float(seconds)
+        self.cpu_carried = float(cpu_seconds) if cpu_seconds is not None else (0.0 if not seconds else None)
 
     def state_dict(self) -> dict[str, float]:
-        return {"seconds": self.seconds()}
+        state = {"seconds": self.seconds()}
+        if self.cpu_seconds() is not None:
+            state["cpu_seconds"] = self.cpu_seconds()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.carry(state_dict.get("seconds", 0.0))
+        self.carry(state_dict.get("seconds", 0.0), state_dict.get("cpu_seconds"))
 
 
 def checkpoint_space_needed(folder: Path, model: torch.nn.Module | None = None) -> int:

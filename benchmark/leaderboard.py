@@ -30,7 +30,7 @@ CORE_COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "labeled_unit", "ratio", "step", "n_cases", "empty_policy", "lcc", "units",
-    "steps", "wall_time_s", "peak_rss_mb", "peak_gpu_mb", "devices", "global_batch",
+    "steps", "wall_time_s", "cpu_time_s", "peak_rss_mb", "peak_gpu_mb", "devices", "global_batch",
     "git_rev", "torch", "lightning", "host", "run_dir", "finished_at", "error",
 ]
 

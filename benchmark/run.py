@@ -49,7 +49,7 @@ import yaml
 from pytorch_lightning.loggers import CSVLogger
 
 from benchmark.checkpoints import (
-    RESUME_CHECKPOINT, RunClock, best_validation_score, checkpoint_folder, checkpoint_space_needed, checkpoint_step_and_seconds,
+    RESUME_CHECKPOINT, RunClock, best_validation_score, checkpoint_folder, checkpoint_space_needed, checkpoint_step_and_clock,
 )
 from benchmark.config import PER_STAGE, config_hash, stage_config
 from benchmark.finalize import finalize
@@ -165,6 +165,11 @@ def peak_memory() -> tuple[float, float]:
     return rss_mb, gpu_mb
 
 
+def rounded_or_empty(seconds: float | None) -> float | str:
+    """A row's seconds to 0.1, or an empty cell when unknown."""
+    return "" if seconds is None else round(seconds, 1)
+
+
 def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -193,8 +198,8 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         if last_checkpoint.is_file():  # finished before this resume
             if rank_zero:  # left if the run was killed between writing last.ckpt and deleting it
                 (checkpoint_folder(stage_dir) / RESUME_CHECKPOINT).unlink(missing_ok=True)
-            step, seconds = checkpoint_step_and_seconds(last_checkpoint)
-            clock.carry(seconds)  # superseded by the interrupted stage's resume.ckpt, if it has one
+            step, clock_state = checkpoint_step_and_clock(last_checkpoint)
+            clock.load_state_dict(clock_state)  # superseded by the interrupted stage's resume.ckpt, if it has one
             trained = Trained(trained.stage_steps | {stage: step})
             previous_checkpoint = last_checkpoint
             continue
@@ -279,7 +284,7 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
         rss, gpu = peak_memory()
         rows.append({
             **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
-            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(clock.seconds(), 1),
+            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(clock.seconds(), 1), "cpu_time_s": rounded_or_empty(clock.cpu_seconds()),
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1), "finished_at": now_utc(),
         })
     if not rank_zero:
@@ -386,7 +391,7 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
         append_rows(leaderboard, [{
             **base_row, "checkpoint": "none", "status": "failed", "steps": steps, "finished_at": now_utc(),
             "error": (f"stage {stage}: {message}" if folder.multi_stage else message)[:500],
-            "wall_time_s": round(clock.seconds(), 1),
+            "wall_time_s": round(clock.seconds(), 1), "cpu_time_s": rounded_or_empty(clock.cpu_seconds()),
         }])
 
     trained = train_stages(config, method_cls, spec, datamodule, stages, folder, digest, callbacks, record_failure,

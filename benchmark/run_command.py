@@ -124,7 +124,7 @@ def print_summary(rows: list[dict]) -> None:
     first = rows[0]
     print(f"\n{first['method']} on {first['dataset']} ({first['profile']} profile), "
           f"{first['labeled_cases']} labeled {first['labeled_unit']}s, seed {first['seed']}, {first['steps']} steps, "
-          f"{first['wall_time_s']:.0f} s")
+          f"{first['wall_time_s']:.0f} s" + (f" ({first['cpu_time_s']:.0f} CPU s)" if first.get("cpu_time_s") not in (None, "") else ""))
     print(f"{'checkpoint':<10} {'step':>6} {'Dice':>7} {'Jaccard':>8} {'HD95':>8} {'ASD':>7}   per-class Dice")
     for row in rows:
         per_class = " ".join(f"{k[5:]}={v:.3f}" for k, v in row.items() if k.startswith("dice_"))

@@ -141,6 +141,8 @@ def summary_markdown(config: dict[str, Any], rows: list[dict[str, Any]], differe
                      + " | ".join(f"{row[k] * 100:.2f}" for k in per_class) + " |")
     lines += ["", "## Time and memory", "",
               f"- wall time: {first['wall_time_s']:.0f} s (training and test, resumed parts included)",
+              "- CPU time: " + (f"{first['cpu_time_s']:.0f} s (this process and its ended loader workers)"
+                                if first.get("cpu_time_s") not in (None, "") else "not recorded (resumed from an older checkpoint)"),
               f"- peak memory: {first['peak_rss_mb']:.0f} MB resident" + (f", {first['peak_gpu_mb']:.0f} MB GPU" if first.get("peak_gpu_mb") else ""),
               f"- devices: {first['devices']}; torch {first['torch']}, Lightning {first['lightning']}, host {first['host']}", "",
               f"![training curves]({REPORT_PLOT})", ""]

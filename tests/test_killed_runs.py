@@ -228,22 +228,34 @@ def kill_and_resume(workspace: Path, options: list[str], point: str | None, n: i
     return run_dir
 
 
-def set_run_clock(checkpoint: Path, seconds: float) -> None:
-    """Pretend the run had been going for ``seconds`` when ``checkpoint`` was saved (a value no real run of these
-    reaches, so the row shows whether the resume carried it over)."""
+def set_run_clock(checkpoint: Path, seconds: float, cpu_seconds: float | None = None) -> None:
+    """Pretend the run had been going for ``seconds`` (and used ``cpu_seconds`` of CPU; None: a checkpoint written
+    before CPU time was recorded) when ``checkpoint`` was saved: values no real run of these reaches, so the row
+    shows whether the resume carried them over."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert "RunClock" in state["callbacks"], f"{checkpoint} does not carry the run clock"
+    assert "cpu_seconds" in state["callbacks"]["RunClock"], f"{checkpoint} does not carry the run's CPU time"
     state["callbacks"]["RunClock"]["seconds"] = seconds
+    if cpu_seconds is None:
+        del state["callbacks"]["RunClock"]["cpu_seconds"]
+    else:
+        state["callbacks"]["RunClock"]["cpu_seconds"] = cpu_seconds
     torch.save(state, checkpoint)
 
 
-def resumed_wall_times(workspace: Path, options: list[str], run_dir: Path) -> tuple[list[float], float]:
-    """Resume ``run_dir``: (its rows' wall_time_s, how long the resume took, measured around the child)."""
+def resumed_times(workspace: Path, options: list[str], run_dir: Path, column: str = "wall_time_s") -> tuple[list[str], float]:
+    """Resume ``run_dir``: (its rows' ``column`` as written, how long the resume took, measured around the child)."""
     started = time.monotonic()
     assert in_child(workspace, options, "--resume", str(run_dir)) == 0
     took = time.monotonic() - started
     table = check_leaderboard(workspace / "lb" / "synthetic_acdc.csv")
-    return [float(seconds) for seconds in table.loc[table["run_dir"] == str(run_dir), "wall_time_s"]], took
+    return list(table.loc[table["run_dir"] == str(run_dir), column]), took
+
+
+def resumed_wall_times(workspace: Path, options: list[str], run_dir: Path) -> tuple[list[float], float]:
+    """Resume ``run_dir``: (its rows' wall_time_s, how long the resume took, measured around the child)."""
+    cells, took = resumed_times(workspace, options, run_dir)
+    return [float(seconds) for seconds in cells], took
 
 
 def assert_carried(wall_times: list[float], took: float, carried: float) -> None:
@@ -301,10 +313,24 @@ def test_a_resumed_run_counts_the_time_before_its_checkpoint(tmp_path, uninterru
     """wall_time_s = the run's seconds when its resume.ckpt was saved + the resume's own, not the resume's only."""
     assert in_child(tmp_path, KILLABLE_RUN, point="training", n=25) == -signal.SIGKILL
     run_dir = run_folders(tmp_path)[0]
-    set_run_clock(run_dir / "checkpoints" / "resume.ckpt", 10_000.0)
+    set_run_clock(run_dir / "checkpoints" / "resume.ckpt", 10_000.0, cpu_seconds=5_000.0)
     wall_times, took = resumed_wall_times(tmp_path, KILLABLE_RUN, run_dir)
     assert_carried(wall_times, took, 10_000.0)
+    table = check_leaderboard(tmp_path / "lb" / "synthetic_acdc.csv")
+    cpu_times = [float(s) for s in table.loc[table["run_dir"] == str(run_dir), "cpu_time_s"]]
+    # The resume's own CPU time: more than none, at most its wall time on every core.
+    assert len(cpu_times) == 2 and all(5_000 < s <= 5_000 + took * os.cpu_count() for s in cpu_times), (cpu_times, took)
     assert_same(outcome(run_dir), uninterrupted, "resumed with a carried clock")  # the clock does not touch training
+
+
+def test_a_run_resumed_from_a_checkpoint_without_cpu_time_leaves_its_cpu_time_empty(tmp_path):
+    """An older checkpoint has the run's wall seconds but not its CPU seconds: the row says unknown, not the
+    resume's part alone."""
+    assert in_child(tmp_path, KILLABLE_RUN, point="training", n=25) == -signal.SIGKILL
+    run_dir = run_folders(tmp_path)[0]
+    set_run_clock(run_dir / "checkpoints" / "resume.ckpt", 10_000.0, cpu_seconds=None)
+    cells, _ = resumed_times(tmp_path, KILLABLE_RUN, run_dir, "cpu_time_s")
+    assert cells == ["", ""]
 
 
 def test_a_run_killed_before_its_row_writes_it_once_on_resume_and_a_finished_run_is_left_alone(tmp_path, uninterrupted, capsys):

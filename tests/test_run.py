@@ -39,6 +39,8 @@ def check_finished_run(tmp_path: Path, dataset: str) -> pd.DataFrame:
     assert len(curve) >= 1 and curve["val/dice"].between(0, 1).all() and curve["step"].is_monotonic_increasing
     result = json.loads((run_dir / "result.json").read_text())
     assert result["config_hash"] == table["config_hash"][0]
+    # CPU time: some, and at most the wall time on every core (with the loader workers that have ended).
+    assert ((table["cpu_time_s"] > 0) & (table["cpu_time_s"] <= table["wall_time_s"] * (os.cpu_count() or 1))).all()
     return table
 
 
