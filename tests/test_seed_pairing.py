@@ -32,9 +32,10 @@ def start_of_run(method: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_seed_k_pairs_the_labeled_batches_and_a_shared_networks_start(seed):
     supervised_weights, supervised_batch = start_of_run("supervised", seed)
-    teacher_weights, teacher_batch = start_of_run("mean_teacher", seed)
-    assert torch.equal(teacher_weights, supervised_weights)  # Mean Teacher's student: supervised-only's network
-    assert torch.equal(teacher_batch, supervised_batch)
+    for method in ("mean_teacher", "ua_mt"):  # their student is supervised-only's network
+        student_weights, student_batch = start_of_run(method, seed)
+        assert torch.equal(student_weights, supervised_weights), method
+        assert torch.equal(student_batch, supervised_batch), method
     _, two_network_batch = start_of_run("cps", seed)
     assert torch.equal(two_network_batch, supervised_batch)
     other_weights, other_batch = start_of_run("supervised", seed + 1)
