@@ -196,8 +196,7 @@ def claims_table(records: pd.DataFrame, configs: dict[str, str] | None = None) -
                "Verdict"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for record in records.to_dict("records"):
-        gain = "–" if pd.isna(record["gain_mean"]) else (
-            f"{record['gain_mean']:+.2f} ({record['n']})" if pd.isna(record["paired_p_value"]) else paired_test_cell(record))
+        gain = paired_test_cell(record)
         test = "–" if not record["pairs"] else (
             f"{record['mean_difference'] * 100:+.2f}, p = {record['p_value']:.3g} ({record['pairs']} × {record['seeds']})")
         paper = "–" if pd.isna(record["paper_gain"]) else f"{record['paper_gain']:+.2f}"

@@ -316,10 +316,13 @@ def config_cell(digest: str, configs: dict[str, str] | None) -> str:
 
 
 def paired_test_cell(test) -> str:
-    """'-2.36 ± 1.02, p = 0.057 (3)' for a seed-paired test (points), '– (1)' with fewer than 2 pairs."""
+    """'-2.36 ± 1.02, p = 0.057 (3)' for a seed-paired test (points); with one pair its difference alone,
+    '+1.24 (1)'; '–' without pairs."""
     n = int(test["paired_n"])
+    if n == 0:
+        return "–"
     if pd.isna(test["paired_p_value"]):
-        return f"– ({n})"
+        return f"{test['paired_mean_difference'] * 100:+.2f} ({n})"
     return (f"{test['paired_mean_difference'] * 100:+.2f} ± {test['paired_std'] * 100:.2f}, "
             f"p = {test['paired_p_value']:.3g} ({n})")
 
