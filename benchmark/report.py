@@ -106,15 +106,21 @@ def finished_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample std (ddof 1; NaN for one seed) over seeds, with n, per GROUP_KEYS."""
+    """Mean and sample std (ddof 1; NaN for one seed) over seeds, with n, per GROUP_KEYS; the mean CPU seconds of
+    the runs that recorded them and how many did (cpu_time_s_mean, cpu_time_n)."""
     rows = finished_rows(table)
     if rows.empty:
-        return pd.DataFrame(columns=[*GROUP_KEYS, "n", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))])
+        return pd.DataFrame(columns=[*GROUP_KEYS, "n", "seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+                                     "cpu_time_s_mean", "cpu_time_n"])
     if "units" not in rows:
         rows["units"] = "voxel"
+    # CPU seconds per run where the row recorded them (older rows did not): the cost on a shared machine.
+    rows["_cpu_time_s"] = pd.to_numeric(rows["cpu_time_s"], errors="coerce") if "cpu_time_s" in rows else np.nan
     grouped = rows.groupby(GROUP_KEYS, sort=False, dropna=False)
     summary = grouped[list(METRICS)].agg(["mean", "std"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary["cpu_time_s_mean"] = grouped["_cpu_time_s"].mean()
+    summary["cpu_time_n"] = grouped["_cpu_time_s"].count()
     summary["n"] = grouped.size()
     summary["seeds"] = grouped["seed"].agg(lambda seeds: " ".join(sorted(seeds, key=lambda s: (len(s), s))))
     summary["units"] = grouped["units"].first()
@@ -315,6 +321,11 @@ def config_cell(digest: str, configs: dict[str, str] | None) -> str:
     return f"{described} (`{digest}`)" if described else f"`{digest}`"
 
 
+def cpu_minutes_cell(mean_seconds: float, runs: int) -> str:
+    """'23 (3)': mean CPU minutes of the runs that recorded them; '–' when none did."""
+    return "–" if not runs or pd.isna(mean_seconds) else f"{mean_seconds / 60:.0f} ({int(runs)})"
+
+
 def paired_test_cell(test) -> str:
     """'-2.36 ± 1.02, p = 0.057 (3)' for a seed-paired test (points); with one pair its difference alone,
     '+1.24 (1)'; '–' without pairs."""
@@ -340,6 +351,7 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
                "Seed-paired test: ΔDice ± std, p (seeds both have)",
                "Seed-level Welch p (n method / n supervised)",
                "Within-seed per-case test: ΔDice, Wilcoxon p (cases × seeds; no seed variation)",
+               "CPU min per run (runs that recorded it)",
                "Config (changes from the profile's defaults)"]
     if reported is not None:
         headers.append("Published Dice % [trust] (source)")
@@ -361,7 +373,8 @@ def markdown_table(summary: pd.DataFrame, tests: pd.DataFrame, reported: pd.Data
         cells = [row.method, str(row.labeled_cases), row.checkpoint, str(row.n),
                  _mean_std(row.dice_mean, row.dice_std, 100, 2), _mean_std(row.jaccard_mean, row.jaccard_std, 100, 2),
                  _mean_std(row.hd95_mean, row.hd95_std, 1, 2), _mean_std(row.asd_mean, row.asd_std, 1, 2),
-                 difference, paired_text, seed_text, p_text, config_cell(row.config_hash, configs)]
+                 difference, paired_text, seed_text, p_text, cpu_minutes_cell(row.cpu_time_s_mean, row.cpu_time_n),
+                 config_cell(row.config_hash, configs)]
         if reported is not None:
             cells.append(_published(reported, row.dataset, row.method, int(row.labeled_cases)))
         lines.append("| " + " | ".join(cells) + " |")

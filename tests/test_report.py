@@ -17,10 +17,12 @@ CASES = ["c1", "c2", "c3", "c4"]
 SUPERVISED_CASE_DICE = [0.5, 0.6, 0.7, 0.8]
 
 
-def row(method, seed, dice, profile="cpu", labeled=7, checkpoint="last", status="ok", digest=None, run_dir=""):
+def row(method, seed, dice, profile="cpu", labeled=7, checkpoint="last", status="ok", digest=None, run_dir="",
+        cpu_time_s=""):
     return dict(dataset="acdc", method=method, profile=profile, labeled_cases=labeled, seed=seed, checkpoint=checkpoint,
                 dice=dice, jaccard=dice - 0.1, hd95=5.0 + seed, asd=1.0, status=status,
-                config_hash=digest or f"{method[:4]}{profile}{labeled}", run_dir=run_dir, units="voxel")
+                config_hash=digest or f"{method[:4]}{profile}{labeled}", run_dir=run_dir, units="voxel",
+                cpu_time_s=cpu_time_s)
 
 
 def write_per_case(folder: Path, case_dice: list[float]) -> str:
@@ -46,7 +48,9 @@ def board(tmp_path) -> Path:
         differences = [0.01 * (step + i) for i in range(len(CASES))]
         step += len(CASES)
         mt_dir = write_per_case(tmp_path / "runs" / f"mt{seed}", [d + x for d, x in zip(SUPERVISED_CASE_DICE, differences)])
-        rows += [row("supervised", seed, sup, run_dir=sup_dir), row("mean_teacher", seed, mt, run_dir=mt_dir)]
+        # CPU time: mean_teacher seeds 0 and 1 recorded 1200 and 1800 s, seed 2 (an older row) nothing.
+        rows += [row("supervised", seed, sup, run_dir=sup_dir),
+                 row("mean_teacher", seed, mt, run_dir=mt_dir, cpu_time_s=[1200.0, 1800.0, ""][seed])]
     rows += [row("mean_teacher", 3, 0.0, status="failed"), row("cps", 0, 0.5), row("cps", 1, 0.5),
              row("supervised", 0, 0.79, profile="paper")]
     append_rows(folder / "acdc.csv", rows)
@@ -70,6 +74,8 @@ def test_aggregate_means_stds_and_counts(board):
     assert summary.loc[("cpu", "mean_teacher"), "dice_mean"] == pytest.approx(0.80) and summary.loc[("cpu", "mean_teacher"), "n"] == 3
     assert summary.loc[("cpu", "mean_teacher"), "hd95_mean"] == pytest.approx(6.0)  # 5 + seed over seeds 0..2
     assert summary.loc[("cpu", "cps"), "dice_std"] == pytest.approx(0.0)
+    assert summary.loc[("cpu", "mean_teacher"), "cpu_time_s_mean"] == pytest.approx(1500.0)  # the two that recorded it
+    assert summary.loc[("cpu", "mean_teacher"), "cpu_time_n"] == 2 and summary.loc[("cpu", "cps"), "cpu_time_n"] == 0
     assert summary.loc[("paper", "supervised"), "n"] == 1 and pd.isna(summary.loc[("paper", "supervised"), "dice_std"])
     assert list(summary.reset_index().query("profile == 'cpu'")["method"])[0] == "supervised"
 
@@ -196,12 +202,12 @@ def test_render_markdown_and_plot(board, tmp_path, capsys):
     # ΔDice: the seed means 80 - 70; Welch t = 10 / sqrt(100/3 + 100/3) with 4 degrees of freedom: p = 0.288.
     assert "| mean_teacher | 7 | last | 3 | 80.00 ± 10.00 |" in cpu_part
     # Seed-paired: +0.10 on each of the three seeds, no spread: p = 0 by convention (scipy alone answers NaN).
-    assert "| +10.00 | +10.00 ± 0.00, p = 0 (3) | 0.288 (3 / 3) | +6.50, p = 0.125 (4 × 3) |" in cpu_part
+    assert "| +10.00 | +10.00 ± 0.00, p = 0 (3) | 0.288 (3 / 3) | +6.50, p = 0.125 (4 × 3) | 25 (2) |" in cpu_part
     # cps seeds 0 and 1 (0.5, 0.5) against supervised-only's (0.6, 0.7): differences -0.1, -0.2; t = 3 with one
     # degree of freedom, where P(|T| > t) = 1 - 2 / pi * atan(t) = 0.205.
     assert f"{1 - 2 / math.pi * math.atan(3):.3g}" == "0.205"
     assert ("| cps | 7 | last | 2 | 50.00 ± 0.00 | 40.00 ± 0.00 | 5.50 ± 0.71 | 1.00 ± 0.00 | -20.00 | "
-            "-15.00 ± 7.07, p = 0.205 (2) | 0.0742 (2 / 3) | – |") in cpu_part
+            "-15.00 ± 7.07, p = 0.205 (2) | 0.0742 (2 / 3) | – | – |") in cpu_part
     assert "Seed-paired test: ΔDice ± std, p (seeds both have)" in cpu_part
     assert "Seed-level Welch p (n method / n supervised)" in cpu_part and "no seed variation" in cpu_part
     assert "79.41" not in cpu_part and "Published" not in cpu_part  # published numbers only beside paper rows
