@@ -64,7 +64,8 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         "seeds of each side. The within-seed Wilcoxon signed-rank p compares per-case "
         "Dice with the `supervised` run of the same seed (one pair per test case, its difference averaged over the "
         "seeds both have); it leaves out seed-to-seed training variation, so two seeds of one method already give "
-        "small p-values. "
+        "small p-values. CPU min per run is the mean of the rows' `cpu_time_s` (the run's process and its ended "
+        "loader workers, resumes included), over the runs that recorded it. "
         "Published numbers (reported.csv) appear only beside `paper`-profile rows; their trust tags: "
         + "; ".join(f"[{tag}] {meaning}" for tag, meaning in TRUST_TAGS.items()) + ".",
     ]
