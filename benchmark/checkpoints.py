@@ -217,9 +217,9 @@ class RunClock(pl.Callback):
         self.cpu_carried = float(cpu_seconds) if cpu_seconds is not None else (0.0 if not seconds else None)
 
     def state_dict(self) -> dict[str, float]:
-        state = {"seconds": self.seconds()}
-        if self.cpu_seconds() is not None:
-            state["cpu_seconds"] = self.cpu_seconds()
+        state, cpu_seconds = {"seconds": self.seconds()}, self.cpu_seconds()
+        if cpu_seconds is not None:
+            state["cpu_seconds"] = cpu_seconds
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

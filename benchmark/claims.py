@@ -116,18 +116,13 @@ def _is_full_row(rows: pd.DataFrame) -> pd.Series:
 def _measured(ours: pd.DataFrame, theirs: pd.DataFrame, base: Path, leaderboard_dir: Path | None) -> dict:
     """Per-seed Dice gains (points) of ``ours`` over ``theirs`` (indexed by seed) with their paired test, the
     seed-level test over all seeds of both and the within-seed per-case test."""
-    gains, pairs = [], []
-    for _, row in ours.iterrows():
-        if row["seed"] not in theirs.index:
-            continue
-        other = theirs.loc[row["seed"]]
-        gains.append((float(row["dice"]) - float(other["dice"])) * 100)
-        pairs.append((row["dataset"], row["seed"], row["checkpoint"], row["run_dir"], other["run_dir"]))
+    pairs = [(row["dataset"], row["seed"], row["checkpoint"], row["run_dir"], theirs.loc[row["seed"], "run_dir"])
+             for _, row in ours.iterrows() if row["seed"] in theirs.index]
     test = paired_case_test(pairs, base, leaderboard_dir)
     seed_test = seed_level_test(ours["dice"].dropna(), theirs["dice"].dropna())
     paired = seed_paired_test(dice_by_seed(ours), dice_by_seed(theirs.reset_index()))
-    return {"n": len(gains), "gain_mean": float(np.mean(gains)) if gains else np.nan,
-            "gain_std": float(np.std(gains, ddof=1)) if len(gains) > 1 else np.nan, **test, **seed_test, **paired}
+    return {"n": paired["paired_n"], "gain_mean": paired["paired_mean_difference"] * 100,
+            "gain_std": paired["paired_std"] * 100, **test, **seed_test, **paired}
 
 
 def claims(table: pd.DataFrame, reported: pd.DataFrame, base: Path = Path("."),

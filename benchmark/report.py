@@ -8,9 +8,10 @@ benchmark/leaderboard_page.py assembles them into ``leaderboards/README.md`` (``
 - ``<dataset>_<profile>_dice.png``: test Dice against the labeled count per method (error bars: std over seeds);
 - ``<dataset>_<profile>_curves.png``: validation Dice against the training step per method and labeled count, the
   mean over seeds of the curves archived with the rows (``curves/<dataset>/<run>.csv``);
-- in the tables, two tests of each method against ``supervised`` on the same split (labeled count) and checkpoint
-  kind. The seed-level test (Welch's t-test on the per-seed test Dice of all seeds each side has) is the one that
-  counts: it includes seed-to-seed training variation. The within-seed test (Wilcoxon signed-rank, one pair per
+- in the tables, three tests of each method against ``supervised`` on the same split (labeled count) and checkpoint
+  kind. The seed-paired test (a paired t-test on the per-seed test Dice of the seeds both have; seed k of both
+  draws the same labeled batches) is the one that counts. The seed-level test (Welch's unpaired t-test on the
+  per-seed test Dice of all seeds each side has) stands beside it. The within-seed test (Wilcoxon signed-rank, one pair per
   test case, the per-case Dice of the two runs of a seed from ``test_per_case_<checkpoint>.csv``, its difference
   averaged over the seeds both have) does not: two seeds of the same method already differ by a few points on
   nearly every case, so its p-value measures that gap, not a method effect.
@@ -221,7 +222,7 @@ def seed_paired_test(ours: Mapping[Any, float], theirs: Mapping[Any, float]) -> 
     difference leaves out most of the run-to-run variation that the unpaired (Welch) test has to carry. Needs 2
     pairs. Returns paired_n, paired_mean_difference (ours - theirs), paired_std (sample std of the differences)
     and paired_p_value (NaN with fewer than 2 pairs; with all differences equal, 1 if they are 0, else 0)."""
-    from scipy.stats import ttest_rel
+    from scipy.stats import ttest_1samp
 
     seeds = sorted(set(ours) & set(theirs))
     differences = np.asarray([float(ours[s]) - float(theirs[s]) for s in seeds], dtype=float)
@@ -234,8 +235,7 @@ def seed_paired_test(ours: Mapping[Any, float], theirs: Mapping[Any, float]) -> 
             with warnings.catch_warnings():
                 # Nearly equal differences are a valid input, not lost precision.
                 warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-                result["paired_p_value"] = float(ttest_rel([float(ours[s]) for s in seeds],
-                                                           [float(theirs[s]) for s in seeds]).pvalue)
+                result["paired_p_value"] = float(ttest_1samp(differences, 0.0).pvalue)  # = the paired t-test
     return result
 
 
@@ -244,12 +244,12 @@ PAIRED_TEST_COLUMNS = ["paired_n", "paired_mean_difference", "paired_std", "pair
 
 
 def paired_tests(table: pd.DataFrame, base: Path = Path("."), leaderboard_dir: Path | None = None) -> pd.DataFrame:
-    """Per non-baseline group of ``aggregate``, both tests against supervised-only at the same dataset, profile,
-    labeled count and checkpoint kind: ``seed_level_test`` of the group's per-seed Dice against every seed of the
-    supervised rows (``baseline_rows``), and ``paired_case_test`` of per-case Dice against the supervised run of
-    the same seed (within-seed).
+    """Per non-baseline group of ``aggregate``, the three tests against supervised-only at the same dataset,
+    profile, labeled count and checkpoint kind: ``seed_paired_test`` over the seeds both have, ``seed_level_test``
+    of the group's per-seed Dice against every seed of the supervised rows (``baseline_rows``), and
+    ``paired_case_test`` of per-case Dice against the supervised run of the same seed (within-seed).
     Columns: the GROUP_KEYS, the within-seed pairs (cases), seeds, mean_difference (method - supervised) and
-    p_value, then SEED_TEST_COLUMNS."""
+    p_value, then SEED_TEST_COLUMNS and PAIRED_TEST_COLUMNS."""
     rows = finished_rows(table)
     if "run_dir" not in rows:
         rows["run_dir"] = ""

@@ -63,7 +63,7 @@ from benchmark.run_folder import (  # noqa: F401 (RUN_DIR_ENV, inherited_run_dir
 from benchmark.run_logs import append_test_metrics, archive_per_case, archive_validation_curve, join_interrupted_metrics  # noqa: F401 (the last: for importers)
 from benchmark.run_report import write_run_report_safely
 from benchmark.schema import validate_config
-from benchmark.stops import RunStopped, stop_received, stop_signals_raise
+from benchmark.stops import RunStopped, raise_if_stopped, stop_signals_raise
 from benchmark.trainer_setup import build_loggers, build_trainer, fit
 from benchmark.weights import init_stage, load_weights, load_weights_from_rank_zero  # noqa: F401 (load_weights: for importers)
 from core.atomic import full_disk_error, is_full_disk, remove_stale_temporaries, replaced_atomically, write_text_atomically
@@ -226,17 +226,14 @@ def train_stages(config, method_cls, spec, datamodule, stages: list[str], folder
         resume_checkpoint = folder.resume_checkpoint(stage)
         try:
             fit(trainer, model, stage_data, stage_dir, resume_checkpoint)
-            if stop_received():  # arrived in the last moments and was lost in a finalizer (trainer_setup.StopAtNextBatch)
-                raise RunStopped(stop_received())
+            raise_if_stopped()  # arrived in the last moments and was lost in a finalizer (trainer_setup.StopAtNextBatch)
         except KeyboardInterrupt:
             raise
         except SystemExit as error:  # Lightning's SIGTERMException: a stop whose own exception was lost on the way
-            if stop_received():
-                raise RunStopped(stop_received()) from error
+            raise_if_stopped(error)
             raise
         except Exception as error:
-            if stop_received():  # e.g. a loader worker ended by the same SIGTERM, noticed before the main process's
-                raise RunStopped(stop_received()) from error
+            raise_if_stopped(error)  # e.g. a loader worker ended by the same SIGTERM, noticed before the main process's
             if is_full_disk(error):  # not a failure of the method: no failed row; the folder stays resumable
                 raise full_disk_error(folder.path, checkpoint_space_needed(folder.path, model)) from error
             if isinstance(error, UserError):
@@ -284,7 +281,8 @@ def evaluate_checkpoints(config, spec, method_cls, datamodule, folder: RunFolder
         rss, gpu = peak_memory()
         rows.append({
             **base_row, "checkpoint": kind, "step": step, **summary, "status": "ok",
-            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(clock.seconds(), 1), "cpu_time_s": rounded_or_empty(clock.cpu_seconds()),
+            "steps": sum(trained.stage_steps.values()), "wall_time_s": round(clock.seconds(), 1),
+            "cpu_time_s": rounded_or_empty(clock.cpu_seconds()),
             "peak_rss_mb": round(rss, 1), "peak_gpu_mb": round(gpu, 1), "finished_at": now_utc(),
         })
     if not rank_zero:
@@ -415,8 +413,7 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
     else:
         rows, results = evaluate_checkpoints(config, spec, method_cls, datamodule, folder, final_stage, trained, base_row,
                                              digest, clock, rank_zero)
-        if stop_received():  # a stop recorded during testing (benchmark/stops.py): no result, no row
-            raise RunStopped(stop_received())
+        raise_if_stopped()  # a stop recorded during testing (benchmark/stops.py): no result, no row
         if not rank_zero:
             return []
         stage_record = {"stages": [{"stage": name, "steps": steps, "dir": str(folder.stage_dir(name))}

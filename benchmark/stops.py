@@ -50,6 +50,16 @@ def stop_received() -> int | None:
     return _received[0] if _received else None
 
 
+def raise_if_stopped(cause: BaseException | None = None) -> None:
+    """Raise :class:`RunStopped` (from ``cause``) if a stop signal was recorded during the current run."""
+    signum = stop_received()
+    if signum is None:
+        return
+    if cause is None:
+        raise RunStopped(signum)
+    raise RunStopped(signum) from cause
+
+
 def _inside_a_finalizer(frame) -> bool:
     while frame is not None:
         if frame.f_code.co_name == "__del__":

@@ -13,7 +13,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from benchmark.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, read_checkpoint
 from benchmark.run_logs import join_interrupted_metrics
-from benchmark.stops import RunStopped, stop_received
+from benchmark.stops import raise_if_stopped
 from benchmark.wandb_overlays import overlay_callbacks
 from core.errors import UserError
 
@@ -25,20 +25,14 @@ class StopAtNextBatch(pl.Callback):
     thread is: a DataLoader iterator's ``__del__`` joins its workers, and a signal that lands there would be lost, so
     a Ctrl+C would let the training go on and a SIGTERM would end it through Lightning's own flag as if finished."""
 
-    @staticmethod
-    def _raise_if_stopped() -> None:
-        signum = stop_received()
-        if signum is not None:
-            raise RunStopped(signum)
-
     def on_train_batch_start(self, *args: Any) -> None:
-        self._raise_if_stopped()
+        raise_if_stopped()
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self._raise_if_stopped()
+        raise_if_stopped()
 
     def on_validation_batch_start(self, *args: Any) -> None:
-        self._raise_if_stopped()
+        raise_if_stopped()
 
 
 def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
