@@ -91,7 +91,8 @@ def finalize(config: dict[str, Any], description: DatasetDescription | None = No
             raise UserError(f"found no training {description.labeled_unit}s for {config['dataset']}", where=str(data.get("root")),
                             fix=f"DATA_ROOT is the folder holding {description.layout_hint}")
     except UserError:
-        report_layout_problems(config)
+        if data.get("root") not in (None, "") and Path(data["root"]).expanduser().is_dir():
+            report_layout_problems(config)  # a folder that exists but reads wrong: list every problem in it at once
         raise
     data["labeled"] = resolve_labeled_count(description, total, data.get("ratio"), data.get("labeled"), listed)
     trainer = config["trainer"]

@@ -89,14 +89,15 @@ def run_smoke(tmp_path: Path, *args: str) -> int:
 HEAVY_MODULES = ("torch", "pytorch_lightning", "datamodules.registry", "methods.registry")
 
 
-def cli_in_fresh_interpreter(*commands: list[str]) -> tuple[list[str], str]:
+def cli_in_fresh_interpreter(*commands: list[str], expected_code: int = 0) -> tuple[list[str], str]:
     """Run ``benchmark.cli.main`` on each argv in a new interpreter importing this checkout; return which of
-    HEAVY_MODULES it imported and what the commands printed. Each must return 0 (``--help``'s SystemExit counts)."""
+    HEAVY_MODULES it imported and what the commands printed (stdout and stderr). Each must return ``expected_code``
+    (``--help``'s SystemExit counts)."""
     script = ("import contextlib, io, json, sys\nfrom benchmark.cli import main\n"
-              "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):\n"
               f"    for argv in {[list(c) for c in commands]!r}:\n"
               "        try:\n            code = main(argv)\n        except SystemExit as stop:\n            code = stop.code or 0\n"
-              "        assert code == 0, (argv, code)\n"
+              f"        assert code == {expected_code}, (argv, code, out.getvalue())\n"
               f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))\nprint(out.getvalue())")
     result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
