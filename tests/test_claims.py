@@ -11,6 +11,7 @@ from benchmark.claims import cited_documents, claims, nearest_count, published_g
 from benchmark.leaderboard import append_rows
 from benchmark.leaderboard_page import render_leaderboards
 from benchmark.report import REPORTED_COLUMNS, load_reported
+from tests.leaderboard_helpers import write_per_case
 
 CASES = [f"c{i}" for i in range(6)]
 SUPERVISED = [0.5, 0.6, 0.7, 0.8, 0.9, 0.4]  # seed s adds 0.02 * s; mean 0.65 at seed 0, 0.67 at seed 1
@@ -40,14 +41,6 @@ def welch_p_with_two_degrees_of_freedom(ours: list[float], theirs: list[float]) 
     assert len(ours) == len(theirs) == 2 and math.isclose(variance(ours), variance(theirs))
     t = abs(mean(ours) - mean(theirs)) / math.sqrt(variance(ours) / 2 + variance(theirs) / 2)
     return 1 - t / math.sqrt(2 + t**2)
-
-
-def write_per_case(folder: Path, case_dice: list[float]) -> str:
-    folder.mkdir(parents=True)
-    rows = [{"case": f"c{i}", "class": name, "dice": dice, "jaccard": dice, "hd95": 1.0, "asd": 1.0}
-            for i, dice in enumerate(case_dice) for name in ("RV", "Myo", "LV")]
-    pd.DataFrame(rows).to_csv(folder / "test_per_case_last.csv", index=False)
-    return str(folder)
 
 
 def row(method, seed, case_dice, runs: Path | None, labeled=7, ratio=0.1, checkpoint="last", profile="cpu"):

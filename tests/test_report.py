@@ -12,8 +12,9 @@ from benchmark.leaderboard import append_rows
 from benchmark.report import (REPORTED_COLUMNS, aggregate, convert_reported, load_reported, method_slug, paired_tests,
                               seed_level_test, seed_paired_test)
 from tests.conftest import PROJECT_ROOT
+from tests.leaderboard_helpers import write_per_case
 
-CASES = ["c1", "c2", "c3", "c4"]
+CASES = ["c0", "c1", "c2", "c3"]  # the names write_per_case gives
 SUPERVISED_CASE_DICE = [0.5, 0.6, 0.7, 0.8]
 
 
@@ -23,15 +24,6 @@ def row(method, seed, dice, profile="cpu", labeled=7, checkpoint="last", status=
                 dice=dice, jaccard=dice - 0.1, hd95=5.0 + seed, asd=1.0, status=status,
                 config_hash=digest or f"{method[:4]}{profile}{labeled}", run_dir=run_dir, units="voxel",
                 cpu_time_s=cpu_time_s)
-
-
-def write_per_case(folder: Path, case_dice: list[float]) -> str:
-    """Each class of a case gets the same Dice, so the case mean is that value."""
-    folder.mkdir(parents=True)
-    rows = [{"case": case, "class": name, "dice": dice, "jaccard": dice, "hd95": 1.0, "asd": 1.0}
-            for case, dice in zip(CASES, case_dice) for name in ("RV", "Myo", "LV")]
-    pd.DataFrame(rows).to_csv(folder / "test_per_case_last.csv", index=False)
-    return str(folder)
 
 
 @pytest.fixture
