@@ -153,7 +153,8 @@ COMMITTED = [
     ("supervised", "acdc", ["--ratio", "0.1"], "c76845f055a3"),
     ("mean_teacher", "acdc", ["--ratio", "0.1"], "15771e786611"),
     ("mc_net_plus", "acdc", ["--ratio", "0.1"], "f710c7798016"),
-    ("supervised", "kvasir_seg", ["--labeled", "80"], "98095115f52c"),
+    ("supervised", "kvasir_seg", ["--ratio", "1.0"], "cf6b5e237f63"),
+    ("supervised", "kvasir_seg", ["--ratio", "0.1"], "a92edd71e7d4"),
 ]
 
 
