@@ -29,12 +29,14 @@ def start_of_run(method: str, seed: int) -> tuple[dict[str, torch.Tensor], torch
     return weights, batch["labeled"]["image"]
 
 
+def same(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> bool:
+    """The same parameter names with identical values."""
+    return weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_seed_k_pairs_the_labeled_batches_and_a_shared_networks_start(seed):
     supervised_weights, supervised_batch = start_of_run("supervised", seed)
-    def same(weights: dict, reference: dict) -> bool:
-        return weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
-
     for method in ("mean_teacher", "ua_mt"):  # their student is supervised-only's network
         student_weights, student_batch = start_of_run(method, seed)
         assert same(student_weights, supervised_weights), method
