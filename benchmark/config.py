@@ -44,7 +44,8 @@ NON_SEMANTIC_KEYS = (
 HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, ("run", "stages"): None, ("run", "init_from"): None,
                        ("trainer", "on_nonfinite_loss"): "stop", ("optim", "poly_step_lag"): 0,
                        ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None,
-                       ("optim", "poly_epochs"): None, ("trainer", "channels_last"): False}
+                       ("optim", "poly_epochs"): None, ("trainer", "channels_last"): False,
+                       ("method", "joint_student_pass"): True}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"

@@ -1,10 +1,10 @@
 """Mean Teacher (Tarvainen & Valpola, NeurIPS 2017) as SSL4MIS trains it for segmentation.
 
-The student sees one batch of labeled + unlabeled images (one forward, so BatchNorm sees the mixed batch); the EMA
-teacher sees the unlabeled images with clamped Gaussian noise. Consistency is the MSE between the two softmax maps,
-weighted by ``consistency * sigmoid_rampup(step // 150, consistency_rampup)`` (or over
-``consistency_rampup_fraction`` of the run's steps) and switched on at ``consistency_start_step`` (SSL4MIS's 2D
-scripts: ``if iter_num < 1000: consistency_loss = 0``).
+The student sees one batch of labeled + unlabeled images (one forward, so BatchNorm sees the mixed batch;
+``joint_student_pass: false`` runs one pass per stream instead); the EMA teacher sees the unlabeled images with
+clamped Gaussian noise. Consistency is the MSE between the two softmax maps, weighted by ``consistency *
+sigmoid_rampup(step // 150, consistency_rampup)`` (or over ``consistency_rampup_fraction`` of the run's steps) and
+switched on at ``consistency_start_step`` (SSL4MIS's 2D scripts: ``if iter_num < 1000: consistency_loss = 0``).
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class MeanTeacherHyperparameters(Hyperparameters):
     consistency_start_step: int = 1000  # no consistency before this step (SSL4MIS's 2D scripts)
     noise_std: float = 0.1  # the teacher's input noise ...
     noise_clamp: float = 0.2  # ... clamped to +-this
+    # true (SSL4MIS): the student runs once over labeled + unlabeled images, so BatchNorm normalises both with one
+    # set of batch statistics; false runs it once per stream (isolates what that shared normalisation does)
+    joint_student_pass: bool = True
 
 
 @register("mean_teacher")
@@ -65,9 +68,13 @@ class MeanTeacher(SemiSupervisedMethod):
             supervised = self.supervised_loss(self.net(images), labels)
             return {"loss": supervised, "supervised": supervised}
         unlabeled = batch["unlabeled"]["image"]
-        logits = self.net(torch.cat([images, unlabeled]))
-        supervised = self.supervised_loss(logits[:n_labeled], labels)
-        consistency = self.consistency_loss(logits[n_labeled:], unlabeled)
+        if self.hp.joint_student_pass:
+            logits = self.net(torch.cat([images, unlabeled]))
+            labeled_logits, unlabeled_logits = logits[:n_labeled], logits[n_labeled:]
+        else:
+            labeled_logits, unlabeled_logits = self.net(images), self.net(unlabeled)
+        supervised = self.supervised_loss(labeled_logits, labels)
+        consistency = self.consistency_loss(unlabeled_logits, unlabeled)
         weight = self.consistency_weight()
         return {"loss": supervised + weight * consistency, "supervised": supervised, "consistency": consistency,
                 "consistency_weight": weight}

@@ -13,7 +13,7 @@ from datamodules import DATASETS, get_dataset
 from methods.components.ema import make_ema_teacher, ssl4mis_ema
 from methods.registry import get_method
 from tests.conftest import run_two_rank_script
-from tests.method_helpers import build_method
+from tests.method_helpers import build_method, random_batch
 
 
 def test_ema_follows_ssl4mis_alpha():
@@ -71,6 +71,25 @@ def test_consistency_term_trains_the_student_not_the_teacher(name):
     reached = [n for n, p in model.net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert any(n.startswith("encoder") for n in reached) and any(n.startswith("decoders.0") for n in reached)
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("name", ["mean_teacher", "ua_mt"])
+def test_the_student_pass_over_both_streams_is_one_batch_unless_asked_per_stream(name):
+    # One pass (upstream) normalises the labeled images with BatchNorm statistics of labeled + unlabeled; one pass
+    # per stream gives the labeled images exactly the supervised-only forward on the same weights and dropout draw.
+    batch = random_batch(build_method(name, patch=(32, 32)), n_labeled=2, n_unlabeled=2,
+                         generator=torch.Generator().manual_seed(0))
+    images, labels = batch["labeled"]["image"], batch["labeled"]["label"]
+    supervised = {}
+    for joint in (True, False):
+        model = build_method(name, overrides=[f"method.joint_student_pass={str(joint).lower()}"], patch=(32, 32))
+        model.train()
+        torch.manual_seed(1)
+        supervised[joint] = model.compute_losses(batch)["supervised"]
+        torch.manual_seed(1)
+        alone = model.supervised_loss(model.net(images), labels)
+    assert torch.equal(supervised[False], alone)
+    assert not torch.allclose(supervised[True], alone)
 
 
 def test_teacher_is_updated_after_each_step():
