@@ -22,7 +22,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from benchmark.reevaluate import load_finished_run
+from benchmark.reevaluate import load_finished_run, training_batches
 from core.errors import UserError
 
 
@@ -37,14 +37,11 @@ def gradient_norms(run_dir: Path, checkpoint: str = "last", batches: int = 4) ->
     config, _, datamodule, model, step = load_finished_run(run_dir, [], checkpoint)
     at_step(model, step)
     model.train()
-    pl.seed_everything(config["run"]["seed"], verbose=False)
-    datamodule.setup("fit")
     modules = {name: [p for p in module.parameters() if p.requires_grad] for name, module in model.named_children()}
     modules = {name: params for name, params in modules.items() if params}
     sums: dict[str, dict[str, float]] = {}
     taken = 0
-    for item in datamodule.train_dataloader():
-        batch = item[0] if isinstance(item, tuple) else item  # CombinedLoader yields (batch, index, loader index)
+    for batch in training_batches(config, datamodule, batches):
         losses = model.compute_losses(batch)
         for term, value in losses.items():
             if not (isinstance(value, torch.Tensor) and value.requires_grad) or term.endswith("_weight"):
@@ -59,8 +56,6 @@ def gradient_norms(run_dir: Path, checkpoint: str = "last", batches: int = 4) ->
                 row[name] += float(torch.sqrt(sum(((g.double() ** 2).sum() for g in module_grads if g is not None),
                                                   torch.zeros((), dtype=torch.float64))))
         taken += 1
-        if taken == batches:
-            break
     table = pd.DataFrame.from_dict(sums, orient="index") / max(taken, 1)
     table.index.name = "term"
     return table, step

@@ -6,7 +6,10 @@ on its own::
     python -m benchmark.reevaluate RUN_DIR --set method.predict_with=model2 [--checkpoint best]
 
 The run folder's config.yaml gives the dataset, data root, split and model; ``--set`` changes settings that do not
-change the weights (``method.predict_with``, ``eval.*``). Prints the summary of the test set and writes
+change the weights (``method.predict_with``, ``eval.*``). ``--batchnorm-from labeled`` (or ``labeled+unlabeled``)
+first replaces the running statistics of every BatchNorm the tested network uses by their average over training
+batches of that kind, read in training mode as in training: it separates what a method's normalisation statistics
+do at test time from what its training did to the weights. Prints the summary of the test set and writes
 ``RUN_DIR/reevaluated_<checkpoint>_<digest of the changes>.csv`` (per case); nothing else is touched.
 """
 from __future__ import annotations
@@ -16,7 +19,9 @@ import hashlib
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from torch import nn
 
 from benchmark.checkpoints import read_checkpoint
 from benchmark.config import apply_overrides
@@ -52,13 +57,73 @@ def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "la
     return config, entry, datamodule, model, int(state.get("global_step", 0))
 
 
-def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last") -> tuple[dict, Path]:
+def training_batches(config: dict, datamodule, count: int):
+    """The first ``count`` training batches of the run's split, in the order its seed gives."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(config["run"]["seed"], verbose=False)
+    datamodule.setup("fit")
+    for taken, item in enumerate(datamodule.train_dataloader()):
+        if taken == count:
+            return
+        yield item[0] if isinstance(item, tuple) else item  # CombinedLoader yields (batch, index, loader index)
+
+
+#: what ``--batchnorm-from`` re-estimates the statistics from: the labeled images, or labeled and unlabeled images
+#: in one batch (as a joint student pass normalises them)
+BATCHNORM_SOURCES = ("labeled", "labeled+unlabeled")
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model, batches, source: str) -> int:
+    """Replace the running mean and variance of each BatchNorm that ``model.predict_logits`` runs through by their
+    average over ``batches`` (cumulative, every batch weighted alike), with the model in training mode as during
+    training. Returns the number of batches read; the model is left in eval mode."""
+    used: list[nn.Module] = []
+    hooks = [module.register_forward_pre_hook(lambda module, _: used.append(module))
+             for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("the run's training loader gave no batch", fix="check the data root in the run's config.yaml")
+    if source == "labeled+unlabeled" and "unlabeled" not in first:
+        raise UserError("this run trained on labeled images only, so it has no unlabeled stream to read",
+                        fix="use --batchnorm-from labeled")
+    model.eval()
+    model.predict_logits(first["labeled"]["image"][:1])  # which normalisation layers the tested network uses
+    for hook in hooks:
+        hook.remove()
+    norms = list(dict.fromkeys(used))
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    model.train()
+    read = 0
+    for batch in [first, *batches]:
+        images = batch["labeled"]["image"]
+        if source == "labeled+unlabeled":
+            images = torch.cat([images, batch["unlabeled"]["image"]])
+        model.predict_logits(images)
+        read += 1
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+    return read
+
+
+def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last", batchnorm_from: str | None = None,
+               batchnorm_batches: int = 200) -> tuple[dict, Path]:
     run_dir = Path(run_dir).resolve()
     config, entry, datamodule, model, _ = load_finished_run(run_dir, overrides, checkpoint)
+    changes = list(overrides)
+    if batchnorm_from is not None:
+        reestimate_batchnorm(model, training_batches(config, datamodule, batchnorm_batches), batchnorm_from)
+        changes.append(f"batchnorm_from={batchnorm_from}x{batchnorm_batches}")
     model.eval()
     per_case = Evaluator.from_config(entry.spec, config).evaluate(model.predict_logits, datamodule.cases("test"),
                                                                  progress=False, desc=f"test ({checkpoint})")
-    digest = hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(" ".join(sorted(changes)).encode()).hexdigest()[:8]
     out = run_dir / f"reevaluated_{checkpoint}_{digest}.csv"
     per_case.to_csv(out, index=False)
     return summarize(per_case), out
@@ -69,13 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    parser.add_argument("--batchnorm-from", choices=BATCHNORM_SOURCES,
+                        help="re-estimate BatchNorm running statistics from these training batches before testing")
+    parser.add_argument("--batchnorm-batches", type=int, default=200, metavar="N",
+                        help="training batches for --batchnorm-from (default 200)")
     args = parser.parse_args(argv)
+    if args.batchnorm_batches < 1:
+        print("error: --batchnorm-batches must be at least 1", file=sys.stderr)
+        return 2
     try:
-        summary, out = reevaluate(Path(args.run_dir), args.overrides, args.checkpoint)
+        summary, out = reevaluate(Path(args.run_dir), args.overrides, args.checkpoint, args.batchnorm_from,
+                                  args.batchnorm_batches)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
-    print(f"{args.run_dir} ({args.checkpoint}) with {' '.join(args.overrides) or 'its own settings'}:")
+    changes = [*args.overrides, *([f"BatchNorm statistics from {args.batchnorm_batches} {args.batchnorm_from} training "
+                                   "batches"] if args.batchnorm_from else [])]
+    print(f"{args.run_dir} ({args.checkpoint}) with {', '.join(changes) or 'its own settings'}:")
     print("  " + "  ".join(f"{key}={value:.4f}" for key, value in summary.items() if isinstance(value, float)))
     print(f"per case: {out}")
     return 0

@@ -172,8 +172,38 @@ def test_reevaluate_reproduces_the_row_and_evaluates_the_other_network(tmp_path,
     assert f"dice={table['dice'][0]:.4f}" in capsys.readouterr().out  # its own settings: the row's number
     assert reevaluate_main([str(run_dir), "--set", "method.predict_with=model2"]) == 0
     assert "method.predict_with=model2" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == before and len(list(run_dir.glob("reevaluated_last_*.csv"))) == 2
+    assert reevaluate_main([str(run_dir), "--batchnorm-from", "labeled+unlabeled", "--batchnorm-batches", "2"]) == 0
+    assert "BatchNorm statistics from 2 labeled+unlabeled training batches" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == before and len(list(run_dir.glob("reevaluated_last_*.csv"))) == 3
     assert reevaluate_main([str(tmp_path)]) == 2  # not a run folder
+    assert reevaluate_main([str(run_dir), "--batchnorm-from", "labeled", "--batchnorm-batches", "0"]) == 2
+
+
+def test_batchnorm_statistics_are_re_estimated_as_the_average_over_training_batches():
+    from benchmark.reevaluate import reestimate_batchnorm
+    from core.errors import UserError
+    from tests.method_helpers import build_method, random_batch
+
+    model = build_method("mean_teacher", patch=(32, 32))
+    generator = torch.Generator().manual_seed(0)
+    batches = [random_batch(model, n_labeled=2, n_unlabeled=3, generator=generator) for _ in range(3)]
+    first_norm = next(m for m in model.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    inputs = []
+    hook = first_norm.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    assert reestimate_batchnorm(model, batches, "labeled+unlabeled") == 3
+    hook.remove()
+    assert [x.shape[0] for x in inputs[1:]] == [5, 5, 5]  # after the one-image probe: both streams in one batch
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in inputs[1:]]).mean(0)
+    variances = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in inputs[1:]]).mean(0)
+    torch.testing.assert_close(first_norm.running_mean, means)
+    torch.testing.assert_close(first_norm.running_var, variances)
+    assert first_norm.momentum == 0.1 and not model.training
+    # the teacher is not what the method tests: its statistics stay as they were
+    assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    supervised = build_method("supervised", patch=(32, 32))
+    with pytest.raises(UserError, match="no unlabeled stream"):
+        reestimate_batchnorm(supervised, [random_batch(supervised, n_unlabeled=0)], "labeled+unlabeled")
 
 
 def test_gradients_reports_each_terms_gradient_per_module(tmp_path, capsys):
