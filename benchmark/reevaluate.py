@@ -94,6 +94,9 @@ def reestimate_batchnorm(model, batches, source: str) -> int:
     for hook in hooks:
         hook.remove()
     norms = list(dict.fromkeys(used))
+    if not norms:
+        raise UserError("the tested network has no BatchNorm layer, so there are no running statistics to re-estimate",
+                        fix="leave out --batchnorm-from")
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()

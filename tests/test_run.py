@@ -204,6 +204,9 @@ def test_batchnorm_statistics_are_re_estimated_as_the_average_over_training_batc
     supervised = build_method("supervised", patch=(32, 32))
     with pytest.raises(UserError, match="no unlabeled stream"):
         reestimate_batchnorm(supervised, [random_batch(supervised, n_unlabeled=0)], "labeled+unlabeled")
+    supervised.net = torch.nn.Conv2d(1, 4, 1)  # a network without normalisation layers
+    with pytest.raises(UserError, match="no BatchNorm layer"):
+        reestimate_batchnorm(supervised, [random_batch(supervised, n_unlabeled=0)], "labeled")
 
 
 def test_gradients_reports_each_terms_gradient_per_module(tmp_path, capsys):
