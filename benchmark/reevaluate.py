@@ -102,13 +102,11 @@ def reestimate_batchnorm(model, batches, source: str) -> int:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average
     model.train()
-    read = 0
-    for batch in [first, *batches]:
+    for read, batch in enumerate([first, *batches], start=1):
         images = batch["labeled"]["image"]
         if source == "labeled+unlabeled":
             images = torch.cat([images, batch["unlabeled"]["image"]])
         model.predict_logits(images)
-        read += 1
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
