@@ -1,9 +1,12 @@
-"""How much gradient each loss term of a finished run sends to each part of its model, at one checkpoint.
+"""How much gradient each loss term of a run sends to each part of its model, at one checkpoint.
 
 For questions about loss balance that the logged loss values cannot answer, e.g. whether a contrast that reads
 its clamp value still trains the network::
 
     python -m benchmark.gradients RUN_DIR [--checkpoint best] [--batches 4]
+
+``--checkpoint resume`` reads a stopped run at its latest validation (its ``resume.ckpt``), so a run stopped early
+on purpose shows the balance of its first steps, which a finished run's checkpoints no longer hold.
 
 The method's own ``compute_losses`` runs on the first training batches of the run's split (same seed, training
 mode, the checkpoint's step, so ramp-ups and delays read as they did in training). For every term it returns that
@@ -22,7 +25,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 
-from benchmark.reevaluate import load_finished_run, training_batches
+from benchmark.reevaluate import load_run_checkpoint, training_batches
 from core.errors import UserError
 
 
@@ -34,7 +37,7 @@ def at_step(model: pl.LightningModule, step: int) -> None:
 
 def gradient_norms(run_dir: Path, checkpoint: str = "last", batches: int = 4) -> tuple[pd.DataFrame, int]:
     """(one row per term: its mean value and mean gradient norm per module, the checkpoint's step)."""
-    config, _, datamodule, model, step = load_finished_run(run_dir, [], checkpoint)
+    config, _, datamodule, model, step = load_run_checkpoint(run_dir, [], checkpoint)
     at_step(model, step)
     model.train()
     modules = {name: [p for p in module.parameters() if p.requires_grad] for name, module in model.named_children()}
@@ -64,7 +67,8 @@ def gradient_norms(run_dir: Path, checkpoint: str = "last", batches: int = 4) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.gradients", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    parser.add_argument("--checkpoint", choices=["last", "best", "resume"], default="last",
+                        help="last / best of a finished run, or resume: a stopped run at its latest validation")
     parser.add_argument("--batches", type=int, default=4, help="training batches to average over (default 4)")
     args = parser.parse_args(argv)
     if args.batches < 1:

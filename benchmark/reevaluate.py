@@ -29,9 +29,10 @@ from core.errors import UserError
 from core.evaluation import Evaluator, summarize
 
 
-def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "last"):
+def load_run_checkpoint(run_dir: Path, overrides: list[str], checkpoint: str = "last"):
     """(config, dataset entry, datamodule, model with the checkpoint's weights, the checkpoint's step) of a run
-    folder; for multi-stage methods the final stage. ``overrides`` must not change the weights (loaded as saved)."""
+    folder; for multi-stage methods the final stage. ``checkpoint``: last or best of a finished run, or resume (a
+    stopped run at its latest validation). ``overrides`` must not change the weights (loaded as saved)."""
     from benchmark.config import stage_config
     from benchmark.finalize import finalize
     from benchmark.run import RunFolder, prepare
@@ -47,7 +48,15 @@ def load_finished_run(run_dir: Path, overrides: list[str], checkpoint: str = "la
     method_cls = get_method(config["method_name"])
     final_stage = method_cls.stages[-1]
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=True)
-    path = folder.last_checkpoint(final_stage) if checkpoint == "last" else folder.best_checkpoint(final_stage)
+    if checkpoint == "resume":
+        path = folder.resume_checkpoint(final_stage)
+        if path is None:
+            raise UserError(
+                f"no resume checkpoint of the {final_stage!r} stage: the run finished that stage (its resume "
+                "checkpoint is deleted then) or stopped before the stage's first validation",
+                where=str(run_dir), fix="use --checkpoint last or best for a finished run")
+    else:
+        path = folder.last_checkpoint(final_stage) if checkpoint == "last" else folder.best_checkpoint(final_stage)
     config["run"]["out"] = str(run_dir.parent)  # prepare() checks it is writable; nothing is written there
     config.update(finalize(config))  # finished in place: the caller's config is the run's
     entry, method_cls, datamodule = prepare(config)
@@ -116,7 +125,7 @@ def reestimate_batchnorm(model, batches, source: str) -> int:
 def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last", batchnorm_from: str | None = None,
                batchnorm_batches: int = 200) -> tuple[dict, Path]:
     run_dir = Path(run_dir).resolve()
-    config, entry, datamodule, model, _ = load_finished_run(run_dir, overrides, checkpoint)
+    config, entry, datamodule, model, _ = load_run_checkpoint(run_dir, overrides, checkpoint)
     changes = list(overrides)
     if batchnorm_from is not None:
         reestimate_batchnorm(model, training_batches(config, datamodule, batchnorm_batches), batchnorm_from)

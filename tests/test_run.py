@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,17 @@ def test_gradients_reports_each_terms_gradient_per_module(tmp_path, capsys):
     assert f"(last, step {step})" in capsys.readouterr().out
     assert gradients_main([str(tmp_path)]) == 2  # not a run folder
     assert gradients_main([str(run_dir), "--batches", "0"]) == 2
+    # A stopped run holds only its resume checkpoint: --checkpoint resume reads it (here the final state, moved)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_dir, stopped)
+    for name in ("last.ckpt", "best.ckpt"):
+        (stopped / "checkpoints" / name).unlink(missing_ok=name == "best.ckpt")
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", stopped / "checkpoints" / "resume.ckpt")
+    resumed, resumed_step = gradient_norms(stopped, "resume", batches=2)
+    assert resumed_step == step
+    pd.testing.assert_frame_equal(resumed, norms)
+    assert gradients_main([str(run_dir), "--checkpoint", "resume"]) == 2  # finished: its resume.ckpt is gone
+    assert "no resume checkpoint" in capsys.readouterr().err
 
 
 def test_at_step_makes_ramp_ups_read_the_checkpoints_step_without_a_trainer():
