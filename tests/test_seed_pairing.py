@@ -45,6 +45,9 @@ def test_seed_k_pairs_the_labeled_batches_and_a_shared_networks_start(seed):
     three_decoders, three_decoder_batch = start_of_run("mc_net_plus", seed)
     assert same({k: three_decoders[k] for k in supervised_weights}, supervised_weights)
     assert len(three_decoders) > len(supervised_weights) and torch.equal(three_decoder_batch, supervised_batch)
+    # FBA-Net+: MC-Net+'s network (its contrastive modules are built after it), so the two pair at a seed too.
+    fba_plus, fba_plus_batch = start_of_run("fba_net_plus", seed)
+    assert same(fba_plus, three_decoders) and torch.equal(fba_plus_batch, supervised_batch)
     _, two_network_batch = start_of_run("cps", seed)
     assert torch.equal(two_network_batch, supervised_batch)
     other_weights, other_batch = start_of_run("supervised", seed + 1)
