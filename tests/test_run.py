@@ -228,12 +228,11 @@ def test_gradients_reports_each_terms_gradient_per_module(tmp_path, capsys):
     assert f"(last, step {step})" in capsys.readouterr().out
     assert gradients_main([str(tmp_path)]) == 2  # not a run folder
     assert gradients_main([str(run_dir), "--batches", "0"]) == 2
-    # A stopped run holds only its resume checkpoint: --checkpoint resume reads it (here the final state, moved)
+    # A stopped run holds only its resume checkpoint: --checkpoint resume reads it (here the final state, renamed)
     stopped = tmp_path / "stopped"
     shutil.copytree(run_dir, stopped)
-    for name in ("last.ckpt", "best.ckpt"):
-        (stopped / "checkpoints" / name).unlink(missing_ok=name == "best.ckpt")
-    shutil.copy(run_dir / "checkpoints" / "last.ckpt", stopped / "checkpoints" / "resume.ckpt")
+    (stopped / "checkpoints" / "best.ckpt").unlink(missing_ok=True)
+    (stopped / "checkpoints" / "last.ckpt").rename(stopped / "checkpoints" / "resume.ckpt")
     resumed, resumed_step = gradient_norms(stopped, "resume", batches=2)
     assert resumed_step == step
     pd.testing.assert_frame_equal(resumed, norms)
