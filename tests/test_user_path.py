@@ -288,6 +288,17 @@ def test_the_leaderboard_config_column_names_what_differs_from_the_profile(tmp_p
     assert config_cell("abc", configs) == "optim.lr=0.02 (`abc`)"
     assert config_cell("def", configs) == "`def`"  # no run folder at hand: the hash alone
 
+    # A run written before a hash-neutral key existed lacks it: it ran that key's neutral value, not a change.
+    from methods.registry import get_method
+
+    older = resolve_config("synthetic_acdc", "mean_teacher", "smoke", [], get_method("mean_teacher").defaults, family="acdc")
+    del older["method"]["joint_student_pass"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**older, "config_hash": "abc"}))
+    assert config_cell("abc", config_descriptions(table)) == "profile defaults (`abc`)"
+    older["method"]["joint_student_pass"] = False
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**older, "config_hash": "abc"}))
+    assert config_cell("abc", config_descriptions(table)) == "method.joint_student_pass=False (`abc`)"
+
 
 def test_the_importance_plot_warns_when_every_trial_scored_zero(tmp_path):
     import optuna
