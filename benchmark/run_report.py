@@ -18,6 +18,10 @@ from benchmark.config import HASH_NEUTRAL_VALUES, NON_SEMANTIC_KEYS, resolve_con
 REPORT_PLOT, REPORT_SUMMARY = "report.png", "summary.md"
 # Filled in by the run itself (not chosen by the user), so never "a difference from the defaults".
 RESOLVED_BY_THE_RUN = {"data.labeled", "data.ratio", "run.stage", "config_hash"}
+_IGNORED_KEYS = {".".join(key) for key in NON_SEMANTIC_KEYS} | RESOLVED_BY_THE_RUN
+# A key added after a run was written is missing from its config.yaml; the hash counts it as its neutral value
+# (the behaviour before the key existed), and so does the description of a config.
+_NEUTRAL_VALUES = {".".join(key): value for key, value in HASH_NEUTRAL_VALUES.items()}
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -46,13 +50,9 @@ def differences_from_defaults(config: dict[str, Any], defaults: dict[str, Any] |
     trainer = defaults.get("trainer", {})
     if "val_every" in trainer and "max_steps" in config.get("trainer", {}):
         trainer["val_every"] = min(trainer["val_every"], config["trainer"]["max_steps"])
-    ignored = {".".join(key) for key in NON_SEMANTIC_KEYS} | RESOLVED_BY_THE_RUN
-    # A key added after a run was written is missing from its config.yaml; the hash counts it as its neutral value
-    # (the behaviour before the key existed), and so does this description.
-    neutral = {".".join(key): value for key, value in HASH_NEUTRAL_VALUES.items()}
     old, new = flatten(defaults), flatten(config)
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-            if key not in ignored and old.get(key, neutral.get(key)) != new.get(key, neutral.get(key))}
+            if key not in _IGNORED_KEYS and old.get(key, _NEUTRAL_VALUES.get(key)) != new.get(key, _NEUTRAL_VALUES.get(key))}
 
 
 def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
