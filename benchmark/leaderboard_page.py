@@ -2,6 +2,7 @@
 benchmark/report.py and the comparison with the papers of benchmark/claims.py (``make leaderboard``)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -13,8 +14,10 @@ from benchmark.report import (REPORTED_FILE, TRUST_TAGS, aggregate, config_descr
 from core.errors import UserError
 
 
-# Hand-written reading of the tables, kept beside the CSVs and placed above the generated tables.
+# Hand-written reading of the tables, kept beside the CSVs and placed below the generated tables; the reading of
+# superseded rows, if any, sits with them and is linked at the end.
 READING_FILE = "reading.md"
+SUPERSEDED_FOLDER = "superseded"
 
 PROFILE_NOTES = {
     "paper": "the published protocol: comparable with the published numbers beside it",
@@ -69,10 +72,6 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         "Published numbers (reported.csv) appear only beside `paper`-profile rows; their trust tags: "
         + "; ".join(f"[{tag}] {meaning}" for tag, meaning in TRUST_TAGS.items()) + ".",
     ]
-    reading = folder / READING_FILE
-    if reading.is_file():
-        # The hand-written reading of the tables (what beats what, what differs from the papers) goes first.
-        sections += ["", reading.read_text().strip()]
     for dataset, path in csvs.items():
         table = read_leaderboard(path)
         summary = aggregate(table)
@@ -100,6 +99,15 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         published = reported[reported["dataset"] == dataset]
         if not published.empty:
             sections += ["", f"### {dataset}: published numbers (reported.csv)", "", reported_table(published)]
+    # The tables come first (what a reader opens the page for); the hand-written reading (what beats what, why, and
+    # against the papers) follows them.
+    reading = folder / READING_FILE
+    if reading.is_file():
+        sections += ["", reading.read_text().strip()]
+    history = folder / SUPERSEDED_FOLDER / READING_FILE
+    if history.is_file():
+        link = Path(os.path.relpath(history, out)).as_posix()
+        sections += ["", f"Rows of earlier protocols and presets, and what they showed: [{link}]({link})."]
     readme = out / "README.md"
     readme.write_text("\n".join(sections) + "\n")
     written.insert(0, readme)

@@ -65,8 +65,8 @@ class CrossPseudoSupervisionHyperparameters(Hyperparameters):
     # layer init, what single-network methods get); null = upstream's for the dimensionality
     # (UPSTREAM_NETWORK_INITS: [default, default] in 2-D, [kaiming, xavier] in 3-D). The re-initialisations draw
     # conv weights 2.4x (Kaiming) and 1.7x (Xavier) larger than the defaults; behind batch norm that divides the
-    # effective learning rate by about their square, which a short run does not absorb (leaderboards/reading.md:
-    # the CPS investigation).
+    # effective learning rate by about their square, which a short run does not absorb
+    # (leaderboards/superseded/reading.md: the CPS investigation of the first cpu protocol).
     network_inits: list[str] | None = None
     # null = the dataset's Dice convention (DatasetSpec.dice_include_background); true/false = with / without the
     # background class (SSL4MIS: true; the LA `paper` preset sets it, configs/methods/cps.yaml)

@@ -44,7 +44,7 @@ way the clamp then passes no gradient (LA patch 112x112x80 and ACDC 128x128 / 25
 other losses, by moving the logits, can bring entries off the clamp: on real ACDC (7 patients, cpu preset) fba_net's
 term read 6.3049 for all 2500 steps of seed 0; in seed 1 it jumped at step ~200 to its floor (0.0005: every entry at
 the clamp the loss wants, again no gradient) and stayed there; fba_net_plus's three terms (3 x 6.3049 at first)
-partly came off it from step ~200 (9.46 at steps 400-1700, 4.2 from step 2000; leaderboards/reading.md). When it
+partly came off it from step ~200 (9.46 at steps 400-1700, 4.2 from step 2000; leaderboards/superseded/reading.md). When it
 does move, it can hurt: fba_net's seed 2 left the ceiling at step ~350 and fell to the floor at ~750, each jump with
 a rise of the Dice loss, and scored test Dice 45.1 against 68.0 for the same seed with ``contrastive_weight=0``.
 

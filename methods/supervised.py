@@ -3,7 +3,7 @@
 ``method.network_init`` (default ``default``: PyTorch's own init) re-initialises the network with one of CPS's
 schemes (``kaiming``, ``xavier``; methods/networks/base.py ``init_weights``). It isolates what an initialisation
 does without any cross supervision: the 3-D CPS-family networks get these schemes (upstream's 3-D script), and at
-short budgets the Kaiming-initialised one trails (leaderboards/reading.md, measured in 2-D before the 2-D default
+short budgets the Kaiming-initialised one trails (leaderboards/superseded/reading.md, measured in 2-D before the 2-D default
 became upstream's PyTorch init).
 """
 from __future__ import annotations

@@ -246,12 +246,21 @@ def test_committed_reported_csv():
     assert mc_net_plus_acdc_7["dice"].tolist() == [87.10] and mc_net_plus_acdc_7["trust"].tolist() == ["V"]
 
 
-def test_the_hand_written_reading_goes_above_the_generated_tables(board):
-    from benchmark.leaderboard_page import READING_FILE, render_leaderboards
+def test_the_tables_come_first_then_the_reading_then_a_link_to_the_superseded_rows_reading(board, tmp_path):
+    from benchmark.leaderboard_page import READING_FILE, SUPERSEDED_FOLDER, render_leaderboards
 
     (board / READING_FILE).write_text("## Reading\n\nMean Teacher beats supervised by 10 points.\n")
     text = render_leaderboards(board)[0].read_text()
-    assert text.index("Mean Teacher beats supervised") < text.index("### acdc, `cpu` profile")
+    assert text.index("### acdc, `cpu` profile") < text.index("Mean Teacher beats supervised")
+    assert "earlier protocols" not in text  # no superseded reading, no link
+    (board / SUPERSEDED_FOLDER).mkdir()
+    (board / SUPERSEDED_FOLDER / READING_FILE).write_text("# History\n")
+    for out in (board, tmp_path / "elsewhere"):  # the link resolves from wherever the page is written
+        page = render_leaderboards(board, out=out)[0]
+        rendered = page.read_text()
+        assert rendered.index("Mean Teacher beats supervised") < rendered.index("earlier protocols")
+        target = rendered.rsplit("](", 1)[1].split(")")[0]
+        assert (page.parent / target).resolve() == (board / SUPERSEDED_FOLDER / READING_FILE).resolve()
 
 
 def test_validation_curves_average_seeds_and_are_plotted(board, tmp_path):
