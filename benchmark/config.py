@@ -45,7 +45,8 @@ HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, (
                        ("trainer", "on_nonfinite_loss"): "stop", ("optim", "poly_step_lag"): 0,
                        ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None,
                        ("optim", "poly_epochs"): None, ("trainer", "channels_last"): False,
-                       ("method", "joint_student_pass"): True}
+                       ("method", "joint_student_pass"): True, ("method", "faithful_batch_statistics_at_test"): False,
+                       ("method", "batch_statistics_at_test"): False}
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"

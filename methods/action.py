@@ -57,6 +57,9 @@ Upstream behaviours exposed as flags (the intended behaviour is the default; ``t
 * ``undetached_teacher_targets``: upstream applies the k-heads outside ``no_grad``, so the KL's target
   distribution back-propagates into them (2D: they are trained only that way; 3D: also EMA-updated). Default:
   targets carry no gradient and the k-heads are the EMA of the q-heads in both dimensions (ISD/MoCo).
+* ``batch_statistics_at_test`` (true in the LA ``paper`` preset): upstream's 3D test (``code/test_3D.py``) never
+  calls ``net.eval()``, so every sliding-window patch (batch 1) is normalised with its own BatchNorm statistics
+  and the running statistics are never read. Default: eval mode. The 2D test (``test_2D.py``) calls ``eval()``.
 Upstream behaviours that are the default, with the alternative as a flag:
 * ``dice_include_background`` (true): upstream's Dice (SSL4MIS ``DiceLoss(num_classes)``) averages over all
   classes, background included, in 2D and 3D; false scores the foreground classes only (UA-MT's LA convention).
@@ -88,6 +91,7 @@ from torch import nn
 
 from core.errors import UserError
 from methods.base import SemiSupervisedMethod
+from methods.components.batch_statistics import predict_with_batch_statistics
 from methods.components.ema import make_ema_teacher
 from methods.components.hypercolumn_head import HypercolumnHead
 from methods.components.memory_bank import MemoryQueue
@@ -281,6 +285,7 @@ class ActionHyperparameters(Hyperparameters):
     literal_local_reshape: bool = False
     shared_augmented_view: bool = False
     undetached_teacher_targets: bool = False
+    batch_statistics_at_test: bool = False
     # Upstream behaviours that are the default, with the alternative as a flag (module docstring):
     dice_include_background: bool = True
     freeze_whole_decoder_in_stage_one: bool = False
@@ -528,6 +533,11 @@ class ACTION(SemiSupervisedMethod):
     # ---- Lightning -------------------------------------------------------------------------------------
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         return self.finetune_losses(batch) if self.stage == "finetune" else self.distillation_losses(batch)
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hp.batch_statistics_at_test:
+            return predict_with_batch_statistics(self.net, images)
+        return self.net(images)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.stage == "finetune":  # stages 1-2 update before the teacher pass (inside compute_losses)

@@ -62,6 +62,7 @@ from torch import nn
 
 from core.errors import UserError
 from methods.base import SemiSupervisedMethod
+from methods.components.batch_statistics import predict_with_batch_statistics
 from methods.components.ensembles import average_probability_logits
 from methods.components.strong_augment import StrongAugmentation
 from methods.hyperparameters import Hyperparameters
@@ -154,6 +155,9 @@ class MinMaxSimilarityHyperparameters(Hyperparameters):
     # the test loader forgets the ImageNet normalisation (the network sees [0, 1] images at test time only); no
     # effect on data without normalisation
     faithful_test_unnormalised: bool = False
+    # train_mms.py and test.py never call .eval(): validation and test run the networks in training mode at batch 1,
+    # so every BatchNorm normalises each image with its own statistics and the running statistics are never read
+    faithful_batch_statistics_at_test: bool = False
 
 
 @register("mms")
@@ -269,6 +273,9 @@ class MinMaxSimilarity(SemiSupervisedMethod):
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.hp.faithful_test_unnormalised:
             images = self.strong_augmentation.to_unit_range(images)
-        if self.hp.predict_with == "average":
-            return average_probability_logits([self.net1(images), self.net2(images)])
-        return self.net1(images)
+        networks = [self.net1, self.net2] if self.hp.predict_with == "average" else [self.net1]
+        if self.hp.faithful_batch_statistics_at_test:
+            logits = [predict_with_batch_statistics(network, images) for network in networks]
+        else:
+            logits = [network(images) for network in networks]
+        return average_probability_logits(logits) if len(logits) > 1 else logits[0]

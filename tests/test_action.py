@@ -558,3 +558,24 @@ def test_finetune_losses_and_gradients_equal_the_dense_representation(dataset):
     for (name, a), b in zip(sparse.named_parameters(), dense.parameters()):
         if b.grad is not None:
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale), name
+
+
+def test_upstreams_3d_test_normalises_each_patch_with_its_own_statistics():
+    # code/test_3D.py never calls net.eval(): each sliding-window patch (batch 1) gets its own BatchNorm statistics;
+    # test_2D.py calls eval(). So the LA paper preset turns the flag on and the ACDC one does not.
+    from benchmark.config import resolve_config
+    from methods.registry import get_method
+    from tests.test_batch_statistics import upstream_reference
+
+    def flag(dataset, profile):
+        config = resolve_config(dataset, "action", profile, [], get_method("action").defaults, family=dataset)
+        return config["method"]["batch_statistics_at_test"]
+
+    assert flag("la", "paper") and not flag("acdc", "paper") and not flag("la", "cpu")
+    model = make_action("finetune", "synthetic_la", ["method.batch_statistics_at_test=true", "model.dropout=false"])
+    model.net(torch.randn(2, 1, 32, 32, 16) * 2 + 1)  # training mode: running statistics away from 0 / 1
+    model.eval()
+    patches = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict_logits(patches), upstream_reference(model.net, patches), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model.predict_logits(patches), model.net(patches), atol=1e-3)

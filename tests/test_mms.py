@@ -144,6 +144,30 @@ def test_test_time_normalisation_flag():
     assert torch.allclose(model.predict_logits(images), model.net1(images * std + mean), atol=1e-6)
 
 
+@pytest.mark.parametrize("predict_with", ["model1", "average"])
+def test_upstreams_train_mode_inference_normalises_each_image_with_its_own_statistics(predict_with):
+    # train_mms.py (validation) and test.py never call .eval(), at batch 1: each image gets its own BatchNorm
+    # statistics. The reference is torch's own training-mode BatchNorm on a copy of each network, one image at a time.
+    from methods.components.ensembles import average_probability_logits
+    from tests.test_batch_statistics import upstream_reference
+
+    model = make_mms(overrides=["method.faithful_batch_statistics_at_test=true", f"method.predict_with={predict_with}"])
+    model.train()
+    model.compute_losses(batch_for(model))  # running statistics away from their initial 0 / 1
+    model.eval()
+    images = torch.randn(3, 3, 32, 32) * 2 + 1
+    with torch.no_grad():
+        predicted = model.predict_logits(images)
+        networks = [model.net1, model.net2] if predict_with == "average" else [model.net1]
+        expected = [upstream_reference(network, images) for network in networks]
+        expected = average_probability_logits(expected) if len(expected) > 1 else expected[0]
+        eval_mode = make_mms(overrides=[f"method.predict_with={predict_with}"])
+        eval_mode.load_state_dict(model.state_dict())
+        default = eval_mode.eval().predict_logits(images)
+    torch.testing.assert_close(predicted, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(predicted, default, atol=1e-3)  # the default reads the running statistics
+
+
 def test_crop_not_divisible_by_eight_is_a_user_error():
     from core.errors import UserError
 
