@@ -9,8 +9,6 @@ mode the caller set (upstream's networks that test this way have no dropout).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,18 +20,15 @@ def _normalise_with_batch_statistics(module: nn.modules.batchnorm._BatchNorm, in
     return F.batch_norm(inputs[0], None, None, module.weight, module.bias, training=True, momentum=0.0, eps=module.eps)
 
 
-def predict_with_batch_statistics(network: nn.Module, images: torch.Tensor,
-                                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """``forward(images)`` (default ``network(images)``) one sample at a time, every BatchNorm of ``network``
-    normalising with that sample's own statistics."""
+def predict_with_batch_statistics(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``network(images)`` one sample at a time, every BatchNorm normalising with that sample's own statistics."""
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     modes = [m.training for m in norms]
     for m in norms:
         m.eval()  # the module's own forward (whose output the hook replaces) then reads, never writes, its buffers
     handles = [m.register_forward_hook(_normalise_with_batch_statistics) for m in norms]
-    forward = forward or network
     try:
-        return torch.cat([forward(images[i:i + 1]) for i in range(images.shape[0])])
+        return torch.cat([network(images[i:i + 1]) for i in range(images.shape[0])])
     finally:
         for handle in handles:
             handle.remove()
