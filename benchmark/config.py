@@ -47,6 +47,21 @@ HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, (
                        ("optim", "poly_epochs"): None, ("trainer", "channels_last"): False,
                        ("method", "joint_student_pass"): True, ("method", "faithful_batch_statistics_at_test"): False,
                        ("method", "batch_statistics_at_test"): False}
+
+
+def add_keys_newer_than_the_run(config: dict[str, Any], method_defaults: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config with every hash-neutral key it predates set to its neutral value (what the run
+    computed), so that a flag added later can be named when the run is looked at again. Method keys only where
+    the method has them."""
+    config = copy.deepcopy(config)
+    for (section, key), neutral in HASH_NEUTRAL_VALUES.items():
+        if section == "method" and key not in method_defaults:
+            continue
+        if isinstance(config.get(section), dict) and key not in config[section]:
+            config[section][key] = neutral
+    return config
+
+
 OVERRIDE_OPTION = "OVERRIDES= (--set SECTION.KEY=VALUE)"
 # `per_stage.<stage>.<section>.<key>=value` overrides one stage of a multi-stage method (see base.yaml).
 PER_STAGE = "per_stage"

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from benchmark.checkpoints import read_checkpoint
-from benchmark.config import apply_overrides
+from benchmark.config import add_keys_newer_than_the_run, apply_overrides
 from core.errors import UserError
 from core.evaluation import Evaluator, summarize
 
@@ -44,8 +44,8 @@ def load_run_checkpoint(run_dir: Path, overrides: list[str], checkpoint: str = "
         raise UserError("not a run folder (no config.yaml)", where=str(run_dir), fix="give a folder a run printed as 'run folder:'")
     config = yaml.safe_load(config_file.read_text())
     config.pop("config_hash", None)
-    config = apply_overrides(config, overrides)
     method_cls = get_method(config["method_name"])
+    config = apply_overrides(add_keys_newer_than_the_run(config, method_cls.defaults), overrides)
     final_stage = method_cls.stages[-1]
     folder = RunFolder(run_dir, multi_stage=len(method_cls.stages) > 1, resumed=True)
     if checkpoint == "resume":

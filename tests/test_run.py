@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from benchmark.cli import main
 from benchmark.config import resolve_config
@@ -178,6 +179,26 @@ def test_reevaluate_reproduces_the_row_and_evaluates_the_other_network(tmp_path,
     assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == before and len(list(run_dir.glob("reevaluated_last_*.csv"))) == 3
     assert reevaluate_main([str(tmp_path)]) == 2  # not a run folder
     assert reevaluate_main([str(run_dir), "--batchnorm-from", "labeled", "--batchnorm-batches", "0"]) == 2
+    # a run written before a flag existed: the flag can still be named, at the value the run computed with
+    config_file = run_dir / "config.yaml"
+    saved = yaml.safe_load(config_file.read_text())
+    del saved["trainer"]["channels_last"]
+    config_file.write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert reevaluate_main([str(run_dir), "--set", "trainer.channels_last=false"]) == 0
+    assert f"dice={table['dice'][0]:.4f}" in capsys.readouterr().out
+
+
+def test_keys_newer_than_a_run_are_added_at_their_neutral_value_where_the_method_has_them():
+    from benchmark.config import HASH_NEUTRAL_VALUES, add_keys_newer_than_the_run
+    from methods.registry import get_method
+
+    old = {"method": {"temperature": 0.07}, "trainer": {"max_steps": 10}}
+    completed = add_keys_newer_than_the_run(old, get_method("mms").defaults)
+    assert completed["method"]["faithful_batch_statistics_at_test"] is False
+    assert "joint_student_pass" not in completed["method"]  # Mean Teacher's flag, not MMS's
+    assert completed["trainer"]["channels_last"] == HASH_NEUTRAL_VALUES[("trainer", "channels_last")]
+    assert "faithful_batch_statistics_at_test" not in old["method"]  # the caller's dict is left alone
 
 
 def test_batchnorm_statistics_are_re_estimated_as_the_average_over_training_batches():
