@@ -1,7 +1,10 @@
 """Building one method outside a Trainer, for tests that call its losses and steps directly."""
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
 from benchmark.config import resolve_config
 from datamodules import get_dataset
@@ -46,3 +49,13 @@ def has_grad(module) -> bool:
 def no_grad(module) -> bool:
     """No parameter of ``module`` received a non-zero gradient."""
     return all(p.grad is None or p.grad.abs().sum() == 0 for p in module.parameters())
+
+
+def upstream_reference(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What upstream computes: the network in training mode at batch 1 (its networks have no dropout, so
+    dropout is off here too), on a copy so that the running statistics it updates do not matter."""
+    reference = copy.deepcopy(network).eval()
+    for module in reference.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+    return torch.cat([reference(images[i:i + 1]) for i in range(images.shape[0])])

@@ -565,7 +565,7 @@ def test_upstreams_3d_test_normalises_each_patch_with_its_own_statistics():
     # test_2D.py calls eval(). So the LA paper preset turns the flag on and the ACDC one does not.
     from benchmark.config import resolve_config
     from methods.registry import get_method
-    from tests.test_batch_statistics import upstream_reference
+    from tests.method_helpers import upstream_reference
 
     def flag(dataset, profile):
         config = resolve_config(dataset, "action", profile, [], get_method("action").defaults, family=dataset)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from methods.components.batch_statistics import predict_with_batch_statistics
+from tests.method_helpers import upstream_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -22,16 +23,6 @@ def small_network(dims: int) -> nn.Module:
     for _ in range(3):  # running statistics away from their initial 0 / 1
         network(torch.randn(4, 1, *[8] * dims) * 2 + 3)
     return network
-
-
-def upstream_reference(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """What upstream computes: the network in training mode at batch 1 (its networks have no dropout, so
-    dropout is off here too), on a copy so that the running statistics it updates do not matter."""
-    reference = copy.deepcopy(network).eval()
-    for module in reference.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.train()
-    return torch.cat([reference(images[i:i + 1]) for i in range(images.shape[0])])
 
 
 @pytest.mark.parametrize("dims", [2, 3])

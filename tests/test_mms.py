@@ -149,7 +149,7 @@ def test_upstreams_train_mode_inference_normalises_each_image_with_its_own_stati
     # train_mms.py (validation) and test.py never call .eval(), at batch 1: each image gets its own BatchNorm
     # statistics. The reference is torch's own training-mode BatchNorm on a copy of each network, one image at a time.
     from methods.components.ensembles import average_probability_logits
-    from tests.test_batch_statistics import upstream_reference
+    from tests.method_helpers import upstream_reference
 
     model = make_mms(overrides=["method.faithful_batch_statistics_at_test=true", f"method.predict_with={predict_with}"])
     model.train()
