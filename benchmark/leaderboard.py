@@ -166,6 +166,15 @@ def curve_archive(leaderboard_dir: Path, dataset: str, run_name: str) -> Path:
     return Path(leaderboard_dir) / CURVES_FOLDER / dataset / f"{run_name}.csv"
 
 
+CONFIGS_FOLDER = "configs"
+
+
+def config_archive(leaderboard_dir: Path, dataset: str, run_name: str) -> Path:
+    """Where a run's config.yaml is kept beside the leaderboard, so the page can say what each row's config changes
+    from its profile's defaults from the repository alone (the run folders stay on the machine that ran them)."""
+    return Path(leaderboard_dir) / CONFIGS_FOLDER / dataset / f"{run_name}.yaml"
+
+
 def check_writable(folder: Path) -> None:
     """Fail before training, not after hours of it, when results could not be written."""
     folder = Path(folder)

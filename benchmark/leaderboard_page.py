@@ -82,7 +82,7 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         for profile, part in summary.groupby("profile", sort=False):
             sections += ["", f"### {dataset}, `{profile}` profile", "", f"*{PROFILE_NOTES.get(profile, 'custom profile')}*", ""]
             sections.append(markdown_table(part, tests, reported if profile == "paper" else None,
-                                           config_descriptions(table[table["profile"] == profile], base=folder.parent)))
+                                           config_descriptions(table[table["profile"] == profile], base=folder.parent, archive=folder)))
             plot = plot_dice(part, out / f"{dataset}_{profile}_dice.png", f"{dataset} ({profile})",
                              seeds=finished_rows(table[table["profile"] == profile]))
             written.append(plot)
@@ -95,7 +95,7 @@ def render_leaderboards(folder: Path, out: Path | None = None, datasets: Iterabl
         records = claims(table, reported, base=folder.parent, leaderboard_dir=folder)
         if not records.empty:
             sections += ["", f"### {dataset}: against the papers", "", CLAIMS_NOTE, "",
-                         claims_table(records, config_descriptions(table, base=folder.parent))]
+                         claims_table(records, config_descriptions(table, base=folder.parent, archive=folder))]
         published = reported[reported["dataset"] == dataset]
         if not published.empty:
             sections += ["", f"### {dataset}: published numbers (reported.csv)", "", reported_table(published)]

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from benchmark.leaderboard import curve_archive, per_case_archive, read_leaderboard
+from benchmark.leaderboard import config_archive, curve_archive, per_case_archive, read_leaderboard
 from core.errors import UserError
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -290,9 +290,10 @@ def _published(reported: pd.DataFrame, dataset: str, method: str, labeled: int) 
     return "; ".join(f"{r.dice:.2f} [{r.trust}] {r.method_reported}, {r.source}" for r in match.itertuples()) or "–"
 
 
-def config_descriptions(table: pd.DataFrame, base: Path = Path(".")) -> dict[str, str]:
-    """Per config hash, what its config changes from its profile's defaults (read from the config.yaml of one of
-    its run folders, when one is at hand)."""
+def config_descriptions(table: pd.DataFrame, base: Path = Path("."), archive: Path | None = None) -> dict[str, str]:
+    """Per config hash, what its config changes from its profile's defaults, read from the config.yaml of one of
+    its runs: the copy archived beside the leaderboard (``archive``: the leaderboard folder) or, when there is
+    none, the run folder if it is at hand."""
     import yaml
 
     from benchmark.run_report import describe_differences, differences_from_defaults
@@ -301,9 +302,12 @@ def config_descriptions(table: pd.DataFrame, base: Path = Path(".")) -> dict[str
     if "run_dir" not in table:
         return described
     for digest, rows in finished_rows(table).groupby("config_hash", sort=False):
-        for run_dir in rows["run_dir"].dropna().astype(str):
-            path = Path(run_dir) / "config.yaml" if Path(run_dir).is_absolute() else base / run_dir / "config.yaml"
-            if not path.is_file():
+        for row in rows.dropna(subset=["run_dir"]).itertuples():
+            run_dir = Path(str(row.run_dir))
+            candidates = [] if archive is None else [config_archive(archive, str(row.dataset), run_dir.name)]
+            candidates.append((run_dir if run_dir.is_absolute() else base / run_dir) / "config.yaml")
+            path = next((candidate for candidate in candidates if candidate.is_file()), None)
+            if path is None:
                 continue
             try:
                 config = yaml.safe_load(path.read_text())

@@ -60,7 +60,8 @@ from benchmark.run_folder import (  # noqa: F401 (RUN_DIR_ENV, inherited_run_dir
     RUN_DIR_ENV, RunFolder, global_rank, check_resumable, holding_run_folder, inherited_run_dir, leaderboard_path,
     make_run_dir, resume_hint, share_run_dir_with_ranks, stopped_by_user_error, unfinished_run_folder,
 )
-from benchmark.run_logs import append_test_metrics, archive_per_case, archive_validation_curve, join_interrupted_metrics  # noqa: F401 (the last: for importers)
+from benchmark.run_logs import (append_test_metrics, archive_config, archive_per_case, archive_validation_curve,
+                                 join_interrupted_metrics)  # noqa: F401 (join_interrupted_metrics: for importers)
 from benchmark.run_report import write_run_report_safely
 from benchmark.schema import validate_config
 from benchmark.stops import RunStopped, raise_if_stopped, stop_signals_raise
@@ -423,6 +424,7 @@ def run_in_folder(config, digest, spec, method_cls, datamodule, stages, folder: 
     append_rows(leaderboard, rows)
     archive_per_case(leaderboard, config["dataset"], folder.path, [row["checkpoint"] for row in rows])
     archive_validation_curve(leaderboard, config["dataset"], folder, list(trained.stage_steps))
+    archive_config(leaderboard, config["dataset"], folder.path)
     write_run_report_safely(folder.path, config, rows, [(stage, folder.stage_dir(stage)) for stage in stages])
     return rows
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from benchmark.leaderboard import curve_archive, per_case_archive
+from benchmark.leaderboard import config_archive, curve_archive, per_case_archive
 from core.atomic import replaced_atomically
 
 if TYPE_CHECKING:
@@ -77,6 +77,12 @@ def archive_validation_curve(leaderboard: Path, dataset: str, folder: RunFolder,
     curve = validation_curve(folder, stages)
     with replaced_atomically(curve_archive(leaderboard.parent, dataset, folder.path.name)) as out:
         curve.to_csv(out, index=False)
+
+
+def archive_config(leaderboard: Path, dataset: str, run_dir: Path) -> None:
+    """Copy the run's config.yaml beside the leaderboard with its rows (what the page's Config column reads)."""
+    with replaced_atomically(config_archive(leaderboard.parent, dataset, run_dir.name), "wb") as out:
+        out.write((run_dir / "config.yaml").read_bytes())
 
 
 def archive_per_case(leaderboard: Path, dataset: str, run_dir: Path, kinds: list[str]) -> None:

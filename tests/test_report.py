@@ -285,3 +285,26 @@ def test_validation_curves_average_seeds_and_are_plotted(board, tmp_path):
     png = out / "acdc_cpu_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in (out / "README.md").read_text()
     assert not (out / "acdc_paper_curves.png").exists()  # no curve archived for the paper row
+
+
+def test_the_config_column_reads_the_configs_archived_beside_the_leaderboard(tmp_path):
+    # A clone has the leaderboard and its configs/ copies, not the run folders: the page must describe each row
+    # the same on any machine.
+    import yaml
+
+    from benchmark.config import resolve_config
+    from benchmark.leaderboard import config_archive, read_leaderboard
+    from benchmark.report import config_descriptions
+    from methods.registry import get_method
+
+    folder = tmp_path / "leaderboards"
+    run_dir = tmp_path / "gone" / "L7_s0_abc_1"  # never created
+    append_rows(folder / "acdc.csv", [row("supervised", 0, 0.7, digest="abc", run_dir=str(run_dir))])
+    config = resolve_config("acdc", "supervised", "cpu", ["trainer.max_steps=2000"], get_method("supervised").defaults)
+    config["data"]["patch_size"] = [128, 128]
+    archived = config_archive(folder, "acdc", run_dir.name)
+    archived.parent.mkdir(parents=True)
+    archived.write_text(yaml.safe_dump({**config, "config_hash": "abc"}))
+    table = read_leaderboard(folder / "acdc.csv")
+    assert config_descriptions(table, base=tmp_path) == {}  # no archive given, no run folder
+    assert config_descriptions(table, base=tmp_path, archive=folder) == {"abc": "trainer.max_steps=2000"}

@@ -38,6 +38,8 @@ def check_finished_run(tmp_path: Path, dataset: str) -> pd.DataFrame:
         archived = tmp_path / "lb" / "per_case" / dataset / f"{run_dir.name}_{kind}.csv"
         assert archived.read_bytes() == (run_dir / f"test_per_case_{kind}.csv").read_bytes()
     curve = pd.read_csv(tmp_path / "lb" / "curves" / dataset / f"{run_dir.name}.csv")  # the validation curve
+    # and the config, so the leaderboard page can describe the row without the run folder
+    assert (tmp_path / "lb" / "configs" / dataset / f"{run_dir.name}.yaml").read_bytes() == (run_dir / "config.yaml").read_bytes()
     assert len(curve) >= 1 and curve["val/dice"].between(0, 1).all() and curve["step"].is_monotonic_increasing
     result = json.loads((run_dir / "result.json").read_text())
     assert result["config_hash"] == table["config_hash"][0]
