@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from benchmark.leaderboard import config_archive, curve_archive, per_case_archive, read_leaderboard
+from benchmark.leaderboard import config_archive, curve_archive, per_case_archive
 from core.errors import UserError
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
