@@ -8,8 +8,9 @@ Each training stage keeps two full-state checkpoints in ``<stage dir>/checkpoint
 - ``last.ckpt``, written once the stage has trained all its steps. Its presence marks the stage as finished
   (``resume.ckpt`` is then deleted), and the next stage or the test starts from it.
 
-``best.ckpt`` (best validation Dice) is kept beside them. Every checkpoint is written through
-:class:`AtomicCheckpointIO` (core/atomic.py), so a run killed while saving leaves the previous file.
+``best.ckpt`` (best validation Dice; the stage's last step is always validated) is kept beside them. Every
+checkpoint is written through :class:`AtomicCheckpointIO` (core/atomic.py), so a run killed while saving leaves the
+previous file.
 
 All of them are read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a checkpoint
 file cannot run code when it is loaded, whoever wrote it (``run.init_from`` may name any file). The full training

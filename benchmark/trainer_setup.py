@@ -35,6 +35,23 @@ class StopAtNextBatch(pl.Callback):
         raise_if_stopped()
 
 
+class ValidateAtFinalStep(pl.Callback):
+    """Validates after a stage's last step when its budget is not a multiple of its validation interval.
+
+    Lightning validates every ``val_every`` steps only, so a stage of 1 333 steps validated every 500 (ACTION's
+    fine-tuning stage at the ``cpu`` profile) would end 333 steps after its last validation: its last checkpoint would
+    never be scored and the best checkpoint would be chosen among steps 500 and 1 000 alone. Lightning validates
+    after any step at which ``should_stop`` is set, so setting it after the final step (where training stops anyway)
+    adds exactly that one validation. The step count is the same on every DDP rank, so all ranks validate together."""
+
+    def __init__(self, max_steps: int, val_every: int):
+        self.max_steps, self.val_every = max_steps, val_every
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.max_steps and self.max_steps % self.val_every:
+            trainer.should_stop = True
+
+
 def build_loggers(config: dict[str, Any], run_dir: Path, digest: str) -> list:
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="logs")]
     mode = config["run"]["wandb"]
@@ -84,7 +101,8 @@ def build_trainer(
         # The DataModule's own step-indexed samplers are already per rank (docs/design.md#samplers).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[StopAtNextBatch(), random_states, best, resumable, *overlay_callbacks(config), *callbacks],
+        callbacks=[StopAtNextBatch(), ValidateAtFinalStep(trainer_cfg["max_steps"], trainer_cfg["val_every"]), random_states,
+                   best, resumable, *overlay_callbacks(config), *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,

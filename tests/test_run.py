@@ -75,6 +75,20 @@ def test_training_values_are_logged_on_the_logger_steps_only(tmp_path):
         assert logged.loc[logged[column].notna(), "step"].tolist() == [2, 5, 8], column
 
 
+def test_a_budget_that_is_not_a_multiple_of_val_every_is_validated_at_its_last_step(tmp_path):
+    """7 steps validated every 3: Lightning alone validates after steps 3 and 6, leaving the last checkpoint unscored
+    and the best one chosen without it (ACTION's fine-tuning stage: 1 333 steps, validated every 500)."""
+    assert run_cli(tmp_path, "--dataset", "synthetic_acdc", "--ratio", "0.2", "--set", "trainer.max_steps=7",
+                   "--set", "trainer.val_every=3") == 0
+    table = pd.read_csv(tmp_path / "lb" / "synthetic_acdc.csv").set_index("checkpoint")
+    run_dir = Path(table["run_dir"]["last"])
+    curve = pd.read_csv(tmp_path / "lb" / "curves" / "synthetic_acdc" / f"{run_dir.name}.csv")
+    assert curve["step"].tolist() == [3, 6, 7]
+    best_step = int(table["step"]["best"])
+    assert best_step == int(curve.loc[curve["val/dice"].idxmax(), "step"])  # chosen among all three, the last included
+    assert int(table["step"]["last"]) == 7
+
+
 # Bad input through this CLI (names, values, paths, data, checkpoints): tests/test_bad_input_catalogue.py.
 
 
