@@ -11,6 +11,8 @@ first replaces the running statistics of every BatchNorm the tested network uses
 batches of that kind, read in training mode as in training: it separates what a method's normalisation statistics
 do at test time from what its training did to the weights. Prints the summary of the test set and writes
 ``RUN_DIR/reevaluated_<checkpoint>_<digest of the changes>.csv`` (per case); nothing else is touched.
+``--split val`` scores the validation cases instead (its Dice is the run's logged ``val/dice`` for the checkpoint's
+step): e.g. to ask whether a checkpoint that was never validated would have been chosen as the best one.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def reestimate_batchnorm(model, batches, source: str) -> int:
 
 
 def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last", batchnorm_from: str | None = None,
-               batchnorm_batches: int = 200) -> tuple[dict, Path]:
+               batchnorm_batches: int = 200, split: str = "test") -> tuple[dict, Path]:
     run_dir = Path(run_dir).resolve()
     config, entry, datamodule, model, _ = load_run_checkpoint(run_dir, overrides, checkpoint)
     changes = list(overrides)
@@ -131,10 +133,11 @@ def reevaluate(run_dir: Path, overrides: list[str], checkpoint: str = "last", ba
         reestimate_batchnorm(model, training_batches(config, datamodule, batchnorm_batches), batchnorm_from)
         changes.append(f"batchnorm_from={batchnorm_from}x{batchnorm_batches}")
     model.eval()
-    per_case = Evaluator.from_config(entry.spec, config).evaluate(model.predict_logits, datamodule.cases("test"),
-                                                                 progress=False, desc=f"test ({checkpoint})")
+    per_case = Evaluator.from_config(entry.spec, config).evaluate(model.predict_logits, datamodule.cases(split),
+                                                                 progress=False, desc=f"{split} ({checkpoint})")
     digest = hashlib.sha256(" ".join(sorted(changes)).encode()).hexdigest()[:8]
-    out = run_dir / f"reevaluated_{checkpoint}_{digest}.csv"
+    prefix = "reevaluated" if split == "test" else f"reevaluated_{split}"  # test files keep their earlier names
+    out = run_dir / f"{prefix}_{checkpoint}_{digest}.csv"
     per_case.to_csv(out, index=False)
     return summarize(per_case), out
 
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="the cases to score (default test; val gives the checkpoint's validation Dice)")
     parser.add_argument("--batchnorm-from", choices=BATCHNORM_SOURCES,
                         help="re-estimate BatchNorm running statistics from these training batches before testing")
     parser.add_argument("--batchnorm-batches", type=int, default=200, metavar="N",
@@ -154,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary, out = reevaluate(Path(args.run_dir), args.overrides, args.checkpoint, args.batchnorm_from,
-                                  args.batchnorm_batches)
+                                  args.batchnorm_batches, args.split)
     except UserError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
     changes = [*args.overrides, *([f"BatchNorm statistics from {args.batchnorm_batches} {args.batchnorm_from} training "
                                    "batches"] if args.batchnorm_from else [])]
-    print(f"{args.run_dir} ({args.checkpoint}) with {', '.join(changes) or 'its own settings'}:")
+    print(f"{args.run_dir} ({args.checkpoint}, {args.split} cases) with {', '.join(changes) or 'its own settings'}:")
     print("  " + "  ".join(f"{key}={value:.4f}" for key, value in summary.items() if isinstance(value, float)))
     print(f"per case: {out}")
     return 0

@@ -193,6 +193,11 @@ def test_reevaluate_reproduces_the_row_and_evaluates_the_other_network(tmp_path,
     assert reevaluate_main([str(run_dir), "--batchnorm-from", "labeled+unlabeled", "--batchnorm-batches", "2"]) == 0
     assert "BatchNorm statistics from 2 labeled+unlabeled training batches" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "lb").iterdir()) == before and len(list(run_dir.glob("reevaluated_last_*.csv"))) == 3
+    # the validation cases: the best checkpoint's validation Dice is the one its run logged when choosing it
+    curve = pd.read_csv(tmp_path / "lb" / "curves" / "synthetic_acdc" / f"{run_dir.name}.csv")
+    assert reevaluate_main([str(run_dir), "--checkpoint", "best", "--split", "val"]) == 0
+    assert f"dice={curve['val/dice'].max():.4f}" in capsys.readouterr().out
+    assert len(list(run_dir.glob("reevaluated_val_best_*.csv"))) == 1
     assert reevaluate_main([str(tmp_path)]) == 2  # not a run folder
     assert reevaluate_main([str(run_dir), "--batchnorm-from", "labeled", "--batchnorm-batches", "0"]) == 2
     # a run written before a flag existed: the flag can still be named, at the value the run computed with
