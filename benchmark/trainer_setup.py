@@ -42,13 +42,11 @@ class ValidateAtFinalStep(pl.Callback):
     fine-tuning stage at the ``cpu`` profile) would end 333 steps after its last validation: its last checkpoint would
     never be scored and the best checkpoint would be chosen among steps 500 and 1 000 alone. Lightning validates
     after any step at which ``should_stop`` is set, so setting it after the final step (where training stops anyway)
-    adds exactly that one validation. The step count is the same on every DDP rank, so all ranks validate together."""
-
-    def __init__(self, max_steps: int, val_every: int):
-        self.max_steps, self.val_every = max_steps, val_every
+    adds exactly that one validation. The step count is the same on every DDP rank, so all ranks validate together.
+    Only added to a stage whose budget needs it (:func:`build_trainer`)."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.max_steps and self.max_steps % self.val_every:
+        if trainer.global_step >= trainer.max_steps:
             trainer.should_stop = True
 
 
@@ -87,6 +85,7 @@ def build_trainer(
     trainer_cfg = config["trainer"]
     devices, num_nodes = int(trainer_cfg["devices"]), int(trainer_cfg["num_nodes"])
     best, resumable, random_states = checkpoint_callbacks(run_dir, checkpoint_every)
+    final_validation = [ValidateAtFinalStep()] if trainer_cfg["max_steps"] % trainer_cfg["val_every"] else []
     trainer = pl.Trainer(
         accelerator=trainer_cfg["accelerator"],
         devices=devices,
@@ -101,8 +100,8 @@ def build_trainer(
         # The DataModule's own step-indexed samplers are already per rank (docs/design.md#samplers).
         use_distributed_sampler=False,
         logger=build_loggers(config, run_dir, digest),
-        callbacks=[StopAtNextBatch(), ValidateAtFinalStep(trainer_cfg["max_steps"], trainer_cfg["val_every"]), random_states,
-                   best, resumable, *overlay_callbacks(config), *callbacks],
+        callbacks=[StopAtNextBatch(), *final_validation, random_states, best, resumable, *overlay_callbacks(config),
+                   *callbacks],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config["run"]["progress"],
         enable_model_summary=False,
