@@ -200,19 +200,39 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
     return prototypes, present, draws
 
 
-def negative_products(keys: torch.Tensor, negatives: torch.Tensor, anchors: torch.Tensor,
-                      chunk_bytes: int = 8 << 20) -> torch.Tensor:
-    """(Q, N): anchors[q] . keys[negatives[q, j]], the gathered keys in chunks of queries of at most ``chunk_bytes``:
-    a single (Q, N, R) gather (32 MB at Q=256, N=512, R=64) is above glibc's largest mmap threshold, so every step
-    page-faults it in afresh, which cost three times the gather itself here; smaller blocks come from the heap."""
-    per_query = negatives.shape[1] * keys.shape[1] * keys.element_size()
-    step = max(1, chunk_bytes // per_query)
-    products = []
-    for start in range(0, negatives.shape[0], step):
-        rows = negatives[start:start + step]
-        gathered = keys.index_select(0, rows.reshape(-1)).view(*rows.shape, keys.shape[1])
-        products.append(torch.bmm(gathered, anchors[start:start + step].unsqueeze(2)).squeeze(2))
-    return torch.cat(products)
+class NegativeProducts(torch.autograd.Function):
+    """(Q, N): anchors[q] . keys[negatives[q, j]], with gradient to the anchors only (keys carry none).
+
+    Forward gathers the keys a block of queries at a time into one reused buffer of at most ``chunk_bytes``: a
+    fresh (Q, N, R) gather (32 MB at Q=256, N=512, R=64) would be page-faulted in afresh on every step (glibc maps
+    blocks that large anew), and autograd would keep every block alive for backward. Backward needs no gathered
+    keys: d anchors[q] = sum_j grad[q, j] keys[negatives[q, j]] is one weighted ``embedding_bag`` sum."""
+
+    @staticmethod
+    def forward(ctx, keys: torch.Tensor, negatives: torch.Tensor, anchors: torch.Tensor, chunk_bytes: int = 8 << 20):
+        queries, per_query = negatives.shape
+        step = max(1, chunk_bytes // (per_query * keys.shape[1] * keys.element_size()))
+        buffer = keys.new_empty(min(step, queries) * per_query, keys.shape[1])
+        products = anchors.new_empty(queries, per_query)
+        for start in range(0, queries, step):
+            rows = negatives[start:start + step].reshape(-1)
+            gathered = torch.index_select(keys, 0, rows, out=buffer[:rows.numel()]).view(-1, per_query, keys.shape[1])
+            torch.bmm(gathered, anchors[start:start + step].unsqueeze(2), out=products[start:start + step].unsqueeze(2))
+        ctx.save_for_backward(keys, negatives)
+        return products
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        keys, negatives = ctx.saved_tensors
+        grad_anchors = F.embedding_bag(negatives, keys, per_sample_weights=grad.contiguous(), mode="sum")
+        return None, None, grad_anchors, None
+
+
+def negative_products(keys: torch.Tensor, negatives: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(Q, N): anchors[q] . keys[negatives[q, j]] (see :class:`NegativeProducts`); keys must carry no gradient."""
+    if keys.requires_grad:
+        raise ValueError("negative_products differentiates through the anchors only; detach the keys")
+    return NegativeProducts.apply(keys, negatives, anchors)
 
 
 @float32_island

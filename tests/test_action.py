@@ -18,6 +18,7 @@ from methods.action import (
     confidence_weighted_ce,
     distillation_kl,
     extract_windows,
+    negative_products,
     sample_anatomical_contrast,
     similarity_logits,
     window_starts,
@@ -190,6 +191,26 @@ def test_reco_loss_by_hand_on_one_query():
     single = anatomical_contrast_loss(representation, torch.tensor([[0, 0]]), torch.ones(1, 2, dtype=torch.bool),
                                       probabilities, torch.Generator().manual_seed(0))
     assert single.item() == 0.0  # one present class: nothing to contrast
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 1])  # one block, and one query at a time
+def test_negative_products_equal_gathered_dot_products_in_value_and_gradient(chunk_bytes, monkeypatch):
+    from methods.action import NegativeProducts
+
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 6, generator=generator)
+    negatives = torch.randint(50, (7, 9), generator=generator)  # repeated keys among and across queries
+    anchors = torch.randn(7, 6, generator=generator, requires_grad=True)
+    weights = torch.randn(7, 9, generator=generator)
+    monkeypatch.setattr(NegativeProducts.forward, "__defaults__", (chunk_bytes,))
+    products = negative_products(keys, negatives, anchors)
+    expected = (keys[negatives] * anchors.unsqueeze(1)).sum(-1)
+    assert torch.allclose(products, expected, atol=1e-6)
+    (gradient,) = torch.autograd.grad((products * weights).sum(), anchors)
+    (expected_gradient,) = torch.autograd.grad((expected * weights).sum(), anchors)
+    assert torch.allclose(gradient, expected_gradient, atol=1e-5)
+    with pytest.raises(ValueError, match="detach the keys"):
+        negative_products(keys.requires_grad_(), negatives, anchors)
 
 
 def test_cutmix_box_and_mixing_with_the_next_sample():
