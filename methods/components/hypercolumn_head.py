@@ -58,46 +58,55 @@ class HypercolumnHead:
         spatial = math.prod(self.size)
         batch_index = torch.div(pixels, spatial, rounding_mode="floor")
         coords = torch.stack(torch.unravel_index(pixels % spatial, self.size), dim=1)  # (n, d)
-        offsets = torch.tensor(self.offsets, device=coords.device)  # (K, d)
-        shifted = coords.unsqueeze(1) + offsets  # (n, K, d)
-        inside = ((shifted >= 0) & (shifted < torch.tensor(self.size, device=coords.device))).all(-1)  # (n, K)
-        columns = [self._interpolate_at(level, batch_index, shifted) for level in self.levels]  # (n, K, C_l) each
+        columns = [self._neighbourhood(level, batch_index, coords) for level in self.levels]  # (n, K, C_l) each
         # Under mixed precision the decoder maps are half precision; the head (and its caller's loss) runs in the
         # weights' dtype.
-        patches = torch.cat(columns, dim=2).to(self.first_weight.dtype) * inside.unsqueeze(2).to(self.first_weight.dtype)
+        patches = torch.cat(columns, dim=2).to(self.first_weight.dtype)
         hidden = torch.einsum("nkc,rck->nr", patches, self.first_weight.flatten(2))
         return hidden @ self.second_weight.T + self.second_bias
 
-    def _interpolate_at(self, level: torch.Tensor, batch_index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """F.interpolate(level, size, align_corners=True) read at integer full-resolution ``coords`` (n, K, d):
-        (n, K, C); coordinates outside the image are clamped (the caller zeroes them). One gather per level, so
+    def _neighbourhood(self, level: torch.Tensor, batch_index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """(n, K, C): F.interpolate(level, size, align_corners=True) read at the k^d kernel neighbourhood of each
+        full-resolution pixel ``coords`` (n, d), zero outside the image (the conv's padding). Per axis, the 2r+1
+        shifted positions interpolate from at most ceil(2r scale) + 2 consecutive low-resolution pixels, so one
+        small window per pixel is gathered (16 rows in 2-D at r = 1, where the interpolation's corners of every
+        offset would be 36) and mixed by one (2r+1, width) interpolation matrix per axis. One gather per level, so
         backward allocates the level's gradient once."""
-        low = level.shape[2:]
+        low, dims, kernel = level.shape[2:], self.dims, 2 * self.radius + 1
         # Sub-pixel positions in at least float32: bfloat16 cannot even hold a 128-pixel coordinate's fraction.
         dtype = torch.promote_types(level.dtype, torch.float32)
-        corners_low, corners_high, fractions, strides = [], [], [], []
-        stride = 1
-        for axis in reversed(range(self.dims)):
-            strides.insert(0, stride)
-            stride *= low[axis]
-        for axis in range(self.dims):
+        shifts = torch.arange(-self.radius, self.radius + 1, device=coords.device)
+        starts, widths, mixing = [], [], []
+        for axis in range(dims):
             full, small = self.size[axis], low[axis]
             scale = (small - 1) / (full - 1) if full > 1 else 0.0
-            source = coords[..., axis].clamp(0, full - 1).to(dtype) * scale
+            width = min(small, math.ceil(2 * self.radius * scale) + 2)
+            shifted = coords[:, axis:axis + 1] + shifts  # (n, k)
+            inside = ((shifted >= 0) & (shifted < full)).to(dtype)
+            source = shifted.clamp(0, full - 1).to(dtype) * scale
             lower = source.floor().long().clamp(0, small - 1)
-            corners_low.append(lower)
-            corners_high.append((lower + 1).clamp(max=small - 1))
-            fractions.append(source - lower.to(dtype))
-        corners = list(itertools.product((0, 1), repeat=self.dims))
-        index = torch.stack([sum((corners_high[a] if corner[a] else corners_low[a]) * strides[a] for a in range(self.dims))
-                             for corner in corners], dim=-1)  # (n, K, 2^d)
-        weight = torch.stack([math.prod(fractions[a] if corner[a] else 1 - fractions[a] for a in range(self.dims))
-                              for corner in corners], dim=-1)  # (n, K, 2^d)
-        pixels = math.prod(low)
+            fraction = source - lower.to(dtype)
+            start = lower[:, :1].clamp(max=small - width)  # the first offset's lower corner is the smallest
+            matrix = torch.zeros(coords.shape[0], kernel, width, dtype=dtype, device=coords.device)
+            matrix.scatter_add_(2, (lower - start).unsqueeze(2), ((1 - fraction) * inside).unsqueeze(2))
+            matrix.scatter_add_(2, ((lower + 1).clamp(max=small - 1) - start).unsqueeze(2), (fraction * inside).unsqueeze(2))
+            starts.append(start.squeeze(1))
+            widths.append(width)
+            mixing.append(matrix)
+        strides = [math.prod(low[axis + 1:]) for axis in range(dims)]
+        index = batch_index * math.prod(low)
+        for axis in range(dims):  # flat row of every window pixel: (n, w_1, ..., w_d)
+            span = (starts[axis].unsqueeze(1) + torch.arange(widths[axis], device=coords.device)) * strides[axis]
+            index = index.unsqueeze(-1) + span.view(-1, *([1] * axis), widths[axis])
         rows = level.movedim(1, -1).reshape(-1, level.shape[1])  # (B P, C): a view of a channels-last map
         # index_select: its backward is one index_add into the map's gradient
-        values = rows.index_select(0, (batch_index.view(-1, 1, 1) * pixels + index).reshape(-1)).view(*index.shape, -1)
-        return (weight.unsqueeze(-1) * values).sum(2)  # (n, K, C)
+        window = rows.index_select(0, index.reshape(-1)).view(*index.shape, -1).to(dtype)  # (n, w_1..w_d, C)
+        window_axes, offset_axes = "abc"[:dims], "ijk"[:dims]
+        for axis in reversed(range(dims)):  # window axis -> kernel offset axis, the last first
+            before = window_axes[:axis + 1] + offset_axes[axis + 1:]
+            after = window_axes[:axis] + offset_axes[axis:]
+            window = torch.einsum(f"n{offset_axes[axis]}{window_axes[axis]},n{before}y->n{after}y", mixing[axis], window)
+        return window.reshape(window.shape[0], kernel ** dims, -1)
 
 
 #: Largest intermediate of the separable part per call, in bytes (see _dense_head).
@@ -152,8 +161,12 @@ def _dense_head(levels, size, first_weight, second_weight, second_bias, radius) 
         upsampled = [level if tuple(level.shape[2:]) == tuple(size) else F.interpolate(level, size=size, mode=mode, align_corners=True)
                      for level, _ in direct]
         conv = F.conv2d if len(size) == 2 else F.conv3d
-        total = conv(torch.cat(upsampled, dim=1), torch.cat([w for _, w in direct], dim=1), second_bias, padding=radius)
-        total = total.movedim(1, -1).contiguous()
+        # channels-last operands: oneDNN's convolution is faster on them than on channels-first, and its output is
+        # then already the (B, *size, R) layout the separable parts add into
+        layout = torch.channels_last if len(size) == 2 else torch.channels_last_3d
+        total = conv(torch.cat(upsampled, dim=1).contiguous(memory_format=layout),
+                     torch.cat([w for _, w in direct], dim=1).contiguous(memory_format=layout), second_bias, padding=radius)
+        total = total.movedim(1, -1).contiguous()  # a view when the convolution kept the channels-last layout
     else:
         total = second_bias.expand(levels[0].shape[0], *size, out_channels).clone()
     for level, level_weight in separable:
