@@ -173,10 +173,11 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
     """ReCo's sampling on flattened pixels. Returns (prototypes (n, R), present classes, and per class with hard
     pixels a tuple (class position, query pixel indices (Q,), negative pixel indices (Q, N))). No gradient."""
     device = representation.device
-    members = [torch.nonzero(valid & (labels == c)).squeeze(1) for c in range(probabilities.shape[1])]
+    masks = [valid & (labels == c) for c in range(probabilities.shape[1])]
+    members = [torch.nonzero(mask).squeeze(1) for mask in masks]
     present = [c for c, idx in enumerate(members) if idx.numel() > 0]
     with torch.no_grad():  # class means as one (classes, pixels) x (pixels, R) product instead of per-class gathers
-        membership = torch.stack([valid & (labels == c) for c in present]).to(representation.dtype) if present else None
+        membership = torch.stack([masks[c] for c in present]).to(representation.dtype) if present else None
         prototypes = (membership @ representation.detach()) / membership.sum(1, keepdim=True) if present else None
     draws = []
     if len(present) < 2:
@@ -195,8 +196,10 @@ def sample_anatomical_contrast(labels: torch.Tensor, valid: torch.Tensor, probab
             offsets = torch.cumsum(sizes, 0) - sizes
             pool = torch.cat([members[present[p]] for p in others])
             uniform = torch.rand(classes.shape, generator=generator, device=generator.device).to(device)
-            picks = offsets[classes] + (uniform * sizes[classes]).long().clamp_max(sizes[classes] - 1)
-        draws.append((position, queries, pool[picks].view(num_queries, num_negatives)))
+            # index_select rather than advanced indexing: the same values, several times faster on 131 072 draws
+            drawn_sizes = sizes.index_select(0, classes)
+            picks = offsets.index_select(0, classes) + (uniform * drawn_sizes).long().clamp_max(drawn_sizes - 1)
+        draws.append((position, queries, pool.index_select(0, picks).view(num_queries, num_negatives)))
     return prototypes, present, draws
 
 
