@@ -46,7 +46,7 @@ HASH_NEUTRAL_VALUES = {("optim", "name"): "sgd", ("optim", "nesterov"): False, (
                        ("method", "network_init"): "default", ("method", "consistency_rampup_fraction"): None,
                        ("optim", "poly_epochs"): None, ("trainer", "channels_last"): False,
                        ("method", "joint_student_pass"): True, ("method", "faithful_batch_statistics_at_test"): False,
-                       ("method", "batch_statistics_at_test"): False}
+                       ("method", "batch_statistics_at_test"): False, ("method", "pseudo_label_weight"): 1.0}
 
 
 def add_keys_newer_than_the_run(config: dict[str, Any], method_defaults: dict[str, Any]) -> dict[str, Any]:

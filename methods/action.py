@@ -304,6 +304,7 @@ class ActionHyperparameters(Hyperparameters):
     num_queries: int = 256
     num_negatives: int = 512
     reco_weight: float = 0.01
+    pseudo_label_weight: float = 1.0  # stage 3's confidence-weighted pseudo-label cross-entropy (upstream: 1)
     # Upstream behaviours as flags, the intended behaviour the default (module docstring):
     literal_local_reshape: bool = False
     shared_augmented_view: bool = False
@@ -535,7 +536,7 @@ class ACTION(SemiSupervisedMethod):
         if unlabeled is not None:
             unsupervised = confidence_weighted_ce(logits[n_labeled:], pseudo_labels, confidence, hp.strong_threshold)
             losses["unsupervised"] = unsupervised
-            total = total + unsupervised
+            total = total + hp.pseudo_label_weight * unsupervised
         representation, query_representation = self.contrast_inputs(levels, logits.shape[2:])
         reco = anatomical_contrast_loss(
             representation, target_labels, valid, torch.softmax(logits, dim=1), generator, hp.strong_threshold,

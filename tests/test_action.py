@@ -284,6 +284,17 @@ def test_stage_three_terms_reach_what_they_should(dataset):
     assert trainable == {"net.encoder", "net.decoders", "representation_head"}
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.01), (0.0, 0.01), (0.5, 0.0)])
+def test_stage_three_total_weighs_the_pseudo_label_and_contrast_terms(weights):
+    pseudo_label_weight, reco_weight = weights
+    model = make_action("finetune", "synthetic_acdc", [f"method.pseudo_label_weight={pseudo_label_weight}",
+                                                        f"method.reco_weight={reco_weight}", "method.strong_threshold=0.3"])
+    losses = model.compute_losses(smoke_batch("synthetic_acdc"))
+    expected = losses["supervised"] + pseudo_label_weight * losses["unsupervised"] + reco_weight * losses["reco"]
+    assert losses["unsupervised"].item() > 0 and losses["reco"].item() > 0
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_faithful_undetached_targets_train_the_key_heads():
     model = make_action("pretrain_local", overrides=["method.undetached_teacher_targets=true"])
     losses = model.compute_losses(smoke_batch("synthetic_acdc"))
