@@ -18,7 +18,6 @@ Maps where that does not pay (the full-resolution one) take the plain upsample-a
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -42,8 +41,6 @@ class HypercolumnHead:
         self.first_weight = first.weight  # (R, C, k, ...)
         self.second_weight = second.weight.flatten(1)  # (R, R)
         self.second_bias = second.bias
-        # kernel order: row-major over the kernel, offset = kernel index - radius (the conv is a cross-correlation)
-        self.offsets = list(itertools.product(range(-radius, radius + 1), repeat=self.dims))
 
     # ---- every pixel, without gradient ----------------------------------------------------------------------
     @torch.no_grad()
@@ -73,26 +70,22 @@ class HypercolumnHead:
         offset would be 36) and mixed by one (2r+1, width) interpolation matrix per axis. One gather per level, so
         backward allocates the level's gradient once."""
         low, dims, kernel = level.shape[2:], self.dims, 2 * self.radius + 1
-        # Sub-pixel positions in at least float32: bfloat16 cannot even hold a 128-pixel coordinate's fraction.
+        # Interpolation weights in at least float32: bfloat16 cannot even hold a 128-pixel coordinate's fraction.
         dtype = torch.promote_types(level.dtype, torch.float32)
-        shifts = torch.arange(-self.radius, self.radius + 1, device=coords.device)
         starts, widths, mixing = [], [], []
         for axis in range(dims):
             full, small = self.size[axis], low[axis]
             scale = (small - 1) / (full - 1) if full > 1 else 0.0
             width = min(small, math.ceil(2 * self.radius * scale) + 2)
-            shifted = coords[:, axis:axis + 1] + shifts  # (n, k)
-            inside = ((shifted >= 0) & (shifted < full)).to(dtype)
-            source = shifted.clamp(0, full - 1).to(dtype) * scale
-            lower = source.floor().long().clamp(0, small - 1)
-            fraction = source - lower.to(dtype)
-            start = lower[:, :1].clamp(max=small - width)  # the first offset's lower corner is the smallest
-            matrix = torch.zeros(coords.shape[0], kernel, width, dtype=dtype, device=coords.device)
-            matrix.scatter_add_(2, (lower - start).unsqueeze(2), ((1 - fraction) * inside).unsqueeze(2))
-            matrix.scatter_add_(2, ((lower + 1).clamp(max=small - 1) - start).unsqueeze(2), (fraction * inside).unsqueeze(2))
-            starts.append(start.squeeze(1))
+            # the first offset's lower corner is the window's first column, computed as interpolation_matrix does
+            first = (coords[:, axis] - self.radius).clamp(0, full - 1).to(torch.float64) * scale
+            start = first.floor().long().clamp(0, small - width)
+            # (full, k, low): row X, offset i = the interpolated axis read at X + i - radius, zero outside
+            shifted = _axis_matrix(full, small, self.radius, dtype, coords.device).view(full, small, kernel).transpose(1, 2)
+            columns = (start.view(-1, 1, 1) + torch.arange(width, device=coords.device)).expand(-1, kernel, -1)
+            mixing.append(shifted.index_select(0, coords[:, axis]).gather(2, columns))  # (n, k, width)
+            starts.append(start)
             widths.append(width)
-            mixing.append(matrix)
         strides = [math.prod(low[axis + 1:]) for axis in range(dims)]
         index = batch_index * math.prod(low)
         for axis in range(dims):  # flat row of every window pixel: (n, w_1, ..., w_d)
