@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
 
 from core.distributed import gather_to_all
 from core.errors import NonFiniteLossError, UserError
@@ -109,6 +110,8 @@ class SemiSupervisedMethod(pl.LightningModule):
         )
         self._val_scores: list[list[float]] = []
         self.build()
+        for module in self.zero_weight_term_modules():
+            module.requires_grad_(False)
         if config["trainer"].get("channels_last", False):  # 2-D only (benchmark/precision.py check_numerics)
             self.to(memory_format=torch.channels_last)
 
@@ -131,6 +134,17 @@ class SemiSupervisedMethod(pl.LightningModule):
     def build(self) -> None:
         """Create the networks and heads (as attributes, so Lightning moves and saves them)."""
         raise NotImplementedError
+
+    def zero_weight_term_modules(self) -> list[nn.Module]:
+        """Heads whose only use is a loss term this configuration weighs 0 (an ablation flag). They get no gradient
+        and stay out of the optimizer and DDP: their gradient would be exactly zero, and coupled weight decay alone
+        would shrink their weights towards zero until what they compute underflows into denormal floats, which are
+        slow on CPUs, without changing how the network trains. (ACTION's representation head with ``reco_weight=0``:
+        weights of about 1e-32 after stage 3, and a training step with them 13 times slower than with the head as
+        initialised.) The term is still computed and logged, so its random draws and the run's other numbers stay
+        as they were.
+        """
+        return []
 
     def compute_losses(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | float]:
         """Every term of one step by name, the total under "loss" (tests check each term's gradient routing)."""

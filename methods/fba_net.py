@@ -187,6 +187,9 @@ class FBANetPlus(MCNetPlus):
                     total = total + sim_min_loss(embeddings[:, n], embeddings[:, m], push)
         return total / (classes * (classes - 1))
 
+    def zero_weight_term_modules(self) -> list[nn.Module]:
+        return [self.contrastive_modules] if self.hp.contrastive_weight == 0 else []
+
     def contrastive_terms(self, logits_list: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.contrastive_loss(m, x) for m, x in zip(self.contrastive_modules, logits_list)]
 

@@ -254,6 +254,11 @@ class MultiscaleContrastCrossSupervision(CrossPseudoSupervision):
         if self.hp.multiscale == "patch_pixel":
             self.patch_heads = nn.ModuleList(PatchProjectionHead(dims, channels[-1], self.hp.patch_dim) for _ in range(2))
 
+    def zero_weight_term_modules(self) -> list[nn.Module]:
+        if self.hp.contrastive_weight != 0:
+            return []
+        return [heads for heads in (self.pixel_heads, self.patch_heads) if heads is not None]
+
     def _check_hyperparameters(self) -> None:
         hp = self.hp
 

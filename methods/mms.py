@@ -215,6 +215,11 @@ class MinMaxSimilarity(SemiSupervisedMethod):
                 raise UserError(f"encoder weights do not fit encoder '{encoder}' ({str(error)[:300]})", where=str(path)) from error
         return network
 
+    def zero_weight_term_modules(self) -> list[nn.Module]:
+        hp = self.hp
+        return ([self.projector1, self.projector2] if hp.unlabeled_contrast_weight == 0 else []) + (
+            [self.classifier1, self.classifier2] if hp.labeled_contrast_weight == 0 else [])
+
     # ---- the two views -------------------------------------------------------------------------------------
     def augment_unlabeled(self, images: torch.Tensor) -> torch.Tensor:
         if not self.hp.strong_augmentation:
