@@ -546,10 +546,10 @@ class ACTION(SemiSupervisedMethod):
             self.isd_call_side_effects(raw_unlabeled)
         return losses
 
-    @torch.no_grad()
     def zero_weight_term_modules(self) -> list[nn.Module]:
         return [self.representation_head] if self.hp.reco_weight == 0 else []
 
+    @torch.no_grad()
     def isd_call_side_effects(self, raw_unlabeled: torch.Tensor) -> None:
         """What upstream's 2D fine-tuning gets from the ISD forward it calls once per step and whose outputs it
         discards: the student runs on the raw unlabeled batch (its BatchNorm running statistics move) and the
